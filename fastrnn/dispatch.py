@@ -1,0 +1,93 @@
+"""Which kernel backends exist on this machine, and which one ``backend="auto"`` takes.
+
+Every backend is a module with ``layer_forward`` and ``layer_backward`` (the contract in
+``fastrnn.cells``). A backend that cannot be imported is unavailable, and asking for it raises
+``BackendUnavailable`` with the reason; nothing falls back silently.
+"""
+import importlib
+import os
+
+__all__ = ["BackendUnavailable", "backends", "get_backend", "resolve", "set_num_threads",
+           "AUTO_ORDER"]
+
+_MODULES = {
+    "reference": "fastrnn.reference",
+    "numba": "fastrnn._numba",
+    "cython": "fastrnn._cy",
+}
+_HOW_TO_FIX = {
+    "numba": "install Numba (pip install numba)",
+    "cython": "build the extension: pip install . (needs a C compiler)",
+}
+# "auto" takes the first available of these: the order comes from bench/RESULTS.md.
+AUTO_ORDER = ("numba", "cython", "reference")
+
+_loaded = {}   # name -> module
+_errors = {}   # name -> why it could not be loaded
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot be used here."""
+
+
+def _load(name):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _errors:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name])
+        if not (hasattr(module, "layer_forward") and hasattr(module, "layer_backward")):
+            raise ImportError(f"{_MODULES[name]} has no layer_forward/layer_backward")
+    except Exception as exc:  # an unusable backend, for whatever reason, is reported, not fatal
+        _errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def backends():
+    """The names of the backends available here, e.g. ``['reference', 'numba', 'cython']``."""
+    return [name for name in _MODULES if _load(name) is not None]
+
+
+def resolve(name="auto"):
+    """The concrete backend name for ``name`` ("auto" honours FASTRNN_BACKEND)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a str, got {type(name).__name__}")
+    if name == "auto":
+        override = os.environ.get("FASTRNN_BACKEND", "").strip()
+        if override and override != "auto":
+            if override not in _MODULES:
+                raise BackendUnavailable(
+                    f"FASTRNN_BACKEND: expected one of {sorted(_MODULES)} or 'auto', "
+                    f"got {override!r}")
+            return override
+        for candidate in AUTO_ORDER:
+            if _load(candidate) is not None:
+                return candidate
+    if name not in _MODULES:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(_MODULES)}, got {name!r}")
+    return name
+
+
+def get_backend(name="auto"):
+    """The module of backend ``name``; raises BackendUnavailable saying why if it can't load."""
+    name = resolve(name)
+    module = _load(name)
+    if module is None:
+        fix = _HOW_TO_FIX.get(name, "")
+        raise BackendUnavailable(
+            f"backend {name!r} is not available here ({_errors[name]})"
+            + (f"; to fix: {fix}" if fix else ""))
+    return module
+
+
+def set_num_threads(n):
+    """Threads for the compiled kernels' elementwise passes and for BLAS, in every backend."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    for name in backends():
+        setter = getattr(_loaded[name], "set_num_threads", None)
+        if setter is not None:
+            setter(n)

@@ -1,0 +1,145 @@
+"""Single-layer, single-direction kernels for people who embed them in their own NumPy code.
+
+    y, h_n, c_n, cache = functional.forward("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                            train=True, out=y_buffer)
+    grads = functional.backward("lstm", cache, dy=dy)
+
+Arrays follow the kernel contract in ``fastrnn.cells`` (x (T, B, I), states (B, H), PyTorch's
+weight shapes and gate orders). Output buffers given with ``out=``, ``h_n=``, ``c_n=`` are
+written in place (``out`` may be a strided view, e.g. one direction's half of a wider array);
+the inputs are never written. Inputs are checked once per call, then the backend's kernel runs.
+"""
+import numpy as np
+
+from . import dispatch as _backends
+from .cells import CELLS
+
+__all__ = ["forward", "backward", "FunctionalCache"]
+
+
+class FunctionalCache:
+    """The inputs of a training forward, kept for ``backward``."""
+
+    def __init__(self, cell, backend, arrays, lengths, reverse, kernel_cache):
+        self.cell, self.backend = cell, backend
+        self.arrays = arrays            # (x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole)
+        self.lengths, self.reverse = lengths, reverse
+        self.kernel_cache = kernel_cache
+
+
+def _cell(name):
+    if name not in CELLS:
+        raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {name!r}")
+    return CELLS[name]
+
+
+def _array(name, value, dtype, shape):
+    arr = np.asarray(value)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {arr.dtype}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _out(name, value, dtype, shape):
+    if value is None:
+        return np.empty(shape, dtype)
+    if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != tuple(shape):
+        got = (f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray)
+               else type(value).__name__)
+        raise ValueError(f"{name}: expected a writable {np.dtype(dtype)} array of shape "
+                         f"{tuple(shape)}, got {got}")
+    if not value.flags.writeable or value.strides[-1] != value.itemsize:
+        raise ValueError(f"{name}: expected a writable array with unit stride on the last axis")
+    return value
+
+
+def forward(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, peephole=None, *,
+            lengths=None, reverse=False, train=False, out=None, h_n=None, c_n=None,
+            backend="auto"):
+    """Run one layer in one direction. Returns ``y, h_n, c_n, cache`` (cache None unless
+    ``train``; c_n None unless the cell is an LSTM). The dtype is that of ``w_ih``."""
+    cell = _cell(cell)
+    dtype = np.asarray(w_ih).dtype
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"w_ih: expected float32 or float64, got dtype {dtype}")
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"x: expected 3 dimensions (T, B, I), got shape {x.shape}")
+    T, B, I = x.shape
+    GH, H = cell.num_gates * np.shape(w_hh)[1], np.shape(w_hh)[1]
+    x = _array("x", x, dtype, (T, B, I))
+    h0 = _array("h0", h0, dtype, (B, H))
+    c0 = _array("c0", c0, dtype, (B, H)) if cell.has_cell_state else None
+    w_ih = _array("w_ih", w_ih, dtype, (GH, I))
+    w_hh = _array("w_hh", w_hh, dtype, (GH, H))
+    b_ih = np.zeros(GH, dtype) if b_ih is None else _array("b_ih", b_ih, dtype, (GH,))
+    b_hh = np.zeros(GH, dtype) if b_hh is None else _array("b_hh", b_hh, dtype, (GH,))
+    peephole = _array("peephole", peephole, dtype, (3, H)) if cell.peephole else None
+    if lengths is None:
+        lengths = np.full(B, T, np.int64)
+    else:
+        lengths = np.asarray(lengths)
+        if lengths.dtype.kind not in "iu" or lengths.shape != (B,) \
+                or lengths.min() < 0 or lengths.max() > T:
+            raise ValueError(f"lengths: expected ({B},) integers in [0, {T}], got "
+                             f"{lengths.dtype} {lengths.shape}")
+        lengths = np.ascontiguousarray(lengths, np.int64)
+    y = _out("out", out, dtype, (T, B, H))
+    h_n = _out("h_n", h_n, dtype, (B, H))
+    if cell.has_cell_state:
+        c_n = _out("c_n", c_n, dtype, (B, H))
+    kernels = _backends.get_backend(backend)
+    kernel_cache = kernels.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
+                                         lengths, bool(reverse), bool(train), y, h_n, c_n)
+    cache = None
+    if train:
+        cache = FunctionalCache(cell, kernels, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole),
+                                lengths, bool(reverse), kernel_cache)
+    return y, h_n, (c_n if cell.has_cell_state else None), cache
+
+
+def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None):
+    """Gradients of one layer and direction, from the cache of ``forward(..., train=True)``.
+
+    Returns a dict with ``dx``, ``dh0`` (``dc0``), ``dw_ih``, ``dw_hh``, ``db_ih``, ``db_hh``
+    (``dpeephole``). Pass ``grads`` (a dict with some of these keys) to ADD into your own
+    arrays instead; missing keys are allocated.
+    """
+    if not isinstance(cache, FunctionalCache):
+        raise TypeError(f"cache: expected the cache of functional.forward(..., train=True), "
+                        f"got {type(cache).__name__}")
+    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int)
+                                 or truncate < 1):
+        raise ValueError(f"truncate: expected None or an int >= 1, got {truncate!r}")
+    cell = cache.cell
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole = cache.arrays
+    dtype = x.dtype
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    if dy is not None:
+        dy = np.asarray(dy)
+        if dy.shape != (T, B, H) or dy.dtype.kind != "f":
+            raise ValueError(f"dy: expected a float array of shape {(T, B, H)}, "
+                             f"got {dy.dtype} {dy.shape}")
+        if dy.dtype != dtype or dy.strides[-1] != dy.itemsize:
+            dy = np.ascontiguousarray(dy, dtype)
+    dh_n = None if dh_n is None else _array("dh_n", dh_n, dtype, (B, H))
+    dc_n = None if dc_n is None or not cell.has_cell_state else _array("dc_n", dc_n, dtype,
+                                                                        (B, H))
+    targets = {"dx": x, "dh0": h0, "dc0": c0, "dw_ih": w_ih, "dw_hh": w_hh, "db_ih": b_ih,
+               "db_hh": b_hh, "dpeephole": peephole}
+    out = {}
+    for name, like in targets.items():
+        if like is None:
+            continue
+        given = (grads or {}).get(name)
+        out[name] = np.zeros_like(like) if given is None else _out(name, given, dtype,
+                                                                   like.shape)
+    cache.backend.layer_backward(
+        cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, cache.lengths, cache.reverse,
+        cache.kernel_cache, dy, dh_n, dc_n, truncate,
+        out["dx"], out["dh0"], out.get("dc0"), out["dw_ih"], out["dw_hh"], out["db_ih"],
+        out["db_hh"], out.get("dpeephole"))
+    return out

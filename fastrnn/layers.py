@@ -1,0 +1,391 @@
+"""The layer classes: RNN, LSTM and GRU, stacked and bidirectional, on any backend.
+
+A layer checks its inputs once, then runs one layer kernel per (layer, direction) from the
+chosen backend (the contract is in ``fastrnn.cells``); it owns the parameters and their
+gradients, the dropout between layers and the batch-first and padding conventions.
+"""
+import numbers
+
+import numpy as np
+
+from . import dispatch as _backends
+from .cells import cell_for
+
+__all__ = ["RNN", "LSTM", "GRU", "Cache"]
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every error names the argument, what was expected and what came.
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value}")
+    return int(value)
+
+
+def _float_array(name, value, dtype, shape):
+    """``value`` as a C-contiguous array of ``dtype`` with ``shape`` (None entries: any size).
+
+    Other floating dtypes are cast; integer, bool, complex and object arrays are refused. The
+    result may be the caller's own array: never write it.
+    """
+    arr = np.asarray(value)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {arr.dtype}")
+    if arr.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, arr.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _lengths(value, T, B):
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu" or arr.dtype == bool:
+        raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},) (one length per batch row), "
+                         f"got {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > T):
+        raise ValueError(f"lengths: expected values in [0, {T}] (T = {T}), "
+                         f"got min {arr.min()} and max {arr.max()}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+class Cache:
+    """What ``forward(train=True)`` keeps for ``backward``: one entry per layer and direction."""
+
+    def __init__(self, T, B, lengths, batch_first):
+        self.T, self.B = T, B
+        self.lengths = lengths          # (B,) int64
+        self.batch_first = batch_first
+        self.inputs = []                # per layer: its input (T, B, I_k), after dropout
+        self.masks = []                 # per layer k >= 1: dropout mask applied to its input
+        self.states = []                # per layer and direction: (h0, c0) given to the kernel
+        self.kernel_caches = []         # per layer and direction: the backend's own cache
+
+
+class _RNNBase:
+    mode = None  # "RNN", "LSTM" or "GRU"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype=np.float32, backend="auto", seed=None,
+                 _cell_options=None):
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+                or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
+        if self.dtype not in _DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if self.bidirectional else 1
+        self.cell = cell_for(self.mode, **(_cell_options or {}))
+        self.backend = _backends.resolve(backend)
+        self._kernels = _backends.get_backend(self.backend)
+        seed_seq = np.random.SeedSequence(seed)
+        init_seed, dropout_seed = seed_seq.spawn(2)
+        # the dropout masks come from this generator; set it to replay the same masks
+        self.rng = np.random.default_rng(dropout_seed)
+        self.params = self._init_params(np.random.default_rng(init_seed))
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+
+    # -- parameters ------------------------------------------------------------------------
+    def _param_shapes(self):
+        """Parameter names and shapes in PyTorch's order."""
+        G, H = self.cell.num_gates, self.hidden_size
+        shapes = {}
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else H * self.num_directions
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes["weight_ih" + suffix] = (G * H, layer_input)
+                shapes["weight_hh" + suffix] = (G * H, H)
+                if self.bias:
+                    shapes["bias_ih" + suffix] = (G * H,)
+                    shapes["bias_hh" + suffix] = (G * H,)
+                if self.cell.peephole:
+                    shapes["peephole" + suffix] = (3, H)
+        return shapes
+
+    def _init_params(self, rng):
+        bound = 1.0 / np.sqrt(self.hidden_size)
+        return {name: rng.uniform(-bound, bound, size=shape).astype(self.dtype)
+                for name, shape in self._param_shapes().items()}
+
+    def _layer_params(self, store, layer, direction):
+        """(w_ih, w_hh, b_ih, b_hh, peephole) of one layer and direction from ``store``."""
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        G, H = self.cell.num_gates, self.hidden_size
+        if self.bias:
+            b_ih, b_hh = store["bias_ih" + suffix], store["bias_hh" + suffix]
+        else:  # the kernels always take biases: zeros in, gradients thrown away
+            b_ih, b_hh = np.zeros(G * H, self.dtype), np.zeros(G * H, self.dtype)
+        peephole = store["peephole" + suffix] if self.cell.peephole else None
+        return store["weight_ih" + suffix], store["weight_hh" + suffix], b_ih, b_hh, peephole
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g[...] = 0
+
+    def state_dict(self):
+        """A copy of the parameters, by PyTorch's names."""
+        return {name: p.copy() for name, p in self.params.items()}
+
+    def load_state_dict(self, state_dict):
+        """Copy parameters in from any mapping of array-likes (e.g. a PyTorch state_dict with
+        each tensor converted by ``.numpy()``). Every key must be present and of the right
+        shape; unknown keys are refused. The layer's arrays are updated in place."""
+        expected = self._param_shapes()
+        missing = [k for k in expected if k not in state_dict]
+        unknown = [k for k in state_dict if k not in expected]
+        if missing:
+            raise KeyError(f"state_dict: missing key(s) {missing}")
+        if unknown:
+            raise KeyError(f"state_dict: unexpected key(s) {unknown}; "
+                           f"expected {list(expected)}")
+        values = {name: _float_array(f"state_dict[{name!r}]", state_dict[name], self.dtype,
+                                     shape) for name, shape in expected.items()}
+        for name, value in values.items():
+            self.params[name][...] = value
+
+    # -- forward and backward ------------------------------------------------------------
+    def _check_state(self, state, B):
+        """The initial state as a tuple of (L*D, B, H) arrays, zeros where None."""
+        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        names = ("h0", "c0") if self.cell.has_cell_state else ("h0",)
+        if state is None:
+            return tuple(np.zeros(shape, self.dtype) for _ in names)
+        if self.cell.has_cell_state:
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError(f"state: expected a tuple (h0, c0) of arrays of shape {shape}, "
+                                f"got {type(state).__name__}")
+            parts = state
+        else:
+            if isinstance(state, (tuple, list)):
+                raise TypeError(f"state: expected an array of shape {shape}, "
+                                f"got {type(state).__name__}")
+            parts = (state,)
+        return tuple(_float_array(f"state {name}", part, self.dtype, shape)
+                     for name, part in zip(names, parts))
+
+    def _check_input(self, x):
+        x_arr = np.asarray(x)
+        if x_arr.dtype.kind != "f":
+            raise TypeError(f"x: expected a floating-point array, got dtype {x_arr.dtype}")
+        if x_arr.ndim != 3:
+            layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
+            raise ValueError(f"x: expected 3 dimensions {layout}, got shape {x_arr.shape}")
+        if x_arr.shape[2] != self.input_size:
+            raise ValueError(f"x: expected input_size {self.input_size} in the last dimension, "
+                             f"got shape {x_arr.shape}")
+        if 0 in x_arr.shape[:2]:
+            raise ValueError(f"x: expected at least one time step and one batch row, "
+                             f"got shape {x_arr.shape}")
+        if self.batch_first:
+            x_arr = x_arr.transpose(1, 0, 2)
+        return x_arr  # (T, B, I), any dtype and layout
+
+    def __call__(self, x, state=None, lengths=None):
+        """Inference: ``y, state``; keeps nothing for backward and applies no dropout."""
+        y, state, _ = self.forward(x, state, lengths, train=False)
+        return y, state
+
+    def forward(self, x, state=None, lengths=None, train=True):
+        """``y, state, cache``; ``cache`` is None when ``train`` is False.
+
+        x: (T, B, input_size), or (B, T, input_size) with batch_first; state: see ``_check_state``;
+        lengths: (B,) integers in [0, T], None for all T steps.
+        """
+        x_tbi = self._check_input(x)
+        T, B, _ = x_tbi.shape
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        initial = self._check_state(state, B)
+        if lengths is None:
+            lengths_arr = np.full(B, T, dtype=np.int64)
+        else:
+            lengths_arr = _lengths(lengths, T, B)
+        layer_input = np.ascontiguousarray(x_tbi, dtype=self.dtype)
+        padded = lengths_arr < T
+        if padded.any():
+            # zero the padding so that nothing there (NaN included) reaches the weight GEMMs
+            if np.shares_memory(layer_input, np.asarray(x)):
+                layer_input = layer_input.copy()
+            layer_input[np.arange(T)[:, None] >= lengths_arr[None, :]] = 0
+        final = tuple(np.empty_like(s) for s in initial)
+        cache = Cache(T, B, lengths_arr, self.batch_first) if train else None
+        for layer in range(L):
+            if layer > 0 and train and self.dropout > 0:
+                keep = self.rng.random(layer_input.shape) >= self.dropout
+                mask = (keep / (1 - self.dropout)).astype(self.dtype)  # (T, B, D*H)
+                layer_input = layer_input * mask
+                cache.masks.append(mask)
+            elif layer > 0 and train:
+                cache.masks.append(None)
+            if layer == L - 1 and self.batch_first:
+                out_btd = np.empty((B, T, D * H), self.dtype)    # the caller's layout
+                out = out_btd.transpose(1, 0, 2)                 # (T, B, D*H) view of it
+            else:
+                out = np.empty((T, B, D * H), self.dtype)
+            if train:
+                cache.inputs.append(layer_input)
+            for direction in range(D):
+                row = layer * D + direction
+                h0 = initial[0][row]
+                c0 = initial[1][row] if self.cell.has_cell_state else None
+                c_n = final[1][row] if self.cell.has_cell_state else None
+                kernel_cache = self._kernels.layer_forward(
+                    self.cell, layer_input, h0, c0,
+                    *self._layer_params(self.params, layer, direction),
+                    lengths_arr, bool(direction), train,
+                    out[:, :, direction * H:(direction + 1) * H], final[0][row], c_n)
+                if train:
+                    cache.states.append((h0, c0))
+                    cache.kernel_caches.append(kernel_cache)
+            layer_input = out
+        y = out_btd if self.batch_first else out
+        return y, self._state_out(final), cache
+
+    def backward(self, dy, cache, dstate=None, truncate=None):
+        """``dx, dstate0``: gradients of the input and the initial state; ADDS the parameter
+        gradients into ``self.grads``.
+
+        dy: gradient of y (same shape as y) or None; dstate: gradient of the final state (same
+        structure as the state) or None; truncate: None or k >= 1 (see DESIGN.md).
+        """
+        if not isinstance(cache, Cache) or len(cache.inputs) != self.num_layers:
+            raise TypeError("cache: expected the cache returned by forward(..., train=True) "
+                            f"of this layer, got {type(cache).__name__}")
+        if truncate is not None:
+            truncate = _positive_int("truncate", truncate)
+        T, B = cache.T, cache.B
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        if dy is not None:
+            y_shape = (B, T, D * H) if cache.batch_first else (T, B, D * H)
+            dy = _check_gradient("dy", dy, self.dtype, y_shape)
+            if cache.batch_first:
+                dy = dy.transpose(1, 0, 2)
+        d_final = self._check_dstate(dstate, B)
+        d_initial = tuple(np.zeros((L * D, B, H), self.dtype) for _ in d_final)
+        scratch_bias = {}
+        for layer in reversed(range(L)):
+            layer_input = cache.inputs[layer]
+            d_input = np.zeros(layer_input.shape, self.dtype)
+            for direction in range(D):
+                row = layer * D + direction
+                h0, c0 = cache.states[row]
+                grads = list(self._layer_params(self.grads, layer, direction))
+                if not self.bias:  # the kernel adds bias gradients somewhere: a scratch buffer
+                    key = (layer, direction)
+                    scratch_bias.setdefault(key, (np.zeros_like(grads[2]),
+                                                  np.zeros_like(grads[3])))
+                    grads[2], grads[3] = scratch_bias[key]
+                self._kernels.layer_backward(
+                    self.cell, layer_input, h0, c0,
+                    *self._layer_params(self.params, layer, direction),
+                    cache.lengths, bool(direction), cache.kernel_caches[row],
+                    None if dy is None else dy[:, :, direction * H:(direction + 1) * H],
+                    None if d_final[0] is None else d_final[0][row],
+                    None if not self.cell.has_cell_state or d_final[1] is None
+                    else d_final[1][row],
+                    truncate, d_input, d_initial[0][row],
+                    d_initial[1][row] if self.cell.has_cell_state else None, *grads)
+            if layer > 0:
+                mask = cache.masks[layer - 1]
+                dy = d_input if mask is None else d_input * mask
+        dx = d_input.transpose(1, 0, 2) if cache.batch_first else d_input
+        return dx, self._state_out(d_initial)
+
+    def _check_dstate(self, dstate, B):
+        """Gradient of the final state as a tuple (dh_n[, dc_n]); entries may be None."""
+        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        if self.cell.has_cell_state:
+            if dstate is None:
+                return (None, None)
+            if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
+                raise TypeError(f"dstate: expected a tuple (dh_n, dc_n) of arrays of shape "
+                                f"{shape} (either may be None), got {type(dstate).__name__}")
+            return tuple(None if part is None else _float_array(f"dstate {name}", part,
+                                                                self.dtype, shape)
+                         for name, part in zip(("dh_n", "dc_n"), dstate))
+        if dstate is None:
+            return (None,)
+        if isinstance(dstate, (tuple, list)):
+            raise TypeError(f"dstate: expected an array of shape {shape}, "
+                            f"got {type(dstate).__name__}")
+        return (_float_array("dstate", dstate, self.dtype, shape),)
+
+    def _state_out(self, parts):
+        return tuple(parts) if self.cell.has_cell_state else parts[0]
+
+    def __repr__(self):
+        options = [f"{self.input_size}, {self.hidden_size}"]
+        if self.num_layers != 1:
+            options.append(f"num_layers={self.num_layers}")
+        if self.bidirectional:
+            options.append("bidirectional=True")
+        if self.batch_first:
+            options.append("batch_first=True")
+        if self.dropout:
+            options.append(f"dropout={self.dropout}")
+        options.append(f"cell={self.cell.name!r}, dtype={self.dtype.name}, "
+                       f"backend={self.backend!r}")
+        return f"{type(self).__name__}({', '.join(options)})"
+
+
+def _check_gradient(name, value, dtype, shape):
+    """A gradient array: like ``_float_array`` but strided arrays are kept as they are."""
+    arr = np.asarray(value)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {arr.dtype}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
+    if arr.dtype != dtype or arr.strides[-1] != arr.itemsize:
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+    return arr
+
+
+class RNN(_RNNBase):
+    """Elman RNN: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, act tanh or relu."""
+
+    mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, nonlinearity="tanh", **options):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers,
+                         _cell_options={"nonlinearity": nonlinearity}, **options)
+
+
+class LSTM(_RNNBase):
+    """LSTM with PyTorch's gate order i, f, g, o; ``peephole=True`` adds p_i, p_f, p_o."""
+
+    mode = "LSTM"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, peephole=False, **options):
+        self.peephole = bool(peephole)
+        super().__init__(input_size, hidden_size, num_layers,
+                         _cell_options={"peephole": self.peephole}, **options)
+
+
+class GRU(_RNNBase):
+    """GRU, gate order r, z, n; ``reset_after=True`` as PyTorch, False as the original GRU."""
+
+    mode = "GRU"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, *, reset_after=True, **options):
+        self.reset_after = bool(reset_after)
+        super().__init__(input_size, hidden_size, num_layers,
+                         _cell_options={"reset_after": self.reset_after}, **options)

@@ -1,0 +1,250 @@
+"""The NumPy reference: slow, plain and meant to be obviously right. Every test compares to it.
+
+Notation (one time step, B rows of the batch, H hidden units):
+
+    x_proj   W_ih x + b_ih for this step, (B, G*H): the input side of every gate
+    h, c     the state before the step, (B, H); h_new, c_new after it
+    a_*      a gate's pre-activation; i, f, g, o, r, z, n the activated gates
+    d*       the gradient of the loss with respect to *
+
+Each cell is a pair ``*_step_forward`` / ``*_step_backward``. A forward step returns the new state
+and what its backward needs (``saved``); a backward step takes the gradient of the new state,
+ADDS the gradients of ``w_hh``, ``b_hh`` and ``peephole`` into ``grads`` and returns the gradient
+of ``x_proj`` and of the old state. ``layer_forward`` / ``layer_backward`` run a step pair over
+time with the contract of ``fastrnn.cells`` (lengths, reverse, truncation), exactly like the
+compiled backends, so the same tests drive all of them.
+"""
+import numpy as np
+from scipy.special import expit as sigmoid
+
+from . import cells
+
+
+def _split(a, parts):
+    return np.split(a, parts, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNN:  h_new = act(W_ih x + b_ih + W_hh h + b_hh)
+
+def rnn_step_forward(x_proj, state, w_hh, b_hh, peephole, relu):
+    (h,) = state
+    a = x_proj + h @ w_hh.T + b_hh
+    h_new = np.maximum(a, 0) if relu else np.tanh(a)  # np.maximum keeps NaN
+    return (h_new,), (h, h_new)
+
+
+def rnn_step_backward(d_state_new, saved, w_hh, peephole, grads, relu):
+    (dh_new,) = d_state_new
+    h, h_new = saved
+    da = dh_new * (h_new > 0) if relu else dh_new * (1 - h_new**2)
+    grads["w_hh"] += da.T @ h
+    grads["b_hh"] += da.sum(axis=0)
+    dh = da @ w_hh
+    return da, (dh,)
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTM (gate order i, f, g, o; peepholes p_i, p_f see the old cell, p_o the new one)
+
+def lstm_step_forward(x_proj, state, w_hh, b_hh, peephole, _unused=None):
+    h, c = state
+    a_i, a_f, a_g, a_o = _split(x_proj + h @ w_hh.T + b_hh, 4)
+    if peephole is not None:
+        p_i, p_f, p_o = peephole
+        a_i = a_i + p_i * c
+        a_f = a_f + p_f * c
+    i = sigmoid(a_i)
+    f = sigmoid(a_f)
+    g = np.tanh(a_g)
+    c_new = f * c + i * g
+    if peephole is not None:
+        a_o = a_o + p_o * c_new
+    o = sigmoid(a_o)
+    h_new = o * np.tanh(c_new)
+    return (h_new, c_new), (h, c, i, f, g, o, c_new)
+
+
+def lstm_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
+    dh_new, dc_new = d_state_new
+    h, c, i, f, g, o, c_new = saved
+    tanh_c = np.tanh(c_new)
+    # h_new = o * tanh(c_new)
+    do = dh_new * tanh_c
+    dc = dc_new + dh_new * o * (1 - tanh_c**2)
+    da_o = do * o * (1 - o)
+    if peephole is not None:
+        # a_o = ... + p_o * c_new
+        dc = dc + da_o * peephole[2]
+    # c_new = f * c + i * g
+    di = dc * g
+    df = dc * c
+    dg = dc * i
+    dc_prev = dc * f
+    da_i = di * i * (1 - i)
+    da_f = df * f * (1 - f)
+    da_g = dg * (1 - g**2)
+    if peephole is not None:
+        # a_i = ... + p_i * c;  a_f = ... + p_f * c
+        dc_prev = dc_prev + da_i * peephole[0] + da_f * peephole[1]
+        grads["peephole"][0] += (da_i * c).sum(axis=0)
+        grads["peephole"][1] += (da_f * c).sum(axis=0)
+        grads["peephole"][2] += (da_o * c_new).sum(axis=0)
+    da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
+    grads["w_hh"] += da.T @ h
+    grads["b_hh"] += da.sum(axis=0)
+    dh_prev = da @ w_hh
+    return da, (dh_prev, dc_prev)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRU, reset after the recurrent matmul (PyTorch):  n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+
+def gru_step_forward(x_proj, state, w_hh, b_hh, peephole, _unused=None):
+    (h,) = state
+    x_r, x_z, x_n = _split(x_proj, 3)
+    h_r, h_z, h_n = _split(h @ w_hh.T + b_hh, 3)
+    r = sigmoid(x_r + h_r)
+    z = sigmoid(x_z + h_z)
+    n = np.tanh(x_n + r * h_n)
+    h_new = (1 - z) * n + z * h
+    return (h_new,), (h, r, z, n, h_n)
+
+
+def gru_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
+    (dh_new,) = d_state_new
+    h, r, z, n, h_n = saved
+    # h_new = (1 - z) * n + z * h
+    dn = dh_new * (1 - z)
+    dz = dh_new * (h - n)
+    dh_prev = dh_new * z
+    # n = tanh(x_n + r * h_n)
+    da_n = dn * (1 - n**2)
+    dr = da_n * h_n
+    dh_n = da_n * r
+    da_r = dr * r * (1 - r)
+    da_z = dz * z * (1 - z)
+    d_hidden = np.concatenate([da_r, da_z, dh_n], axis=1)  # gradient of W_hh h + b_hh
+    grads["w_hh"] += d_hidden.T @ h
+    grads["b_hh"] += d_hidden.sum(axis=0)
+    dh_prev = dh_prev + d_hidden @ w_hh
+    return np.concatenate([da_r, da_z, da_n], axis=1), (dh_prev,)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRU, reset before the recurrent matmul (original GRU, ONNX default):
+#     n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)
+
+def gru_reset_before_step_forward(x_proj, state, w_hh, b_hh, peephole, _unused=None):
+    (h,) = state
+    H = h.shape[1]
+    x_r, x_z, x_n = _split(x_proj, 3)
+    h_r, h_z = _split(h @ w_hh[: 2 * H].T + b_hh[: 2 * H], 2)
+    r = sigmoid(x_r + h_r)
+    z = sigmoid(x_z + h_z)
+    rh = r * h
+    n = np.tanh(x_n + rh @ w_hh[2 * H:].T + b_hh[2 * H:])
+    h_new = (1 - z) * n + z * h
+    return (h_new,), (h, r, z, n, rh)
+
+
+def gru_reset_before_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
+    (dh_new,) = d_state_new
+    h, r, z, n, rh = saved
+    H = h.shape[1]
+    # h_new = (1 - z) * n + z * h
+    dn = dh_new * (1 - z)
+    dz = dh_new * (h - n)
+    dh_prev = dh_new * z
+    # n = tanh(x_n + W_hn rh + b_hn)
+    da_n = dn * (1 - n**2)
+    grads["w_hh"][2 * H:] += da_n.T @ rh
+    grads["b_hh"][2 * H:] += da_n.sum(axis=0)
+    drh = da_n @ w_hh[2 * H:]
+    # rh = r * h
+    dr = drh * h
+    dh_prev = dh_prev + drh * r
+    da_r = dr * r * (1 - r)
+    da_z = dz * z * (1 - z)
+    da_rz = np.concatenate([da_r, da_z], axis=1)
+    grads["w_hh"][: 2 * H] += da_rz.T @ h
+    grads["b_hh"][: 2 * H] += da_rz.sum(axis=0)
+    dh_prev = dh_prev + da_rz @ w_hh[: 2 * H]
+    return np.concatenate([da_rz, da_n], axis=1), (dh_prev,)
+
+
+# cell name -> (step forward, step backward, extra argument)
+STEPS = {
+    "rnn_tanh": (rnn_step_forward, rnn_step_backward, False),
+    "rnn_relu": (rnn_step_forward, rnn_step_backward, True),
+    "lstm": (lstm_step_forward, lstm_step_backward, None),
+    "lstm_peephole": (lstm_step_forward, lstm_step_backward, None),
+    "gru": (gru_step_forward, gru_step_backward, None),
+    "gru_reset_before": (gru_reset_before_step_forward, gru_reset_before_step_backward, None),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer, one direction, over time (the contract in fastrnn.cells)
+
+def _time_order(T, reverse):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
+                  lengths, reverse, train, y, h_n, c_n):
+    step_forward, _, extra = STEPS[cell.name]
+    T = x.shape[0]
+    x_proj = x @ w_ih.T + b_ih                               # (T, B, G*H)
+    state = (h0.copy(), c0.copy()) if cell.has_cell_state else (h0.copy(),)
+    steps = []                                                # (t, rows, saved) in time order
+    for t in _time_order(T, reverse):
+        rows = np.flatnonzero(t < lengths)                    # rows still inside their sequence
+        y[t] = 0
+        if rows.size == 0:
+            continue
+        new, saved = step_forward(x_proj[t, rows], tuple(s[rows] for s in state),
+                                  w_hh, b_hh, peephole, extra)
+        for s, s_new in zip(state, new):
+            s[rows] = s_new                                   # padded rows keep their state
+        y[t, rows] = new[0]
+        if train:
+            steps.append((t, rows, saved))
+    h_n[...] = state[0]
+    if cell.has_cell_state:
+        c_n[...] = state[1]
+    return steps if train else None
+
+
+def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
+                   lengths, reverse, cache, dy, dh_n, dc_n, truncate,
+                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
+    _, step_backward, extra = STEPS[cell.name]
+    T = x.shape[0]
+    grads = {"w_hh": dw_hh, "b_hh": db_hh, "peephole": dpeephole}
+    d_state = [np.zeros_like(h0) if dh_n is None else np.array(dh_n, copy=True)]
+    if cell.has_cell_state:
+        d_state.append(np.zeros_like(c0) if dc_n is None else np.array(dc_n, copy=True))
+    saved_at = {t: (rows, saved) for t, rows, saved in cache}
+    for t in reversed(_time_order(T, reverse)):
+        if t in saved_at:
+            rows, saved = saved_at[t]
+            d_new = [d[rows] for d in d_state]
+            if dy is not None:
+                d_new[0] = d_new[0] + dy[t, rows]
+            dx_proj, d_old = step_backward(tuple(d_new), saved, w_hh, peephole, grads, extra)
+            for d, d_o in zip(d_state, d_old):
+                d[rows] = d_o
+            # x_proj = W_ih x + b_ih
+            dw_ih += dx_proj.T @ x[t, rows]
+            db_ih += dx_proj.sum(axis=0)
+            dx[t, rows] += dx_proj @ w_ih
+        # the state gradient leaving step t crosses the boundary to the step before it in time
+        # order (t - 1 forward, t + 1 reverse); truncation cuts boundaries at multiples of k
+        boundary = t + 1 if reverse else t
+        if truncate is not None and 0 < boundary < T and boundary % truncate == 0:
+            for d in d_state:
+                d[...] = 0
+    dh0 += d_state[0]
+    if cell.has_cell_state:
+        dc0 += d_state[1]

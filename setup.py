@@ -1,0 +1,38 @@
+"""Only the compiled extensions live here; the metadata is in pyproject.toml.
+
+Every kernels/*.pyx becomes fastrnn._cy.<name>. Compiler directives and flags are set here, in one
+place, for all of them.
+"""
+from pathlib import Path
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+COMPILER_DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": False,
+    "wraparound": False,
+    "initializedcheck": False,
+    "cdivision": True,
+    "nonecheck": False,
+}
+# -O3 for vectorised elementwise loops; OpenMP for prange over batch rows. No -ffast-math: it
+# would let the compiler assume there are no NaNs, and NaN in must give NaN out.
+COMPILE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+LINK_ARGS = ["-fopenmp"]
+
+extensions = [
+    Extension(
+        f"fastrnn._cy.{pyx.stem}",
+        [str(pyx)],
+        include_dirs=[numpy.get_include(), "kernels"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=COMPILE_ARGS,
+        extra_link_args=LINK_ARGS,
+    )
+    for pyx in sorted(Path("kernels").glob("*.pyx"))
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=COMPILER_DIRECTIVES,
+                            include_path=["kernels"]))
