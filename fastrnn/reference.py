@@ -37,7 +37,9 @@ def rnn_step_forward(x_proj, state, w_hh, b_hh, peephole, relu):
 def rnn_step_backward(d_state_new, saved, w_hh, peephole, grads, relu):
     (dh_new,) = d_state_new
     h, h_new = saved
-    da = dh_new * (h_new > 0) if relu else dh_new * (1 - h_new**2)
+    # relu: the slope is 1 where h_new > 0, else 0; h_new itself is 0 there, or NaN from a NaN
+    # input, which must reach the gradients too
+    da = np.where(h_new > 0, dh_new, h_new) if relu else dh_new * (1 - h_new**2)
     grads["w_hh"] += da.T @ h
     grads["b_hh"] += da.sum(axis=0)
     dh = da @ w_hh

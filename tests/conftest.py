@@ -1,0 +1,109 @@
+"""Shared test helpers: the backends under test, tolerances per dtype, building and running layers.
+
+Every test that runs kernels takes the ``backend`` fixture, so the whole suite runs once per
+available backend. ``FASTRNN_TEST_BACKENDS=numba,cython`` restricts the list (CI uses it to run
+the suite per backend); by default every backend available here is tested.
+"""
+import os
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn.cells import CELLS
+
+# relative to the largest magnitude of the reference array, with a floor for tiny arrays
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+def backends_under_test():
+    available = fastrnn.backends()
+    wanted = os.environ.get("FASTRNN_TEST_BACKENDS", "").strip()
+    if not wanted:
+        return available
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    missing = [n for n in names if n not in available]
+    if missing:  # asked to test a backend that isn't there: fail loudly, don't skip
+        raise RuntimeError(f"FASTRNN_TEST_BACKENDS asks for {missing}, not available here "
+                           f"(available: {available})")
+    return names
+
+
+BACKENDS = backends_under_test()
+COMPILED_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+# cell name -> (layer class, keyword options)
+CELL_OPTIONS = {
+    "rnn_tanh": (fastrnn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (fastrnn.RNN, {"nonlinearity": "relu"}),
+    "lstm": (fastrnn.LSTM, {}),
+    "lstm_peephole": (fastrnn.LSTM, {"peephole": True}),
+    "gru": (fastrnn.GRU, {"reset_after": True}),
+    "gru_reset_before": (fastrnn.GRU, {"reset_after": False}),
+}
+assert set(CELL_OPTIONS) == set(CELLS), "a new cell needs its layer options here"
+
+
+def make_layer(cell, input_size, hidden_size, num_layers=1, *, backend="reference",
+               dtype=np.float64, seed=0, **options):
+    cls, cell_options = CELL_OPTIONS[cell]
+    return cls(input_size, hidden_size, num_layers, backend=backend, dtype=dtype, seed=seed,
+               **cell_options, **options)
+
+
+def random_state(m, B, rng, scale=0.5):
+    shape = (m.num_layers * m.num_directions, B, m.hidden_size)
+    parts = tuple((scale * rng.standard_normal(shape)).astype(m.dtype)
+                  for _ in m.cell.state_names)
+    return parts if m.cell.has_cell_state else parts[0]
+
+
+def state_parts(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def run_layer(m, x, state=None, lengths=None, dy=None, dstate=None, truncate=None):
+    """Forward with the cache and backward; every output and gradient in a flat dict."""
+    y, final, cache = m.forward(x, state, lengths, train=True)
+    m.zero_grad()
+    dx, dstate0 = m.backward(dy, cache, dstate, truncate=truncate)
+    result = {"y": y, "dx": dx}
+    for i, part in enumerate(state_parts(final)):
+        result[f"state_n[{i}]"] = part
+    for i, part in enumerate(state_parts(dstate0)):
+        result[f"dstate0[{i}]"] = part
+    for name, g in m.grads.items():
+        result["grad " + name] = g.copy()
+    return result
+
+
+def max_rel_error(actual, expected):
+    """Largest absolute difference over the largest magnitude of ``expected`` (floor 1)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.size == 0:
+        return 0.0
+    scale = max(1.0, float(np.nanmax(np.abs(expected))))
+    same_nan = np.isnan(actual) == np.isnan(expected)
+    assert same_nan.all(), "NaN in different places"
+    diff = np.abs(np.nan_to_num(actual) - np.nan_to_num(expected))
+    return float(diff.max()) / scale
+
+
+def assert_all_close(actual, expected, dtype, what=""):
+    """Compare two result dicts key by key at the tolerance of ``dtype``; returns worst error."""
+    assert actual.keys() == expected.keys()
+    tol = TOLERANCE[np.dtype(dtype)]
+    worst = 0.0
+    for key in expected:
+        err = max_rel_error(actual[key], expected[key])
+        assert err <= tol, f"{what} {key}: relative error {err:.3g} > {tol:g}"
+        worst = max(worst, err)
+    return worst

@@ -1,0 +1,263 @@
+"""The layer API: bad input gives errors that name the argument, inputs are never written,
+NaN propagates, parameters load and save by PyTorch's names, backends are reported honestly."""
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import dispatch
+from conftest import (CELL_OPTIONS, assert_all_close, make_layer, random_state, run_layer,
+                      state_parts)
+
+
+@pytest.fixture
+def lstm():
+    return fastrnn.LSTM(3, 4, 2, bidirectional=True, dtype=np.float64, backend="reference",
+                        seed=0)
+
+
+def _x(T=5, B=2, I=3, dtype=np.float64):
+    return np.random.default_rng(0).standard_normal((T, B, I)).astype(dtype)
+
+
+# -- construction ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(input_size=3, hidden_size=0), "hidden_size"),
+    (dict(input_size=0, hidden_size=3), "input_size"),
+    (dict(input_size=3, hidden_size=2.5), "hidden_size"),
+    (dict(input_size=3, hidden_size=4, num_layers=0), "num_layers"),
+    (dict(input_size=3, hidden_size=4, dropout=1.0), "dropout"),
+    (dict(input_size=3, hidden_size=4, dropout=-0.1), "dropout"),
+    (dict(input_size=3, hidden_size=4, dtype=np.int32), "dtype"),
+    (dict(input_size=3, hidden_size=4, dtype=np.float16), "dtype"),
+    (dict(input_size=3, hidden_size=4, backend="gpu"), "backend"),
+])
+def test_bad_constructor_arguments_name_the_argument(kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        fastrnn.LSTM(**kwargs)
+
+
+def test_unknown_nonlinearity():
+    with pytest.raises(ValueError, match="nonlinearity.*'tanh' or 'relu'.*'sigmoid'"):
+        fastrnn.RNN(3, 4, nonlinearity="sigmoid")
+
+
+def test_unavailable_backend_says_why_and_does_not_fall_back(monkeypatch):
+    monkeypatch.setitem(dispatch._MODULES, "cython", "fastrnn._no_such_extension")
+    monkeypatch.setattr(dispatch, "_loaded", {k: v for k, v in dispatch._loaded.items()
+                                              if k != "cython"})
+    monkeypatch.setattr(dispatch, "_errors", {})
+    with pytest.raises(fastrnn.BackendUnavailable, match="cython.*not available.*pip install"):
+        fastrnn.GRU(3, 4, backend="cython")
+    assert "cython" not in fastrnn.backends()
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv("FASTRNN_BACKEND", "reference")
+    assert fastrnn.LSTM(2, 3).backend == "reference"
+    monkeypatch.setenv("FASTRNN_BACKEND", "nonsense")
+    with pytest.raises(fastrnn.BackendUnavailable, match="FASTRNN_BACKEND.*nonsense"):
+        fastrnn.LSTM(2, 3)
+
+
+def test_backends_lists_reference_and_compiled_backends():
+    names = fastrnn.backends()
+    assert names[0] == "reference"
+    assert set(names) <= {"reference", "numba", "cython"}
+
+
+def test_installed_package_has_every_backend():
+    """pip install . must give both compiled backends; a missing one is an install bug."""
+    assert set(fastrnn.backends()) == {"reference", "numba", "cython"}, dispatch._errors
+
+
+# -- bad call arguments ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("x, pattern", [
+    (np.zeros((5, 3)), r"x: expected 3 dimensions.*\(5, 3\)"),
+    (np.zeros((5, 2, 4)), r"x: expected input_size 3.*\(5, 2, 4\)"),
+    (np.zeros((5, 2, 3), dtype=np.int64), "x: expected a floating-point array.*int64"),
+    (np.zeros((5, 2, 3), dtype=np.complex128), "x: expected a floating-point.*complex128"),
+    (np.zeros((5, 2, 3), dtype=object), "x: expected a floating-point.*object"),
+    (np.zeros((0, 2, 3)), "x: expected at least one time step"),
+])
+def test_bad_x(lstm, x, pattern):
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        lstm(x)
+
+
+def test_bad_states(lstm):
+    x = _x()
+    good = np.zeros((4, 2, 4))
+    with pytest.raises(TypeError, match=r"state: expected a tuple \(h0, c0\)"):
+        lstm(x, good)
+    with pytest.raises(ValueError, match=r"state c0: expected shape \(4, 2, 4\), got \(4, 2, 5\)"):
+        lstm(x, (good, np.zeros((4, 2, 5))))
+    with pytest.raises(TypeError, match="state h0: expected a floating-point array.*int"):
+        lstm(x, (good.astype(int), good))
+    gru = fastrnn.GRU(3, 4, backend="reference")
+    with pytest.raises(TypeError, match=r"state: expected an array of shape \(1, 2, 4\)"):
+        gru(x, (good[:1], good[:1]))
+
+
+@pytest.mark.parametrize("lengths, pattern", [
+    ([5, 6], r"lengths: expected values in \[0, 5\].*max 6"),
+    ([-1, 2], r"lengths: expected values in \[0, 5\].*min -1"),
+    ([5, 5, 5], r"lengths: expected shape \(2,\)"),
+    ([2.0, 3.0], "lengths: expected integers, got dtype float64"),
+])
+def test_bad_lengths(lstm, lengths, pattern):
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        lstm(_x(), lengths=lengths)
+
+
+def test_bad_backward_arguments(lstm):
+    x = _x()
+    _, _, cache = lstm.forward(x)
+    with pytest.raises(ValueError, match=r"dy: expected shape \(5, 2, 8\)"):
+        lstm.backward(np.zeros((5, 2, 4)), cache)
+    with pytest.raises(ValueError, match="truncate: expected an int >= 1, got 0"):
+        lstm.backward(None, cache, truncate=0)
+    with pytest.raises(TypeError, match="cache: expected the cache returned by forward"):
+        lstm.backward(None, None)
+    with pytest.raises(TypeError, match=r"dstate: expected a tuple \(dh_n, dc_n\)"):
+        lstm.backward(None, cache, np.zeros((4, 2, 4)))
+
+
+# -- semantics -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", sorted(CELL_OPTIONS))
+def test_nan_in_gives_nan_out(backend, cell):
+    m = make_layer(cell, 3, 4, 2, backend=backend)
+    x = _x()
+    x[2, 1, 0] = np.nan
+    y, final = m(x)
+    assert np.isnan(y[2:, 1]).all() and not np.isnan(y[:2]).any() and not np.isnan(y[:, 0]).any()
+    assert np.isnan(state_parts(final)[0][:, 1]).all()
+    _, _, cache = m.forward(x)
+    dx, _ = m.backward(np.ones_like(y), cache)
+    assert np.isnan(dx[:, 1]).any() and not np.isnan(dx[:, 0]).any()
+
+
+@pytest.mark.parametrize("cell", sorted(CELL_OPTIONS))
+def test_caller_arrays_are_never_written(backend, cell):
+    m = make_layer(cell, 3, 4, 2, bidirectional=True, backend=backend)
+    rng = np.random.default_rng(1)
+    x = _x()
+    x[4, 1] = np.nan                       # padding: ignored, and left as it is
+    lengths = np.array([5, 3])
+    state, dstate = random_state(m, 2, rng), random_state(m, 2, rng)
+    dy = rng.standard_normal((5, 2, 8))
+    originals = [a.copy() for a in [x, lengths, dy] + state_parts(state) + state_parts(dstate)]
+    arrays = [x, lengths, dy] + state_parts(state) + state_parts(dstate)
+    for a in arrays:
+        a.flags.writeable = False           # read-only arrays are accepted, too
+    result = run_layer(m, x, state, lengths, dy, dstate)
+    for a, original in zip(arrays, originals):
+        np.testing.assert_array_equal(a, original)
+    assert not np.isnan(result["y"]).any() and not np.isnan(result["grad weight_ih_l0"]).any()
+    assert (result["y"][3:, 1] == 0).all() and (result["dx"][3:, 1] == 0).all()
+
+
+def test_other_float_dtypes_are_cast_once(backend):
+    m64 = make_layer("gru", 3, 4, backend=backend, dtype=np.float64)
+    x32 = _x(dtype=np.float32)
+    y, _ = m64(x32)
+    assert y.dtype == np.float64
+    np.testing.assert_array_equal(y, m64(x32.astype(np.float64))[0])
+
+
+def test_backward_adds_into_grads(backend):
+    m = make_layer("lstm", 3, 4, backend=backend)
+    x = _x()
+    y, _, cache = m.forward(x)
+    dy = np.ones_like(y)
+    m.zero_grad()
+    m.backward(dy, cache)
+    once = {k: g.copy() for k, g in m.grads.items()}
+    m.backward(dy, cache)
+    for k in once:
+        np.testing.assert_allclose(m.grads[k], 2 * once[k], rtol=1e-12)
+    m.zero_grad()
+    assert all((g == 0).all() for g in m.grads.values())
+
+
+def test_no_gradient_gives_zeros(backend):
+    m = make_layer("gru", 3, 4, backend=backend)
+    _, _, cache = m.forward(_x())
+    m.zero_grad()
+    dx, dh0 = m.backward(None, cache, None)
+    assert (dx == 0).all() and (dh0 == 0).all()
+    assert all((g == 0).all() for g in m.grads.values())
+
+
+def test_dropout_only_in_training_and_kept_in_cache(backend):
+    m = make_layer("lstm", 3, 4, 3, dropout=0.5, backend=backend)
+    x = _x()
+    y_infer, _ = m(x)
+    y_again, _ = m(x)
+    np.testing.assert_array_equal(y_infer, y_again)
+    _, _, cache = m.forward(x, train=True)
+    assert len(cache.masks) == 2
+    for mask in cache.masks:
+        assert set(np.unique(mask)) <= {0.0, 2.0} and 0 < (mask == 0).mean() < 1
+    y_train, _, _ = m.forward(x, train=True)
+    assert not np.allclose(y_train, y_infer)
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+def test_parameter_names_shapes_and_seeded_init():
+    m = fastrnn.GRU(3, 4, 2, bidirectional=True, seed=42, backend="reference")
+    assert list(m.params) == [
+        f"{kind}_l{k}{suffix}" for k in range(2) for suffix in ("", "_reverse")
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    assert m.params["weight_ih_l1"].shape == (12, 8)
+    assert m.params["bias_hh_l0_reverse"].shape == (12,)
+    assert all(p.dtype == np.float32 for p in m.params.values())
+    assert max(np.abs(p).max() for p in m.params.values()) <= 0.5
+    again = fastrnn.GRU(3, 4, 2, bidirectional=True, seed=42, backend="reference")
+    for k in m.params:
+        np.testing.assert_array_equal(m.params[k], again.params[k])
+    other = fastrnn.GRU(3, 4, 2, bidirectional=True, seed=43, backend="reference")
+    assert not np.array_equal(m.params["weight_hh_l0"], other.params["weight_hh_l0"])
+
+
+def test_state_dict_round_trip_and_errors(lstm):
+    saved = lstm.state_dict()
+    saved["weight_hh_l0"] += 1            # a copy: the layer is unchanged
+    assert not np.array_equal(saved["weight_hh_l0"], lstm.params["weight_hh_l0"])
+    other = fastrnn.LSTM(3, 4, 2, bidirectional=True, dtype=np.float64, backend="reference")
+    other.load_state_dict({k: v.tolist() for k, v in saved.items()})   # any array-like
+    np.testing.assert_array_equal(other.params["weight_hh_l0"], saved["weight_hh_l0"])
+    missing = dict(saved)
+    del missing["bias_ih_l1_reverse"]
+    with pytest.raises(KeyError, match="missing.*bias_ih_l1_reverse"):
+        other.load_state_dict(missing)
+    with pytest.raises(KeyError, match="unexpected.*bogus"):
+        other.load_state_dict({**saved, "bogus": np.zeros(3)})
+    wrong = {**saved, "weight_ih_l0": np.zeros((16, 4))}
+    with pytest.raises(ValueError, match=r"weight_ih_l0.*expected shape \(16, 3\), got \(16, 4\)"):
+        other.load_state_dict(wrong)
+
+
+def test_functional_matches_layer(backend):
+    m = make_layer("lstm", 3, 4, backend=backend)
+    rng = np.random.default_rng(3)
+    x, dy = _x(), rng.standard_normal((5, 2, 4))
+    state = random_state(m, 2, rng)
+    expected = run_layer(m, x, state, np.array([5, 2]), dy)
+    p = m.params
+    wide = np.zeros((5, 2, 8))
+    y, h_n, c_n, cache = fastrnn.functional.forward(
+        "lstm", x, state[0][0], state[1][0], p["weight_ih_l0"], p["weight_hh_l0"],
+        p["bias_ih_l0"], p["bias_hh_l0"], lengths=[5, 2], train=True, out=wide[..., 4:],
+        backend=backend)
+    assert y.base is wide or np.shares_memory(y, wide)
+    grads = fastrnn.functional.backward(cache, dy=dy)
+    got = {"y": wide[..., 4:], "dx": grads["dx"], "state_n[0]": h_n[None],
+           "state_n[1]": c_n[None], "dstate0[0]": grads["dh0"][None],
+           "dstate0[1]": grads["dc0"][None], "grad weight_ih_l0": grads["dw_ih"],
+           "grad weight_hh_l0": grads["dw_hh"], "grad bias_ih_l0": grads["db_ih"],
+           "grad bias_hh_l0": grads["db_hh"]}
+    assert_all_close(got, expected, np.float64, "functional")

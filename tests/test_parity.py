@@ -1,0 +1,124 @@
+"""Parity: every compiled backend against the NumPy reference, through the layer classes.
+
+Every cell and variant x stacks of 1-3 layers x one or two directions x options (lengths,
+initial states, final-state gradients, truncation, batch-first, dropout, strided inputs) x
+float32 and float64. Outputs, final states and every gradient are compared at the tolerance
+of the dtype. Shapes are drawn at random per case, size 1 and odd sizes included.
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from conftest import (COMPILED_BACKENDS, assert_all_close, make_layer, random_state,
+                      run_layer, state_parts)
+from fastrnn.cells import CELLS
+
+STACKS = [(1, False), (1, True), (2, False), (3, True)]   # (num_layers, bidirectional)
+OPTIONS = ["plain", "lengths+states", "truncate", "batch_first+dropout"]
+
+pytestmark = pytest.mark.skipif(not COMPILED_BACKENDS, reason="no compiled backend here")
+
+
+def _case_rng(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def _shapes(rng):
+    T = int(rng.choice([1, 2, 5, 7]))
+    B = int(rng.choice([1, 3, 4]))
+    I = int(rng.choice([1, 3, 6]))
+    H = int(rng.choice([1, 2, 5, 8]))
+    return T, B, I, H
+
+
+def _case(cell, dtype, stack, option, rng):
+    """The layer options and call arguments of one parity case."""
+    num_layers, bidirectional = stack
+    T, B, I, H = _shapes(rng)
+    layer_options = dict(bidirectional=bidirectional, dtype=dtype)
+    if option == "batch_first+dropout":
+        layer_options.update(batch_first=True, dropout=0.3 if num_layers > 1 else 0.0)
+    probe = make_layer(cell, I, H, num_layers, **layer_options)
+    D = probe.num_directions
+    x = rng.standard_normal((B, T, I) if probe.batch_first else (T, B, I)).astype(dtype)
+    dy = rng.standard_normal(x.shape[:2] + (D * H,)).astype(dtype)
+    call = dict(x=x, dy=dy)
+    if option == "lengths+states":
+        lengths = rng.integers(0, T + 1, size=B)
+        lengths[0] = T
+        if B > 1:
+            lengths[-1] = 0
+        call.update(lengths=lengths, state=random_state(probe, B, rng),
+                    dstate=random_state(probe, B, rng))
+    elif option == "truncate":
+        lengths = rng.integers(1, T + 1, size=B)
+        call.update(lengths=lengths, truncate=int(rng.integers(1, 4)),
+                    dstate=random_state(probe, B, rng), state=random_state(probe, B, rng))
+    elif option == "batch_first+dropout":
+        # a strided x: every other feature column of a wider array
+        wide = np.zeros(x.shape[:2] + (2 * I,), dtype)
+        wide[..., ::2] = x
+        call["x"] = wide[..., ::2]
+        call["dy"] = None if num_layers > 1 else dy
+        call["dstate"] = random_state(probe, B, rng)
+    return layer_options, call, (I, H)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: f"L{s[0]}{'bi' if s[1] else ''}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_backend_matches_reference(backend_name, cell, dtype, stack, option):
+    rng = _case_rng(cell, np.dtype(dtype).name, stack, option)
+    layer_options, call, (I, H) = _case(cell, dtype, stack, option, rng)
+    results = {}
+    for name in ("reference", backend_name):
+        m = make_layer(cell, I, H, stack[0], backend=name, seed=7, **layer_options)
+        results[name] = run_layer(m, **call)
+    assert_all_close(results[backend_name], results["reference"], dtype,
+                     f"{backend_name} vs reference")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_inference_equals_training_forward(backend_name, cell, dtype):
+    """``m(x)`` (no cache kept) gives the same outputs and states as ``m.forward(train=True)``."""
+    rng = _case_rng("inference", cell)
+    m = make_layer(cell, 3, 5, 2, bidirectional=True, backend=backend_name, dtype=dtype)
+    x = rng.standard_normal((6, 4, 3)).astype(dtype)
+    lengths = np.array([6, 3, 1, 0])
+    state = random_state(m, 4, rng)
+    y_infer, state_infer = m(x, state, lengths)
+    y_train, state_train, _ = m.forward(x, state, lengths, train=True)
+    np.testing.assert_array_equal(y_infer, y_train)
+    for a, b in zip(state_parts(state_infer), state_parts(state_train)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_noncontiguous_inputs_give_same_results(backend_name, cell):
+    """A sliced x, a Fortran-ordered state and a transposed batch-first x change nothing."""
+    rng = _case_rng("strided", cell)
+    T, B, I, H = 5, 3, 4, 6
+    m = make_layer(cell, I, H, 2, bidirectional=True, backend=backend_name)
+    x = rng.standard_normal((T, B, I))
+    state = random_state(m, B, rng)
+    dy = rng.standard_normal((T, B, 2 * H))
+    expected = run_layer(m, x, state, dy=dy)
+
+    x_sliced = np.repeat(x, 2, axis=0)[::2]                          # every other time step
+    state_f = tuple(np.asfortranarray(s) for s in state) if isinstance(state, tuple) \
+        else np.asfortranarray(state)
+    dy_strided = np.concatenate([dy, dy], axis=2)[..., : 2 * H]
+    assert_all_close(run_layer(m, x_sliced, state_f, dy=dy_strided), expected, np.float64,
+                     "strided")
+
+    mb = make_layer(cell, I, H, 2, bidirectional=True, backend=backend_name, batch_first=True)
+    got = run_layer(mb, x.transpose(1, 0, 2), state, dy=dy.transpose(1, 0, 2))
+    got["y"] = got["y"].transpose(1, 0, 2)
+    got["dx"] = got["dx"].transpose(1, 0, 2)
+    assert_all_close(got, expected, np.float64, "batch_first")
