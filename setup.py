@@ -19,7 +19,10 @@ COMPILER_DIRECTIVES = {
 }
 # -O3 for vectorised elementwise loops; OpenMP for prange over batch rows. No -ffast-math: it
 # would let the compiler assume there are no NaNs, and NaN in must give NaN out.
-COMPILE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+# -fno-trapping-math only drops the assumption that floating-point exceptions trap (values, NaN
+# and infinity are unchanged); without it GCC will not if-convert the NaN-keeping selects of the
+# activations, and the gate loops stay scalar.
+COMPILE_ARGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 LINK_ARGS = ["-fopenmp"]
 
 extensions = [

@@ -7,7 +7,7 @@
 
 Conventions (shapes, names, gate orders) are PyTorch's; see README.md.
 """
-from . import cells, functional
+from . import cells, charlm, functional, train
 from .dispatch import BackendUnavailable, backends, set_num_threads
 from .layers import GRU, LSTM, RNN
 

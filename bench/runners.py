@@ -1,0 +1,137 @@
+"""What one timed call of a case does, for a fastrnn backend and for PyTorch.
+
+``prepare(case, impl)`` builds the layer and the inputs outside the timing and returns a callable
+with no arguments that does one timed unit of work (``cases`` says what each kind means). Both
+implementations get the same input, initial state and output gradient, and weights drawn from the
+same distribution. The pytest-benchmark suite and the report's workers both time these
+callables, so they measure the same thing.
+"""
+import dataclasses
+
+import numpy as np
+
+import fastrnn
+
+__all__ = ["TORCH", "prepare", "tiny", "set_threads"]
+
+TORCH = "torch"   # the implementation name of PyTorch; every other name is a fastrnn backend
+DTYPE = np.float32
+
+
+def tiny(case):
+    """The same layer structure at toy sizes: compiles the same JIT specialisations cheaply."""
+    return dataclasses.replace(case, batch=2, input_size=3, hidden=4, steps=3)
+
+
+def set_threads(impl, n):
+    """``n`` threads for ``impl``: torch.set_num_threads or fastrnn.set_num_threads."""
+    if impl == TORCH:
+        import torch
+        torch.set_num_threads(n)
+    else:
+        fastrnn.set_num_threads(n)
+
+
+def _data(case, seed):
+    """x (T, B, I), the initial state parts (L*D, B, H) and dy (T, B, D*H), all float32."""
+    rng = np.random.default_rng(seed)
+    T, B, I, H = case.steps, case.batch, case.input_size, case.hidden
+    LD = case.layers * case.directions
+    x = rng.standard_normal((T, B, I)).astype(DTYPE)
+    num_state_parts = 2 if case.mode == "LSTM" else 1
+    state = [(0.5 * rng.standard_normal((LD, B, H))).astype(DTYPE)
+             for _ in range(num_state_parts)]
+    dy = rng.standard_normal((T, B, case.directions * H)).astype(DTYPE)
+    return x, state, dy
+
+
+def _fastrnn_layer(case, backend, seed):
+    cls = getattr(fastrnn, case.mode)
+    layers = 1 if case.kind == "step" else case.layers
+    return cls(case.input_size, case.hidden, layers, bidirectional=case.bidirectional,
+               dtype=DTYPE, backend=backend, seed=seed)
+
+
+def _prepare_fastrnn(case, backend, seed):
+    m = _fastrnn_layer(case, backend, seed)
+    x, state_parts, dy = _data(case, seed)
+    state = tuple(state_parts) if len(state_parts) == 2 else state_parts[0]
+
+    if case.kind == "train":
+        def run():
+            y, _, cache = m.forward(x, state, train=True)
+            m.zero_grad()
+            m.backward(dy, cache)       # dx, dstate0 returned; parameter gradients in m.grads
+    elif case.kind == "infer":
+        def run():
+            m(x)
+    else:  # step: one-step inputs (1, B, I), the state carried from call to call
+        xs = [x[t:t + 1] for t in range(case.steps)]
+        step_state = tuple(p[:1] for p in state_parts) if len(state_parts) == 2 \
+            else state_parts[0][:1]
+
+        def run():
+            s = step_state
+            for x_t in xs:
+                _, s = m(x_t, s)
+    return run, m
+
+
+def _prepare_torch(case, seed):
+    import torch
+
+    # PyTorch's default initialisation draws from the same uniform(-1/sqrt(H), 1/sqrt(H)) as
+    # fastrnn's, so the weights are alike (not equal) without building a second model here
+    torch.manual_seed(seed)
+    x, state_parts, dy = _data(case, seed)
+    as_tensor = torch.from_numpy                       # shares memory: no copies to count
+
+    if case.kind == "step":
+        cell = getattr(torch.nn, case.mode + "Cell")(case.input_size, case.hidden)
+        xs = [as_tensor(x[t]) for t in range(case.steps)]        # (B, I) each
+        step_state = tuple(as_tensor(p[0]) for p in state_parts)  # (B, H) each
+        step_state = step_state if len(step_state) == 2 else step_state[0]
+
+        def run():
+            with torch.no_grad():
+                s = step_state
+                for x_t in xs:
+                    s = cell(x_t, s)
+        return run, cell
+
+    module = getattr(torch.nn, case.mode)(case.input_size, case.hidden, case.layers,
+                                          bidirectional=case.bidirectional)
+    x_t = as_tensor(x)
+
+    if case.kind == "infer":
+        def run():
+            with torch.no_grad():
+                module(x_t)
+        return run, module
+
+    x_t.requires_grad_(True)
+    state_t = tuple(as_tensor(p).requires_grad_(True) for p in state_parts)
+    state_arg = state_t if len(state_t) == 2 else state_t[0]
+    dy_t = as_tensor(dy)
+
+    def run():
+        module.zero_grad()              # set_to_none: backward allocates the gradients afresh
+        x_t.grad = None
+        for s in state_t:
+            s.grad = None
+        y, _ = module(x_t, state_arg)
+        y.backward(dy_t)                # gradients of x, the initial state and the parameters
+    return run, module
+
+
+def prepare(case, impl, seed=0, warm=2):
+    """``run, model``: ``run()`` does one timed unit of ``case`` on ``impl`` (``"torch"`` or a
+    fastrnn backend name); it has been called ``warm`` times already (JIT compiled, caches
+    filled). ``model`` is the layer, for inspection."""
+    if impl == TORCH:
+        run, model = _prepare_torch(case, seed)
+    else:
+        run, model = _prepare_fastrnn(case, impl, seed)
+    for _ in range(warm):
+        run()
+    return run, model

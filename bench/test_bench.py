@@ -1,0 +1,28 @@
+"""pytest-benchmark suite: every case of ``bench/cases.py`` on every implementation.
+
+    pytest bench/ --benchmark-only                          # all cases, grouped by case
+    pytest bench/ --benchmark-only -k "lstm-train-256"      # one case
+    pytest bench/ --benchmark-only --benchmark-autosave     # keep the run in .benchmarks/
+    pytest bench/ --benchmark-only --benchmark-compare      # compare with the last saved run
+
+Each benchmark times one call of ``bench.runners.prepare(case, impl)``'s callable, built and
+warmed (JIT compiled) before the timing starts. Benchmarks are grouped by case, so a fastrnn
+backend and PyTorch appear side by side; ``extra_info`` carries the case's matmul GFLOP (see
+``bench.cases.flops``) for GFLOP/s = gflop / mean seconds. For the comparison against PyTorch in
+separate processes, with medians over alternating rounds, use ``python -m bench.report``.
+"""
+import pytest
+
+from bench.cases import CASES, flops
+from bench.conftest import IMPLS
+from bench.runners import prepare
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_case(benchmark, case, impl, threads):
+    run, _ = prepare(case, impl)          # built and called twice: compiled and warm
+    benchmark.group = case.name
+    benchmark.extra_info.update(impl=impl, kind=case.kind, threads=threads,
+                                gflop=flops(case) / 1e9)
+    benchmark(run)

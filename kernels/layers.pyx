@@ -1,0 +1,751 @@
+"""The Cython layer kernels: one generic time loop, forward and backward, for every cell.
+
+``layer_forward`` / ``layer_backward`` follow the contract in ``fastrnn.cells`` (argument order,
+lengths, reverse, truncation, gradients added into). Per call:
+
+    forward   x_proj = x W_ih^T for all T steps in one GEMM, into the gate buffer of the workspace;
+              per step one GEMM h W_hh^T (B, H) x (H, G*H) into a scratch buffer (GRU reset-before:
+              a second one, (r*h) W_hn^T) and one fused pass over the batch rows (steps.pxd) that
+              adds both biases, applies the activations, updates the state, writes y[t] and keeps
+              the activated gates in place for backward. (The biases are added in the pass, not
+              before the loop: that saves a write of the whole (T, B, G*H) buffer.)
+    backward  per step one fused pass (dgates, stored in time order) and one GEMM for the state
+              gradient; then dW_ih, dW_hh and dx are single GEMMs over all T*B rows and the bias
+              gradients are GEMV reductions.
+
+The workspace (the cache) is one allocation per forward call, the backward workspace one per
+backward call; the loops run without the GIL, passes split batch rows over OpenMP threads (see
+the thread note below), and BLAS is only called outside parallel regions. Backward only reads
+the cache, so one cache can serve several backward calls. Nothing is kept between calls.
+"""
+import os
+
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy, memset
+
+cimport openmp
+
+from blas cimport gemm, gemv
+from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TANH,
+                    gru_backward_row, gru_forward_row, gru_rb_backward_row_r,
+                    gru_rb_backward_row_zn, gru_rb_forward_row_n, gru_rb_forward_row_rz,
+                    lstm_backward_row, lstm_forward_row, rnn_backward_row, rnn_forward_row)
+
+__all__ = ["layer_forward", "layer_backward", "set_num_threads", "get_num_threads",
+           "effective_num_threads"]
+
+# Threads. The per-step passes alternate with BLAS calls, and both thread pools spin a while
+# before they sleep: OpenMP workers spin through the next GEMM, BLAS workers through the next
+# pass. If the two pools together want more cores than there are, every step waits on a thread
+# the scheduler has parked, and a layer runs 10 to 100 times slower (measured: 2 cores, OpenBLAS
+# and OpenMP at 2 threads each, LSTM T=150 B=32 H=256 training: 3 to 16 s instead of 0.16 to
+# 0.4 s, on a machine shared with other jobs).
+# So the passes use at most (CPUs - BLAS threads + 1) threads, the caller's thread being shared.
+# The BLAS thread count is read once, at import and on set_num_threads (threadpoolctl when it is
+# installed, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS, else all CPUs, which
+# is OpenBLAS's default).
+cdef int _num_threads = max(1, openmp.omp_get_max_threads())
+cdef int _pass_threads = 1
+
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _blas_threads():
+    """How many threads the BLAS behind scipy.linalg.cython_blas runs with (best effort)."""
+    try:
+        from threadpoolctl import threadpool_info
+        counts = [int(info["num_threads"]) for info in threadpool_info()
+                  if info.get("user_api") == "blas"]
+        if counts:
+            return max(counts)
+    except Exception:            # not installed, or a library it cannot read: use the environment
+        pass
+    for var in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(var, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return _cpu_count()
+
+
+def _update_pass_threads():
+    global _pass_threads
+    _pass_threads = max(1, min(_num_threads, _cpu_count() - _blas_threads() + 1))
+
+
+def set_num_threads(int n):
+    """OpenMP threads for the elementwise passes (split over batch rows); BLAS keeps its own.
+
+    The passes use fewer when BLAS threads and these together would oversubscribe the CPUs
+    (see effective_num_threads); on a 2-core machine with multi-threaded BLAS they run on the
+    calling thread, and BLAS has both cores for the GEMMs, which are most of the time.
+    """
+    global _num_threads
+    if n < 1:
+        raise ValueError(f"n: expected a number of threads >= 1, got {n}")
+    _num_threads = n
+    _update_pass_threads()
+
+_GATES = {RNN_TANH: 1, RNN_RELU: 1, LSTM: 4, LSTM_PEEPHOLE: 4, GRU: 3, GRU_RESET_BEFORE: 3}
+
+
+def get_num_threads():
+    """The number given to set_num_threads (by default OpenMP's, e.g. OMP_NUM_THREADS)."""
+    return _num_threads
+
+
+def effective_num_threads():
+    """Threads the elementwise passes actually use, after the oversubscription guard."""
+    return _pass_threads
+
+
+_update_pass_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Workspace layouts: offsets in elements into one flat array of the layer's dtype
+
+cdef struct Layout:
+    # forward workspace, kept as the cache when train
+    Py_ssize_t gates    # (T, B, G*H)   x W_ih^T, then the activated gates (in place)
+    Py_ssize_t h        # (T+1, B, H)   train: h before step t at slot t, the final h at slot T
+                        # (2, B, H)     inference: the state, two slots used in turn
+    Py_ssize_t c        # like h, LSTM only (-1 otherwise)
+    Py_ssize_t extra    # (T, B, H) GRU: W_hn h + b_hn (reset after) or r*h (reset before);
+                        # inference: (B, H) r*h scratch (reset before); -1 when not needed
+    Py_ssize_t hh       # (B, G*H)      scratch: h W_hh^T of the current step (the GRU step
+                        #               turns its n block into W_hn h + b_hn in place)
+    Py_ssize_t size
+
+
+cdef struct BackLayout:
+    Py_ssize_t dgates   # (T, B, G*H)   dL/d(x W_ih^T + b_ih), time order
+    Py_ssize_t dhn      # (T, B, H)     GRU reset after: dL/d(W_hn h + b_hn) = da_n * r; else -1
+    Py_ssize_t dhidden  # (B, 3H)       GRU reset after: dL/d(W_hh h + b_hh) of the current step
+    Py_ssize_t dh       # (B, H)        dL/dh of the state the loop has reached
+    Py_ssize_t dc       # (B, H)        dL/dc, LSTM only
+    Py_ssize_t drh      # (B, H)        GRU reset before: dL/d(r*h) of the current step
+    Py_ssize_t dpeep    # (B, 3H)       peephole: per-row sums of da_i*c, da_f*c, da_o*c'
+    Py_ssize_t ones     # (T*B,)        ones, for the bias reductions as GEMV
+    Py_ssize_t size
+
+
+cdef inline bint _has_c(int code) noexcept nogil:
+    return code == LSTM or code == LSTM_PEEPHOLE
+
+
+cdef Layout _layout(int code, Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t G,
+                    bint train) noexcept:
+    cdef Layout L
+    cdef Py_ssize_t slots = T + 1 if train else 2
+    cdef Py_ssize_t n = 0
+    L.gates = n; n += T * B * G * H
+    L.h = n; n += slots * B * H
+    L.c = -1
+    if _has_c(code):
+        L.c = n; n += slots * B * H
+    L.extra = -1
+    if train and (code == GRU or code == GRU_RESET_BEFORE):
+        L.extra = n; n += T * B * H
+    elif code == GRU_RESET_BEFORE:
+        L.extra = n; n += B * H
+    L.hh = n; n += B * G * H
+    L.size = n
+    return L
+
+
+cdef BackLayout _back_layout(int code, Py_ssize_t T, Py_ssize_t B, Py_ssize_t H,
+                             Py_ssize_t G) noexcept:
+    cdef BackLayout L
+    cdef Py_ssize_t n = 0
+    L.dgates = n; n += T * B * G * H
+    L.dhn = L.dhidden = L.dc = L.drh = L.dpeep = -1
+    if code == GRU:
+        L.dhn = n; n += T * B * H
+        L.dhidden = n; n += B * G * H
+    L.dh = n; n += B * H
+    if _has_c(code):
+        L.dc = n; n += B * H
+    if code == GRU_RESET_BEFORE:
+        L.drh = n; n += B * H
+    if code == LSTM_PEEPHOLE:
+        L.dpeep = n; n += B * 3 * H
+    L.ones = n; n += T * B
+    L.size = n
+    return L
+
+
+cdef inline floating* _at(floating* ws, Py_ssize_t offset) noexcept nogil:
+    return ws + offset if offset >= 0 else NULL
+
+
+cdef inline bint _any_active(const int64_t* lengths, Py_ssize_t t, Py_ssize_t B) noexcept nogil:
+    cdef Py_ssize_t b
+    for b in range(B):
+        if t < lengths[b]:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: one fused pass over the batch rows of step t, and the time loop
+
+cdef void _forward_row(int code, bint second, Py_ssize_t b, Py_ssize_t t,
+                       floating* gates, floating* h_new, floating* c_new,
+                       floating* extra, floating* y, Py_ssize_t y_row,
+                       floating* hh, const floating* h, const floating* c,
+                       const floating* b_ih, const floating* b_hh,
+                       const floating* peephole, const int64_t* lengths,
+                       Py_ssize_t G, Py_ssize_t H) noexcept nogil:
+    # row b of step t; every pointer is the step's (B, ...) block, the row is picked here.
+    # Not inline: as a function of its own its pointers are plain arguments, not loads from the
+    # OpenMP region's shared data, which lets the compiler vectorise the loops of the steps.
+    cdef floating* g = gates + b * G * H
+    cdef floating* yb = y + b * y_row
+    cdef floating* eb = extra + b * H if extra != NULL else NULL
+    cdef floating* hhb = hh + b * G * H
+    cdef Py_ssize_t j
+    if t >= lengths[b]:
+        # padding: the state passes through, the output is zero
+        if code == GRU_RESET_BEFORE and not second:
+            memset(eb, 0, H * sizeof(floating))            # r*h of a padded row: zero, not stale
+            return
+        memcpy(h_new + b * H, h + b * H, H * sizeof(floating))
+        if c != NULL:
+            memcpy(c_new + b * H, c + b * H, H * sizeof(floating))
+        for j in range(H):
+            yb[j] = 0
+        return
+    if code == RNN_TANH or code == RNN_RELU:
+        rnn_forward_row(g, h_new + b * H, yb, hhb, b_ih, b_hh, H, code == RNN_RELU)
+    elif code == LSTM or code == LSTM_PEEPHOLE:
+        lstm_forward_row(g, h_new + b * H, c_new + b * H, yb, hhb, b_ih, b_hh, c + b * H,
+                         peephole, H)
+    elif code == GRU:
+        gru_forward_row(g, eb, h_new + b * H, yb, hhb, b_ih, b_hh, h + b * H, H)
+    elif not second:
+        gru_rb_forward_row_rz(g, eb, hhb, b_ih, b_hh, h + b * H, H)
+    else:
+        gru_rb_forward_row_n(g, h_new + b * H, yb, hhb, b_ih, b_hh, h + b * H, H)
+
+
+cdef void _forward_pass(int code, bint second, Py_ssize_t t,
+                        floating* gates, floating* h_new, floating* c_new,
+                        floating* extra, floating* y, Py_ssize_t y_row,
+                        floating* hh, const floating* h, const floating* c,
+                        const floating* b_ih, const floating* b_hh, const floating* peephole,
+                        const int64_t* lengths, Py_ssize_t B, Py_ssize_t G, Py_ssize_t H,
+                        int nthreads) noexcept nogil:
+    cdef Py_ssize_t b
+    if nthreads > 1 and B > 1:
+        for b in prange(B, schedule="static", num_threads=nthreads):
+            _forward_row(code, second, b, t, gates, h_new, c_new, extra, y, y_row, hh, h, c,
+                         b_ih, b_hh, peephole, lengths, G, H)
+    else:
+        for b in range(B):
+            _forward_row(code, second, b, t, gates, h_new, c_new, extra, y, y_row, hh, h, c,
+                         b_ih, b_hh, peephole, lengths, G, H)
+
+
+cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
+                        floating* ws, Layout L,
+                        floating* y, Py_ssize_t y_step, Py_ssize_t y_row,
+                        const floating* x, const floating* w_ih, int ld_ih,
+                        const floating* w_hh, int ld_hh,
+                        const floating* b_ih, const floating* b_hh, const floating* peephole,
+                        const int64_t* lengths,
+                        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                        Py_ssize_t G) noexcept nogil:
+    # the state before the first step is in slot first_slot(...) of L.h / L.c (the caller put it)
+    cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H
+    cdef floating* gates = ws + L.gates
+    cdef floating* hs = ws + L.h
+    cdef floating* cs = _at(ws, L.c)
+    cdef floating* extra = _at(ws, L.extra)
+    cdef floating* hh = ws + L.hh
+    cdef floating* h
+    cdef floating* h_new
+    cdef floating* gates_t
+    cdef floating* extra_t
+    cdef floating* c = NULL
+    cdef floating* c_new = NULL
+    cdef Py_ssize_t s, t, cur, nxt
+    cdef bint active
+    # x_proj = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
+    gemm(False, True, <int>(T * B), <int>GH, <int>I, 1, x, <int>I, w_ih, ld_ih, 0, gates, <int>GH)
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        if train:
+            cur = t
+            nxt = _next_slot(t, T, reverse)
+        else:
+            cur = s & 1
+            nxt = (s + 1) & 1
+        h = hs + cur * BH
+        h_new = hs + nxt * BH
+        if cs != NULL:
+            c = cs + cur * BH
+            c_new = cs + nxt * BH
+        extra_t = extra + t * BH if train and extra != NULL else extra
+        gates_t = gates + t * B * GH
+        active = _any_active(lengths, t, B)      # else every row is padding: no GEMM needed
+        if code == GRU_RESET_BEFORE:
+            if active:
+                # hh[:, :2H] = h @ w_hh[:2H].T
+                gemm(False, True, <int>B, <int>H2, <int>H, 1, h, <int>H, w_hh, ld_hh,
+                     0, hh, <int>GH)
+            _forward_pass(code, False, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
+                          hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
+            if active:
+                # hh[:, 2H:] = (r * h) @ w_hh[2H:].T
+                gemm(False, True, <int>B, <int>H, <int>H, 1, extra_t, <int>H,
+                     w_hh + H2 * ld_hh, ld_hh, 0, hh + H2, <int>GH)
+        elif active:
+            # hh = h @ w_hh.T:  (B, H) x (H, G*H)
+            gemm(False, True, <int>B, <int>GH, <int>H, 1, h, <int>H, w_hh, ld_hh, 0, hh, <int>GH)
+        _forward_pass(code, True, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
+                      hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
+
+
+cdef inline Py_ssize_t _next_slot(Py_ssize_t t, Py_ssize_t T, bint reverse) noexcept nogil:
+    # train: slot of the state after step t (the state before the next step; T after the last)
+    if reverse:
+        return t - 1 if t > 0 else T
+    return t + 1
+
+
+cdef inline Py_ssize_t _first_slot(Py_ssize_t T, bint reverse, bint train) noexcept nogil:
+    # slot of the initial state: train, the state before the first step in processing order
+    return T - 1 if train and reverse and T > 0 else 0
+
+
+cdef inline Py_ssize_t _final_slot(Py_ssize_t T, bint train) noexcept nogil:
+    return T if train else T & 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: one fused pass over the batch rows of step t, and the time loop
+
+cdef void _backward_row(int code, bint second, Py_ssize_t b, Py_ssize_t t,
+                        floating* dgates, floating* dhidden, floating* dhn,
+                        floating* dh, floating* dc, floating* dpeep,
+                        const floating* dy, Py_ssize_t dy_row, const floating* drh,
+                        const floating* gates, const floating* h, const floating* c,
+                        const floating* c_new, const floating* extra,
+                        const floating* peephole, const int64_t* lengths,
+                        Py_ssize_t G, Py_ssize_t H) noexcept nogil:
+    # not inline, for the same reason as _forward_row
+    cdef floating* dg = dgates + b * G * H
+    cdef floating* dhb = dh + b * H
+    cdef const floating* dyb
+    cdef Py_ssize_t j
+    if t >= lengths[b]:
+        # padding: no gradient to the parameters or x, the state gradient passes through
+        if not second:
+            memset(dg, 0, G * H * sizeof(floating))
+            if dhidden != NULL:
+                memset(dhidden + b * G * H, 0, G * H * sizeof(floating))
+                memset(dhn + b * H, 0, H * sizeof(floating))
+        return
+    if not second and dy != NULL:
+        dyb = dy + b * dy_row
+        for j in range(H):
+            dhb[j] = dhb[j] + dyb[j]                      # dL/dh' = from later steps + from y
+    if code == RNN_TANH or code == RNN_RELU:
+        rnn_backward_row(dg, dhb, gates + b * G * H, H, code == RNN_RELU)
+    elif code == LSTM or code == LSTM_PEEPHOLE:
+        lstm_backward_row(dg, dhb, dc + b * H, dpeep + b * 3 * H if dpeep != NULL else NULL,
+                          gates + b * G * H, c + b * H, c_new + b * H, peephole, H)
+    elif code == GRU:
+        gru_backward_row(dg, dhidden + b * G * H, dhn + b * H, dhb, gates + b * G * H,
+                         h + b * H, extra + b * H, H)
+    elif not second:
+        gru_rb_backward_row_zn(dg, dhb, gates + b * G * H, h + b * H, H)
+    else:
+        gru_rb_backward_row_r(dg, dhb, drh + b * H, gates + b * G * H, h + b * H, H)
+
+
+cdef void _backward_pass(int code, bint second, Py_ssize_t t,
+                         floating* dgates, floating* dhidden, floating* dhn,
+                         floating* dh, floating* dc, floating* dpeep,
+                         const floating* dy, Py_ssize_t dy_row, const floating* drh,
+                         const floating* gates, const floating* h, const floating* c,
+                         const floating* c_new, const floating* extra,
+                         const floating* peephole, const int64_t* lengths,
+                         Py_ssize_t B, Py_ssize_t G, Py_ssize_t H, int nthreads) noexcept nogil:
+    cdef Py_ssize_t b
+    if nthreads > 1 and B > 1:
+        for b in prange(B, schedule="static", num_threads=nthreads):
+            _backward_row(code, second, b, t, dgates, dhidden, dhn, dh, dc, dpeep, dy, dy_row,
+                          drh, gates, h, c, c_new, extra, peephole, lengths, G, H)
+    else:
+        for b in range(B):
+            _backward_row(code, second, b, t, dgates, dhidden, dhn, dh, dc, dpeep, dy, dy_row,
+                          drh, gates, h, c, c_new, extra, peephole, lengths, G, H)
+
+
+cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthreads,
+                         const floating* ws, Layout L, floating* bws, BackLayout K,
+                         const floating* dy, Py_ssize_t dy_step, Py_ssize_t dy_row,
+                         const floating* x, const floating* w_ih, int ld_ih,
+                         const floating* w_hh, int ld_hh, const floating* peephole,
+                         const int64_t* lengths,
+                         floating* dx, Py_ssize_t dx_step, Py_ssize_t dx_row,
+                         floating* dw_ih, int ld_dw_ih, floating* dw_hh, int ld_dw_hh,
+                         floating* db_ih, int inc_db_ih, floating* db_hh, int inc_db_hh,
+                         Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                         Py_ssize_t G) noexcept nogil:
+    # on entry K.dh / K.dc hold dL/dh_n, dL/dc_n; on exit dL/dh0, dL/dc0 (the caller adds them)
+    cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H, TB = T * B
+    cdef const floating* gates = ws + L.gates
+    cdef const floating* hs = ws + L.h               # slots 0..T-1: h before step t, (T*B, H)
+    cdef const floating* cs = _at(<floating*>ws, L.c)
+    cdef const floating* extra = _at(<floating*>ws, L.extra)
+    cdef floating* dgates = bws + K.dgates
+    cdef floating* dhn = _at(bws, K.dhn)
+    cdef floating* dhidden = _at(bws, K.dhidden)
+    cdef floating* dh = bws + K.dh
+    cdef floating* dc = _at(bws, K.dc)
+    cdef floating* drh = _at(bws, K.drh)
+    cdef floating* dpeep = _at(bws, K.dpeep)
+    cdef floating* ones = bws + K.ones
+    cdef floating* dgates_t
+    cdef const floating* c = NULL
+    cdef const floating* c_new = NULL
+    cdef Py_ssize_t s, t, i, boundary
+    cdef bint active, cut
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        dgates_t = dgates + t * B * GH
+        if cs != NULL:
+            c = cs + t * BH
+            c_new = cs + _next_slot(t, T, reverse) * BH
+        active = _any_active(lengths, t, B)
+        # the state gradient leaving step t is cut at the time boundaries m*k (see cells.py)
+        boundary = t + 1 if reverse else t
+        cut = truncate > 0 and 0 < boundary < T and boundary % truncate == 0
+        _backward_pass(code, False, t, dgates_t, dhidden, dhn + t * BH if dhn != NULL else NULL,
+                       dh, dc, dpeep, dy + t * dy_step if dy != NULL else NULL, dy_row, drh,
+                       gates + t * B * GH, hs + t * BH, c, c_new,
+                       extra + t * BH if extra != NULL else NULL,
+                       peephole, lengths, B, G, H, nthreads)
+        if active and code == GRU_RESET_BEFORE:
+            # drh = da_n @ w_hh[2H:]:  (B, H) x (H, H)
+            gemm(False, False, <int>B, <int>H, <int>H, 1, dgates_t + H2, <int>GH,
+                 w_hh + H2 * ld_hh, ld_hh, 0, drh, <int>H)
+            _backward_pass(code, True, t, dgates_t, dhidden, dhn, dh, dc, dpeep, NULL, 0, drh,
+                           gates + t * B * GH, hs + t * BH, c, c_new, NULL,
+                           peephole, lengths, B, G, H, nthreads)
+            if not cut:
+                # dh += da_rz @ w_hh[:2H]:  (B, 2H) x (2H, H)
+                gemm(False, False, <int>B, <int>H, <int>H2, 1, dgates_t, <int>GH,
+                     w_hh, ld_hh, 1, dh, <int>H)
+        elif active and not cut:
+            # dh += d(W_hh h + b_hh) @ w_hh:  (B, G*H) x (G*H, H)
+            gemm(False, False, <int>B, <int>H, <int>GH, 1,
+                 dhidden if dhidden != NULL else dgates_t, <int>GH, w_hh, ld_hh, 1, dh, <int>H)
+        if cut:
+            memset(dh, 0, BH * sizeof(floating))
+            if dc != NULL:
+                memset(dc, 0, BH * sizeof(floating))
+
+    # after the loop, over all T*B rows at once (dgates is zero at padding)
+    for i in range(TB):
+        ones[i] = 1
+    # dw_ih += dgates.T @ x:  (G*H, T*B) x (T*B, I)
+    gemm(True, False, <int>GH, <int>I, <int>TB, 1, dgates, <int>GH, x, <int>I,
+         1, dw_ih, ld_dw_ih)
+    # dx += dgates @ w_ih:  (T*B, G*H) x (G*H, I)
+    if dx_step == B * dx_row:
+        gemm(False, False, <int>TB, <int>I, <int>GH, 1, dgates, <int>GH, w_ih, ld_ih,
+             1, dx, <int>dx_row)
+    else:
+        for t in range(T):
+            gemm(False, False, <int>B, <int>I, <int>GH, 1, dgates + t * B * GH, <int>GH,
+                 w_ih, ld_ih, 1, dx + t * dx_step, <int>dx_row)
+    # db_ih += dgates.sum(axis=0)
+    gemv(True, <int>TB, <int>GH, 1, dgates, <int>GH, ones, 1, 1, db_ih, inc_db_ih)
+    if code == GRU:
+        # the hidden side differs in the n block: d(W_hn h + b_hn) = da_n * r, kept in dhn
+        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dhn.T @ h_prev
+        gemm(True, False, <int>H2, <int>H, <int>TB, 1, dgates, <int>GH, hs, <int>H,
+             1, dw_hh, ld_dw_hh)
+        gemm(True, False, <int>H, <int>H, <int>TB, 1, dhn, <int>H, hs, <int>H,
+             1, dw_hh + H2 * ld_dw_hh, ld_dw_hh)
+        # db_hh[:2H] += dgates[:, :2H].sum(axis=0);  db_hh[2H:] += dhn.sum(axis=0)
+        gemv(True, <int>TB, <int>H2, 1, dgates, <int>GH, ones, 1, 1, db_hh, inc_db_hh)
+        gemv(True, <int>TB, <int>H, 1, dhn, <int>H, ones, 1, 1, db_hh + H2 * inc_db_hh,
+             inc_db_hh)
+    elif code == GRU_RESET_BEFORE:
+        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dgates[:, 2H:].T @ (r * h)
+        gemm(True, False, <int>H2, <int>H, <int>TB, 1, dgates, <int>GH, hs, <int>H,
+             1, dw_hh, ld_dw_hh)
+        gemm(True, False, <int>H, <int>H, <int>TB, 1, dgates + H2, <int>GH, extra, <int>H,
+             1, dw_hh + H2 * ld_dw_hh, ld_dw_hh)
+        # db_hh += dgates.sum(axis=0)
+        gemv(True, <int>TB, <int>GH, 1, dgates, <int>GH, ones, 1, 1, db_hh, inc_db_hh)
+    else:
+        # dw_hh += dgates.T @ h_prev:  (G*H, T*B) x (T*B, H);  db_hh += dgates.sum(axis=0)
+        gemm(True, False, <int>GH, <int>H, <int>TB, 1, dgates, <int>GH, hs, <int>H,
+             1, dw_hh, ld_dw_hh)
+        gemv(True, <int>TB, <int>GH, 1, dgates, <int>GH, ones, 1, 1, db_hh, inc_db_hh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed entry points: memoryviews in, pointers and sizes out, the loops run without the GIL
+
+cdef int _run_forward(int code, bint reverse, bint train, int nthreads,
+                      floating[::1] ws, Layout L,
+                      floating[:, :, :] y, const floating[:, :, ::1] x,
+                      const floating[:, :] w_ih, const floating[:, :] w_hh,
+                      const floating[::1] b_ih, const floating[::1] b_hh,
+                      const floating[::1] peephole, const int64_t[::1] lengths,
+                      Py_ssize_t H, Py_ssize_t G) except -1:
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t item = sizeof(floating)
+    with nogil:
+        _forward_loop(code, reverse, train, nthreads, &ws[0], L,
+                      &y[0, 0, 0], y.strides[0] // item, y.strides[1] // item,
+                      &x[0, 0, 0], &w_ih[0, 0], <int>_ld(w_ih.strides[0], I, item),
+                      &w_hh[0, 0], <int>_ld(w_hh.strides[0], H, item),
+                      &b_ih[0], &b_hh[0], &peephole[0] if peephole is not None else NULL,
+                      &lengths[0], T, B, I, H, G)
+    return 0
+
+
+cdef int _run_backward(int code, bint reverse, Py_ssize_t truncate, int nthreads,
+                       const floating[::1] ws, Layout L, floating[::1] bws, BackLayout K,
+                       const floating[:, :, :] dy, const floating[:, :, ::1] x,
+                       const floating[:, :] w_ih, const floating[:, :] w_hh,
+                       const floating[::1] peephole, const int64_t[::1] lengths,
+                       floating[:, :, :] dx, floating[:, :] dw_ih, floating[:, :] dw_hh,
+                       floating[:] db_ih, floating[:] db_hh,
+                       Py_ssize_t H, Py_ssize_t G) except -1:
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef const floating* dy_p = &dy[0, 0, 0] if dy is not None else NULL
+    cdef Py_ssize_t dy_step = dy.strides[0] // item if dy is not None else 0
+    cdef Py_ssize_t dy_row = dy.strides[1] // item if dy is not None else 0
+    with nogil:
+        _backward_loop(code, reverse, truncate, nthreads, &ws[0], L, &bws[0], K,
+                       dy_p, dy_step, dy_row,
+                       &x[0, 0, 0], &w_ih[0, 0], <int>_ld(w_ih.strides[0], I, item),
+                       &w_hh[0, 0], <int>_ld(w_hh.strides[0], H, item),
+                       &peephole[0] if peephole is not None else NULL, &lengths[0],
+                       &dx[0, 0, 0], dx.strides[0] // item, _ld(dx.strides[1], I, item),
+                       &dw_ih[0, 0], <int>_ld(dw_ih.strides[0], I, item),
+                       &dw_hh[0, 0], <int>_ld(dw_hh.strides[0], H, item),
+                       &db_ih[0], <int>(db_ih.strides[0] // item),
+                       &db_hh[0], <int>(db_hh.strides[0] // item),
+                       T, B, I, H, G)
+    return 0
+
+
+cdef inline Py_ssize_t _ld(Py_ssize_t row_stride, Py_ssize_t cols, Py_ssize_t item) noexcept nogil:
+    # a leading dimension BLAS accepts: the row stride, or the width when it never matters
+    cdef Py_ssize_t ld = row_stride // item
+    return ld if ld >= cols and ld >= 1 else max(1, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python entry points (the contract of fastrnn.cells)
+
+cdef class _Cache:
+    """What layer_forward keeps for layer_backward: the workspace and the sizes it was cut for."""
+    cdef readonly object workspace
+    cdef readonly int code
+    cdef readonly Py_ssize_t T, B, input_size, H
+    cdef readonly bint reverse
+    cdef Layout layout
+
+    def __repr__(self):
+        return (f"<fastrnn Cython cache: cell code {self.code}, T={self.T}, B={self.B}, "
+                f"I={self.input_size}, H={self.H}, {self.workspace.dtype}, {self.workspace.nbytes} bytes>")
+
+
+def _cell_code(cell):
+    code = getattr(cell, "code", None)
+    if code not in _GATES or _GATES[code] != cell.num_gates:
+        raise ValueError(f"cell: expected a fastrnn.cells.Cell record, got {cell!r}")
+    return code, _GATES[code]
+
+
+def _input(a, name, dtype, shape):
+    """A C-contiguous array of the layer's dtype and the given shape (a no-op if it is one)."""
+    if a is None:
+        raise ValueError(f"{name}: expected an array of shape {shape}, got None")
+    if a.dtype != dtype or a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} and dtype {np.dtype(dtype)}, got "
+                         f"shape {a.shape} and dtype {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def _output(a, name, dtype, shape):
+    if a is None or a.dtype != dtype or a.shape != shape:
+        got = "None" if a is None else f"shape {a.shape} and dtype {a.dtype}"
+        raise ValueError(f"{name}: expected shape {shape} and dtype {np.dtype(dtype)}, got {got}")
+    return a
+
+
+def _blas_ready(a):
+    """Can BLAS write `a` in place: 2-D (or 3-D collapsing its first two axes) row-major with
+    unit stride along the last axis and positive row strides; 1-D with a positive stride."""
+    item, last = a.itemsize, a.ndim - 1
+    if a.size == 0:
+        return True
+    if a.ndim == 1:
+        return a.strides[0] > 0 and a.strides[0] % item == 0
+    if a.shape[last] > 1 and a.strides[last] != item:
+        return False
+    return all(st > 0 and st % item == 0 and st >= a.shape[last] * item
+               for n, st in zip(a.shape[:last], a.strides[:last]) if n > 1)
+
+
+def _lengths(lengths, T, B):
+    if lengths is None:
+        return np.full(B, T, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},), got {lengths.shape}")
+    if B and (lengths.min() < 0 or lengths.max() > T):
+        raise ValueError(f"lengths: expected values in [0, {T}], got [{lengths.min()}, "
+                         f"{lengths.max()}]")
+    return lengths
+
+
+def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
+                  lengths, reverse, train, y, h_n, c_n):
+    """One layer, one direction, all T steps; see fastrnn.cells for the contract."""
+    code, G = _cell_code(cell)
+    dtype = x.dtype
+    if dtype != np.float32 and dtype != np.float64:
+        raise ValueError(f"x: expected dtype float32 or float64, got {dtype}")
+    if x.ndim != 3:
+        raise ValueError(f"x: expected shape (T, B, I), got {x.shape}")
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    x = np.ascontiguousarray(x)
+    h0 = _input(h0, "h0", dtype, (B, H))
+    w_ih = _input(w_ih, "w_ih", dtype, (G * H, I))
+    w_hh = _input(w_hh, "w_hh", dtype, (G * H, H))
+    b_ih = _input(b_ih, "b_ih", dtype, (G * H,))
+    b_hh = _input(b_hh, "b_hh", dtype, (G * H,))
+    has_c = _has_c(code)
+    c0 = _input(c0, "c0", dtype, (B, H)) if has_c else None
+    peephole = _input(peephole, "peephole", dtype, (3, H)).reshape(-1) \
+        if code == LSTM_PEEPHOLE else None
+    lengths = _lengths(lengths, T, B)
+    y = _output(y, "y", dtype, (T, B, H))
+    h_n = _output(h_n, "h_n", dtype, (B, H))
+    c_n = _output(c_n, "c_n", dtype, (B, H)) if has_c else None
+    if T * B >= 2**31 or G * H * max(I, H) >= 2**31:
+        raise ValueError(f"x: T*B = {T * B} rows or G*H = {G * H} columns are too many for BLAS")
+
+    train = bool(train)
+    reverse = bool(reverse)
+    cdef Layout L = _layout(code, T, B, H, G, train)
+    ws = np.empty(max(1, L.size), dtype)
+    cdef Py_ssize_t first = _first_slot(T, reverse, train), final = _final_slot(T, train)
+    states = [(L.h, h0, h_n)] + ([(L.c, c0, c_n)] if has_c else [])
+    for offset, s0, _ in states:
+        ws[offset + first * B * H: offset + (first + 1) * B * H] = s0.reshape(-1)
+    if T and B and H:
+        y_work = y if _blas_ready(y) else np.empty((T, B, H), dtype)
+        if dtype == np.float32:
+            _run_forward[float](code, reverse, train, _pass_threads, ws, L, y_work, x, w_ih, w_hh,
+                                b_ih, b_hh, peephole, lengths, H, G)
+        else:
+            _run_forward[double](code, reverse, train, _pass_threads, ws, L, y_work, x, w_ih, w_hh,
+                                 b_ih, b_hh, peephole, lengths, H, G)
+        if y_work is not y:
+            y[...] = y_work
+    else:
+        final = first                                 # no step: the state stays as it was
+        y[...] = 0
+    for offset, _, s_n in states:
+        s_n[...] = ws[offset + final * B * H: offset + (final + 1) * B * H].reshape(B, H)
+    if not train:
+        return None
+    cdef _Cache cache = _Cache()
+    cache.workspace, cache.code, cache.reverse, cache.layout = ws, code, reverse, L
+    cache.T, cache.B, cache.input_size, cache.H = T, B, I, H
+    return cache
+
+
+def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
+                   lengths, reverse, cache, dy, dh_n, dc_n, truncate,
+                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
+    """Gradients of one layer_forward call, ADDED into dx ... dpeephole; see fastrnn.cells."""
+    code, G = _cell_code(cell)
+    dtype = x.dtype
+    if not isinstance(cache, _Cache):
+        raise ValueError(f"cache: expected what the Cython layer_forward returned with "
+                         f"train=True, got {type(cache).__name__}")
+    cdef _Cache ca = cache
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    if (ca.code, ca.T, ca.B, ca.input_size, ca.H, ca.reverse, ca.workspace.dtype) != \
+            (code, T, B, I, H, bool(reverse), dtype):
+        raise ValueError(f"cache: made for cell code {ca.code}, T={ca.T}, B={ca.B}, "
+                         f"I={ca.input_size}, "
+                         f"H={ca.H}, reverse={ca.reverse}, {ca.workspace.dtype}; got cell code "
+                         f"{code}, x {x.shape}, H={H}, reverse={bool(reverse)}, {dtype}")
+    if truncate is not None and (int(truncate) != truncate or truncate < 1):
+        raise ValueError(f"truncate: expected None or an integer >= 1, got {truncate!r}")
+    x = np.ascontiguousarray(x)
+    w_ih = _input(w_ih, "w_ih", dtype, (G * H, I))
+    w_hh = _input(w_hh, "w_hh", dtype, (G * H, H))
+    has_c = _has_c(code)
+    peephole = _input(peephole, "peephole", dtype, (3, H)).reshape(-1) \
+        if code == LSTM_PEEPHOLE else None
+    lengths = _lengths(lengths, T, B)
+    if dy is not None:
+        dy = _output(dy, "dy", dtype, (T, B, H))
+        if (dy.shape[2] > 1 and dy.strides[2] != dy.itemsize) or \
+                any(st % dy.itemsize for st in dy.strides):
+            dy = np.ascontiguousarray(dy)
+    dh_n = None if dh_n is None else _input(dh_n, "dh_n", dtype, (B, H))
+    dc_n = None if (dc_n is None or not has_c) else _input(dc_n, "dc_n", dtype, (B, H))
+    dx = _output(dx, "dx", dtype, (T, B, I))
+    dh0 = _output(dh0, "dh0", dtype, (B, H))
+    dc0 = _output(dc0, "dc0", dtype, (B, H)) if has_c else None
+    dw_ih = _output(dw_ih, "dw_ih", dtype, (G * H, I))
+    dw_hh = _output(dw_hh, "dw_hh", dtype, (G * H, H))
+    db_ih = _output(db_ih, "db_ih", dtype, (G * H,))
+    db_hh = _output(db_hh, "db_hh", dtype, (G * H,))
+    dpeephole = _output(dpeephole, "dpeephole", dtype, (3, H)) if code == LSTM_PEEPHOLE \
+        else None
+
+    cdef BackLayout K = _back_layout(code, T, B, H, G)
+    bws = np.empty(max(1, K.size), dtype)
+    d_state = [(K.dh, dh_n, dh0)] + ([(K.dc, dc_n, dc0)] if has_c else [])
+    for offset, d_n, _ in d_state:
+        bws[offset: offset + B * H] = 0 if d_n is None else d_n.reshape(-1)
+    if K.dpeep >= 0:
+        bws[K.dpeep: K.dpeep + B * 3 * H] = 0
+    cdef Py_ssize_t k = 0 if truncate is None else int(truncate)
+    if T and B and H:
+        # gradients BLAS cannot add into in place are summed into zeros first, then added
+        grads = [dx, dw_ih, dw_hh, db_ih, db_hh]
+        work = [g if _blas_ready(g) else np.zeros(g.shape, dtype) for g in grads]
+        if dtype == np.float32:
+            _run_backward[float](code, ca.reverse, k, _pass_threads, ca.workspace, ca.layout,
+                                 bws, K, dy, x, w_ih, w_hh, peephole, lengths, *work, H, G)
+        else:
+            _run_backward[double](code, ca.reverse, k, _pass_threads, ca.workspace, ca.layout,
+                                  bws, K, dy, x, w_ih, w_hh, peephole, lengths, *work, H, G)
+        for g, w in zip(grads, work):
+            if w is not g:
+                g += w
+        if dpeephole is not None:
+            dpeephole += bws[K.dpeep: K.dpeep + B * 3 * H].reshape(B, 3, H).sum(axis=0)
+    for offset, _, d0 in d_state:
+        d0 += bws[offset: offset + B * H].reshape(B, H)

@@ -1,0 +1,279 @@
+# One step of each cell, for ONE batch row: a forward/backward pair per cell (fastrnn/cells.py has
+# the records, fastrnn/reference.py the same steps in NumPy). The generic time loop in layers.pyx
+# runs the recurrent GEMM, then calls these for every row that is inside its sequence.
+#
+# Arguments: written buffers, read buffers, sizes. Per row, with H hidden units and G gates:
+#
+#   gates     (G*H)  forward in: x W_ih^T (this row, this step); out: the activated gates, kept
+#                    for backward (RNN: h' itself)
+#   hh        (G*H)  scratch holding h W_hh^T (GRU reset-before: r and z blocks; then (r*h) W_hn^T
+#                    in the n block); the GRU step may overwrite it
+#   b_ih, b_hh (G*H) biases, added here: a = (x W_ih^T + b_ih) + (h W_hh^T + b_hh) as the reference
+#   h, c      (H)    the state before the step; h_new, c_new after it; y (H) the output row
+#   dgates    (G*H)  backward out: dL/d(x W_ih^T + b_ih), the input side of every gate
+#   dh, dc    (H)    backward in: dL/dh', dL/dc' (dy already added); out: the part of dL/dh, dL/dc
+#                    that does not go through W_hh (the loop adds d(hidden) @ W_hh to dh)
+#
+# Speed: the float loops must vectorise. A loop whose body writes several arrays through
+# pointers the compiler cannot tell apart needs a run-time overlap test per pair, and past ten
+# of them GCC keeps the loop scalar. So each step is a few short loops, one equation each, that
+# write one or two arrays; the row (a few KB) stays in L1 between them.
+from cython cimport floating
+
+from activations cimport relu, relu_backward, sigmoid_inplace, tanh_inplace, tanh_into
+
+# cells.py Cell.code
+cdef enum:
+    RNN_TANH = 0
+    RNN_RELU = 1
+    LSTM = 2
+    LSTM_PEEPHOLE = 3
+    GRU = 4
+    GRU_RESET_BEFORE = 5
+
+
+cdef inline void _preactivation(floating* gates, const floating* hh, const floating* b_ih,
+                                const floating* b_hh, Py_ssize_t n) noexcept nogil:
+    # gates[:n] = (x W_ih^T + b_ih) + (h W_hh^T + b_hh), summed in the reference's order
+    cdef Py_ssize_t j
+    for j in range(n):
+        gates[j] = gates[j] + b_ih[j] + (hh[j] + b_hh[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# RNN:  h' = act(W_ih x + b_ih + W_hh h + b_hh)
+
+cdef inline void rnn_forward_row(floating* gates, floating* h_new, floating* y,
+                                 const floating* hh, const floating* b_ih, const floating* b_hh,
+                                 Py_ssize_t H, bint use_relu) noexcept nogil:
+    cdef Py_ssize_t j
+    _preactivation(gates, hh, b_ih, b_hh, H)
+    if use_relu:
+        for j in range(H):
+            gates[j] = relu(gates[j])
+    else:
+        tanh_inplace(gates, H)             # gates keeps h': backward reads act'(a) off it
+    for j in range(H):
+        h_new[j] = gates[j]
+        y[j] = gates[j]
+
+
+cdef inline void rnn_backward_row(floating* dgates, floating* dh,
+                                  const floating* gates, Py_ssize_t H, bint use_relu) noexcept nogil:
+    cdef Py_ssize_t j
+    if use_relu:
+        for j in range(H):
+            # h' = relu(a)
+            dgates[j] = relu_backward(dh[j], gates[j])
+    else:
+        for j in range(H):
+            # h' = tanh(a)
+            dgates[j] = dh[j] * (1 - gates[j] * gates[j])
+    for j in range(H):
+        dh[j] = 0                          # dL/dh is all dgates @ W_hh
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTM, gates i, f, g, o; with peephole (3H, rows i, f, o): p_i, p_f see c, p_o sees c'
+
+cdef inline void lstm_forward_row(floating* gates, floating* h_new, floating* c_new, floating* y,
+                                  const floating* hh, const floating* b_ih, const floating* b_hh,
+                                  const floating* c, const floating* peephole,
+                                  Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating* i = gates
+    cdef floating* f = gates + H
+    cdef floating* g = gates + 2 * H
+    cdef floating* o = gates + 3 * H
+    _preactivation(gates, hh, b_ih, b_hh, 4 * H)
+    if peephole != NULL:
+        for j in range(H):
+            i[j] = i[j] + peephole[j] * c[j]
+        for j in range(H):
+            f[j] = f[j] + peephole[H + j] * c[j]
+    sigmoid_inplace(gates, 2 * H)          # i, f
+    tanh_inplace(g, H)
+    for j in range(H):
+        c_new[j] = f[j] * c[j] + i[j] * g[j]
+    if peephole != NULL:
+        for j in range(H):
+            o[j] = o[j] + peephole[2 * H + j] * c_new[j]
+    sigmoid_inplace(o, H)
+    # h' = o * tanh(c'), tanh(c') passing through y
+    tanh_into(y, c_new, H)
+    for j in range(H):
+        y[j] = o[j] * y[j]
+    for j in range(H):
+        h_new[j] = y[j]
+
+
+cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
+                                   floating* dpeephole,
+                                   const floating* gates, const floating* c,
+                                   const floating* c_new, const floating* peephole,
+                                   Py_ssize_t H) noexcept nogil:
+    # dpeephole (3H): this row's running sums of da_i*c, da_f*c, da_o*c' (NULL without peepholes)
+    cdef Py_ssize_t j
+    cdef const floating* i = gates
+    cdef const floating* f = gates + H
+    cdef const floating* g = gates + 2 * H
+    cdef const floating* o = gates + 3 * H
+    cdef floating* da_i = dgates
+    cdef floating* da_f = dgates + H
+    cdef floating* da_g = dgates + 2 * H
+    cdef floating* da_o = dgates + 3 * H
+    # h' = o * tanh(c'); tanh(c') passes through da_o
+    tanh_into(da_o, c_new, H)
+    for j in range(H):
+        dc[j] = dc[j] + dh[j] * o[j] * (1 - da_o[j] * da_o[j])
+    for j in range(H):
+        da_o[j] = dh[j] * da_o[j] * o[j] * (1 - o[j])
+    if peephole != NULL:
+        # a_o = ... + p_o * c'
+        for j in range(H):
+            dc[j] = dc[j] + da_o[j] * peephole[2 * H + j]
+    # c' = f * c + i * g
+    for j in range(H):
+        da_i[j] = dc[j] * g[j] * i[j] * (1 - i[j])
+    for j in range(H):
+        da_f[j] = dc[j] * c[j] * f[j] * (1 - f[j])
+    for j in range(H):
+        da_g[j] = dc[j] * i[j] * (1 - g[j] * g[j])
+    if peephole != NULL:
+        # a_i = ... + p_i * c;  a_f = ... + p_f * c
+        for j in range(H):
+            dc[j] = dc[j] * f[j] + da_i[j] * peephole[j] + da_f[j] * peephole[H + j]
+        for j in range(H):
+            dpeephole[j] += da_i[j] * c[j]
+        for j in range(H):
+            dpeephole[H + j] += da_f[j] * c[j]
+        for j in range(H):
+            dpeephole[2 * H + j] += da_o[j] * c_new[j]
+    else:
+        for j in range(H):
+            dc[j] = dc[j] * f[j]
+    for j in range(H):
+        dh[j] = 0                          # dL/dh is all dgates @ W_hh
+
+
+# ---------------------------------------------------------------------------------------------
+# GRU, reset after the recurrent matmul:  n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+
+cdef inline void gru_forward_row(floating* gates, floating* hn_kept, floating* h_new, floating* y,
+                                 floating* hh, const floating* b_ih, const floating* b_hh,
+                                 const floating* h, Py_ssize_t H) noexcept nogil:
+    # hn_kept (H): W_hn h + b_hn for backward (NULL when nothing is kept)
+    cdef Py_ssize_t j
+    cdef floating* r = gates
+    cdef floating* z = gates + H
+    cdef floating* n = gates + 2 * H
+    cdef floating* hn = hh + 2 * H
+    _preactivation(gates, hh, b_ih, b_hh, 2 * H)
+    sigmoid_inplace(gates, 2 * H)          # r, z
+    for j in range(H):
+        hn[j] = hn[j] + b_hh[2 * H + j]   # W_hn h + b_hn, in place in the scratch
+    for j in range(H):
+        n[j] = n[j] + b_ih[2 * H + j] + r[j] * hn[j]
+    tanh_inplace(n, H)
+    # h' = (1 - z) * n + z * h
+    for j in range(H):
+        y[j] = (1 - z[j]) * n[j] + z[j] * h[j]
+    for j in range(H):
+        h_new[j] = y[j]
+    if hn_kept != NULL:
+        for j in range(H):
+            hn_kept[j] = hn[j]
+
+
+cdef inline void gru_backward_row(floating* dgates, floating* dhidden, floating* dhn_kept,
+                                  floating* dh,
+                                  const floating* gates, const floating* h, const floating* hn,
+                                  Py_ssize_t H) noexcept nogil:
+    # dhidden (3H): dL/d(W_hh h + b_hh); its n block, da_n * r, differs from dgates' n block and
+    # is also kept in dhn_kept (H) for dW_hn and db_hn after the loop
+    cdef Py_ssize_t j
+    cdef const floating* r = gates
+    cdef const floating* z = gates + H
+    cdef const floating* n = gates + 2 * H
+    cdef floating* da_r = dgates
+    cdef floating* da_z = dgates + H
+    cdef floating* da_n = dgates + 2 * H
+    # h' = (1 - z) * n + z * h
+    for j in range(H):
+        da_z[j] = dh[j] * (h[j] - n[j]) * z[j] * (1 - z[j])
+    # n = tanh(x_n + r * hn)
+    for j in range(H):
+        da_n[j] = dh[j] * (1 - z[j]) * (1 - n[j] * n[j])
+    for j in range(H):
+        da_r[j] = da_n[j] * hn[j] * r[j] * (1 - r[j])
+    for j in range(H):
+        dhidden[2 * H + j] = da_n[j] * r[j]
+    for j in range(2 * H):
+        dhidden[j] = dgates[j]
+    for j in range(H):
+        dhn_kept[j] = dhidden[2 * H + j]
+    for j in range(H):
+        dh[j] = dh[j] * z[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# GRU, reset before the recurrent matmul:  n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)
+# Two passes per step around a second GEMM: r, z and r*h; then (r*h) W_hn^T; then n and h'.
+
+cdef inline void gru_rb_forward_row_rz(floating* gates, floating* rh,
+                                       const floating* hh, const floating* b_ih,
+                                       const floating* b_hh, const floating* h,
+                                       Py_ssize_t H) noexcept nogil:
+    # rh (H): r * h, the input of the W_hn GEMM (kept for backward's dW_hn)
+    cdef Py_ssize_t j
+    _preactivation(gates, hh, b_ih, b_hh, 2 * H)
+    sigmoid_inplace(gates, 2 * H)          # r, z
+    for j in range(H):
+        rh[j] = gates[j] * h[j]
+
+
+cdef inline void gru_rb_forward_row_n(floating* gates, floating* h_new, floating* y,
+                                      const floating* hh, const floating* b_ih,
+                                      const floating* b_hh, const floating* h,
+                                      Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef floating* z = gates + H
+    cdef floating* n = gates + 2 * H
+    for j in range(H):
+        n[j] = n[j] + b_ih[2 * H + j] + hh[2 * H + j] + b_hh[2 * H + j]
+    tanh_inplace(n, H)
+    # h' = (1 - z) * n + z * h
+    for j in range(H):
+        y[j] = (1 - z[j]) * n[j] + z[j] * h[j]
+    for j in range(H):
+        h_new[j] = y[j]
+
+
+cdef inline void gru_rb_backward_row_zn(floating* dgates, floating* dh,
+                                        const floating* gates, const floating* h,
+                                        Py_ssize_t H) noexcept nogil:
+    # first pass: the z and n blocks of dgates; the loop then runs d(rh) = da_n @ W_hn
+    cdef Py_ssize_t j
+    cdef const floating* z = gates + H
+    cdef const floating* n = gates + 2 * H
+    # h' = (1 - z) * n + z * h
+    for j in range(H):
+        dgates[H + j] = dh[j] * (h[j] - n[j]) * z[j] * (1 - z[j])
+    # n = tanh(x_n + W_hn rh + b_hn)
+    for j in range(H):
+        dgates[2 * H + j] = dh[j] * (1 - z[j]) * (1 - n[j] * n[j])
+    for j in range(H):
+        dh[j] = dh[j] * z[j]
+
+
+cdef inline void gru_rb_backward_row_r(floating* dgates, floating* dh,
+                                       const floating* drh, const floating* gates,
+                                       const floating* h, Py_ssize_t H) noexcept nogil:
+    # second pass, drh (H) = dL/d(r*h): the r block; the loop then adds da_rz @ W_hr,hz to dh
+    cdef Py_ssize_t j
+    cdef const floating* r = gates
+    # rh = r * h
+    for j in range(H):
+        dgates[j] = drh[j] * h[j] * r[j] * (1 - r[j])
+    for j in range(H):
+        dh[j] = dh[j] + drh[j] * r[j]
