@@ -86,6 +86,10 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, peephole=None, *,
             raise ValueError(f"lengths: expected ({B},) integers in [0, {T}], got "
                              f"{lengths.dtype} {lengths.shape}")
         lengths = np.ascontiguousarray(lengths, np.int64)
+        padding = np.arange(T)[:, None] >= lengths[None, :]
+        if padding.any():  # as the layers do: nothing in the padding (NaN included) is used
+            x = x.copy()
+            x[padding] = 0
     y = _out("out", out, dtype, (T, B, H))
     h_n = _out("h_n", h_n, dtype, (B, H))
     if cell.has_cell_state:
