@@ -73,12 +73,18 @@ def run_layer(m, x, state=None, lengths=None, dy=None, dstate=None, truncate=Non
     y, final, cache = m.forward(x, state, lengths, train=True)
     m.zero_grad()
     dx, dstate0 = m.backward(dy, cache, dstate, truncate=truncate)
+    return result_dict(y, dx, final, dstate0, m.grads)
+
+
+def result_dict(y, dx, final, dstate0, grads):
+    """Outputs, final states, input and initial-state gradients and a copy of every parameter
+    gradient, in one flat dict keyed the same way for every implementation compared."""
     result = {"y": y, "dx": dx}
     for i, part in enumerate(state_parts(final)):
         result[f"state_n[{i}]"] = part
     for i, part in enumerate(state_parts(dstate0)):
         result[f"dstate0[{i}]"] = part
-    for name, g in m.grads.items():
+    for name, g in grads.items():
         result["grad " + name] = g.copy()
     return result
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from conftest import TOLERANCE, max_rel_error, state_parts
+from conftest import TOLERANCE, max_rel_error, result_dict, state_parts
 
 torch = pytest.importorskip("torch")
 
@@ -74,13 +74,7 @@ def test_matches_pytorch(backend, model, stack, layout, dtype):
     expected = _torch_run(theirs, x, state, lengths, batch_first, dy, dstate, dtype)
     y, final, cache = ours.forward(x, state, lengths, train=True)
     dx, dstate0 = ours.backward(dy, cache, dstate)
-    got = {"y": y, "dx": dx}
-    for i, f in enumerate(state_parts(final)):
-        got[f"state_n[{i}]"] = f
-    for i, d in enumerate(state_parts(dstate0)):
-        got[f"dstate0[{i}]"] = d
-    for name, g in ours.grads.items():
-        got["grad " + name] = g
+    got = result_dict(y, dx, final, dstate0, ours.grads)
     assert got.keys() == expected.keys()
     # float32: both sides round differently, and errors grow through the layers
     tol = TOLERANCE[np.dtype(dtype)] * (5 if dtype == np.float32 else 1)

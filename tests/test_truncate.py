@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import (TOLERANCE, assert_all_close, make_layer, max_rel_error, random_state,
-                      run_layer, state_parts)
+                      result_dict, run_layer)
 from fastrnn.cells import CELLS
 
 
@@ -24,14 +24,7 @@ def _windows_result(m, x, state, lengths, dy, dstate, k):
         dxs.append(dx)
         if first_dstate0 is None:
             first_dstate0 = dstate0
-    result = {"y": np.concatenate(ys), "dx": np.concatenate(dxs)}
-    for i, part in enumerate(state_parts(state)):
-        result[f"state_n[{i}]"] = part
-    for i, part in enumerate(state_parts(first_dstate0)):
-        result[f"dstate0[{i}]"] = part
-    for name, g in m.grads.items():
-        result["grad " + name] = g.copy()
-    return result
+    return result_dict(np.concatenate(ys), np.concatenate(dxs), state, first_dstate0, m.grads)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
