@@ -89,6 +89,22 @@ def result_dict(y, dx, final, dstate0, grads):
     return result
 
 
+def central_difference(f, arr, h=1e-6):
+    """d f / d arr by central differences; ``arr`` (the test's own float64 array) is perturbed
+    in place and restored."""
+    grad = np.zeros_like(arr)
+    flat, gflat = arr.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        f_plus = f()
+        flat[i] = old - h
+        f_minus = f()
+        flat[i] = old
+        gflat[i] = (f_plus - f_minus) / (2 * h)
+    return grad
+
+
 def max_rel_error(actual, expected):
     """Largest absolute difference over the largest magnitude of ``expected`` (floor 1)."""
     actual = np.asarray(actual, dtype=np.float64)

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import CELL_OPTIONS, make_layer, random_state, state_parts
+from conftest import CELL_OPTIONS, central_difference, make_layer, random_state, state_parts
 
 EPS = 1e-6
 # central differences carry O(EPS**2) truncation and O(1e-16 / EPS) rounding error
@@ -20,19 +20,6 @@ def _loss(m, x, state, lengths, dy, dstate, dropout_seed):
     y, final, _ = m.forward(x, state, lengths, train=True)
     return float((y * dy).sum() + sum((f * d).sum() for f, d in
                                       zip(state_parts(final), state_parts(dstate))))
-
-
-def _numeric_gradient(f, arr):
-    grad = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        old = arr[idx]
-        arr[idx] = old + EPS
-        up = f()
-        arr[idx] = old - EPS
-        down = f()
-        arr[idx] = old
-        grad[idx] = (up - down) / (2 * EPS)
-    return grad
 
 
 def _check(m, x, state, lengths, dy, dstate, dropout_seed=0):
@@ -49,7 +36,7 @@ def _check(m, x, state, lengths, dy, dstate, dropout_seed=0):
                               enumerate(zip(state_parts(state), state_parts(dstate0)))]
     pairs += [(name, m.params[name], m.grads[name]) for name in m.params]
     for name, arr, analytic in pairs:
-        numeric = _numeric_gradient(f, arr)
+        numeric = central_difference(f, arr, EPS)
         err = np.abs(numeric - analytic).max() / max(1.0, np.abs(numeric).max())
         assert err < TOL, f"{name}: central differences differ by {err:.3g}"
         worst = max(worst, err)

@@ -8,28 +8,12 @@ import pytest
 from fastrnn.train import (Adam, Embedding, Linear, SGD, TruncatedBPTT, clip_grad_norm,
                            clip_grad_value, global_norm, mse_loss, softmax_cross_entropy)
 
-from conftest import BACKENDS, CELL_OPTIONS
+from conftest import BACKENDS, CELL_OPTIONS, central_difference
 
 # tolerances per dtype: float64 against central differences (h = 1e-6: truncation ~1e-12,
 # rounding ~1e-10), float32 against the float64 result
 CENTRAL_TOL = 1e-8
 FLOAT32_TOL = 1e-5
-
-
-def central_difference(f, arr, h=1e-6):
-    """d f / d arr by central differences; ``arr`` (the test's own float64 array) is perturbed
-    in place and restored."""
-    grad = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        f_plus = f()
-        flat[i] = old - h
-        f_minus = f()
-        flat[i] = old
-        gflat[i] = (f_plus - f_minus) / (2 * h)
-    return grad
 
 
 def rel_err(a, b):
