@@ -8,10 +8,10 @@
 Conventions (shapes, names, gate orders) are PyTorch's; see README.md.
 """
 from . import cells, charlm, functional, train
-from .dispatch import BackendUnavailable, backends, set_num_threads
+from .dispatch import BackendUnavailable, backends, get_backend, set_num_threads
 from .layers import GRU, LSTM, RNN
 
 __version__ = "0.1.0"
 
-__all__ = ["RNN", "LSTM", "GRU", "backends", "set_num_threads", "BackendUnavailable",
+__all__ = ["RNN", "LSTM", "GRU", "backends", "get_backend", "set_num_threads", "BackendUnavailable",
            "functional", "cells", "__version__"]

@@ -2,7 +2,7 @@
 
 A *cell* is one time step. A *layer kernel* runs one cell over all T steps of one layer in one
 direction. The layer classes (``fastrnn.layers``) build stacks, directions, dropout and batch-first
-handling on top of the layer kernels; each backend provides exactly two functions with this
+handling on top of the layer kernels; each backend provides these three functions with this
 argument order (the same in the reference, the Numba and the Cython backend)::
 
     cache = layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
@@ -11,6 +11,14 @@ argument order (the same in the reference, the Numba and the Cython backend)::
     layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                    lengths, reverse, cache, dy, dh_n, dc_n, truncate,
                    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
+
+    layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n)
+
+``layer_step`` is the lean path for single steps of inference (a layer called on one time
+step): ONE step, x (B, I), no lengths, no cache; it writes h_n (and c_n) and returns None.
+Every array must already be C-contiguous, aligned and of one float dtype, and h_n, c_n must not
+overlap the inputs: it checks that (cheaply) and nothing else, and allocates nothing that
+grows with the sizes. The layers call it only for arguments they have validated.
 
 Arguments (H hidden size, G gates, I input size; every array has the layer's dtype):
 

@@ -100,6 +100,21 @@ class _RNNBase:
         self.rng = np.random.default_rng(dropout_seed)
         self.params = self._init_params(np.random.default_rng(init_seed))
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        # per (layer, direction): the names of w_ih, w_hh, b_ih, b_hh, peephole (None: absent),
+        # and zero biases for bias=False (the kernels always take biases)
+        self._param_names = {}
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                self._param_names[layer, direction] = (
+                    "weight_ih" + suffix, "weight_hh" + suffix,
+                    "bias_ih" + suffix if self.bias else None,
+                    "bias_hh" + suffix if self.bias else None,
+                    "peephole" + suffix if self.cell.peephole else None)
+        self._zero_bias = np.zeros(self.cell.num_gates * self.hidden_size, self.dtype)
+        self._has_cell_state = self.cell.has_cell_state        # read on every one-step call
+        self._num_rows = self.num_layers * self.num_directions  # state rows, L*D
+        self._zero_bias.flags.writeable = False
 
     # -- parameters ------------------------------------------------------------------------
     def _param_shapes(self):
@@ -126,14 +141,13 @@ class _RNNBase:
 
     def _layer_params(self, store, layer, direction):
         """(w_ih, w_hh, b_ih, b_hh, peephole) of one layer and direction from ``store``."""
-        suffix = f"_l{layer}" + ("_reverse" if direction else "")
-        G, H = self.cell.num_gates, self.hidden_size
-        if self.bias:
-            b_ih, b_hh = store["bias_ih" + suffix], store["bias_hh" + suffix]
-        else:  # the kernels always take biases: zeros in, gradients thrown away
-            b_ih, b_hh = np.zeros(G * H, self.dtype), np.zeros(G * H, self.dtype)
-        peephole = store["peephole" + suffix] if self.cell.peephole else None
-        return store["weight_ih" + suffix], store["weight_hh" + suffix], b_ih, b_hh, peephole
+        w_ih, w_hh, b_ih, b_hh, peephole = self._param_names[layer, direction]
+        if b_ih is None:  # bias=False: the kernels always take biases, zeros in
+            zeros = self._zero_bias if store is self.params else np.zeros_like(self._zero_bias)
+            bias = (zeros, zeros if store is self.params else np.zeros_like(zeros))
+        else:
+            bias = (store[b_ih], store[b_hh])
+        return (store[w_ih], store[w_hh], *bias, None if peephole is None else store[peephole])
 
     def zero_grad(self):
         for g in self.grads.values():
@@ -198,9 +212,79 @@ class _RNNBase:
         return x_arr  # (T, B, I), any dtype and layout
 
     def __call__(self, x, state=None, lengths=None):
-        """Inference: ``y, state``; keeps nothing for backward and applies no dropout."""
+        """Inference: ``y, state``; keeps nothing for backward and applies no dropout.
+
+        A call on ONE time step whose arrays are already what the kernels take (the layer's
+        dtype, C-contiguous) goes through the backend's ``layer_step``: nothing is checked twice
+        or copied. Anything else takes the general path, which validates and converts."""
+        if lengths is None:
+            result = self._one_step(x, state)
+            if result is not None:
+                return result
         y, state, _ = self.forward(x, state, lengths, train=False)
         return y, state
+
+    def _one_step(self, x, state):
+        """``y, state`` of a one-step call, or None when the call needs the general path.
+
+        Per-call cost matters here (a few microseconds in all): no helper calls, one
+        allocation per result array."""
+        dtype = self.dtype
+        if type(x) is not np.ndarray or x.dtype is not dtype or x.ndim != 3:
+            return None
+        if self.batch_first:
+            B, T, I = x.shape
+        else:
+            T, B, I = x.shape
+        flags = x.flags
+        if T != 1 or B == 0 or I != self.input_size or not flags.c_contiguous \
+                or not flags.aligned:
+            return None
+        has_c = self._has_cell_state
+        shape = (self._num_rows, B, self.hidden_size)
+        if state is None:
+            initial = (np.zeros(shape, dtype), np.zeros(shape, dtype)) if has_c \
+                else (np.zeros(shape, dtype),)
+        else:
+            initial = state if has_c else (state,)
+            if type(initial) is not tuple or len(initial) != 1 + has_c:
+                return None
+            for part in initial:
+                if type(part) is not np.ndarray or part.dtype is not dtype \
+                        or part.shape != shape:
+                    return None
+                flags = part.flags
+                if not flags.c_contiguous or not flags.aligned:
+                    return None
+        step = self._kernels.layer_step
+        if shape[0] == 1:   # one layer, one direction: y is a copy of h_n
+            h_n = np.empty(shape, dtype)
+            c_n = np.empty(shape, dtype) if has_c else None
+            step(self.cell, x.reshape(B, I), initial[0][0], initial[1][0] if has_c else None,
+                 *self._layer_params(self.params, 0, 0), h_n[0], c_n[0] if has_c else None)
+            y = h_n.copy() if not self.batch_first else h_n.reshape(B, 1, shape[2]).copy()
+            return y, ((h_n, c_n) if has_c else h_n)
+        return self._stacked_step(x.reshape(B, I), initial, shape)
+
+    def _stacked_step(self, layer_input, initial, shape):
+        """``_one_step`` for several layers or directions."""
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        B = shape[1]
+        has_c = self._has_cell_state
+        final = tuple(np.empty(shape, self.dtype) for _ in initial)
+        for layer in range(L):
+            out = np.empty((B, D * H), self.dtype)
+            for direction in range(D):
+                row = layer * D + direction
+                self._kernels.layer_step(
+                    self.cell, layer_input, initial[0][row],
+                    initial[1][row] if has_c else None,
+                    *self._layer_params(self.params, layer, direction),
+                    final[0][row], final[1][row] if has_c else None)
+                out[:, direction * H:(direction + 1) * H] = final[0][row]
+            layer_input = out
+        y = out.reshape((B, 1, D * H) if self.batch_first else (1, B, D * H))
+        return y, (final if has_c else final[0])
 
     def forward(self, x, state=None, lengths=None, train=True):
         """``y, state, cache``; ``cache`` is None when ``train`` is False.

@@ -218,6 +218,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     return steps if train else None
 
 
+
 def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                    lengths, reverse, cache, dy, dh_n, dc_n, truncate,
                    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
@@ -250,3 +251,14 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     dh0 += d_state[0]
     if cell.has_cell_state:
         dc0 += d_state[1]
+
+
+def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
+    """One inference step of one layer and direction (see ``fastrnn.cells``): x (B, I)."""
+    step_forward, _, extra = STEPS[cell.name]
+    x_proj = x @ w_ih.T + b_ih                               # (B, G*H)
+    state = (h0, c0) if cell.has_cell_state else (h0,)
+    new, _ = step_forward(x_proj, state, w_hh, b_hh, peephole, extra)
+    h_n[...] = new[0]
+    if cell.has_cell_state:
+        c_n[...] = new[1]

@@ -13,6 +13,12 @@ lengths, reverse, truncation, gradients added into). Per call:
               gradient; then dW_ih, dW_hh and dx are single GEMMs over all T*B rows and the bias
               gradients are GEMV reductions.
 
+Small batches (B <= small_batch_max) take the unit-split forward loop instead (_units_loop: the
+hidden units split over threads, the recurrent product as dot products that read each weight
+once per step for all B rows, rowdot.h; same workspace and cache). ``layer_step`` is one step of
+inference for a layer called on one time step: the same loop with T = 1, and for B <=
+small_batch_max with x W_ih^T as dot products too (no BLAS call at all).
+
 The workspace (the cache) is one allocation per forward call, the backward workspace one per
 backward call; the loops run without the GIL, passes split batch rows over OpenMP threads (see
 the thread note below), and BLAS is only called outside parallel regions. Backward only reads
@@ -23,11 +29,22 @@ import os
 import numpy as np
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
+cimport numpy as cnp
+
 cimport openmp
+
+cdef extern from "rowdot.h" nogil:
+    void fr_rowdot_f32(const float* w, Py_ssize_t ldw, Py_ssize_t rows, Py_ssize_t k,
+                       const float* x, Py_ssize_t ldx, Py_ssize_t nx, float* out, Py_ssize_t ldo)
+    void fr_rowdot_f64(const double* w, Py_ssize_t ldw, Py_ssize_t rows, Py_ssize_t k,
+                       const double* x, Py_ssize_t ldx, Py_ssize_t nx, double* out,
+                       Py_ssize_t ldo)
+    void fr_barrier()
 
 from blas cimport gemm, gemv
 from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TANH,
@@ -35,8 +52,8 @@ from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TA
                     gru_rb_backward_row_zn, gru_rb_forward_row_n, gru_rb_forward_row_rz,
                     lstm_backward_row, lstm_forward_row, rnn_backward_row, rnn_forward_row)
 
-__all__ = ["layer_forward", "layer_backward", "set_num_threads", "get_num_threads",
-           "effective_num_threads"]
+__all__ = ["layer_forward", "layer_backward", "layer_step", "set_num_threads", "get_num_threads",
+           "effective_num_threads", "set_small_batch_max", "get_small_batch_max"]
 
 # Threads. The per-step passes alternate with BLAS calls, and both thread pools spin a while
 # before they sleep: OpenMP workers spin through the next GEMM, BLAS workers through the next
@@ -108,6 +125,57 @@ def effective_num_threads():
 
 
 _update_pass_threads()
+cnp.import_array()
+
+
+# Small batches. B <= _small_batch_max takes the unit-split forward loop (no BLAS in the time
+# loop: it may use all _num_threads threads, see _units_loop); 0 turns it off. Inference: the
+# default is the largest B for which it was measured faster than the GEMM loop (float32, 2
+# threads, LSTM and GRU with H = 128..1024, issue 7): 2-10x at B <= 4, 1.1-1.4x at B = 8 and 16
+# (H <= 256; about even at H = 512), slower from B = 32 on, where a GEMM uses the cores better.
+# Training forward calls have their own limit, 0 by default: there the loop was measured 1.1-1.6x
+# SLOWER at every B from 1 to 16 (LSTM T=100, H=256, forward + backward): the GEMMs of backward
+# leave OpenBLAS's threads spinning, and they take the cores the loop's per-step barrier waits on.
+cdef Py_ssize_t _small_batch_max = 16
+cdef Py_ssize_t _small_batch_max_train = 0
+# A second thread for the unit-split loops only pays for its barrier (and wake-up) when a step
+# has enough weights to read: G*H*K*B multiply-adds per step (K = H, or I + H for layer_step).
+cdef Py_ssize_t _UNIT_PARALLEL_MIN = 100000
+
+
+def set_small_batch_max(n, train=False):
+    """Batches of at most n rows run the unit-split forward loop (0: never), in inference calls,
+    or with train=True in the forward calls that keep a cache for backward."""
+    global _small_batch_max, _small_batch_max_train
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n: expected an int >= 0, got {type(n).__name__} {n!r}")
+    if n < 0:
+        raise ValueError(f"n: expected an int >= 0, got {n}")
+    if train:
+        _small_batch_max_train = min(int(n), 2**62)
+    else:
+        _small_batch_max = min(int(n), 2**62)
+
+
+def get_small_batch_max(train=False):
+    """The largest batch that runs the unit-split forward loop (0: none), for inference calls or
+    with train=True for training forward calls."""
+    return int(_small_batch_max_train if train else _small_batch_max)
+
+
+def _set_unit_parallel_min(n):
+    """Tuning hook (benchmarks): the step size from which the unit-split loops use threads."""
+    global _UNIT_PARALLEL_MIN
+    _UNIT_PARALLEL_MIN = int(n)
+
+
+cdef int _unit_threads(Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, Py_ssize_t B) noexcept:
+    # threads for the unit-split loops: all of _num_threads for big enough steps, at most one
+    # per 16 units
+    cdef Py_ssize_t p = _num_threads
+    if G * H * K * B < _UNIT_PARALLEL_MIN:
+        p = 1
+    return <int>max(1, min(p, H // 16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +257,8 @@ cdef inline floating* _at(floating* ws, Py_ssize_t offset) noexcept nogil:
 
 cdef inline bint _any_active(const int64_t* lengths, Py_ssize_t t, Py_ssize_t B) noexcept nogil:
     cdef Py_ssize_t b
+    if lengths == NULL:
+        return True
     for b in range(B):
         if t < lengths[b]:
             return True
@@ -199,42 +269,50 @@ cdef inline bint _any_active(const int64_t* lengths, Py_ssize_t t, Py_ssize_t B)
 # Forward: one fused pass over the batch rows of step t, and the time loop
 
 cdef void _forward_row(int code, bint second, Py_ssize_t b, Py_ssize_t t,
+                       Py_ssize_t j0, Py_ssize_t n,
                        floating* gates, floating* h_new, floating* c_new,
                        floating* extra, floating* y, Py_ssize_t y_row,
                        floating* hh, const floating* h, const floating* c,
                        const floating* b_ih, const floating* b_hh,
                        const floating* peephole, const int64_t* lengths,
                        Py_ssize_t G, Py_ssize_t H) noexcept nogil:
-    # row b of step t; every pointer is the step's (B, ...) block, the row is picked here.
+    # row b of step t, units [j0, j0 + n) (the whole row: 0, H); every pointer is the step's
+    # (B, ...) block, the row and the units are picked here. lengths NULL: no padding.
     # Not inline: as a function of its own its pointers are plain arguments, not loads from the
     # OpenMP region's shared data, which lets the compiler vectorise the loops of the steps.
-    cdef floating* g = gates + b * G * H
-    cdef floating* yb = y + b * y_row
-    cdef floating* eb = extra + b * H if extra != NULL else NULL
-    cdef floating* hhb = hh + b * G * H
+    cdef floating* g = gates + b * G * H + j0
+    cdef floating* yb = y + b * y_row + j0
+    cdef floating* eb = extra + b * H + j0 if extra != NULL else NULL
+    cdef floating* hhb = hh + b * G * H + j0
+    cdef floating* hb_new = h_new + b * H + j0
+    cdef floating* cb_new = c_new + b * H + j0 if c_new != NULL else NULL
+    cdef const floating* hb = h + b * H + j0
+    cdef const floating* cb = c + b * H + j0 if c != NULL else NULL
+    cdef const floating* pb = peephole + j0 if peephole != NULL else NULL
     cdef Py_ssize_t j
-    if t >= lengths[b]:
+    if n <= 0:
+        return
+    if lengths != NULL and t >= lengths[b]:
         # padding: the state passes through, the output is zero
         if code == GRU_RESET_BEFORE and not second:
-            memset(eb, 0, H * sizeof(floating))            # r*h of a padded row: zero, not stale
+            memset(eb, 0, n * sizeof(floating))            # r*h of a padded row: zero, not stale
             return
-        memcpy(h_new + b * H, h + b * H, H * sizeof(floating))
+        memcpy(hb_new, hb, n * sizeof(floating))
         if c != NULL:
-            memcpy(c_new + b * H, c + b * H, H * sizeof(floating))
-        for j in range(H):
+            memcpy(cb_new, cb, n * sizeof(floating))
+        for j in range(n):
             yb[j] = 0
         return
     if code == RNN_TANH or code == RNN_RELU:
-        rnn_forward_row(g, h_new + b * H, yb, hhb, b_ih, b_hh, H, code == RNN_RELU)
+        rnn_forward_row(g, hb_new, yb, hhb, b_ih + j0, b_hh + j0, n, H, code == RNN_RELU)
     elif code == LSTM or code == LSTM_PEEPHOLE:
-        lstm_forward_row(g, h_new + b * H, c_new + b * H, yb, hhb, b_ih, b_hh, c + b * H,
-                         peephole, H)
+        lstm_forward_row(g, hb_new, cb_new, yb, hhb, b_ih + j0, b_hh + j0, cb, pb, n, H)
     elif code == GRU:
-        gru_forward_row(g, eb, h_new + b * H, yb, hhb, b_ih, b_hh, h + b * H, H)
+        gru_forward_row(g, eb, hb_new, yb, hhb, b_ih + j0, b_hh + j0, hb, n, H)
     elif not second:
-        gru_rb_forward_row_rz(g, eb, hhb, b_ih, b_hh, h + b * H, H)
+        gru_rb_forward_row_rz(g, eb, hhb, b_ih + j0, b_hh + j0, hb, n, H)
     else:
-        gru_rb_forward_row_n(g, h_new + b * H, yb, hhb, b_ih, b_hh, h + b * H, H)
+        gru_rb_forward_row_n(g, hb_new, yb, hhb, b_ih + j0, b_hh + j0, hb, n, H)
 
 
 cdef void _forward_pass(int code, bint second, Py_ssize_t t,
@@ -247,12 +325,12 @@ cdef void _forward_pass(int code, bint second, Py_ssize_t t,
     cdef Py_ssize_t b
     if nthreads > 1 and B > 1:
         for b in prange(B, schedule="static", num_threads=nthreads):
-            _forward_row(code, second, b, t, gates, h_new, c_new, extra, y, y_row, hh, h, c,
-                         b_ih, b_hh, peephole, lengths, G, H)
+            _forward_row(code, second, b, t, 0, H, gates, h_new, c_new, extra, y, y_row, hh,
+                         h, c, b_ih, b_hh, peephole, lengths, G, H)
     else:
         for b in range(B):
-            _forward_row(code, second, b, t, gates, h_new, c_new, extra, y, y_row, hh, h, c,
-                         b_ih, b_hh, peephole, lengths, G, H)
+            _forward_row(code, second, b, t, 0, H, gates, h_new, c_new, extra, y, y_row, hh,
+                         h, c, b_ih, b_hh, peephole, lengths, G, H)
 
 
 cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
@@ -263,8 +341,11 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
                         const floating* b_ih, const floating* b_hh, const floating* peephole,
                         const int64_t* lengths,
                         Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
-                        Py_ssize_t G) noexcept nogil:
+                        Py_ssize_t G, int units, bint input_dots) noexcept nogil:
     # the state before the first step is in slot first_slot(...) of L.h / L.c (the caller put it)
+    # units > 0: the unit-split loop on that many threads (input_dots: x W_ih^T by dot products
+    # too, inside the loop's region: no BLAS call at all); else the batch-row-split loop with a
+    # GEMM per step
     cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H
     cdef floating* gates = ws + L.gates
     cdef floating* hs = ws + L.h
@@ -279,21 +360,28 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
     cdef floating* c_new = NULL
     cdef Py_ssize_t s, t, cur, nxt
     cdef bint active
-    # x_proj = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
-    gemm(False, True, <int>(T * B), <int>GH, <int>I, 1, x, <int>I, w_ih, ld_ih, 0, gates, <int>GH)
+    if not input_dots:
+        # x_proj = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
+        gemm(False, True, <int>(T * B), <int>GH, <int>I, 1, x, <int>I, w_ih, ld_ih, 0, gates,
+             <int>GH)
+    if units > 1:
+        with parallel(num_threads=units):
+            _units_loop(code, reverse, train, input_dots, openmp.omp_get_thread_num(),
+                        openmp.omp_get_num_threads(),
+                        ws, L, y, y_step, y_row, x, w_ih, ld_ih, w_hh, ld_hh, b_ih, b_hh,
+                        peephole, lengths, T, B, I, H, G)
+        return
+    if units == 1:
+        _units_loop(code, reverse, train, input_dots, 0, 1, ws, L, y, y_step, y_row, x, w_ih,
+                    ld_ih, w_hh, ld_hh, b_ih, b_hh, peephole, lengths, T, B, I, H, G)
+        return
     for s in range(T):
         t = T - 1 - s if reverse else s
-        if train:
-            cur = t
-            nxt = _next_slot(t, T, reverse)
-        else:
-            cur = s & 1
-            nxt = (s + 1) & 1
-        h = hs + cur * BH
-        h_new = hs + nxt * BH
+        cur = _state_slot(s, t, T, reverse, train, False) * BH
+        nxt = _state_slot(s, t, T, reverse, train, True) * BH
+        h, h_new = hs + cur, hs + nxt
         if cs != NULL:
-            c = cs + cur * BH
-            c_new = cs + nxt * BH
+            c, c_new = cs + cur, cs + nxt
         extra_t = extra + t * BH if train and extra != NULL else extra
         gates_t = gates + t * B * GH
         active = _any_active(lengths, t, B)      # else every row is padding: no GEMM needed
@@ -315,8 +403,113 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
                       hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
 
 
-cdef inline Py_ssize_t _next_slot(Py_ssize_t t, Py_ssize_t T, bint reverse) noexcept nogil:
-    # train: slot of the state after step t (the state before the next step; T after the last)
+# ---------------------------------------------------------------------------------------------
+# Forward, small batches: the unit-split loop
+#
+# For B <= small_batch_max the recurrent product of a step, (B, H) x (H, G*H), is too thin for a
+# GEMM (BLAS packs the whole weight matrix for a few rows; measured 10-20x slower than reading
+# it once). Instead the hidden units [0, H) are split into one contiguous range per thread;
+# thread p computes, for its units only, the G gate rows of h W_hh^T as dot products of rows of
+# w_hh with the B rows of h (each weight read once per step for all rows, rowdot.h), then runs
+# the cell's step on its units of every row (_forward_row with a unit range). Its weight rows
+# are the same every step, so they stay in its own cache. The state is double-buffered (the
+# layouts' slots), so one barrier per step suffices: nobody reads h_new before every thread has
+# written its part; the GRU reset-before step needs all of r*h before its n block: two barriers.
+
+cdef inline void _rowdot(const floating* w, Py_ssize_t ldw, Py_ssize_t rows, Py_ssize_t k,
+                         const floating* x, Py_ssize_t ldx, Py_ssize_t nx,
+                         floating* out, Py_ssize_t ldo) noexcept nogil:
+    # out[b*ldo + r] = w[r, :k] . x[b, :k]  for r < rows, b < nx
+    if floating is float:
+        fr_rowdot_f32(w, ldw, rows, k, x, ldx, nx, out, ldo)
+    else:
+        fr_rowdot_f64(w, ldw, rows, k, x, ldx, nx, out, ldo)
+
+
+cdef inline void _unit_range(Py_ssize_t H, int tid, int nthreads, Py_ssize_t* j0,
+                             Py_ssize_t* j1) noexcept nogil:
+    # contiguous ranges, a multiple of 16 units long when they are longer than 16
+    cdef Py_ssize_t chunk = (H + nthreads - 1) // nthreads
+    if chunk > 16:
+        chunk = (chunk + 15) // 16 * 16
+    j0[0] = min(H, tid * chunk)
+    j1[0] = min(H, j0[0] + chunk)
+
+
+cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int tid, int nthreads,
+                      floating* ws, Layout L,
+                      floating* y, Py_ssize_t y_step, Py_ssize_t y_row,
+                      const floating* x, const floating* w_ih, int ld_ih,
+                      const floating* w_hh, int ld_hh,
+                      const floating* b_ih, const floating* b_hh, const floating* peephole,
+                      const int64_t* lengths,
+                      Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+                      Py_ssize_t G) noexcept nogil:
+    # thread tid of nthreads (every thread of the region runs this, with the same barriers);
+    # the same slots and buffers as the GEMM loop, so the cache is the same
+    cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H
+    cdef floating* gates = ws + L.gates
+    cdef floating* hs = ws + L.h
+    cdef floating* cs = _at(ws, L.c)
+    cdef floating* extra = _at(ws, L.extra)
+    cdef floating* hh = ws + L.hh
+    cdef floating* h
+    cdef floating* h_new
+    cdef floating* gates_t
+    cdef floating* extra_t
+    cdef floating* y_t
+    cdef floating* c = NULL
+    cdef floating* c_new = NULL
+    cdef Py_ssize_t s, t, cur, nxt, j0, j1, n, g, b
+    cdef Py_ssize_t blocks = 2 if code == GRU_RESET_BEFORE else G
+    cdef bint active
+    _unit_range(H, tid, nthreads, &j0, &j1)
+    n = j1 - j0
+    if input_dots and n > 0:
+        # gates[:, :, block g, units] = x @ w_ih[block g, units].T for all T*B rows: the thread's
+        # own columns, so no barrier; no BLAS call in the region (BLAS threads spinning after a
+        # GEMM take the cores these threads need: measured 1.7x slower per step)
+        for g in range(G):
+            _rowdot(w_ih + (g * H + j0) * ld_ih, ld_ih, n, I, x, I, T * B, gates + g * H + j0,
+                    GH)
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        cur = _state_slot(s, t, T, reverse, train, False) * BH
+        nxt = _state_slot(s, t, T, reverse, train, True) * BH
+        h, h_new = hs + cur, hs + nxt
+        if cs != NULL:
+            c, c_new = cs + cur, cs + nxt
+        extra_t = extra + t * BH if train and extra != NULL else extra
+        gates_t = gates + t * B * GH
+        y_t = y + t * y_step
+        active = _any_active(lengths, t, B)
+        if active and n > 0:
+            # hh[:, block g, units] = h @ w_hh[block g, units].T
+            for g in range(blocks):
+                _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, h, H, B, hh + g * H + j0, GH)
+        if code == GRU_RESET_BEFORE:
+            for b in range(B):
+                _forward_row(code, False, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t,
+                             y_row, hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
+            fr_barrier()                        # all of r*h is written
+            if active and n > 0:
+                # hh[:, n block, units] = (r*h) @ w_hh[n block, units].T
+                _rowdot(w_hh + (H2 + j0) * ld_hh, ld_hh, n, H, extra_t, H, B, hh + H2 + j0, GH)
+        for b in range(B):
+            _forward_row(code, True, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t, y_row,
+                         hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
+        fr_barrier()                            # the new state is complete
+
+
+cdef inline Py_ssize_t _state_slot(Py_ssize_t s, Py_ssize_t t, Py_ssize_t T, bint reverse,
+                                   bint train, bint after) noexcept nogil:
+    # the slot of L.h / L.c holding the state before (after=False) or after step t, the s-th
+    # step in processing order. train: slot t holds the state before step t (the cache
+    # backward reads) and T the final one; inference: two slots used in turn
+    if not train:
+        return (s + 1) & 1 if after else s & 1
+    if not after:
+        return t
     if reverse:
         return t - 1 if t > 0 else T
     return t + 1
@@ -427,7 +620,7 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
         dgates_t = dgates + t * B * GH
         if cs != NULL:
             c = cs + t * BH
-            c_new = cs + _next_slot(t, T, reverse) * BH
+            c_new = cs + _state_slot(s, t, T, reverse, True, True) * BH
         active = _any_active(lengths, t, B)
         # the state gradient leaving step t is cut at the time boundaries m*k (see cells.py)
         boundary = t + 1 if reverse else t
@@ -508,7 +701,7 @@ cdef int _run_forward(int code, bint reverse, bint train, int nthreads,
                       const floating[:, :] w_ih, const floating[:, :] w_hh,
                       const floating[::1] b_ih, const floating[::1] b_hh,
                       const floating[::1] peephole, const int64_t[::1] lengths,
-                      Py_ssize_t H, Py_ssize_t G) except -1:
+                      Py_ssize_t H, Py_ssize_t G, int units) except -1:
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t item = sizeof(floating)
     with nogil:
@@ -517,7 +710,7 @@ cdef int _run_forward(int code, bint reverse, bint train, int nthreads,
                       &x[0, 0, 0], &w_ih[0, 0], <int>_ld(w_ih.strides[0], I, item),
                       &w_hh[0, 0], <int>_ld(w_hh.strides[0], H, item),
                       &b_ih[0], &b_hh[0], &peephole[0] if peephole is not None else NULL,
-                      &lengths[0], T, B, I, H, G)
+                      &lengths[0], T, B, I, H, G, units, units > 1)
     return 0
 
 
@@ -659,12 +852,14 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         ws[offset + first * B * H: offset + (first + 1) * B * H] = s0.reshape(-1)
     if T and B and H:
         y_work = y if _blas_ready(y) else np.empty((T, B, H), dtype)
+        units = _unit_threads(G, H, H, B) \
+            if B <= (_small_batch_max_train if train else _small_batch_max) else 0
         if dtype == np.float32:
             _run_forward[float](code, reverse, train, _pass_threads, ws, L, y_work, x, w_ih, w_hh,
-                                b_ih, b_hh, peephole, lengths, H, G)
+                                b_ih, b_hh, peephole, lengths, H, G, units)
         else:
             _run_forward[double](code, reverse, train, _pass_threads, ws, L, y_work, x, w_ih, w_hh,
-                                 b_ih, b_hh, peephole, lengths, H, G)
+                                 b_ih, b_hh, peephole, lengths, H, G, units)
         if y_work is not y:
             y[...] = y_work
     else:
@@ -749,3 +944,168 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
             dpeephole += bws[K.dpeep: K.dpeep + B * 3 * H].reshape(B, 3, H).sum(axis=0)
     for offset, _, d0 in d_state:
         d0 += bws[offset: offset + B * H].reshape(B, H)
+
+
+# ---------------------------------------------------------------------------------------------
+# One step of inference, lean: layer_step
+#
+# Per call only cheap checks through the NumPy C API (no memoryviews, no Python-level array
+# work), one small malloc for the step's workspace, and the unit-split loop with T = 1 that also
+# does x W_ih^T by dot products (no BLAS call); batches above small_batch_max take the GEMM loop.
+
+cdef inline Py_ssize_t _need(object a, str name, int typenum, int ndim, Py_ssize_t d0,
+                             Py_ssize_t d1, bint writable) except -1:
+    # a is an aligned C-contiguous array of this dtype and shape (d1 < 0: 1-D); else raise
+    cdef cnp.ndarray arr
+    cdef int flags = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    cdef bint shape_ok
+    if not cnp.PyArray_Check(a):
+        expected = f"({d0},)" if ndim == 1 else f"({d0}, {d1})"
+        raise TypeError(f"{name}: expected a numpy array of shape {expected}, got "
+                        f"{type(a).__name__}")
+    arr = <cnp.ndarray>a
+    shape_ok = cnp.PyArray_NDIM(arr) == ndim and cnp.PyArray_DIMS(arr)[0] == d0 and \
+        (ndim == 1 or cnp.PyArray_DIMS(arr)[1] == d1)
+    if not shape_ok:
+        expected = f"({d0},)" if ndim == 1 else f"({d0}, {d1})"
+        raise ValueError(f"{name}: expected shape {expected}, got {a.shape}")
+    if cnp.PyArray_TYPE(arr) != typenum:
+        raise TypeError(f"{name}: expected dtype {cnp.PyArray_DescrFromType(typenum)}, got "
+                        f"{a.dtype}")
+    if writable:
+        flags |= cnp.NPY_ARRAY_WRITEABLE
+    if (cnp.PyArray_FLAGS(arr) & flags) != flags:
+        raise ValueError(f"{name}: expected an aligned C-contiguous"
+                         f"{' writable' if writable else ''} array, got flags "
+                         f"C_CONTIGUOUS={a.flags.c_contiguous}, ALIGNED={a.flags.aligned}, "
+                         f"WRITEABLE={a.flags.writeable}")
+    return 0
+
+
+cdef inline bint _overlap(object a, object b):
+    # do the memory blocks of two C-contiguous arrays overlap (None overlaps nothing)
+    if a is None or b is None:
+        return False
+    cdef char* pa = <char*>cnp.PyArray_DATA(<cnp.ndarray>a)
+    cdef char* pb = <char*>cnp.PyArray_DATA(<cnp.ndarray>b)
+    cdef Py_ssize_t na = cnp.PyArray_NBYTES(<cnp.ndarray>a)
+    cdef Py_ssize_t nb = cnp.PyArray_NBYTES(<cnp.ndarray>b)
+    return na > 0 and nb > 0 and pa < pb + nb and pb < pa + na
+
+
+def _overlap_error(x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
+    # the message for an output of layer_step that overlaps an input (or the other output)
+    inputs = {"x": x, "h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih,
+              "b_hh": b_hh, "peephole": peephole}
+    for out_name, out in (("h_n", h_n), ("c_n", c_n)):
+        for in_name, a in inputs.items():
+            if _overlap(out, a):
+                raise ValueError(f"{out_name}: expected an output array that does not overlap "
+                                 f"the inputs, got one that overlaps {in_name}")
+    raise ValueError("c_n: expected an output array that does not overlap h_n, got one that "
+                     "does")
+
+
+cdef inline void* _data(object a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a) if a is not None else NULL
+
+
+cdef void _step(int code, floating* ws, Layout L, floating* h_n, floating* c_n,
+                const floating* x, const floating* h0, const floating* c0,
+                const floating* w_ih, const floating* w_hh, const floating* b_ih,
+                const floating* b_hh, const floating* peephole,
+                Py_ssize_t B, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, int units) noexcept nogil:
+    # the state goes into slot 0 of the inference layout, the step writes slot 1 and y = h_n
+    cdef Py_ssize_t BH = B * H
+    memcpy(ws + L.h, h0, BH * sizeof(floating))
+    if L.c >= 0:
+        memcpy(ws + L.c, c0, BH * sizeof(floating))
+    _forward_loop(code, False, False, _pass_threads, ws, L, h_n, BH, H, x, w_ih, <int>I,
+                  w_hh, <int>H, b_ih, b_hh, peephole, NULL, 1, B, I, H, G, units, units > 0)
+    if L.c >= 0:
+        memcpy(c_n, ws + L.c + BH, BH * sizeof(floating))
+
+
+def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
+    """One step of inference of one layer, one direction; writes h_n (and c_n), returns None.
+
+    x (B, I), h0, c0 (B, H), weights as in fastrnn.cells, peephole (3, H) or None; every array
+    aligned, C-contiguous and of one float dtype (w_ih's), h_n and c_n writable and not
+    overlapping any input. c0, c_n and peephole are ignored by cells that have no such thing.
+    """
+    cdef int code = cell.code
+    cdef int G, typenum, units
+    cdef Py_ssize_t GH, I, H, B
+    if code < RNN_TANH or code > GRU_RESET_BEFORE:
+        raise ValueError(f"cell: expected a fastrnn.cells.Cell record, got {cell!r}")
+    G = 1 if code <= RNN_RELU else (4 if code <= LSTM_PEEPHOLE else 3)
+    # the sizes and the dtype come from the weights; everything else must match them
+    if not cnp.PyArray_Check(w_ih) or cnp.PyArray_NDIM(<cnp.ndarray>w_ih) != 2:
+        raise TypeError(f"w_ih: expected a 2-D numpy array (G*H, I), got "
+                        f"{getattr(w_ih, 'shape', type(w_ih).__name__)}")
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray>w_ih)
+    if typenum != cnp.NPY_FLOAT and typenum != cnp.NPY_DOUBLE:
+        raise TypeError(f"w_ih: expected dtype float32 or float64, got {w_ih.dtype}")
+    GH = cnp.PyArray_DIMS(<cnp.ndarray>w_ih)[0]
+    I = cnp.PyArray_DIMS(<cnp.ndarray>w_ih)[1]
+    H = GH // G
+    if GH != G * H:
+        raise ValueError(f"w_ih: expected {G}*H rows for cell {cell.name}, got {GH}")
+    if not cnp.PyArray_Check(x) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 2:
+        raise ValueError(f"x: expected a 2-D numpy array (B, {I}), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    B = cnp.PyArray_DIMS(<cnp.ndarray>x)[0]
+    _need(w_ih, "w_ih", typenum, 2, GH, I, False)
+    _need(x, "x", typenum, 2, B, I, False)
+    _need(h0, "h0", typenum, 2, B, H, False)
+    _need(w_hh, "w_hh", typenum, 2, GH, H, False)
+    _need(b_ih, "b_ih", typenum, 1, GH, -1, False)
+    _need(b_hh, "b_hh", typenum, 1, GH, -1, False)
+    _need(h_n, "h_n", typenum, 2, B, H, True)
+    if code == LSTM or code == LSTM_PEEPHOLE:
+        _need(c0, "c0", typenum, 2, B, H, False)
+        _need(c_n, "c_n", typenum, 2, B, H, True)
+    else:
+        c0 = c_n = None
+    if code == LSTM_PEEPHOLE:
+        _need(peephole, "peephole", typenum, 2, 3, H, False)
+    else:
+        peephole = None
+    if (_overlap(h_n, x) or _overlap(h_n, h0) or _overlap(h_n, c0) or _overlap(h_n, w_ih)
+            or _overlap(h_n, w_hh) or _overlap(h_n, b_ih) or _overlap(h_n, b_hh)
+            or _overlap(h_n, peephole) or _overlap(h_n, c_n)
+            or _overlap(c_n, x) or _overlap(c_n, h0) or _overlap(c_n, c0)
+            or _overlap(c_n, w_ih) or _overlap(c_n, w_hh) or _overlap(c_n, b_ih)
+            or _overlap(c_n, b_hh) or _overlap(c_n, peephole)):
+        _overlap_error(x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n)
+    if B == 0 or H == 0:
+        return None
+    if B * GH >= 2**31 or GH * max(I, H) >= 2**31:
+        raise ValueError(f"x: B = {B} rows or G*H = {GH} columns are too many for BLAS")
+    units = _unit_threads(G, H, I + H, B) if B <= _small_batch_max else 0
+    cdef Layout L = _layout(code, 1, B, H, G, False)
+    cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
+    cdef void* ws = malloc(max(1, L.size) * item)
+    if ws == NULL:
+        raise MemoryError()
+    cdef void* p_x = _data(x)
+    cdef void* p_h0 = _data(h0)
+    cdef void* p_c0 = _data(c0)
+    cdef void* p_w_ih = _data(w_ih)
+    cdef void* p_w_hh = _data(w_hh)
+    cdef void* p_b_ih = _data(b_ih)
+    cdef void* p_b_hh = _data(b_hh)
+    cdef void* p_peep = _data(peephole)
+    cdef void* p_h_n = _data(h_n)
+    cdef void* p_c_n = _data(c_n)
+    with nogil:
+        if item == 4:
+            _step[float](code, <float*>ws, L, <float*>p_h_n, <float*>p_c_n, <float*>p_x,
+                         <float*>p_h0, <float*>p_c0, <float*>p_w_ih, <float*>p_w_hh,
+                         <float*>p_b_ih, <float*>p_b_hh, <float*>p_peep, B, I, H, G, units)
+        else:
+            _step[double](code, <double*>ws, L, <double*>p_h_n, <double*>p_c_n, <double*>p_x,
+                          <double*>p_h0, <double*>p_c0, <double*>p_w_ih, <double*>p_w_hh,
+                          <double*>p_b_ih, <double*>p_b_hh, <double*>p_peep, B, I, H, G, units)
+        free(ws)
+    return None

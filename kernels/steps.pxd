@@ -1,6 +1,7 @@
 # One step of each cell, for ONE batch row: a forward/backward pair per cell (fastrnn/cells.py has
 # the records, fastrnn/reference.py the same steps in NumPy). The generic time loop in layers.pyx
-# runs the recurrent GEMM, then calls these for every row that is inside its sequence.
+# runs the recurrent product, then calls these for every row that is inside its sequence (the
+# forward steps for a range of its units: see below).
 #
 # Arguments: written buffers, read buffers, sizes. Per row, with H hidden units and G gates:
 #
@@ -13,6 +14,10 @@
 #   dgates    (G*H)  backward out: dL/d(x W_ih^T + b_ih), the input side of every gate
 #   dh, dc    (H)    backward in: dL/dh', dL/dc' (dy already added); out: the part of dL/dh, dL/dc
 #                    that does not go through W_hh (the loop adds d(hidden) @ W_hh to dh)
+#
+# The forward steps work on a range of n units of the row (n = H for a whole row): every pointer
+# is offset by the first unit j0, and H is the stride between the gate blocks (gates, hh, b_ih,
+# b_hh, peephole); the unit-split loop of layers.pyx gives each thread its own range.
 #
 # Speed: the float loops must vectorise. A loop whose body writes several arrays through
 # pointers the compiler cannot tell apart needs a run-time overlap test per pair, and past ten
@@ -33,11 +38,16 @@ cdef enum:
 
 
 cdef inline void _preactivation(floating* gates, const floating* hh, const floating* b_ih,
-                                const floating* b_hh, Py_ssize_t n) noexcept nogil:
-    # gates[:n] = (x W_ih^T + b_ih) + (h W_hh^T + b_hh), summed in the reference's order
-    cdef Py_ssize_t j
-    for j in range(n):
-        gates[j] = gates[j] + b_ih[j] + (hh[j] + b_hh[j])
+                                const floating* b_hh, Py_ssize_t blocks, Py_ssize_t n,
+                                Py_ssize_t H) noexcept nogil:
+    # the first n units of each of the first `blocks` gate blocks (stride H):
+    # gates = (x W_ih^T + b_ih) + (h W_hh^T + b_hh), summed in the reference's order
+    cdef Py_ssize_t j, k
+    cdef floating* a
+    for k in range(blocks):
+        a = gates + k * H
+        for j in range(n):
+            a[j] = a[j] + b_ih[k * H + j] + (hh[k * H + j] + b_hh[k * H + j])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,15 +55,15 @@ cdef inline void _preactivation(floating* gates, const floating* hh, const float
 
 cdef inline void rnn_forward_row(floating* gates, floating* h_new, floating* y,
                                  const floating* hh, const floating* b_ih, const floating* b_hh,
-                                 Py_ssize_t H, bint use_relu) noexcept nogil:
+                                 Py_ssize_t n, Py_ssize_t H, bint use_relu) noexcept nogil:
     cdef Py_ssize_t j
-    _preactivation(gates, hh, b_ih, b_hh, H)
+    _preactivation(gates, hh, b_ih, b_hh, 1, n, H)
     if use_relu:
-        for j in range(H):
+        for j in range(n):
             gates[j] = relu(gates[j])
     else:
-        tanh_inplace(gates, H)             # gates keeps h': backward reads act'(a) off it
-    for j in range(H):
+        tanh_inplace(gates, n)             # gates keeps h': backward reads act'(a) off it
+    for j in range(n):
         h_new[j] = gates[j]
         y[j] = gates[j]
 
@@ -79,31 +89,32 @@ cdef inline void rnn_backward_row(floating* dgates, floating* dh,
 cdef inline void lstm_forward_row(floating* gates, floating* h_new, floating* c_new, floating* y,
                                   const floating* hh, const floating* b_ih, const floating* b_hh,
                                   const floating* c, const floating* peephole,
-                                  Py_ssize_t H) noexcept nogil:
+                                  Py_ssize_t n, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating* i = gates
     cdef floating* f = gates + H
     cdef floating* g = gates + 2 * H
     cdef floating* o = gates + 3 * H
-    _preactivation(gates, hh, b_ih, b_hh, 4 * H)
+    _preactivation(gates, hh, b_ih, b_hh, 4, n, H)
     if peephole != NULL:
-        for j in range(H):
+        for j in range(n):
             i[j] = i[j] + peephole[j] * c[j]
-        for j in range(H):
+        for j in range(n):
             f[j] = f[j] + peephole[H + j] * c[j]
-    sigmoid_inplace(gates, 2 * H)          # i, f
-    tanh_inplace(g, H)
-    for j in range(H):
+    sigmoid_inplace(i, n)
+    sigmoid_inplace(f, n)
+    tanh_inplace(g, n)
+    for j in range(n):
         c_new[j] = f[j] * c[j] + i[j] * g[j]
     if peephole != NULL:
-        for j in range(H):
+        for j in range(n):
             o[j] = o[j] + peephole[2 * H + j] * c_new[j]
-    sigmoid_inplace(o, H)
+    sigmoid_inplace(o, n)
     # h' = o * tanh(c'), tanh(c') passing through y
-    tanh_into(y, c_new, H)
-    for j in range(H):
+    tanh_into(y, c_new, n)
+    for j in range(n):
         y[j] = o[j] * y[j]
-    for j in range(H):
+    for j in range(n):
         h_new[j] = y[j]
 
 
@@ -161,27 +172,28 @@ cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
 
 cdef inline void gru_forward_row(floating* gates, floating* hn_kept, floating* h_new, floating* y,
                                  floating* hh, const floating* b_ih, const floating* b_hh,
-                                 const floating* h, Py_ssize_t H) noexcept nogil:
+                                 const floating* h, Py_ssize_t n, Py_ssize_t H) noexcept nogil:
     # hn_kept (H): W_hn h + b_hn for backward (NULL when nothing is kept)
     cdef Py_ssize_t j
     cdef floating* r = gates
     cdef floating* z = gates + H
-    cdef floating* n = gates + 2 * H
+    cdef floating* nn = gates + 2 * H
     cdef floating* hn = hh + 2 * H
-    _preactivation(gates, hh, b_ih, b_hh, 2 * H)
-    sigmoid_inplace(gates, 2 * H)          # r, z
-    for j in range(H):
+    _preactivation(gates, hh, b_ih, b_hh, 2, n, H)
+    sigmoid_inplace(r, n)
+    sigmoid_inplace(z, n)
+    for j in range(n):
         hn[j] = hn[j] + b_hh[2 * H + j]   # W_hn h + b_hn, in place in the scratch
-    for j in range(H):
-        n[j] = n[j] + b_ih[2 * H + j] + r[j] * hn[j]
-    tanh_inplace(n, H)
+    for j in range(n):
+        nn[j] = nn[j] + b_ih[2 * H + j] + r[j] * hn[j]
+    tanh_inplace(nn, n)
     # h' = (1 - z) * n + z * h
-    for j in range(H):
-        y[j] = (1 - z[j]) * n[j] + z[j] * h[j]
-    for j in range(H):
+    for j in range(n):
+        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
+    for j in range(n):
         h_new[j] = y[j]
     if hn_kept != NULL:
-        for j in range(H):
+        for j in range(n):
             hn_kept[j] = hn[j]
 
 
@@ -223,29 +235,30 @@ cdef inline void gru_backward_row(floating* dgates, floating* dhidden, floating*
 cdef inline void gru_rb_forward_row_rz(floating* gates, floating* rh,
                                        const floating* hh, const floating* b_ih,
                                        const floating* b_hh, const floating* h,
-                                       Py_ssize_t H) noexcept nogil:
+                                       Py_ssize_t n, Py_ssize_t H) noexcept nogil:
     # rh (H): r * h, the input of the W_hn GEMM (kept for backward's dW_hn)
     cdef Py_ssize_t j
-    _preactivation(gates, hh, b_ih, b_hh, 2 * H)
-    sigmoid_inplace(gates, 2 * H)          # r, z
-    for j in range(H):
+    _preactivation(gates, hh, b_ih, b_hh, 2, n, H)
+    sigmoid_inplace(gates, n)              # r
+    sigmoid_inplace(gates + H, n)          # z
+    for j in range(n):
         rh[j] = gates[j] * h[j]
 
 
 cdef inline void gru_rb_forward_row_n(floating* gates, floating* h_new, floating* y,
                                       const floating* hh, const floating* b_ih,
                                       const floating* b_hh, const floating* h,
-                                      Py_ssize_t H) noexcept nogil:
+                                      Py_ssize_t n, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     cdef floating* z = gates + H
-    cdef floating* n = gates + 2 * H
-    for j in range(H):
-        n[j] = n[j] + b_ih[2 * H + j] + hh[2 * H + j] + b_hh[2 * H + j]
-    tanh_inplace(n, H)
+    cdef floating* nn = gates + 2 * H
+    for j in range(n):
+        nn[j] = nn[j] + b_ih[2 * H + j] + hh[2 * H + j] + b_hh[2 * H + j]
+    tanh_inplace(nn, n)
     # h' = (1 - z) * n + z * h
-    for j in range(H):
-        y[j] = (1 - z[j]) * n[j] + z[j] * h[j]
-    for j in range(H):
+    for j in range(n):
+        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
+    for j in range(n):
         h_new[j] = y[j]
 
 

@@ -4,6 +4,7 @@ Every test that runs kernels takes the ``backend`` fixture, so the whole suite r
 available backend. ``FASTRNN_TEST_BACKENDS=numba,cython`` restricts the list (CI uses it to run
 the suite per backend); by default every backend available here is tested.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -129,3 +130,17 @@ def assert_all_close(actual, expected, dtype, what=""):
         assert err <= tol, f"{what} {key}: relative error {err:.3g} > {tol:g}"
         worst = max(worst, err)
     return worst
+
+
+@contextlib.contextmanager
+def small_batch_max(backend_name, value):
+    """The backend's small_batch_max set to ``value`` for inference and for training."""
+    kernels = fastrnn.get_backend(backend_name)
+    old = [kernels.get_small_batch_max(train=train) for train in (False, True)]
+    for train in (False, True):
+        kernels.set_small_batch_max(value, train=train)
+    try:
+        yield
+    finally:
+        for train, n in zip((False, True), old):
+            kernels.set_small_batch_max(n, train=train)

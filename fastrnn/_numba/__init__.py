@@ -1,4 +1,10 @@
-"""The Numba backend: ``layer_forward`` / ``layer_backward`` with the contract of ``fastrnn.cells``.
+"""The Numba backend: ``layer_forward`` / ``layer_backward`` / ``layer_step`` with the contract of
+``fastrnn.cells``.
+
+Inference calls with at most ``get_small_batch_max()`` batch rows run the unit-split forward loop
+(hidden units split over threads, dot products instead of a GEMM per step; see ``kernels``),
+larger ones and training forward calls (``get_small_batch_max(train=True)``, 0 by default) the
+batch-row loop; ``set_small_batch_max(0)`` turns the unit-split loop off.
 
 This module does the Python side of a call: it cuts the one workspace of the call into named
 buffers, turns ``None`` into empty arrays so that every call has the same argument types, and
@@ -20,7 +26,8 @@ from numba import njit, types
 
 from . import config, kernels
 
-__all__ = ["layer_forward", "layer_backward", "set_num_threads", "get_num_threads"]
+__all__ = ["layer_forward", "layer_backward", "layer_step", "set_num_threads", "get_num_threads",
+           "set_small_batch_max", "get_small_batch_max"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,10 +51,10 @@ def _signatures(dtype):
     forward = types.none(
         i64, const(3), const(2), const(2),         # code x w_ih w_hh
         const(1), const(1), const(2),              # b_ih b_hh peephole
-        index, flag, flag,                         # lengths reverse train
+        index, flag, flag, i64,                    # lengths reverse train units
         array(3, "A"),                             # y
         array(3), array(3), array(3),              # cache: gates h_prev saved
-        array(2), array(2), array(2), array(2))    # scratch: hgates h c rh
+        array(2), array(2), array(2), array(2), array(2))  # scratch: hgates h h2 c rh
     backward = types.none(
         i64, const(3), const(2), const(2),         # code x w_ih w_hh
         const(2), index, flag, i64,                # peephole lengths reverse truncate
@@ -57,19 +64,26 @@ def _signatures(dtype):
         array(2), array(2), const(1),              # drh dpeep_rows ones
         array(3), array(2), array(2),              # dx dw_ih dw_hh
         array(1), array(1), array(2))              # db_ih db_hh dpeephole
-    return forward, backward
+    step = types.int64(
+        i64, i64, i64,                             # code threads min_work
+        const(2), const(2), const(2),              # x h0 c0
+        const(2), const(2), const(1), const(1),    # w_ih w_hh b_ih b_hh
+        const(2), array(2), array(2))              # peephole h_n c_n
+    return forward, backward, step
 
 
 def _kernels(dtype):
-    """(forward, backward) compiled for this dtype; compiled or loaded from cache on first use."""
+    """(forward, backward, step) compiled for this dtype; compiled or loaded from cache on first
+    use."""
     pair = _compiled.get(dtype)
     if pair is None:
         with _compile_lock:
             pair = _compiled.get(dtype)
             if pair is None:
-                forward_sig, backward_sig = _signatures(dtype)
+                forward_sig, backward_sig, step_sig = _signatures(dtype)
                 pair = (njit(forward_sig, **config.KERNEL)(kernels.forward_loop),
-                        njit(backward_sig, **config.KERNEL)(kernels.backward_loop))
+                        njit(backward_sig, **config.KERNEL)(kernels.backward_loop),
+                        njit(step_sig, **config.KERNEL)(kernels.step))
                 _compiled[dtype] = pair
     return pair
 
@@ -81,29 +95,33 @@ _launch_lock = threading.Lock()
 _threadsafe_layer = False
 
 
-def _launch(kernel, rows_work, *args):
-    """Run a compiled loop; rows_work = B * G * H, the elements of one step's elementwise pass."""
+def _pass_threads(rows_work):
+    """Threads for the batch-row elementwise passes; rows_work = B * G * H."""
+    # A pass of a usual size takes tens of microseconds, about what waking a second thread
+    # costs; worse, Numba's OpenMP threads and OpenBLAS's threads then take turns on the same
+    # cores and each pool spins while it waits, which slows the GEMMs down (by orders of
+    # magnitude on a machine that other work keeps busy). So small passes run on the calling
+    # thread and only big ones are split.
+    return _num_threads if rows_work >= config.PARALLEL_MIN_ELEMENTS else 1
+
+
+def _launch(kernel, threads, *args):
+    """Run a compiled loop with Numba's thread count set to ``threads`` for the call."""
     global _threadsafe_layer
-    # Threads for the elementwise passes. A pass of a usual size takes tens of microseconds,
-    # about what waking a second thread costs; worse, Numba's OpenMP threads and OpenBLAS's
-    # threads then take turns on the same cores and each pool spins while it waits, which
-    # slows the GEMMs down (by orders of magnitude on a machine that other work keeps busy).
-    # So small passes run on the calling thread and only big ones are split.
-    threads = _num_threads if rows_work >= config.PARALLEL_MIN_ELEMENTS else 1
     # Numba's thread count belongs to the calling thread: set it there, and put it back after
     caller_threads = numba.get_num_threads()
     if caller_threads != threads:
         numba.set_num_threads(threads)
     try:
         if _threadsafe_layer:
-            kernel(*args)
-            return
+            return kernel(*args)
         with _launch_lock:
-            kernel(*args)
+            result = kernel(*args)
             try:
                 _threadsafe_layer = numba.threading_layer() in ("tbb", "omp")
             except ValueError:  # no parallel region has run yet
                 pass
+            return result
     finally:
         if caller_threads != threads:
             numba.set_num_threads(caller_threads)
@@ -217,6 +235,13 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         shapes["c"] = (B, H)
     if cell.name == "gru_reset_before" and not train:
         shapes["rh"] = (B, H)
+    # small batches: the unit-split loop, on `units` threads (0: the batch-row loop)
+    units = 0
+    if B <= _small_batch_max[bool(train)]:
+        work = GH * H * B                              # multiply-adds of h W_hh^T per step
+        threads = _num_threads if work >= config.UNITS_PARALLEL_MIN_WORK else 1
+        units = max(1, min(threads, -(-H // 16)))
+        shapes["h2"] = (B, H)
     buffer, ws = _workspace(dtype, shapes)
     ws["h"][...] = 0 if h0 is None else h0
     if cell.has_cell_state:
@@ -225,14 +250,15 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     h_prev, saved = ws.get("h_prev", empty3), ws.get("saved", empty3)
     if T * B > 0:
         out = _Output(y, "write", contiguous=False)
-        forward, _ = _kernels(dtype)
-        _launch(forward, B * GH, cell.code, x, _const("w_ih", w_ih, dtype, 2),
+        forward = _kernels(dtype)[0]
+        _launch(forward, units if units else _pass_threads(B * GH), cell.code, x,
+                _const("w_ih", w_ih, dtype, 2),
                 _const("w_hh", w_hh, dtype, 2), _const("b_ih", b_ih, dtype, 1),
                 _const("b_hh", b_hh, dtype, 1),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), bool(train),
+                lengths, bool(reverse), bool(train), units,
                 out.array, ws["gates"], h_prev, saved, ws["hgates"], ws["h"],
-                ws.get("c", empty2), ws.get("rh", empty2))
+                ws.get("h2", empty2), ws.get("c", empty2), ws.get("rh", empty2))
         out.finish()
     h_n[...] = ws["h"]
     if cell.has_cell_state:
@@ -285,8 +311,8 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
             dy_arg = np.asarray(dy)
             if dy_arg.dtype != dtype or not dy_arg.flags.aligned:
                 dy_arg = np.require(dy_arg, dtype, ("C", "A"))
-        _, backward = _kernels(dtype)
-        _launch(backward, B * GH, cell.code, x, _const("w_ih", w_ih, dtype, 2),
+        backward = _kernels(dtype)[1]
+        _launch(backward, _pass_threads(B * GH), cell.code, x, _const("w_ih", w_ih, dtype, 2),
                 _const("w_hh", w_hh, dtype, 2),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
                 lengths, bool(reverse), 0 if truncate is None else int(truncate),
@@ -300,6 +326,118 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     dh0 += dh
     if dc is not None:
         dc0 += dc
+
+
+_step_kernels = {}       # dtype -> the compiled layer_step kernel
+_STEP_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peephole", "h_n", "c_n")
+
+
+def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
+    """One step of inference of one layer and direction, x (B, I); see ``fastrnn.cells``.
+
+    Lean on purpose (it is called once per time step): the compiled kernel's dispatcher checks
+    dtypes, dimensions, C order and alignment, the kernel the shapes and overlaps; only when one
+    of them refuses the call does Python look for which argument it was, to say so."""
+    try:
+        kernel, absent = _step_kernels[x.dtype]
+    except (KeyError, AttributeError, TypeError):
+        _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, 0)
+        kernel = _kernels(x.dtype)[2]
+        absent = _empty(x.dtype, 2)
+        _step_kernels[x.dtype] = kernel, absent
+    try:
+        if _threadsafe_layer:
+            status = kernel(cell.code, _num_threads, config.STEP_PARALLEL_MIN_WORK, x, h0,
+                            absent if c0 is None else c0, w_ih, w_hh, b_ih, b_hh,
+                            absent if peephole is None else peephole, h_n,
+                            absent if c_n is None else c_n)
+        else:
+            status = _launch(kernel, _num_threads, cell.code, _num_threads,
+                             config.STEP_PARALLEL_MIN_WORK, x, h0,
+                             absent if c0 is None else c0, w_ih, w_hh, b_ih, b_hh,
+                             absent if peephole is None else peephole, h_n,
+                             absent if c_n is None else c_n)
+    except TypeError:
+        status = -1
+    if status:
+        _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, status)
+
+
+def _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, status):
+    """Raise the error that names what layer_step refused (status: the kernel's answer, 0 or
+    -1 when there is none); return when everything is acceptable and status is 0."""
+    values = dict(zip(_STEP_NAMES, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n)))
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        raise TypeError("x: expected a float32 or float64 numpy array, got "
+                        + (f"{x.dtype.name} array" if isinstance(x, np.ndarray)
+                           else type(x).__name__))
+    dtype = x.dtype
+    # the sizes the others must match: B from x, I from w_ih, H from h0
+    B = x.shape[0] if x.ndim == 2 else None
+    I = w_ih.shape[1] if isinstance(w_ih, np.ndarray) and w_ih.ndim == 2 else None
+    H = h0.shape[1] if isinstance(h0, np.ndarray) and h0.ndim == 2 else None
+    GH = None if H is None else cell.num_gates * H
+    shapes = {"x": (B, I), "h0": (B, H), "c0": (B, H), "w_ih": (GH, I), "w_hh": (GH, H),
+              "b_ih": (GH,), "b_hh": (GH,), "peephole": (3, H), "h_n": (B, H), "c_n": (B, H)}
+    for name, value in values.items():
+        if value is None:
+            if name in ("c0", "c_n") and cell.has_cell_state:
+                raise TypeError(f"{name}: expected a ({B}, {H}) array for {cell.name}, got None")
+            if name == "peephole" and cell.peephole:
+                raise TypeError(f"peephole: expected a (3, {H}) array for {cell.name}, got None")
+            continue
+        if name in ("c0", "c_n") and not cell.has_cell_state:
+            raise TypeError(f"{name}: expected None for {cell.name} (no cell state), "
+                            f"got {type(value).__name__}")
+        if name == "peephole" and not cell.peephole:
+            raise TypeError(f"peephole: expected None for {cell.name}, got {type(value).__name__}")
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy array, got {type(value).__name__}")
+        if value.dtype != dtype:
+            raise TypeError(f"{name}: expected a {dtype.name} array (the dtype of x), "
+                            f"got {value.dtype.name}")
+        want = shapes[name]
+        if value.ndim != len(want) or any(w is not None and w != v
+                                          for w, v in zip(want, value.shape)):
+            shown = tuple("?" if w is None else w for w in want)
+            raise ValueError(f"{name}: expected shape {shown}, got {value.shape}")
+        if not value.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a C-contiguous array, got strides {value.strides}")
+        if not value.flags.aligned:
+            raise ValueError(f"{name}: expected an aligned array, got an unaligned one")
+        if name in ("h_n", "c_n") and not value.flags.writeable:
+            raise ValueError(f"{name}: expected a writable array, got a read-only one")
+    for out in ("h_n", "c_n"):
+        if values[out] is None:
+            continue
+        for name in ("x", "h0", "c0") + (("c_n",) if out == "h_n" else ()):
+            if values[name] is not None and np.may_share_memory(values[out], values[name]):
+                raise ValueError(f"{out}: expected an array that does not overlap {name}, "
+                                 "got one that does")
+    if status:
+        name = _STEP_NAMES[status - 1] if status > 0 else "arguments"
+        raise ValueError(f"{name}: refused by the compiled kernel (status {status}) for "
+                         f"{cell.name} with x {x.shape}, h0 {np.shape(h0)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small batches
+
+_small_batch_max = {False: config.SMALL_BATCH_MAX, True: config.SMALL_BATCH_MAX_TRAIN}
+
+
+def set_small_batch_max(n, train=False):
+    """Batches of at most n rows run the unit-split forward loop (0: never), in inference calls,
+    or with train=True in the forward calls that keep a cache for backward."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n: expected an integer >= 0, got {n!r}")
+    _small_batch_max[bool(train)] = int(n)
+
+
+def get_small_batch_max(train=False):
+    """The largest batch that runs the unit-split forward loop (0: none), for inference calls or
+    with train=True for training forward calls."""
+    return _small_batch_max[bool(train)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,24 +3,39 @@
 Steps and loops share this file on purpose: Numba's cache checks only the source file of the
 function it caches, so a loop cached from another file would go on running an edited step.
 
-A cell's step pair works on one batch row: ``<cell>_forward_row`` / ``<cell>_backward_row``,
-side by side, with the equations of ``fastrnn.reference`` (each backward line undoes the forward
-line quoted above it). The recurrent GEMMs are not in the pair: they are the same for every cell
-and live in the generic time loops, ``forward_loop`` / ``backward_loop``. Per step a loop runs
-the GEMM (B, H) x (H, G*H) into a gate buffer, then one fused elementwise pass,
-``forward_rows`` / ``backward_rows``, that splits the batch rows over threads (prange; the
-caller picks how many, see config.PARALLEL_MIN_ELEMENTS) and switches on ``cell.code`` to call
-the cell's row step. The GRU that resets before the recurrent
-matmul needs r before W_hn (r * h), so its steps run in two phases with a second, (B, H) x
-(H, H), GEMM between them.
+A cell's step pair: ``<cell>_forward_row`` / ``<cell>_backward_row``, side by side, with the
+equations of ``fastrnn.reference`` (each backward line undoes the forward line quoted above it).
+The forward step works on one batch row and a range of hidden units [j0, j1) (gate block g of
+unit j at g*H + j), reading the state from h_in (c_in) and writing it to h_out (c_out), so one
+step serves both forward loops; the backward step works on a whole batch row. The recurrent
+products are not in the pair: they are the same for every cell and live in the generic time
+loops, ``forward_loop`` / ``backward_loop``, which switch on ``cell.code`` to call the steps.
+
+Two forward time loops (``units`` chooses, see fastrnn._numba.set_small_batch_max):
+
+- batch-row loop (any B): per step the GEMM (B, H) x (H, G*H) into a gate buffer, then one
+  fused elementwise pass, ``forward_rows``, that splits the batch rows over threads (prange; the
+  caller picks how many, see config.PARALLEL_MIN_ELEMENTS). The GRU that resets before the
+  recurrent matmul needs r before W_hn (r * h), so its steps run in two phases with a second,
+  (B, H) x (H, H), GEMM between them.
+- unit-split loop (small B): the hidden units are split into P contiguous ranges, one per
+  thread (``units_pass``); per step each thread computes the gate rows of its units of
+  h W_hh^T as dot products (``dot_rows``: each weight row read once for up to 4 batch rows)
+  and runs the step for its units and every batch row. h is double-buffered (threads read all
+  of h_in while each writes its units of h_out); one parallel launch per step (two for GRU
+  reset-before) is the synchronisation. Its weight rows are the same every step, so they stay
+  in the thread's core's cache. The input projection of all T steps is done before the loop by
+  the same threads, for their own units, with the same dot kernel (no BLAS: OpenBLAS's pool
+  threads go on spinning after a call and then take the cores from the unit threads).
+
+``step`` is ``layer_step``: one step of inference, both products as unit-split dot products.
 
 Why a switch and not step functions passed as arguments: a function argument is part of the
 compiled type, so each cell would compile its own copy of the loop (and Numba does not cache
 functions that take other dispatchers as arguments). With the switch, each loop and each pass
-compiles once per dtype with every cell in it; the branch costs nothing next to a row. Numba
-compiles a prange region slowly, so there are just two, both cell-generic.
+compiles once per dtype with every cell in it; the branch costs nothing next to a row.
 
-Outside the time loop: the input projection of all T steps is one GEMM before it; after the
+Outside the time loop: the input projection of all T steps is done before it; after the
 backward loop the weight and input gradients are merged GEMMs over all T*B rows, and the bias
 and peephole gradients are reductions done as GEMMs with a vector of ones.
 
@@ -34,6 +49,9 @@ Arguments (H hidden size, G gates; every (T, B, .) buffer is indexed by the real
     gates      (T, B, G*H)  in: x @ w_ih.T (input side, b_ih not added); out: activated gates
     hgates     (B, G*H)     the recurrent projection of this step, h @ w_hh.T
     h, c       (B, H)       running state, updated in place (c: LSTM only)
+    h_in, h_out (B, H)      the state before and after the step: the same array in the
+                            batch-row loop, the two buffers of h in the unit-split loop
+    j0, j1                  the range of hidden units a forward step works on
     y          (T, B, H)    output, any strides
     h_prev     (T, B, H)    state before each step (train only)
     saved      (T, B, H)    the cell's extra buffer, cells.Cell.cache_buffers (train only):
@@ -128,26 +146,33 @@ def _sigmoid_overload(a):
 # across the loops, so this is still one pass over the step's memory.
 
 # RNN:  h_new = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu
+#
+# The forward row steps work on a range of hidden units [j0, j1) of batch row b (the whole row
+# in the batch-row loop, one thread's units in the unit-split loop): gate block g of unit j is
+# at g*H + j. They read the state from h_in / c_in and write it to h_out / c_out; the batch-row
+# loop passes the same array for both (in place), the unit-split loop two buffers for h (other
+# threads read all of h_in while this one writes its units of h_out) and one for c (a unit's c
+# is only ever read by the thread that owns it).
 
 @njit(**config.KERNEL)
-def rnn_forward_row(b, t, relu, train, gates, hgates, b_ih, b_hh, h, y, h_prev):
-    zero = h.dtype.type(0)
-    H = h.shape[1]
-    a, hg, h_row, y_row = gates[t, b], hgates[b], h[b], y[t, b]
-    for j in range(H):
+def rnn_forward_row(b, t, j0, j1, relu, train, gates, hgates, b_ih, b_hh, h_in, h_out, y,
+                    h_prev):
+    zero = h_in.dtype.type(0)
+    a, hg, h_row, h_new, y_row = gates[t, b], hgates[b], h_in[b], h_out[b], y[t, b]
+    for j in range(j0, j1):
         a[j] = a[j] + b_ih[j] + (hg[j] + b_hh[j])
     if relu:
-        for j in range(H):
+        for j in range(j0, j1):
             a[j] = zero if a[j] < zero else a[j]  # not max(): NaN must stay NaN
     else:
-        for j in range(H):
+        for j in range(j0, j1):
             a[j] = tanh(a[j])
     if train:
         h_prev_row = h_prev[t, b]
-        for j in range(H):
+        for j in range(j0, j1):
             h_prev_row[j] = h_row[j]
-    for j in range(H):
-        h_row[j] = a[j]
+    for j in range(j0, j1):
+        h_new[j] = a[j]
         y_row[j] = a[j]
 
 
@@ -178,39 +203,42 @@ def rnn_backward_row(b, t, relu, gates, dy, has_dy, dgates, dh):
 # Saved: c_prev, the cell before the step (backward recomputes the new cell from it).
 
 @njit(**config.KERNEL)
-def lstm_forward_row(b, t, peep, train, gates, hgates, b_ih, b_hh, peephole, h, c, y, h_prev,
-                     c_prev):
-    H = h.shape[1]
-    a, hg, h_row, c_row, y_row = gates[t, b], hgates[b], h[b], c[b], y[t, b]
+def lstm_forward_row(b, t, j0, j1, peep, train, gates, hgates, b_ih, b_hh, peephole, h_in,
+                     h_out, c_in, c_out, y, h_prev, c_prev):
+    H = h_in.shape[1]
+    a, hg, y_row = gates[t, b], hgates[b], y[t, b]
+    h_row, h_new, c_row, c_new = h_in[b], h_out[b], c_in[b], c_out[b]
     # a = x W_ih^T + b_ih + h W_hh^T + b_hh, blocks i f g o; then activated in place
-    for j in range(4 * H):
-        a[j] = a[j] + b_ih[j] + (hg[j] + b_hh[j])
+    for g in range(4):
+        for j in range(g * H + j0, g * H + j1):
+            a[j] = a[j] + b_ih[j] + (hg[j] + b_hh[j])
     if peep:
-        for j in range(H):
+        for j in range(j0, j1):
             a[j] += peephole[0, j] * c_row[j]
             a[H + j] += peephole[1, j] * c_row[j]
-    for j in range(2 * H):
-        a[j] = sigmoid(a[j])                  # i, f
-    for j in range(2 * H, 3 * H):
+    for g in range(2):
+        for j in range(g * H + j0, g * H + j1):
+            a[j] = sigmoid(a[j])              # i, f
+    for j in range(2 * H + j0, 2 * H + j1):
         a[j] = tanh(a[j])                     # g
     if train:
         h_prev_row, c_prev_row = h_prev[t, b], c_prev[t, b]
-        for j in range(H):
+        for j in range(j0, j1):
             h_prev_row[j] = h_row[j]
             c_prev_row[j] = c_row[j]
-    for j in range(H):
+    for j in range(j0, j1):
         # c_new = f * c + i * g
-        c_row[j] = a[H + j] * c_row[j] + a[j] * a[2 * H + j]
+        c_new[j] = a[H + j] * c_row[j] + a[j] * a[2 * H + j]
     if peep:
-        for j in range(H):
-            a[3 * H + j] += peephole[2, j] * c_row[j]
-    for j in range(H):
+        for j in range(j0, j1):
+            a[3 * H + j] += peephole[2, j] * c_new[j]
+    for j in range(j0, j1):
         o = sigmoid(a[3 * H + j])
         a[3 * H + j] = o
         # h_new = o * tanh(c_new)
-        h_row[j] = o * tanh(c_row[j])
-    for j in range(H):
-        y_row[j] = h_row[j]
+        h_new[j] = o * tanh(c_new[j])
+    for j in range(j0, j1):
+        y_row[j] = h_new[j]
 
 
 @njit(**config.KERNEL)
@@ -266,27 +294,29 @@ def lstm_backward_row(b, t, peep, gates, c_prev, peephole, dy, has_dy, dgates, d
 # Saved: hn = W_hn h + b_hn.
 
 @njit(**config.KERNEL)
-def gru_forward_row(b, t, train, gates, hgates, b_ih, b_hh, h, y, h_prev, hn_saved):
-    one = h.dtype.type(1)
-    H = h.shape[1]
-    a, hg, h_row, y_row = gates[t, b], hgates[b], h[b], y[t, b]
-    for j in range(2 * H):
-        a[j] = sigmoid(a[j] + b_ih[j] + (hg[j] + b_hh[j]))              # r, z
-    for j in range(2 * H, 3 * H):
+def gru_forward_row(b, t, j0, j1, train, gates, hgates, b_ih, b_hh, h_in, h_out, y, h_prev,
+                    hn_saved):
+    one = h_in.dtype.type(1)
+    H = h_in.shape[1]
+    a, hg, h_row, h_new, y_row = gates[t, b], hgates[b], h_in[b], h_out[b], y[t, b]
+    for g in range(2):
+        for j in range(g * H + j0, g * H + j1):
+            a[j] = sigmoid(a[j] + b_ih[j] + (hg[j] + b_hh[j]))          # r, z
+    for j in range(2 * H + j0, 2 * H + j1):
         hg[j] += b_hh[j]                                                 # hn = W_hn h + b_hn
-    for j in range(H):
+    for j in range(j0, j1):
         a[2 * H + j] = tanh(a[2 * H + j] + b_ih[2 * H + j] + a[j] * hg[2 * H + j])   # n
     if train:
         h_prev_row, hn_row = h_prev[t, b], hn_saved[t, b]
-        for j in range(H):
+        for j in range(j0, j1):
             h_prev_row[j] = h_row[j]
             hn_row[j] = hg[2 * H + j]
-    for j in range(H):
+    for j in range(j0, j1):
         # h_new = (1 - z) * n + z * h
         z = a[H + j]
-        h_row[j] = (one - z) * a[2 * H + j] + z * h_row[j]
-    for j in range(H):
-        y_row[j] = h_row[j]
+        h_new[j] = (one - z) * a[2 * H + j] + z * h_row[j]
+    for j in range(j0, j1):
+        y_row[j] = h_new[j]
 
 
 @njit(**config.KERNEL)
@@ -320,31 +350,33 @@ def gru_backward_row(b, t, gates, h_prev, hn_saved, dy, has_dy, dgates, dgates_n
 # Saved: rh = r * h. Phase 0 computes r and z (and r * h), phase 1 the n gate and the new h.
 
 @njit(**config.KERNEL)
-def gru_reset_before_forward_row(b, t, phase, train, gates, hgates, b_ih, b_hh, h, y, h_prev,
-                                 rh):
-    one = h.dtype.type(1)
-    H = h.shape[1]
-    a, hg, h_row = gates[t, b], hgates[b], h[b]
+def gru_reset_before_forward_row(b, t, j0, j1, phase, train, gates, hgates, b_ih, b_hh, h_in,
+                                 h_out, y, h_prev, rh):
+    one = h_in.dtype.type(1)
+    H = h_in.shape[1]
+    a, hg, h_row = gates[t, b], hgates[b], h_in[b]
     if phase == 0:
-        for j in range(2 * H):
-            a[j] = sigmoid(a[j] + b_ih[j] + (hg[j] + b_hh[j]))          # r, z
+        for g in range(2):
+            for j in range(g * H + j0, g * H + j1):
+                a[j] = sigmoid(a[j] + b_ih[j] + (hg[j] + b_hh[j]))      # r, z
         rh_row = rh[b]
-        for j in range(H):
-            rh_row[j] = a[j] * h_row[j]       # the GEMM after this phase: hn = rh @ W_hn.T
+        for j in range(j0, j1):
+            rh_row[j] = a[j] * h_row[j]       # between the phases: hn = rh @ W_hn.T
     else:
-        for j in range(2 * H, 3 * H):
+        for j in range(2 * H + j0, 2 * H + j1):
             a[j] = tanh(a[j] + b_ih[j] + (hg[j] + b_hh[j]))               # n
         if train:
             h_prev_row = h_prev[t, b]
-            for j in range(H):
+            for j in range(j0, j1):
                 h_prev_row[j] = h_row[j]
-        for j in range(H):
+        h_new = h_out[b]
+        for j in range(j0, j1):
             # h_new = (1 - z) * n + z * h
             z = a[H + j]
-            h_row[j] = (one - z) * a[2 * H + j] + z * h_row[j]
+            h_new[j] = (one - z) * a[2 * H + j] + z * h_row[j]
         y_row = y[t, b]
-        for j in range(H):
-            y_row[j] = h_row[j]
+        for j in range(j0, j1):
+            y_row[j] = h_new[j]
 
 
 @njit(**config.KERNEL)
@@ -379,39 +411,333 @@ def gru_reset_before_backward_row(b, t, phase, gates, h_prev, dy, has_dy, dgates
 # =============================================================================================
 # The fused elementwise passes: batch rows split over threads, the cell chosen by code
 
+@njit(**config.KERNEL)
+def forward_units(code, phase, t, b, j0, j1, lengths, train, gates, hgates, b_ih, b_hh,
+                  peephole, h_in, h_out, c, y, h_prev, saved, rh):
+    """The forward step of row b, units [j0, j1), for the cell ``code``; padding rows too."""
+    zero = h_in.dtype.type(0)
+    if t >= lengths[b]:
+        # padding: the state stays; the output and what backward reads are zero
+        last_phase = phase == 1 or code != GRU_RESET_BEFORE
+        if code == GRU_RESET_BEFORE and phase == 0:
+            for j in range(j0, j1):
+                rh[b, j] = zero
+        if last_phase:
+            for j in range(j0, j1):
+                h_out[b, j] = h_in[b, j]
+                y[t, b, j] = zero
+            if train:
+                for j in range(j0, j1):
+                    h_prev[t, b, j] = zero
+                if saved.shape[0] > 0:
+                    for j in range(j0, j1):
+                        saved[t, b, j] = zero
+    elif code == RNN_TANH or code == RNN_RELU:
+        rnn_forward_row(b, t, j0, j1, code == RNN_RELU, train, gates, hgates, b_ih, b_hh, h_in,
+                        h_out, y, h_prev)
+    elif code == LSTM or code == LSTM_PEEPHOLE:
+        lstm_forward_row(b, t, j0, j1, code == LSTM_PEEPHOLE, train, gates, hgates, b_ih, b_hh,
+                         peephole, h_in, h_out, c, c, y, h_prev, saved)
+    elif code == GRU:
+        gru_forward_row(b, t, j0, j1, train, gates, hgates, b_ih, b_hh, h_in, h_out, y, h_prev,
+                        saved)
+    else:
+        gru_reset_before_forward_row(b, t, j0, j1, phase, train, gates, hgates, b_ih, b_hh,
+                                     h_in, h_out, y, h_prev, rh)
+
+
 @njit(**config.PARALLEL)
 def forward_rows(code, phase, t, lengths, train, gates, hgates, b_ih, b_hh, peephole, h, c, y,
                  h_prev, saved, rh):
-    zero = h.dtype.type(0)
     H = h.shape[1]
-    last_phase = phase == 1 or code != GRU_RESET_BEFORE
     for row in prange(h.shape[0]):
         b = np.int64(row)  # one type for the row steps in the serial and the parallel typing
-        if t >= lengths[b]:
-            # padding: the state stays; the output and what backward reads are zero
-            if code == GRU_RESET_BEFORE and phase == 0:
-                for j in range(H):
-                    rh[b, j] = zero
-            if last_phase:
-                for j in range(H):
-                    y[t, b, j] = zero
-                if train:
-                    for j in range(H):
-                        h_prev[t, b, j] = zero
-                    if saved.shape[0] > 0:
-                        for j in range(H):
-                            saved[t, b, j] = zero
-        elif code == RNN_TANH or code == RNN_RELU:
-            rnn_forward_row(b, t, code == RNN_RELU, train, gates, hgates, b_ih, b_hh, h, y,
-                            h_prev)
-        elif code == LSTM or code == LSTM_PEEPHOLE:
-            lstm_forward_row(b, t, code == LSTM_PEEPHOLE, train, gates, hgates, b_ih, b_hh,
-                             peephole, h, c, y, h_prev, saved)
-        elif code == GRU:
-            gru_forward_row(b, t, train, gates, hgates, b_ih, b_hh, h, y, h_prev, saved)
+        forward_units(code, phase, t, b, 0, H, lengths, train, gates, hgates, b_ih, b_hh,
+                      peephole, h, h, c, y, h_prev, saved, rh)
+
+
+# ---------------------------------------------------------------------------------------------
+# The unit-split loop (small batches): the hidden units are split over P threads; thread p
+# owns units [j0, j1) and per step computes the gate rows {g*H + j} of h W_hh^T for its units
+# as dot products of rows of W_hh (contiguous in the row-major (G*H, H) matrix) with the rows
+# of h, each weight read once per step for up to 4 batch rows, then runs the cell's step for its
+# units. Its weight rows are the same every step, so they stay in its core's caches.
+
+@njit(**config.KERNEL)
+def unit_range(p, P, H):
+    """Units [j0, j1) of part p of P: contiguous, multiples of 16 units but for the last."""
+    chunk = -(-H // P)
+    chunk = -(-chunk // 16) * 16
+    j0 = min(H, p * chunk)
+    return j0, min(H, j0 + chunk)
+
+
+@njit(**config.KERNEL)
+def unit_parts(threads, H):
+    """How many parts to split H units into: at most one per thread, at least 16 units each."""
+    return max(1, min(threads, -(-H // 16)))
+
+
+@njit(**config.KERNEL)
+def _rows_x4(w, r0, r1, v, b, out):
+    """out[b:b+4, r] = w[r] . v[b:b+4] for r in [r0, r1), r1 - r0 a multiple of 4: tiles of
+    4 weight rows x 4 vectors, 16 accumulators in one loop over k."""
+    zero = v.dtype.type(0)
+    v0, v1, v2, v3 = v[b], v[b + 1], v[b + 2], v[b + 3]
+    K = v.shape[1]
+    for r in range(r0, r1, 4):
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        a0, a1, a2, a3, b0, b1, b2, b3 = zero, zero, zero, zero, zero, zero, zero, zero
+        c0, c1, c2, c3, d0, d1, d2, d3 = zero, zero, zero, zero, zero, zero, zero, zero
+        for k in range(K):
+            x0, x1, x2, x3 = w0[k], w1[k], w2[k], w3[k]
+            y0, y1, y2, y3 = v0[k], v1[k], v2[k], v3[k]
+            a0 += x0 * y0
+            a1 += x1 * y0
+            a2 += x2 * y0
+            a3 += x3 * y0
+            b0 += x0 * y1
+            b1 += x1 * y1
+            b2 += x2 * y1
+            b3 += x3 * y1
+            c0 += x0 * y2
+            c1 += x1 * y2
+            c2 += x2 * y2
+            c3 += x3 * y2
+            d0 += x0 * y3
+            d1 += x1 * y3
+            d2 += x2 * y3
+            d3 += x3 * y3
+        out[b, r], out[b, r + 1], out[b, r + 2], out[b, r + 3] = a0, a1, a2, a3
+        out[b + 1, r], out[b + 1, r + 1], out[b + 1, r + 2], out[b + 1, r + 3] = b0, b1, b2, b3
+        out[b + 2, r], out[b + 2, r + 1], out[b + 2, r + 2], out[b + 2, r + 3] = c0, c1, c2, c3
+        out[b + 3, r], out[b + 3, r + 1], out[b + 3, r + 2], out[b + 3, r + 3] = d0, d1, d2, d3
+
+
+@njit(**config.KERNEL)
+def _rows_x2(w, r0, r1, v, b, out):
+    """As _rows_x4 for two vectors v[b], v[b + 1]: 8 accumulators."""
+    zero = v.dtype.type(0)
+    v0, v1 = v[b], v[b + 1]
+    K = v.shape[1]
+    for r in range(r0, r1, 4):
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        s0, s1, s2, s3, q0, q1, q2, q3 = zero, zero, zero, zero, zero, zero, zero, zero
+        for k in range(K):
+            y0, y1 = v0[k], v1[k]
+            s0 += w0[k] * y0
+            s1 += w1[k] * y0
+            s2 += w2[k] * y0
+            s3 += w3[k] * y0
+            q0 += w0[k] * y1
+            q1 += w1[k] * y1
+            q2 += w2[k] * y1
+            q3 += w3[k] * y1
+        out[b, r], out[b, r + 1], out[b, r + 2], out[b, r + 3] = s0, s1, s2, s3
+        out[b + 1, r], out[b + 1, r + 1], out[b + 1, r + 2], out[b + 1, r + 3] = q0, q1, q2, q3
+
+
+@njit(**config.KERNEL)
+def _rows_x1(w, r0, r1, v, b, out):
+    """As _rows_x4 for one vector v[b]: 4 accumulators."""
+    zero = v.dtype.type(0)
+    v0 = v[b]
+    K = v.shape[1]
+    for r in range(r0, r1, 4):
+        w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+        s0, s1, s2, s3 = zero, zero, zero, zero
+        for k in range(K):
+            y0 = v0[k]
+            s0 += w0[k] * y0
+            s1 += w1[k] * y0
+            s2 += w2[k] * y0
+            s3 += w3[k] * y0
+        out[b, r], out[b, r + 1], out[b, r + 2], out[b, r + 3] = s0, s1, s2, s3
+
+
+@njit(**config.KERNEL)
+def _rows_single(w, r0, r1, v, out):
+    """out[b, r] = w[r] . v[b], one dot product at a time (the < 4 rows left over)."""
+    zero = v.dtype.type(0)
+    for r in range(r0, r1):
+        wr = w[r]
+        for b in range(v.shape[0]):
+            vb = v[b]
+            s0 = zero
+            for k in range(v.shape[1]):
+                s0 += wr[k] * vb[k]
+            out[b, r] = s0
+
+
+@njit(**config.KERNEL)
+def dot_rows(w, stride, first_block, blocks, j0, j1, v, out):
+    """out[b, r] = w[r] . v[b] for the rows r = g*stride + j, first_block <= g < first_block
+    + blocks, j0 <= j < j1, every batch row b of v (B, K); w (rows, K), out (B, rows).
+
+    Tiles of 4 weight rows x 4 (or 2, or 1) batch rows: up to 16 accumulators in one loop over
+    k, each weight and each element of v loaded once per tile (the reductions vectorise:
+    fastmath "reassoc"; many dot products in flight hide the horizontal sum that ends each).
+    A unit range of a thread is read once per 4 batch rows, so it stays in the core's cache."""
+    B = v.shape[0]
+    for g in range(first_block, first_block + blocks):
+        r0, r1 = g * stride + j0, g * stride + j1
+        r4 = r0 + (r1 - r0) // 4 * 4
+        if r4 > r0:
+            b = 0
+            while b + 4 <= B:
+                _rows_x4(w, r0, r4, v, b, out)
+                b += 4
+            if b + 2 <= B:
+                _rows_x2(w, r0, r4, v, b, out)
+                b += 2
+            if b < B:
+                _rows_x1(w, r0, r4, v, b, out)
+        if r4 < r1:
+            _rows_single(w, r4, r1, v, out)
+
+
+@njit(**config.KERNEL)
+def units_pass(p, P, code, phase, t, active, lengths, train, w_hh, gates, hgates, b_ih, b_hh,
+               peephole, h_in, h_out, c, y, h_prev, saved, rh):
+    """Thread p's share of one step (one phase for GRU reset-before) of the unit-split loop."""
+    B, H = h_in.shape
+    G = w_hh.shape[0] // H
+    j0, j1 = unit_range(p, P, H)
+    if j0 >= j1:
+        return
+    if active:
+        if code != GRU_RESET_BEFORE:
+            dot_rows(w_hh, H, 0, G, j0, j1, h_in, hgates)           # h W_hh^T, all gates
+        elif phase == 0:
+            dot_rows(w_hh, H, 0, 2, j0, j1, h_in, hgates)           # h W_hh^T, r and z
         else:
-            gru_reset_before_forward_row(b, t, phase, train, gates, hgates, b_ih, b_hh, h, y,
-                                         h_prev, rh)
+            dot_rows(w_hh, H, 2, 1, j0, j1, rh, hgates)             # (r * h) W_hn^T
+    for row in range(B):
+        forward_units(code, phase, t, np.int64(row), j0, j1, lengths, train, gates, hgates,
+                      b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh)
+
+
+@njit(**config.KERNEL)
+def units_input(p, P, H, x2, w_ih, gates2):
+    """Thread p's units of the input projection of all steps: gates2 (T*B, G*H) = x2 W_ih^T
+    for the gate rows of its units (no BLAS in the unit-split loop: OpenBLAS's threads would
+    go on spinning for a while after the call and take the cores from the unit threads)."""
+    j0, j1 = unit_range(p, P, H)
+    if j0 < j1:
+        dot_rows(w_ih, H, 0, w_ih.shape[0] // H, j0, j1, x2, gates2)
+
+
+@njit(**config.PARALLEL)
+def units_input_parallel(P, H, x2, w_ih, gates2):
+    for p in prange(P):
+        units_input(np.int64(p), P, H, x2, w_ih, gates2)
+
+
+@njit(**config.PARALLEL)
+def units_pass_parallel(P, code, phase, t, active, lengths, train, w_hh, gates, hgates, b_ih,
+                        b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh):
+    for p in prange(P):
+        units_pass(np.int64(p), P, code, phase, t, active, lengths, train, w_hh, gates, hgates,
+                   b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh)
+
+
+# ---------------------------------------------------------------------------------------------
+# One step of inference (layer_step): both products as dot products, then the cell's step.
+
+@njit(**config.KERNEL)
+def step_pass(p, P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c, y, gates,
+              hgates, rh, lengths, none3):
+    B, H = h0.shape
+    G = w_hh.shape[0] // H
+    j0, j1 = unit_range(p, P, H)
+    if j0 >= j1:
+        return
+    if phase == 0:
+        dot_rows(w_ih, H, 0, G, j0, j1, x, gates[0])                 # x W_ih^T
+        if code != GRU_RESET_BEFORE:
+            dot_rows(w_hh, H, 0, G, j0, j1, h0, hgates)
+        else:
+            dot_rows(w_hh, H, 0, 2, j0, j1, h0, hgates)
+    else:
+        dot_rows(w_hh, H, 2, 1, j0, j1, rh, hgates)
+    for row in range(B):
+        forward_units(code, phase, 0, np.int64(row), j0, j1, lengths, False, gates, hgates,
+                      b_ih, b_hh, peephole, h0, h_n, c, y, none3, none3, rh)
+
+
+@njit(**config.PARALLEL)
+def step_pass_parallel(P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c, y,
+                       gates, hgates, rh, lengths, none3):
+    for p in prange(P):
+        step_pass(np.int64(p), P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c,
+                  y, gates, hgates, rh, lengths, none3)
+
+
+@njit(**config.KERNEL)
+def _overlaps(a, b):
+    """Whether the memory of two C-contiguous arrays overlaps (by address range)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    a0, b0 = a.ctypes.data, b.ctypes.data
+    return a0 < b0 + b.size * b.itemsize and b0 < a0 + a.size * a.itemsize
+
+
+def step(code, threads, min_work, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
+    """layer_step, compiled per dtype (fastrnn._numba). Returns 0, or the position (1-based,
+    in layer_step's argument list: x = 1 ... c_n = 10) of the first array whose shape does not
+    fit or that overlaps an input it may not (h_n, c_n).
+
+    threads: the most threads to use; min_work: split over threads only from this many
+    multiply-adds (G*H*(I+H)*B) on. c0, c_n, peephole are empty arrays when absent."""
+    B, I = x.shape
+    H = h0.shape[1]
+    GH = w_hh.shape[0]
+    cell_state = code == LSTM or code == LSTM_PEEPHOLE
+    G = 4 if cell_state else (3 if code == GRU or code == GRU_RESET_BEFORE else 1)
+    if h0.shape[0] != B:
+        return 2
+    if cell_state and (c0.shape[0] != B or c0.shape[1] != H):
+        return 3
+    if w_ih.shape[0] != G * H or w_ih.shape[1] != I:
+        return 4
+    if GH != G * H or w_hh.shape[1] != H:
+        return 5
+    if b_ih.shape[0] != GH:
+        return 6
+    if b_hh.shape[0] != GH:
+        return 7
+    if code == LSTM_PEEPHOLE and (peephole.shape[0] != 3 or peephole.shape[1] != H):
+        return 8
+    if h_n.shape[0] != B or h_n.shape[1] != H:
+        return 9
+    if cell_state and (c_n.shape[0] != B or c_n.shape[1] != H):
+        return 10
+    if _overlaps(h_n, x) or _overlaps(h_n, h0) or _overlaps(h_n, c0) or _overlaps(h_n, c_n):
+        return 9
+    if _overlaps(c_n, x) or _overlaps(c_n, h0) or _overlaps(c_n, c0):
+        return 10
+    if B == 0 or H == 0:
+        return 0
+    gates = np.empty((1, B, GH), x.dtype)
+    hgates = np.empty((B, GH), x.dtype)
+    rh = np.empty((B, H) if code == GRU_RESET_BEFORE else (0, 0), x.dtype)
+    lengths = np.ones(B, np.int64)
+    none3 = gates[:0]
+    y = h_n.reshape((1, B, H))
+    if cell_state:
+        c_n[:, :] = c0                    # the LSTM step updates c in place
+    P = 1
+    if G * H * (I + H) * B >= min_work:
+        P = unit_parts(threads, H)
+    phases = 2 if code == GRU_RESET_BEFORE else 1
+    for phase in range(phases):
+        if P > 1:
+            step_pass_parallel(P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n,
+                               c_n, y, gates, hgates, rh, lengths, none3)
+        else:
+            step_pass(0, 1, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c_n, y,
+                      gates, hgates, rh, lengths, none3)
+    return 0
 
 
 @njit(**config.PARALLEL)
@@ -451,13 +777,15 @@ def any_active(t, lengths):
 # The generic time loops. Not decorated: fastrnn._numba compiles each with one explicit
 # signature per dtype (see _signatures there).
 
-def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, train,
-                 y, gates, h_prev, saved, hgates, h, c, rh):
+def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, train, units,
+                 y, gates, h_prev, saved, hgates, h, h2, c, rh):
     """Run one layer, one direction. h and c hold the initial state and end as the final one.
 
     gates (T, B, G*H), h_prev and saved (T, B, H): the cache, cut from one workspace; h_prev and
     saved are empty unless train. hgates (B, G*H); rh (B, H) scratch for GRU reset-before
     inference (when training, r * h goes straight into saved).
+    units: 0 for the batch-row loop (a GEMM per step); P >= 1 for the unit-split loop on P
+    threads, which needs h2 (B, H), the second state buffer (empty otherwise).
     """
     T, B, I = x.shape
     GH, H = w_hh.shape
@@ -465,6 +793,33 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
     # steps run in two phases (r, z then n), with that GEMM between them
     first = 2 * H if code == GRU_RESET_BEFORE else GH
     phases = 2 if code == GRU_RESET_BEFORE else 1
+    if units > 0:
+        # gates = x @ w_ih.T                                               (T*B, G*H)
+        if units > 1:
+            units_input_parallel(units, H, x.reshape((T * B, I)), w_ih,
+                                 gates.reshape((T * B, GH)))
+        else:
+            units_input(0, 1, H, x.reshape((T * B, I)), w_ih, gates.reshape((T * B, GH)))
+        # unit-split loop: h double-buffered (threads read all of h_in while each writes its
+        # units of h_out); one parallel launch per step and phase is the synchronisation
+        h_in, h_out = h, h2
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            active = any_active(t, lengths)
+            rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
+            for phase in range(phases):
+                if units > 1:
+                    units_pass_parallel(units, code, phase, t, active, lengths, train, w_hh,
+                                        gates, hgates, b_ih, b_hh, peephole, h_in, h_out, c, y,
+                                        h_prev, saved, rh_t)
+                else:
+                    units_pass(0, 1, code, phase, t, active, lengths, train, w_hh, gates,
+                               hgates, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved,
+                               rh_t)
+            h_in, h_out = h_out, h_in
+        if T % 2 == 1:
+            h[:, :] = h2
+        return
     # gates = x @ w_ih.T                                                   (T*B, G*H)
     gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
     for s in range(T):

@@ -1,0 +1,235 @@
+"""The small-batch paths of the compiled backends, and the one-step path of the layers.
+
+Small batches (B <= the backend's ``small_batch_max``) run a different forward time loop: the
+hidden units are split over threads and the recurrent product is done as dot products instead
+of a BLAS GEMM. Every case here runs on both loops (``small_batch_max`` forced to 0, and to a
+value above any B) and compares with the NumPy reference, with hidden sizes large enough for
+the units to be split over several threads and odd enough to leave ragged ends.
+
+``layer_step`` (one step of inference, the lean entry the layers use for one-step calls) is
+compared with the reference's, and a layer called on one step must give what the general path
+gives, through ``layer_step`` when the arrays are already in the kernel's form.
+"""
+import contextlib
+import zlib
+
+import numpy as np
+import pytest
+
+import fastrnn
+from conftest import (COMPILED_BACKENDS, assert_all_close, make_layer, random_state, run_layer,
+                      small_batch_max, state_parts)
+from fastrnn import reference
+from fastrnn.cells import CELLS
+from fastrnn.dispatch import get_backend
+
+PATHS = {"gemm": 0, "unit-split": 10**6}    # small_batch_max: B <= it takes the unit-split loop
+
+
+def _rng(*key):
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_small_batch_max_setting(backend_name):
+    kernels = get_backend(backend_name)
+    default = kernels.get_small_batch_max()
+    assert isinstance(default, int) and default >= 1
+    assert kernels.get_small_batch_max(train=True) == 0   # measured slower in training
+    with small_batch_max(backend_name, 3):
+        assert kernels.get_small_batch_max() == 3
+        assert kernels.get_small_batch_max(train=True) == 3
+    assert kernels.get_small_batch_max() == default
+    with pytest.raises((ValueError, TypeError), match="n"):
+        kernels.set_small_batch_max(-1)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_both_forward_loops_match_reference(backend_name, cell, dtype, path):
+    """Training (forward with the cache, then backward) and inference, with lengths, both
+    directions and initial states, on the GEMM loop and on the unit-split loop."""
+    rng = _rng("small", cell, np.dtype(dtype).name)
+    T, I = 6, 7
+    for B, H in [(1, 37), (3, 70), (5, 19)]:
+        probe = make_layer(cell, I, H, 2, bidirectional=True, dtype=dtype)
+        x = rng.standard_normal((T, B, I)).astype(dtype)
+        dy = rng.standard_normal((T, B, 2 * H)).astype(dtype)
+        lengths = rng.integers(1, T + 1, size=B)
+        lengths[0] = T
+        state = random_state(probe, B, rng)
+        dstate = random_state(probe, B, rng)
+        results, inference = {}, {}
+        for name in ("reference", backend_name):
+            m = make_layer(cell, I, H, 2, bidirectional=True, dtype=dtype, backend=name, seed=3)
+            with small_batch_max(name, PATHS[path]) if name != "reference" \
+                    else contextlib.nullcontext():
+                results[name] = run_layer(m, x, state, lengths, dy=dy, dstate=dstate)
+                y, final = m(x, state, lengths)
+            inference[name] = {"y": y, **{f"state_n[{i}]": p
+                                          for i, p in enumerate(state_parts(final))}}
+        assert_all_close(results[backend_name], results["reference"], dtype,
+                         f"{path} B={B} H={H} train")
+        assert_all_close(inference[backend_name], inference["reference"], dtype,
+                         f"{path} B={B} H={H} inference")
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_both_forward_loops_keep_nan(backend_name, path):
+    """NaN in one batch row of x gives NaN in that row's outputs and nowhere else."""
+    for cell in sorted(CELLS):
+        m = make_layer(cell, 4, 33, backend=backend_name)
+        x = _rng("nan", cell).standard_normal((3, 2, 4))
+        x[1, 1, 2] = np.nan
+        with small_batch_max(backend_name, PATHS[path]):
+            y, _ = m(x)
+        assert not np.isnan(y[:, 0]).any(), cell
+        assert np.isnan(y[1:, 1]).any(), cell
+
+
+def _step_args(cell, B, I, H, dtype, rng):
+    m = make_layer(cell, I, H, dtype=dtype)
+    w_ih, w_hh, b_ih, b_hh, peephole = m._layer_params(m.params, 0, 0)
+    has_c = m.cell.has_cell_state
+    x = rng.standard_normal((B, I)).astype(dtype)
+    h0 = rng.standard_normal((B, H)).astype(dtype)
+    c0 = rng.standard_normal((B, H)).astype(dtype) if has_c else None
+    return m.cell, [x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole]
+
+
+def _run_step(kernels, cell, args, dtype):
+    B, H = args[1].shape
+    h_n = np.full((B, H), np.nan, dtype)
+    c_n = np.full((B, H), np.nan, dtype) if cell.has_cell_state else None
+    kernels.layer_step(cell, *args, h_n, c_n)
+    return {"h_n": h_n} if c_n is None else {"h_n": h_n, "c_n": c_n}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_layer_step_matches_reference(backend_name, cell, dtype):
+    rng = _rng("step", cell, np.dtype(dtype).name)
+    kernels = get_backend(backend_name)
+    for B, I, H in [(1, 128, 128), (1, 3, 1), (2, 5, 33), (7, 64, 50), (40, 9, 24)]:
+        cell_record, args = _step_args(cell, B, I, H, dtype, rng)
+        before = [None if a is None else a.copy() for a in args]
+        got = _run_step(kernels, cell_record, args, dtype)
+        expected = _run_step(reference, cell_record, args, dtype)
+        assert_all_close(got, expected, dtype, f"layer_step B={B} I={I} H={H}")
+        for a, b in zip(args, before):           # nothing the kernel reads is written
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_layer_step_refuses_what_it_cannot_take(backend_name):
+    kernels = get_backend(backend_name)
+    cell, args = _step_args("lstm", 2, 3, 4, np.float32, _rng("step errors"))
+    x, h0, c0 = args[:3]
+    h_n, c_n = np.empty((2, 4), np.float32), np.empty((2, 4), np.float32)
+
+    def call(**change):
+        names = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peephole", "h_n", "c_n"]
+        values = dict(zip(names, args + [h_n, c_n]))
+        values.update(change)
+        kernels.layer_step(cell, *(values[n] for n in names))
+
+    call()                                                       # the valid call runs
+    bad = {
+        "x": np.zeros((2, 5), np.float32),                       # wrong input size
+        "h0": h0.astype(np.float64),                             # wrong dtype
+        "c0": np.zeros((2, 8), np.float32)[:, ::2],              # not C-contiguous
+        "w_hh": args[4][:, :3],                                  # wrong shape
+        "h_n": np.empty((3, 4), np.float32),                     # wrong shape
+        "c_n": None,                                             # missing for an LSTM
+    }
+    for name, value in bad.items():
+        with pytest.raises((ValueError, TypeError), match=name):
+            call(**{name: value})
+    with pytest.raises((ValueError, TypeError), match="h_n"):
+        call(h_n=h0)                                             # output aliases an input
+
+
+def _call_counter(m):
+    """Wrap the layer's backend so that calls of layer_step are counted."""
+    calls = []
+    real = m._kernels
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def layer_step(self, *args):
+            calls.append(1)
+            return real.layer_step(*args)
+
+    m._kernels = Counting()
+    return calls
+
+
+STEP_STACKS = [(1, False, False), (1, False, True), (2, True, False), (3, False, True)]
+
+
+@pytest.mark.parametrize("stack", STEP_STACKS,
+                         ids=lambda s: f"L{s[0]}{'bi' if s[1] else ''}{'bf' if s[2] else ''}")
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_one_step_call_equals_general_path(backend, cell, stack):
+    """``m(x_t, state)`` on one step takes layer_step and matches ``forward(train=False)``;
+    with arrays not in the kernel's form (other dtype, strided) it takes the general path."""
+    num_layers, bidirectional, batch_first = stack
+    rng = _rng("one step", cell, stack)
+    dtype = np.float32
+    B, I, H = 3, 6, 21
+    m = make_layer(cell, I, H, num_layers, bidirectional=bidirectional,
+                   batch_first=batch_first, dtype=dtype, backend=backend, seed=5)
+    x = rng.standard_normal((B, 1, I) if batch_first else (1, B, I)).astype(dtype)
+    state = random_state(m, B, rng)
+    expected_y, expected_state, _ = m.forward(x, state, train=False)
+    calls = _call_counter(m)
+    for st in (state, None):
+        y, final = m(x, st)
+        assert len(calls) == num_layers * m.num_directions
+        calls.clear()
+        if st is None:
+            expected_y, expected_state, _ = m.forward(x, None, train=False)
+        got = {"y": y, **{f"s{i}": p for i, p in enumerate(state_parts(final))}}
+        want = {"y": expected_y,
+                **{f"s{i}": p for i, p in enumerate(state_parts(expected_state))}}
+        assert y.shape == expected_y.shape
+        assert_all_close(got, want, dtype, "one-step call")
+    # float64 input to a float32 layer, and a strided x: converted by the general path
+    for x_other in (x.astype(np.float64), np.repeat(x, 2, axis=-1)[..., ::2]):
+        y, _ = m(x_other, state)
+        assert not calls
+        assert_all_close({"y": y}, {"y": m.forward(x, state, train=False)[0]}, dtype,
+                         "general path")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_one_step_call_keeps_nan_and_inputs(backend, cell):
+    m = make_layer(cell, 4, 17, dtype=np.float32, backend=backend)
+    rng = _rng("step nan", cell)
+    x = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    x[0, 1, 3] = np.nan
+    state = random_state(m, 2, rng)
+    copies = [p.copy() for p in state_parts(state)] + [x.copy()]
+    y, final = m(x, state)
+    assert not np.isnan(y[0, 0]).any() and np.isnan(y[0, 1]).any()
+    for part in state_parts(final):
+        assert np.isnan(part[0, 1]).any() and not np.isnan(part[0, 0]).any()
+    for a, b in zip(state_parts(state) + [x], copies):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_step_benchmark_call_takes_the_fast_path():
+    """The single-step benchmark case calls the layer the way this path expects."""
+    m = fastrnn.LSTM(8, 8, dtype=np.float32, backend="reference")
+    calls = _call_counter(m)
+    x = np.zeros((1, 1, 8), np.float32)
+    _, s = m(x, None)
+    _, s = m(x, s)                       # the state a call returns is good for the next one
+    assert len(calls) == 2
