@@ -233,3 +233,29 @@ def test_step_benchmark_call_takes_the_fast_path():
     _, s = m(x, None)
     _, s = m(x, s)                       # the state a call returns is good for the next one
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_calls_from_several_threads_at_once(backend_name):
+    """Layers called from two Python threads at the same time (both loops and the one-step path
+    run their own thread teams) give what they give one after another."""
+    import threading
+    rng = _rng("threads")
+    models = [make_layer(cell, 8, 40, dtype=np.float32, backend=backend_name, seed=i)
+              for i, cell in enumerate(["lstm", "gru"])]
+    xs = [rng.standard_normal((5, 3, 8)).astype(np.float32) for _ in models]
+    expected = [(m(x)[0], m(x[:1])[0]) for m, x in zip(models, xs)]
+    failures = []
+
+    def work(m, x, want):
+        for _ in range(20):
+            got = (m(x)[0], m(x[:1])[0])
+            if not all(np.array_equal(g, w) for g, w in zip(got, want)):
+                failures.append(m.cell.name)
+
+    threads = [threading.Thread(target=work, args=args) for args in zip(models, xs, expected)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
