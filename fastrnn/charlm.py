@@ -221,7 +221,10 @@ class CharLM:
         x, emb_cache = self.embedding.forward(idx, train)          # (T, B, E)
         if x.ndim != 3:
             raise ValueError(f"idx: expected shape (T, B), got {np.shape(idx)}")
-        y, state, rnn_cache = self.rnn.forward(x, state, train=train)   # (T, B, H)
+        if train:
+            y, state, rnn_cache = self.rnn.forward(x, state, train=True)  # (T, B, H)
+        else:   # the layer's call: one-step inputs (sampling) take its lean single-step path
+            (y, state), rnn_cache = self.rnn(x, state), None
         logits, head_cache = self.head.forward(y, train)           # (T, B, V)
         return logits, state, ((emb_cache, rnn_cache, head_cache) if train else None)
 
