@@ -251,17 +251,22 @@ class _RNNBase:
                 return None
             for part in initial:
                 if type(part) is not np.ndarray or part.dtype is not dtype \
-                        or part.shape != shape:
+                        or part.shape != shape or not part.flags.c_contiguous:
                     return None
-                flags = part.flags
-                if not flags.c_contiguous or not flags.aligned:
+                if not part.flags.aligned:
                     return None
-        step = self._kernels.layer_step
         if shape[0] == 1:   # one layer, one direction: y is a copy of h_n
             h_n = np.empty(shape, dtype)
             c_n = np.empty(shape, dtype) if has_c else None
-            step(self.cell, x.reshape(B, I), initial[0][0], initial[1][0] if has_c else None,
-                 *self._layer_params(self.params, 0, 0), h_n[0], c_n[0] if has_c else None)
+            # _layer_params(self.params, 0, 0) written out: a call less per step
+            params, zero = self.params, self._zero_bias
+            w_ih, w_hh, b_ih, b_hh, peephole = self._param_names[0, 0]
+            self._kernels.layer_step(
+                self.cell, x.reshape(B, I), initial[0][0], initial[1][0] if has_c else None,
+                params[w_ih], params[w_hh], zero if b_ih is None else params[b_ih],
+                zero if b_hh is None else params[b_hh],
+                None if peephole is None else params[peephole],
+                h_n[0], c_n[0] if has_c else None)
             y = h_n.copy() if not self.batch_first else h_n.reshape(B, 1, shape[2]).copy()
             return y, ((h_n, c_n) if has_c else h_n)
         return self._stacked_step(x.reshape(B, I), initial, shape)
