@@ -197,6 +197,24 @@ cdef inline void gru_forward_row(floating* gates, floating* hn_kept, floating* h
             hn_kept[j] = hn[j]
 
 
+cdef inline void _gru_zn_backward_row(floating* dgates, floating* dh,
+                                      const floating* gates, const floating* h,
+                                      Py_ssize_t H) noexcept nogil:
+    # the z and n blocks of dgates, for both GRU forms (the inside of n differs, not the
+    # derivative of its tanh); then dh *= z, the part of dL/dh that skips the recurrent GEMM
+    cdef Py_ssize_t j
+    cdef const floating* z = gates + H
+    cdef const floating* n = gates + 2 * H
+    # h' = (1 - z) * n + z * h
+    for j in range(H):
+        dgates[H + j] = dh[j] * (h[j] - n[j]) * z[j] * (1 - z[j])
+    # n = tanh(...)
+    for j in range(H):
+        dgates[2 * H + j] = dh[j] * (1 - z[j]) * (1 - n[j] * n[j])
+    for j in range(H):
+        dh[j] = dh[j] * z[j]
+
+
 cdef inline void gru_backward_row(floating* dgates, floating* dhidden, floating* dhn_kept,
                                   floating* dh,
                                   const floating* gates, const floating* h, const floating* hn,
@@ -205,17 +223,9 @@ cdef inline void gru_backward_row(floating* dgates, floating* dhidden, floating*
     # is also kept in dhn_kept (H) for dW_hn and db_hn after the loop
     cdef Py_ssize_t j
     cdef const floating* r = gates
-    cdef const floating* z = gates + H
-    cdef const floating* n = gates + 2 * H
     cdef floating* da_r = dgates
-    cdef floating* da_z = dgates + H
     cdef floating* da_n = dgates + 2 * H
-    # h' = (1 - z) * n + z * h
-    for j in range(H):
-        da_z[j] = dh[j] * (h[j] - n[j]) * z[j] * (1 - z[j])
-    # n = tanh(x_n + r * hn)
-    for j in range(H):
-        da_n[j] = dh[j] * (1 - z[j]) * (1 - n[j] * n[j])
+    _gru_zn_backward_row(dgates, dh, gates, h, H)   # n = tanh(x_n + r * hn)
     for j in range(H):
         da_r[j] = da_n[j] * hn[j] * r[j] * (1 - r[j])
     for j in range(H):
@@ -224,8 +234,6 @@ cdef inline void gru_backward_row(floating* dgates, floating* dhidden, floating*
         dhidden[j] = dgates[j]
     for j in range(H):
         dhn_kept[j] = dhidden[2 * H + j]
-    for j in range(H):
-        dh[j] = dh[j] * z[j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,17 +274,7 @@ cdef inline void gru_rb_backward_row_zn(floating* dgates, floating* dh,
                                         const floating* gates, const floating* h,
                                         Py_ssize_t H) noexcept nogil:
     # first pass: the z and n blocks of dgates; the loop then runs d(rh) = da_n @ W_hn
-    cdef Py_ssize_t j
-    cdef const floating* z = gates + H
-    cdef const floating* n = gates + 2 * H
-    # h' = (1 - z) * n + z * h
-    for j in range(H):
-        dgates[H + j] = dh[j] * (h[j] - n[j]) * z[j] * (1 - z[j])
-    # n = tanh(x_n + W_hn rh + b_hn)
-    for j in range(H):
-        dgates[2 * H + j] = dh[j] * (1 - z[j]) * (1 - n[j] * n[j])
-    for j in range(H):
-        dh[j] = dh[j] * z[j]
+    _gru_zn_backward_row(dgates, dh, gates, h, H)   # n = tanh(x_n + W_hn rh + b_hn)
 
 
 cdef inline void gru_rb_backward_row_r(floating* dgates, floating* dh,

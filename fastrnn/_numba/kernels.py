@@ -320,6 +320,21 @@ def gru_forward_row(b, t, j0, j1, train, gates, hgates, b_ih, b_hh, h_in, h_out,
 
 
 @njit(**config.KERNEL)
+def gru_zn_backward_row(a, h_old, da, dh_row):
+    """The z and n blocks of a GRU row's gate gradient, both GRU forms (n's inside differs, not
+    its derivative), then dh_row *= z, the part of dL/dh that skips the recurrent GEMM."""
+    one = dh_row.dtype.type(1)
+    H = dh_row.shape[0]
+    for j in range(H):
+        # h_new = (1 - z) * n + z * h;  n = tanh(...)
+        z, n = a[H + j], a[2 * H + j]
+        da[H + j] = dh_row[j] * (h_old[j] - n) * z * (one - z)            # da_z
+        da[2 * H + j] = dh_row[j] * (one - z) * (one - n * n)              # da_n
+    for j in range(H):
+        dh_row[j] *= a[H + j]
+
+
+@njit(**config.KERNEL)
 def gru_backward_row(b, t, gates, h_prev, hn_saved, dy, has_dy, dgates, dgates_n, dh):
     one = dh.dtype.type(1)
     H = dh.shape[1]
@@ -329,19 +344,13 @@ def gru_backward_row(b, t, gates, h_prev, hn_saved, dy, has_dy, dgates, dgates_n
         dy_row = dy[t, b]
         for j in range(H):
             dh_row[j] += dy_row[j]
-    for j in range(H):
-        # h_new = (1 - z) * n + z * h;  n = tanh(x_n + r * hn)
-        z, n = a[H + j], a[2 * H + j]
-        da[H + j] = dh_row[j] * (h_old[j] - n) * z * (one - z)            # da_z
-        da[2 * H + j] = dh_row[j] * (one - z) * (one - n * n)              # da_n
+    gru_zn_backward_row(a, h_old, da, dh_row)  # the GEMM after this pass adds dgates[t] @ w_hh
     for j in range(H):
         da_n_in[j] = da[2 * H + j]            # x_n = W_in x + b_in sees da_n
     for j in range(H):
         r = a[j]
         da[j] = da[2 * H + j] * hn[j] * r * (one - r)                       # da_r
         da[2 * H + j] *= r                    # hn = W_hn h + b_hn sees da_n * r
-    for j in range(H):
-        dh_row[j] *= a[H + j]                 # the GEMM after this pass adds dgates[t] @ w_hh
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,13 +398,7 @@ def gru_reset_before_backward_row(b, t, phase, gates, h_prev, dy, has_dy, dgates
             dy_row = dy[t, b]
             for j in range(H):
                 dh_row[j] += dy_row[j]
-        for j in range(H):
-            # h_new = (1 - z) * n + z * h;  n = tanh(x_n + W_hn rh + b_hn)
-            z, n = a[H + j], a[2 * H + j]
-            da[H + j] = dh_row[j] * (h_old[j] - n) * z * (one - z)        # da_z
-            da[2 * H + j] = dh_row[j] * (one - z) * (one - n * n)          # da_n
-        for j in range(H):
-            dh_row[j] *= a[H + j]
+        gru_zn_backward_row(a, h_old, da, dh_row)
         # the GEMM after this phase: drh = da_n @ W_hn
     else:
         drh_row = drh[b]
