@@ -112,9 +112,9 @@ class _RNNBase:
                     "bias_hh" + suffix if self.bias else None,
                     "peephole" + suffix if self.cell.peephole else None)
         self._zero_bias = np.zeros(self.cell.num_gates * self.hidden_size, self.dtype)
+        self._zero_bias.flags.writeable = False
         self._has_cell_state = self.cell.has_cell_state        # read on every one-step call
         self._num_rows = self.num_layers * self.num_directions  # state rows, L*D
-        self._zero_bias.flags.writeable = False
 
     # -- parameters ------------------------------------------------------------------------
     def _param_shapes(self):
@@ -142,11 +142,12 @@ class _RNNBase:
     def _layer_params(self, store, layer, direction):
         """(w_ih, w_hh, b_ih, b_hh, peephole) of one layer and direction from ``store``."""
         w_ih, w_hh, b_ih, b_hh, peephole = self._param_names[layer, direction]
-        if b_ih is None:  # bias=False: the kernels always take biases, zeros in
-            zeros = self._zero_bias if store is self.params else np.zeros_like(self._zero_bias)
-            bias = (zeros, zeros if store is self.params else np.zeros_like(zeros))
-        else:
+        if b_ih is not None:
             bias = (store[b_ih], store[b_hh])
+        elif store is self.params:  # bias=False: the kernels always take biases, zeros in
+            bias = (self._zero_bias, self._zero_bias)
+        else:                       # a gradient store: two arrays the kernels may write
+            bias = (np.zeros_like(self._zero_bias), np.zeros_like(self._zero_bias))
         return (store[w_ih], store[w_hh], *bias, None if peephole is None else store[peephole])
 
     def zero_grad(self):
@@ -258,15 +259,9 @@ class _RNNBase:
         if shape[0] == 1:   # one layer, one direction: y is a copy of h_n
             h_n = np.empty(shape, dtype)
             c_n = np.empty(shape, dtype) if has_c else None
-            # _layer_params(self.params, 0, 0) written out: a call less per step
-            params, zero = self.params, self._zero_bias
-            w_ih, w_hh, b_ih, b_hh, peephole = self._param_names[0, 0]
             self._kernels.layer_step(
                 self.cell, x.reshape(B, I), initial[0][0], initial[1][0] if has_c else None,
-                params[w_ih], params[w_hh], zero if b_ih is None else params[b_ih],
-                zero if b_hh is None else params[b_hh],
-                None if peephole is None else params[peephole],
-                h_n[0], c_n[0] if has_c else None)
+                *self._layer_params(self.params, 0, 0), h_n[0], c_n[0] if has_c else None)
             y = h_n.copy() if not self.batch_first else h_n.reshape(B, 1, shape[2]).copy()
             return y, ((h_n, c_n) if has_c else h_n)
         return self._stacked_step(x.reshape(B, I), initial, shape)
