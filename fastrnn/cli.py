@@ -45,24 +45,21 @@ def _int_at_least(minimum):
     return parse
 
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+def _float_where(accept, expected):
+    """An argparse type: a float that ``accept`` takes (NaN and non-numbers never are)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+_positive_float = _float_where(lambda v: math.isfinite(v) and v > 0, "a positive number")
+_fraction = _float_where(lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def build_parser():
