@@ -174,15 +174,15 @@ def _call_counter(m):
 STEP_STACKS = [(1, False, False), (1, False, True), (2, True, False), (3, False, True)]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("stack", STEP_STACKS,
                          ids=lambda s: f"L{s[0]}{'bi' if s[1] else ''}{'bf' if s[2] else ''}")
 @pytest.mark.parametrize("cell", sorted(CELLS))
-def test_one_step_call_equals_general_path(backend, cell, stack):
+def test_one_step_call_equals_general_path(backend, cell, stack, dtype):
     """``m(x_t, state)`` on one step takes layer_step and matches ``forward(train=False)``;
     with arrays not in the kernel's form (other dtype, strided) it takes the general path."""
     num_layers, bidirectional, batch_first = stack
     rng = _rng("one step", cell, stack)
-    dtype = np.float32
     B, I, H = 3, 6, 21
     m = make_layer(cell, I, H, num_layers, bidirectional=bidirectional,
                    batch_first=batch_first, dtype=dtype, backend=backend, seed=5)
@@ -201,12 +201,13 @@ def test_one_step_call_equals_general_path(backend, cell, stack):
                 **{f"s{i}": p for i, p in enumerate(state_parts(expected_state))}}
         assert y.shape == expected_y.shape
         assert_all_close(got, want, dtype, "one-step call")
-    # float64 input to a float32 layer, and a strided x: converted by the general path
-    for x_other in (x.astype(np.float64), np.repeat(x, 2, axis=-1)[..., ::2]):
+    # input of the other float dtype, and a strided x: converted by the general path
+    other = np.float64 if dtype == np.float32 else np.float32
+    for x_other in (x.astype(other), np.repeat(x, 2, axis=-1)[..., ::2]):
         y, _ = m(x_other, state)
         assert not calls
-        assert_all_close({"y": y}, {"y": m.forward(x, state, train=False)[0]}, dtype,
-                         "general path")
+        want = m.forward(np.ascontiguousarray(x_other, dtype), state, train=False)[0]
+        assert_all_close({"y": y}, {"y": want}, dtype, "general path")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
