@@ -2,7 +2,8 @@
 ``fastrnn.cells``.
 
 Inference calls with at most ``get_small_batch_max()`` batch rows run the unit-split forward loop
-(hidden units split over threads, dot products instead of a GEMM per step; see ``kernels``),
+(hidden units split over threads, each multiplying by its own weight rows, packed into panels
+once per call when the call is long enough, see ``_set_pack_limits``; see ``kernels``),
 larger ones and training forward calls (``get_small_batch_max(train=True)``, 0 by default) the
 batch-row loop; ``set_small_batch_max(0)`` turns the unit-split loop off.
 
@@ -51,10 +52,11 @@ def _signatures(dtype):
     forward = types.none(
         i64, const(3), const(2), const(2),         # code x w_ih w_hh
         const(1), const(1), const(2),              # b_ih b_hh peephole
-        index, flag, flag, i64,                    # lengths reverse train units
+        index, flag, flag, i64, flag,              # lengths reverse train units pack
         array(3, "A"),                             # y
         array(3), array(3), array(3),              # cache: gates h_prev saved
-        array(2), array(2), array(2), array(2), array(2))  # scratch: hgates h h2 c rh
+        array(2), array(2), array(2), array(2), array(2),  # scratch: hgates h h2 c rh
+        array(4), array(3))                        # gates_own hgates_own
     backward = types.none(
         i64, const(3), const(2), const(2),         # code x w_ih w_hh
         const(2), index, flag, i64,                # peephole lengths reverse truncate
@@ -236,12 +238,22 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     if cell.name == "gru_reset_before" and not train:
         shapes["rh"] = (B, H)
     # small batches: the unit-split loop, on `units` threads (0: the batch-row loop)
-    units = 0
+    units, pack = 0, False
     if B <= _small_batch_max[bool(train)]:
         work = GH * H * B                              # multiply-adds of h W_hh^T per step
         threads = _num_threads if work >= config.UNITS_PARALLEL_MIN_WORK else 1
         units = max(1, min(threads, -(-H // 16)))
         shapes["h2"] = (B, H)
+        pack = T * B >= _pack_limits[0] and _packed_bytes(dtype, units, GH, H) <= _pack_limits[1]
+        if units > 1 and not train:
+            # each thread's gates in its own buffer (see kernels.forward_loop), cut from this
+            # workspace: allocated in the kernel instead, the call was 8-12% slower (LSTM
+            # T=200 B=16 H=256; likely the page faults: NumPy advises huge pages for large
+            # arrays, Numba's allocator does not)
+            C = kernels.unit_range.py_func(0, units, H)[1]
+            del shapes["gates"]
+            shapes["gates_own"] = (units, T, B, GH // H * C)
+            shapes["hgates_own"] = (units, B, GH // H * C)
     buffer, ws = _workspace(dtype, shapes)
     ws["h"][...] = 0 if h0 is None else h0
     if cell.has_cell_state:
@@ -256,9 +268,10 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                 _const("w_hh", w_hh, dtype, 2), _const("b_ih", b_ih, dtype, 1),
                 _const("b_hh", b_hh, dtype, 1),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), bool(train), units,
-                out.array, ws["gates"], h_prev, saved, ws["hgates"], ws["h"],
-                ws.get("h2", empty2), ws.get("c", empty2), ws.get("rh", empty2))
+                lengths, bool(reverse), bool(train), units, pack,
+                out.array, ws.get("gates", empty3), h_prev, saved, ws["hgates"], ws["h"],
+                ws.get("h2", empty2), ws.get("c", empty2), ws.get("rh", empty2),
+                ws.get("gates_own", _empty(dtype, 4)), ws.get("hgates_own", empty3))
         out.finish()
     h_n[...] = ws["h"]
     if cell.has_cell_state:
@@ -438,6 +451,26 @@ def get_small_batch_max(train=False):
     """The largest batch that runs the unit-split forward loop (0: none), for inference calls or
     with train=True for training forward calls."""
     return _small_batch_max[bool(train)]
+
+
+_pack_limits = [config.PANEL_MIN_ROWS, config.PANEL_MAX_BYTES]
+
+
+def _set_pack_limits(min_rows, max_bytes):
+    """Tuning and test hook: the unit-split loop packs its weights into panels when a call has
+    T*B >= min_rows and a thread's packed w_hh takes at most max_bytes (see
+    config.PANEL_MIN_ROWS). Returns the previous (min_rows, max_bytes)."""
+    previous = tuple(_pack_limits)
+    _pack_limits[:] = [int(min_rows), int(max_bytes)]
+    return previous
+
+
+def _packed_bytes(dtype, units, GH, H):
+    """The bytes of a thread's packed w_hh (G blocks of its units' rows, whole panels) when the
+    unit-split loop runs on `units` threads."""
+    NR = 2 * config.PANEL_VECTOR_BYTES // np.dtype(dtype).itemsize
+    j0, j1 = kernels.unit_range.py_func(0, units, H)
+    return GH // H * -(-(j1 - j0) // NR) * NR * H * np.dtype(dtype).itemsize
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Numba checks only the source file of the function it caches: after editing blas.
 delete the cache (``find fastrnn -name '*.nb[ic]' -delete``) or the old machine code keeps
 running. kernels.py holds all the steps and loops together for that reason.
 """
+import llvmlite.binding as _llvm
+import numba as _numba
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # a set: Numba refuses a frozenset
 
@@ -49,3 +51,42 @@ UNITS_PARALLEL_MIN_WORK = 1 << 16
 # (measured, whole call: LSTM I=H=64 B=1, 32K: 4.8 us on one thread, 5.5 on two; I=H=128, 128K:
 # 9.8 and 8.2; GRU I=H=128, 96K: 7.6 and 7.1).
 STEP_PARALLEL_MIN_WORK = 1 << 16
+
+
+def _vector_registers():
+    """(bytes, count) of the vector registers Numba compiles for: its target's CPU features
+    (NUMBA_CPU_FEATURES, else the host's, as Numba takes them)."""
+    features = _numba.config.CPU_FEATURES
+    if features is None:
+        features = _llvm.get_host_cpu_features().flatten()
+    features = set(features.split(","))
+    if "+avx512f" in features:
+        return 64, 32
+    if "+avx" in features:
+        return 32, 16
+    return 16, 16 if "+sse2" in features else 32   # SSE: 16 registers; NEON and others: 32
+
+
+# The unit-split loop's panel product (kernels.panel_product) keeps an MR x NR tile of the
+# result in vector registers, NR = 2 registers' worth of lanes (AVX-512: 32 float32, 16
+# float64): PANEL_VECTOR_BYTES is the register width, PANEL_ACCUMULATORS how many registers the
+# tile may take (16 of AVX-512's 32 registers, 8 of AVX's 16, leaving room for the weights and
+# the broadcast inputs). Written in LLVM vector types, not left to the loop vectoriser: LLVM
+# prefers 256-bit vectors on AVX-512 CPUs (rocketlake, icelake, ...), and half-width
+# accumulators ran at ~100 GFLOP/s a core against ~150 with 512-bit ones.
+PANEL_VECTOR_BYTES, _REGISTERS = _vector_registers()
+PANEL_ACCUMULATORS = 16 if _REGISTERS >= 32 else 8
+
+# The unit-split loop packs the weights into panels when a call has at least PANEL_MIN_ROWS
+# rows of input, T*B, and a thread's packed w_hh takes at most PANEL_MAX_BYTES (it must stay in
+# the core's L2 from step to step: a product that streams its weights from L3 or memory runs at
+# the speed of memory, packed or not, measured 28.8 and 28.7 GFLOP/s, B = 2, 6 MB). Otherwise
+# dot products on the weights as they are. fastrnn._numba._set_pack_limits changes both.
+# Packing costs ~0.15 ns a byte of weights (0.6 ms for 4 MB of float32 on one core, about two
+# copies); the panel product saves ~0.005 ns per multiply-add (float32: 85-95 GFLOP/s -> 125-160
+# at B >= 4, 35 -> 46 at B = 1), so the input projection (T*B rows) and the T steps of B rows
+# each win it back from about 60 rows on by that estimate (B = 1: T >= ~45; B = 4: T >= ~20;
+# B = 16: T >= ~5); measured whole calls (2 threads, noisy): 64 rows a loss (LSTM B=4 T=16,
+# H=256: 0.65x), 160 a small gain (T=40: 1.03x), so 128.
+PANEL_MIN_ROWS = 128
+PANEL_MAX_BYTES = 1 << 20
