@@ -14,10 +14,21 @@ lengths, reverse, truncation, gradients added into). Per call:
               gradients are GEMV reductions.
 
 Small batches (B <= small_batch_max) take the unit-split forward loop instead (_units_loop: the
-hidden units split over threads, the recurrent product as dot products that read each weight
-once per step for all B rows, rowdot.h; same workspace and cache). ``layer_step`` is one step of
-inference for a layer called on one time step: the same loop with T = 1, and for B <=
-small_batch_max with x W_ih^T as dot products too (no BLAS call at all).
+hidden units split over threads, each thread multiplying by its own rows of the weights, which
+stay in its core's cache; same workspace and cache). ``layer_step`` is one step of inference
+for a layer called on one time step: the same loop with T = 1, and for B <= small_batch_max
+with x W_ih^T done the same way (no BLAS call at all).
+
+Packed weights (panel.h). When a call has enough rows to pay for it (T*B >= _PACK_MIN_ROWS),
+the per-step products multiply by a copy of w_hh packed once per call into panels that a
+register-blocked kernel streams: about twice the speed of BLAS or of dot products at a few to a
+few dozen rows (BLAS repacks w_hh for every small GEMM). The unit-split loop packs each
+thread's own rows (and w_ih's for its input projection); the GEMM loops, for B <=
+_PACKED_B_MAX, pack w_hh for the forward products h w_hh^T and its columns for backward's dh
+w_hh, and do the input projection and the gradient products after backward's loop as packed
+products too. Such a call makes no BLAS call, so its products (split by panels) and passes
+(split by rows) use every thread: the two thread pools never wait on each other (see the
+thread note below). Otherwise the loops fall back to dot products (rowdot.h) or BLAS.
 
 The workspace (the cache) is one allocation per forward call, the backward workspace one per
 backward call; the loops run without the GIL, passes split batch rows over OpenMP threads (see
@@ -45,6 +56,22 @@ cdef extern from "rowdot.h" nogil:
                        const double* x, Py_ssize_t ldx, Py_ssize_t nx, double* out,
                        Py_ssize_t ldo)
     void fr_barrier()
+
+cdef extern from "panel.h" nogil:
+    Py_ssize_t fr_panel_width_f32()
+    Py_ssize_t fr_panel_width_f64()
+    Py_ssize_t fr_packed_size_f32(Py_ssize_t rows, Py_ssize_t k)
+    Py_ssize_t fr_packed_size_f64(Py_ssize_t rows, Py_ssize_t k)
+    void fr_pack_f32(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
+                     Py_ssize_t k, float* packed)
+    void fr_pack_f64(const double* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
+                     Py_ssize_t k, double* packed)
+    void fr_packed_product_f32(const float* packed, Py_ssize_t rows, Py_ssize_t k,
+                               const float* x, Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx,
+                               float* out, Py_ssize_t ldo, int accumulate)
+    void fr_packed_product_f64(const double* packed, Py_ssize_t rows, Py_ssize_t k,
+                               const double* x, Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx,
+                               double* out, Py_ssize_t ldo, int accumulate)
 
 from blas cimport gemm, gemv
 from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TANH,
@@ -161,6 +188,56 @@ def get_small_batch_max(train=False):
     """The largest batch that runs the unit-split forward loop (0: none), for inference calls or
     with train=True for training forward calls."""
     return int(_small_batch_max_train if train else _small_batch_max)
+
+
+# The unit-split loop multiplies by weights packed once per call (panel.h: about twice the
+# speed of the dot products from 4 rows of h on, 1.25x for one row) when the call has enough
+# steps to pay for packing (a pass over the weights: about 6 one-row steps' worth), T*B rows at
+# least _PACK_MIN_ROWS, and a thread's packed W_hh stays in its L2 (at most _PACK_MAX_BYTES;
+# beyond that a step streams the weights from L3 either way and packing only adds a pass).
+cdef Py_ssize_t _PACK_MIN_ROWS = 32
+cdef Py_ssize_t _PACK_MAX_BYTES = 1 << 20
+# The GEMM loops (larger batches, training) multiply over packed weights for up to this many
+# rows (B), with BLAS above. Such a call makes no BLAS call at all (its input projection and
+# gradient products are packed products too), so its products and passes use every thread
+# (_num_threads). (With BLAS in the same call, packed per-step products on two threads were
+# measured 2x SLOWER: BLAS workers spinning after a GEMM take the cores they wait on; on the
+# calling thread alone, 0-20 % faster than BLAS; with every product packed, 5-25 % faster.)
+# _set_pool(False): the packed per-step products on the calling thread, BLAS for the rest.
+# The limit: LSTM I = H = 256, T = 50, 2 threads, training: B = 32 24-26 vs 29-31 ms (BLAS),
+# B = 64 51 vs 55, B = 128 118-123 vs 108-110 (inference: faster at 128 too, 25-28 vs 32).
+cdef Py_ssize_t _PACKED_B_MAX = 64
+cdef bint _pool_off = False
+# rows of T*B per chunk of the weight-gradient products (_weight_gradient)
+cdef Py_ssize_t _GRAD_CHUNK = 256
+
+
+def _set_pool(on):
+    """Tuning and test hook: whether packed GEMM-loop calls use all the threads; returns the
+    previous setting."""
+    global _pool_off
+    previous = not _pool_off
+    _pool_off = not on
+    return previous
+
+
+cdef inline bint _packs(Py_ssize_t T, Py_ssize_t B) noexcept nogil:
+    # does a GEMM-loop call (forward or backward) of T steps and B rows pack its weights
+    return T * B >= _PACK_MIN_ROWS and B <= _PACKED_B_MAX
+
+
+cdef inline int _pool_threads() noexcept nogil:
+    return 1 if _pool_off else _num_threads
+
+
+def _set_pack_limits(min_rows, max_bytes):
+    """Tuning and test hook: when the unit-split loop packs its weights (see _PACK_MIN_ROWS);
+    returns the previous (min_rows, max_bytes)."""
+    global _PACK_MIN_ROWS, _PACK_MAX_BYTES
+    previous = (int(_PACK_MIN_ROWS), int(_PACK_MAX_BYTES))
+    _PACK_MIN_ROWS = int(min_rows)
+    _PACK_MAX_BYTES = int(max_bytes)
+    return previous
 
 
 def _set_unit_parallel_min(n):
@@ -360,7 +437,22 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
     cdef floating* c_new = NULL
     cdef Py_ssize_t s, t, cur, nxt
     cdef bint active
-    if not input_dots:
+    # the GEMM loop over packed weights (module notes) for calls with the rows to pay for
+    # packing; then the input projection too is a packed product, and with no BLAS call in the
+    # call every product and pass uses all the threads (_pool_threads). Packed w_hh: GRU
+    # reset-before's r, z blocks (2H rows) apart from its n block (H rows, at n_at)
+    cdef Py_ssize_t n_at = _packed_size(ws, H2 if code == GRU_RESET_BEFORE else GH, H)
+    cdef floating* packed = NULL
+    cdef int threads = 1
+    if units == 0 and _packs(T, B):
+        # one buffer: the input projection's packed w_ih first, then w_hh for the steps
+        packed = <floating*>malloc(max(n_at + _packed_size(ws, H, H), _packed_size(ws, GH, I))
+                                   * sizeof(floating))
+        threads = _pool_threads() if packed != NULL else 1
+    if threads > 1:
+        _pack_and_multiply_mt(w_ih, ld_ih, 1, GH, I, x, I, 1, T * B, gates, GH, False, packed,
+                              threads)
+    elif not input_dots:
         # x_proj = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
         gemm(False, True, <int>(T * B), <int>GH, <int>I, 1, x, <int>I, w_ih, ld_ih, 0, gates,
              <int>GH)
@@ -375,6 +467,13 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
         _units_loop(code, reverse, train, input_dots, 0, 1, ws, L, y, y_step, y_row, x, w_ih,
                     ld_ih, w_hh, ld_hh, b_ih, b_hh, peephole, lengths, T, B, I, H, G)
         return
+    if packed != NULL:
+        if code == GRU_RESET_BEFORE:
+            _pack(w_hh, ld_hh, 1, H2, H, packed)
+            _pack(w_hh + H2 * ld_hh, ld_hh, 1, H, H, packed + n_at)
+        else:
+            _pack(w_hh, ld_hh, 1, GH, H, packed)
+        nthreads = threads
     for s in range(T):
         t = T - 1 - s if reverse else s
         cur = _state_slot(s, t, T, reverse, train, False) * BH
@@ -388,19 +487,33 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
         if code == GRU_RESET_BEFORE:
             if active:
                 # hh[:, :2H] = h @ w_hh[:2H].T
-                gemm(False, True, <int>B, <int>H2, <int>H, 1, h, <int>H, w_hh, ld_hh,
-                     0, hh, <int>GH)
+                _hidden_product(w_hh, ld_hh, packed, 0, 2, h, B, H, hh, GH, nthreads)
             _forward_pass(code, False, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
                           hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
             if active:
                 # hh[:, 2H:] = (r * h) @ w_hh[2H:].T
-                gemm(False, True, <int>B, <int>H, <int>H, 1, extra_t, <int>H,
-                     w_hh + H2 * ld_hh, ld_hh, 0, hh + H2, <int>GH)
+                _hidden_product(w_hh, ld_hh, packed + n_at if packed != NULL else NULL, 2, 3,
+                                extra_t, B, H, hh, GH, nthreads)
         elif active:
             # hh = h @ w_hh.T:  (B, H) x (H, G*H)
-            gemm(False, True, <int>B, <int>GH, <int>H, 1, h, <int>H, w_hh, ld_hh, 0, hh, <int>GH)
+            _hidden_product(w_hh, ld_hh, packed, 0, G, h, B, H, hh, GH, nthreads)
         _forward_pass(code, True, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
                       hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
+    free(packed)
+
+
+cdef inline void _hidden_product(const floating* w_hh, int ld_hh, const floating* packed,
+                                 Py_ssize_t g0, Py_ssize_t g1, const floating* v, Py_ssize_t B,
+                                 Py_ssize_t H, floating* hh, Py_ssize_t GH,
+                                 int nthreads) noexcept nogil:
+    # hh[:, blocks g0 .. g1-1] = v @ w_hh[blocks g0 .. g1-1].T, v (B, H): over the packed copy
+    # of those blocks when there is one, else one GEMM
+    if packed != NULL:
+        _packed_product_mt(packed, (g1 - g0) * H, H, v, H, B, hh + g0 * H, GH, False,
+                           nthreads)
+    else:
+        gemm(False, True, <int>B, <int>((g1 - g0) * H), <int>H, 1, v, <int>H,
+             w_hh + g0 * H * ld_hh, ld_hh, 0, hh + g0 * H, <int>GH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +537,94 @@ cdef inline void _rowdot(const floating* w, Py_ssize_t ldw, Py_ssize_t rows, Py_
         fr_rowdot_f32(w, ldw, rows, k, x, ldx, nx, out, ldo)
     else:
         fr_rowdot_f64(w, ldw, rows, k, x, ldx, nx, out, ldo)
+
+
+cdef inline Py_ssize_t _packed_size(floating* typed, Py_ssize_t rows, Py_ssize_t k) noexcept nogil:
+    # elements of the packed copy of rows x k weights (typed: only its type matters)
+    if floating is float:
+        return fr_packed_size_f32(rows, k)
+    else:
+        return fr_packed_size_f64(rows, k)
+
+
+cdef inline void _pack(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
+                       Py_ssize_t k, floating* packed) noexcept nogil:
+    # packs W[r, i] = w[r*rs + i*cs] for r < rows, i < k (panel.h)
+    if floating is float:
+        fr_pack_f32(w, rs, cs, rows, k, packed)
+    else:
+        fr_pack_f64(w, rs, cs, rows, k, packed)
+
+
+cdef inline void _packed_product(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
+                                 const floating* x, Py_ssize_t ldx, Py_ssize_t nx,
+                                 floating* out, Py_ssize_t ldo, bint accumulate) noexcept nogil:
+    # out[b*ldo + r] (+)= x[b, :k] . W[r, :k] for r < rows, b < nx, W packed by _pack
+    if floating is float:
+        fr_packed_product_f32(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate)
+    else:
+        fr_packed_product_f64(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate)
+
+
+cdef inline Py_ssize_t _panel_width(const floating* typed) noexcept nogil:
+    if floating is float:
+        return fr_panel_width_f32()
+    else:
+        return fr_panel_width_f64()
+
+
+cdef void _packed_product_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
+                             const floating* x, Py_ssize_t ldx, Py_ssize_t nx,
+                             floating* out, Py_ssize_t ldo, bint accumulate,
+                             int nthreads) noexcept nogil:
+    # _packed_product with the rows (whole panels) split over nthreads threads
+    cdef Py_ssize_t nr = _panel_width(packed)
+    cdef Py_ssize_t panels = (rows + nr - 1) // nr
+    cdef Py_ssize_t per, part, r0, r1
+    if nthreads > panels:
+        nthreads = <int>panels
+    if nthreads <= 1:
+        _packed_product(packed, rows, k, x, ldx, nx, out, ldo, accumulate)
+        return
+    per = (panels + nthreads - 1) // nthreads
+    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+        r0 = part * per * nr
+        r1 = min(rows, r0 + per * nr)
+        if r0 < r1:
+            _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, nx, out + r0, ldo, accumulate)
+
+
+cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
+                                Py_ssize_t rows, Py_ssize_t k, const floating* x, Py_ssize_t ldx,
+                                Py_ssize_t incx, Py_ssize_t nx, floating* out, Py_ssize_t ldo,
+                                bint accumulate, floating* packed, int nthreads) noexcept nogil:
+    # a one-off product (the input projection of all steps, dx, weight gradients):
+    # out[b*ldo + r] (+)= x[b, :] . W[r, :] with W[r, i] = w[r*rs + i*cs] and x[b, i] =
+    # x[b*ldx + i*incx]; the rows of W (whole panels) split over the threads, each packing its
+    # own into its part of `packed` (_packed_size(rows, k) elements)
+    cdef Py_ssize_t nr = _panel_width(w)
+    cdef Py_ssize_t panels = (rows + nr - 1) // nr
+    cdef Py_ssize_t per, part, r0, r1
+    if nthreads > panels:
+        nthreads = <int>max(1, panels)
+    per = (panels + nthreads - 1) // nthreads
+    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+        r0 = part * per * nr
+        r1 = min(rows, r0 + per * nr)
+        if r0 < r1:
+            _pack(w + r0 * rs, rs, cs, r1 - r0, k, packed + r0 * k)
+            fr_product(packed + r0 * k, r1 - r0, k, x, ldx, incx, nx, out + r0, ldo,
+                       accumulate)
+
+
+cdef inline void fr_product(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
+                            const floating* x, Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx,
+                            floating* out, Py_ssize_t ldo, bint accumulate) noexcept nogil:
+    # _packed_product with a column stride for x
+    if floating is float:
+        fr_packed_product_f32(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
+    else:
+        fr_packed_product_f64(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
 
 
 cdef inline void _unit_range(Py_ssize_t H, int tid, int nthreads, Py_ssize_t* j0,
@@ -460,18 +661,33 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
     cdef floating* y_t
     cdef floating* c = NULL
     cdef floating* c_new = NULL
-    cdef Py_ssize_t s, t, cur, nxt, j0, j1, n, g, b
+    cdef Py_ssize_t s, t, cur, nxt, j0, j1, n, g, b, block_size = 0
     cdef Py_ssize_t blocks = 2 if code == GRU_RESET_BEFORE else G
+    cdef floating* packed = NULL        # this thread's rows of w_hh, packed; NULL: dot products
     cdef bint active
     _unit_range(H, tid, nthreads, &j0, &j1)
     n = j1 - j0
+    if n > 0 and T * B >= _PACK_MIN_ROWS \
+            and G * _packed_size(ws, n, H) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
+        # allocated by the thread that uses it (its pages near its core); one buffer serves
+        # w_ih's blocks one at a time first, then all of w_hh's
+        block_size = _packed_size(ws, n, H)
+        packed = <floating*>malloc(
+            max(G * block_size, _packed_size(ws, n, I) if input_dots else 0) * sizeof(floating))
     if input_dots and n > 0:
         # gates[:, :, block g, units] = x @ w_ih[block g, units].T for all T*B rows: the thread's
         # own columns, so no barrier; no BLAS call in the region (BLAS threads spinning after a
         # GEMM take the cores these threads need: measured 1.7x slower per step)
         for g in range(G):
-            _rowdot(w_ih + (g * H + j0) * ld_ih, ld_ih, n, I, x, I, T * B, gates + g * H + j0,
-                    GH)
+            if packed != NULL:
+                _pack(w_ih + (g * H + j0) * ld_ih, ld_ih, 1, n, I, packed)
+                _packed_product(packed, n, I, x, I, T * B, gates + g * H + j0, GH, False)
+            else:
+                _rowdot(w_ih + (g * H + j0) * ld_ih, ld_ih, n, I, x, I, T * B,
+                        gates + g * H + j0, GH)
+    if packed != NULL:
+        for g in range(G):
+            _pack(w_hh + (g * H + j0) * ld_hh, ld_hh, 1, n, H, packed + g * block_size)
     for s in range(T):
         t = T - 1 - s if reverse else s
         cur = _state_slot(s, t, T, reverse, train, False) * BH
@@ -486,7 +702,7 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
         if active and n > 0:
             # hh[:, block g, units] = h @ w_hh[block g, units].T
             for g in range(blocks):
-                _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, h, H, B, hh + g * H + j0, GH)
+                _units_product(w_hh, ld_hh, packed, block_size, g, j0, n, H, h, B, hh, GH)
         if code == GRU_RESET_BEFORE:
             for b in range(B):
                 _forward_row(code, False, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t,
@@ -494,11 +710,24 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
             fr_barrier()                        # all of r*h is written
             if active and n > 0:
                 # hh[:, n block, units] = (r*h) @ w_hh[n block, units].T
-                _rowdot(w_hh + (H2 + j0) * ld_hh, ld_hh, n, H, extra_t, H, B, hh + H2 + j0, GH)
+                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH)
         for b in range(B):
             _forward_row(code, True, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t, y_row,
                          hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
         fr_barrier()                            # the new state is complete
+    free(packed)
+
+
+cdef inline void _units_product(const floating* w_hh, int ld_hh, const floating* packed,
+                                Py_ssize_t block_size, Py_ssize_t g, Py_ssize_t j0,
+                                Py_ssize_t n, Py_ssize_t H, const floating* v, Py_ssize_t B,
+                                floating* hh, Py_ssize_t GH) noexcept nogil:
+    # hh[:, block g, units j0 .. j0+n] = v @ w_hh[block g, units].T, v (B, H): from the packed
+    # copy of the thread's rows when there is one
+    if packed != NULL:
+        _packed_product(packed + g * block_size, n, H, v, H, B, hh + g * H + j0, GH, False)
+    else:
+        _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, v, H, B, hh + g * H + j0, GH)
 
 
 cdef inline Py_ssize_t _state_slot(Py_ssize_t s, Py_ssize_t t, Py_ssize_t T, bint reverse,
@@ -615,6 +844,25 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
     cdef const floating* c_new = NULL
     cdef Py_ssize_t s, t, i, boundary
     cdef bint active, cut
+    # the per-step products on this thread over w_hh packed once, as in _forward_loop; packed
+    # columns of w_hh: W[u, g] = w_hh[g, u]. GRU reset-before: the r, z blocks (k = 2H) apart
+    # from the n block (k = H), at n_at
+    cdef Py_ssize_t k_main = H2 if code == GRU_RESET_BEFORE else GH
+    cdef Py_ssize_t n_at = _packed_size(bws, H, k_main)
+    cdef floating* packed = NULL
+    cdef bint pool = False                 # no BLAS call at all, every thread (see _forward_loop)
+    cdef Py_ssize_t grad_rows = min(T * B, _GRAD_CHUNK)
+    if _packs(T, B):
+        # one buffer: w_hh's columns for the steps, then the operands of _pool_gradients
+        packed = <floating*>malloc(max(n_at + _packed_size(bws, H, H), _packed_size(bws, I, GH),
+                                       _packed_size(bws, max(I, H), grad_rows))
+                                   * sizeof(floating))
+        if packed != NULL:
+            _pack(w_hh, 1, ld_hh, H, k_main, packed)
+            if code == GRU_RESET_BEFORE:
+                _pack(w_hh + H2 * ld_hh, 1, ld_hh, H, H, packed + n_at)
+            nthreads = _pool_threads()
+            pool = nthreads > 1
     for s in range(T):
         t = s if reverse else T - 1 - s
         dgates_t = dgates + t * B * GH
@@ -632,24 +880,30 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
                        peephole, lengths, B, G, H, nthreads)
         if active and code == GRU_RESET_BEFORE:
             # drh = da_n @ w_hh[2H:]:  (B, H) x (H, H)
-            gemm(False, False, <int>B, <int>H, <int>H, 1, dgates_t + H2, <int>GH,
-                 w_hh + H2 * ld_hh, ld_hh, 0, drh, <int>H)
+            _state_product(w_hh + H2 * ld_hh, ld_hh, packed + n_at if packed != NULL else NULL,
+                           H, dgates_t + H2, GH, B, H, drh, False, nthreads)
             _backward_pass(code, True, t, dgates_t, dhidden, dhn, dh, dc, dpeep, NULL, 0, drh,
                            gates + t * B * GH, hs + t * BH, c, c_new, NULL,
                            peephole, lengths, B, G, H, nthreads)
             if not cut:
                 # dh += da_rz @ w_hh[:2H]:  (B, 2H) x (2H, H)
-                gemm(False, False, <int>B, <int>H, <int>H2, 1, dgates_t, <int>GH,
-                     w_hh, ld_hh, 1, dh, <int>H)
+                _state_product(w_hh, ld_hh, packed, H2, dgates_t, GH, B, H, dh, True, nthreads)
         elif active and not cut:
             # dh += d(W_hh h + b_hh) @ w_hh:  (B, G*H) x (G*H, H)
-            gemm(False, False, <int>B, <int>H, <int>GH, 1,
-                 dhidden if dhidden != NULL else dgates_t, <int>GH, w_hh, ld_hh, 1, dh, <int>H)
+            _state_product(w_hh, ld_hh, packed, GH, dhidden if dhidden != NULL else dgates_t,
+                           GH, B, H, dh, True, nthreads)
         if cut:
             memset(dh, 0, BH * sizeof(floating))
             if dc != NULL:
                 memset(dc, 0, BH * sizeof(floating))
 
+    if pool:
+        _pool_gradients(code, dgates, dhn, hs, extra, x, w_ih, ld_ih, dx, dx_step, dx_row,
+                        dw_ih, ld_dw_ih, dw_hh, ld_dw_hh, db_ih, inc_db_ih, db_hh, inc_db_hh,
+                        T, B, I, H, G, packed, nthreads)
+        free(packed)
+        return
+    free(packed)
     # after the loop, over all T*B rows at once (dgates is zero at padding)
     for i in range(TB):
         ones[i] = 1
@@ -692,8 +946,102 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
         gemv(True, <int>TB, <int>GH, 1, dgates, <int>GH, ones, 1, 1, db_hh, inc_db_hh)
 
 
+cdef void _pool_gradients(int code, const floating* dgates, const floating* dhn,
+                          const floating* hs, const floating* extra, const floating* x,
+                          const floating* w_ih, int ld_ih,
+                          floating* dx, Py_ssize_t dx_step, Py_ssize_t dx_row,
+                          floating* dw_ih, int ld_dw_ih, floating* dw_hh, int ld_dw_hh,
+                          floating* db_ih, int inc_db_ih, floating* db_hh, int inc_db_hh,
+                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G,
+                          floating* packed, int nthreads) noexcept nogil:
+    # the products after backward's loop, the same as the BLAS calls of _backward_loop, as
+    # packed products on nthreads threads (packed: room for w_ih's columns and for a chunk of
+    # the weight gradients' operand, see _backward_loop)
+    cdef Py_ssize_t GH = G * H, H2 = 2 * H, TB = T * B, t
+    # dx += dgates @ w_ih:  (T*B, G*H) x (G*H, I); packed columns of w_ih
+    if dx_step == B * dx_row:
+        _pack_and_multiply_mt(w_ih, 1, ld_ih, I, GH, dgates, GH, 1, TB, dx, dx_row, True,
+                              packed, nthreads)
+    else:
+        for t in range(T):
+            _pack_and_multiply_mt(w_ih, 1, ld_ih, I, GH, dgates + t * B * GH, GH, 1, B,
+                                  dx + t * dx_step, dx_row, True, packed, nthreads)
+    # dw_ih += dgates.T @ x:  (G*H, T*B) x (T*B, I);  db_ih += dgates.sum(axis=0)
+    _weight_gradient(dgates, GH, GH, x, I, I, TB, dw_ih, ld_dw_ih, packed, nthreads)
+    _column_sums(dgates, GH, GH, TB, db_ih, inc_db_ih, nthreads)
+    if code == GRU:
+        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dhn.T @ h_prev
+        _weight_gradient(dgates, GH, H2, hs, H, H, TB, dw_hh, ld_dw_hh, packed, nthreads)
+        _weight_gradient(dhn, H, H, hs, H, H, TB, dw_hh + H2 * ld_dw_hh, ld_dw_hh, packed,
+                         nthreads)
+        _column_sums(dgates, GH, H2, TB, db_hh, inc_db_hh, nthreads)
+        _column_sums(dhn, H, H, TB, db_hh + H2 * inc_db_hh, inc_db_hh, nthreads)
+    elif code == GRU_RESET_BEFORE:
+        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dgates[:, 2H:].T @ (r * h)
+        _weight_gradient(dgates, GH, H2, hs, H, H, TB, dw_hh, ld_dw_hh, packed, nthreads)
+        _weight_gradient(dgates + H2, GH, H, extra, H, H, TB, dw_hh + H2 * ld_dw_hh, ld_dw_hh,
+                         packed, nthreads)
+        _column_sums(dgates, GH, GH, TB, db_hh, inc_db_hh, nthreads)
+    else:
+        # dw_hh += dgates.T @ h_prev:  (G*H, T*B) x (T*B, H);  db_hh += dgates.sum(axis=0)
+        _weight_gradient(dgates, GH, GH, hs, H, H, TB, dw_hh, ld_dw_hh, packed, nthreads)
+        _column_sums(dgates, GH, GH, TB, db_hh, inc_db_hh, nthreads)
+
+
+cdef void _weight_gradient(const floating* d, Py_ssize_t ldd, Py_ssize_t M, const floating* v,
+                           Py_ssize_t ldv, Py_ssize_t K, Py_ssize_t TB, floating* out,
+                           Py_ssize_t ldo, floating* packed, int nthreads) noexcept nogil:
+    # out[m, c] += sum_r d[r*ldd + m] * v[r*ldv + c] for m < M, c < K, r < TB: d^T v, the sum
+    # over all T*B rows taken in chunks of _GRAD_CHUNK rows, so that a chunk of v (packed by
+    # columns, into `packed`) and of d stay in L2 while every row of out meets them
+    cdef Py_ssize_t r0 = 0, rows
+    while r0 < TB:
+        rows = min(_GRAD_CHUNK, TB - r0)
+        _pack_and_multiply_mt(v + r0 * ldv, 1, ldv, K, rows, d + r0 * ldd, 1, ldd, M, out, ldo,
+                              True, packed, nthreads)
+        r0 += rows
+
+
+cdef void _column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t M, Py_ssize_t TB,
+                       floating* out, Py_ssize_t inc, int nthreads) noexcept nogil:
+    # out[m*inc] += sum_r d[r*ldd + m] for m < M, r < TB; columns split over the threads, the
+    # rows read in order (a column at a time was a quarter of a training call's time)
+    cdef Py_ssize_t part, per = (M + nthreads - 1) // nthreads, m0, m1, m, r
+    cdef floating* acc
+    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+        m0 = part * per
+        m1 = min(M, m0 + per)
+        if m0 < m1:
+            acc = <floating*>malloc((m1 - m0) * sizeof(floating))
+            if acc == NULL:                     # the slow order, without memory
+                for m in range(m0, m1):
+                    for r in range(TB):
+                        out[m * inc] += d[r * ldd + m]
+            else:
+                memset(acc, 0, (m1 - m0) * sizeof(floating))
+                for r in range(TB):
+                    for m in range(m1 - m0):
+                        acc[m] = acc[m] + d[r * ldd + m0 + m]
+                for m in range(m1 - m0):
+                    out[(m0 + m) * inc] += acc[m]
+                free(acc)
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed entry points: memoryviews in, pointers and sizes out, the loops run without the GIL
+
+cdef inline void _state_product(const floating* w, int ldw, const floating* packed,
+                                Py_ssize_t k, const floating* v, Py_ssize_t ldv, Py_ssize_t B,
+                                Py_ssize_t H, floating* out, bint accumulate,
+                                int nthreads) noexcept nogil:
+    # out (+)= v @ w, v (B, k) with row stride ldv, w (k, H) with row stride ldw, out (B, H):
+    # over w packed by columns when there is a packed copy, else one GEMM
+    if packed != NULL:
+        _packed_product_mt(packed, H, k, v, ldv, B, out, H, accumulate, nthreads)
+    else:
+        gemm(False, False, <int>B, <int>H, <int>k, 1, v, <int>ldv, w, ldw,
+             1 if accumulate else 0, out, <int>H)
+
 
 cdef int _run_forward(int code, bint reverse, bint train, int nthreads,
                       floating[::1] ws, Layout L,

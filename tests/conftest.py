@@ -144,3 +144,16 @@ def small_batch_max(backend_name, value):
     finally:
         for train, n in zip((False, True), old):
             kernels.set_small_batch_max(n, train=train)
+
+
+@contextlib.contextmanager
+def packing(backend_name, on):
+    """The compiled backend's products over weights packed once per call (``_set_pack_limits``)
+    forced on for every call (on=True) or off (on=False) while the block runs."""
+    kernels = fastrnn.get_backend(backend_name)
+    old = kernels._set_pack_limits(0, 2**62) if on else kernels._set_pack_limits(2**62, 0)
+    try:
+        yield
+    finally:
+        kernels._set_pack_limits(*old)
+

@@ -1,10 +1,13 @@
 """The small-batch paths of the compiled backends, and the one-step path of the layers.
 
 Small batches (B <= the backend's ``small_batch_max``) run a different forward time loop: the
-hidden units are split over threads and the recurrent product is done as dot products instead
-of a BLAS GEMM. Every case here runs on both loops (``small_batch_max`` forced to 0, and to a
-value above any B) and compares with the NumPy reference, with hidden sizes large enough for
-the units to be split over several threads and odd enough to leave ragged ends.
+hidden units are split over threads and the recurrent product is done per thread instead of a
+BLAS GEMM. Both loops multiply either over weights packed once per call or without packing (dot
+products in the unit-split loop, BLAS in the GEMM loop), as the call's size decides. Every case
+here runs on all four (``small_batch_max`` forced to 0, and to a value above any B; packing
+forced on and off) and compares with the NumPy reference, with hidden sizes large enough for
+the units to be split over several threads and odd enough to leave ragged ends (partial
+panels), and batches that leave every remainder of the packed product's row groups.
 
 ``layer_step`` (one step of inference, the lean entry the layers use for one-step calls) is
 compared with the reference's, and a layer called on one step must give what the general path
@@ -17,13 +20,32 @@ import numpy as np
 import pytest
 
 import fastrnn
-from conftest import (COMPILED_BACKENDS, assert_all_close, make_layer, random_state, run_layer,
-                      small_batch_max, state_parts)
+from conftest import (COMPILED_BACKENDS, assert_all_close, make_layer, packing, random_state,
+                      run_layer, small_batch_max, state_parts)
 from fastrnn import reference
 from fastrnn.cells import CELLS
 from fastrnn.dispatch import get_backend
 
-PATHS = {"gemm": 0, "unit-split": 10**6}    # small_batch_max: B <= it takes the unit-split loop
+# small_batch_max (B <= it takes the unit-split loop), packed weights, the packed GEMM loop's
+# products on every thread (else on the calling thread, with BLAS for the one-off products)
+PATHS = {"gemm": (0, False, True), "gemm-packed": (0, True, True),
+         "gemm-packed-serial": (0, True, False),
+         "unit-split": (10**6, False, True), "unit-split-packed": (10**6, True, True)}
+
+
+@contextlib.contextmanager
+def forward_path(backend_name, path):
+    limit, packed, pool = PATHS[path]
+    kernels = get_backend(backend_name)
+    if not pool and not hasattr(kernels, "_set_pool"):
+        pytest.skip(f"{backend_name} has no separate serial packed path")
+    old_pool = kernels._set_pool(pool) if hasattr(kernels, "_set_pool") else None
+    try:
+        with small_batch_max(backend_name, limit), packing(backend_name, packed):
+            yield
+    finally:
+        if old_pool is not None:
+            kernels._set_pool(old_pool)
 
 
 def _rng(*key):
@@ -53,7 +75,7 @@ def test_both_forward_loops_match_reference(backend_name, cell, dtype, path):
     directions and initial states, on the GEMM loop and on the unit-split loop."""
     rng = _rng("small", cell, np.dtype(dtype).name)
     T, I = 6, 7
-    for B, H in [(1, 37), (3, 70), (5, 19)]:
+    for B, H in [(1, 37), (3, 70), (5, 19), (13, 45)]:
         probe = make_layer(cell, I, H, 2, bidirectional=True, dtype=dtype)
         x = rng.standard_normal((T, B, I)).astype(dtype)
         dy = rng.standard_normal((T, B, 2 * H)).astype(dtype)
@@ -64,8 +86,7 @@ def test_both_forward_loops_match_reference(backend_name, cell, dtype, path):
         results, inference = {}, {}
         for name in ("reference", backend_name):
             m = make_layer(cell, I, H, 2, bidirectional=True, dtype=dtype, backend=name, seed=3)
-            with small_batch_max(name, PATHS[path]) if name != "reference" \
-                    else contextlib.nullcontext():
+            with forward_path(name, path) if name != "reference" else contextlib.nullcontext():
                 results[name] = run_layer(m, x, state, lengths, dy=dy, dstate=dstate)
                 y, final = m(x, state, lengths)
             inference[name] = {"y": y, **{f"state_n[{i}]": p
@@ -84,7 +105,7 @@ def test_both_forward_loops_keep_nan(backend_name, path):
         m = make_layer(cell, 4, 33, backend=backend_name)
         x = _rng("nan", cell).standard_normal((3, 2, 4))
         x[1, 1, 2] = np.nan
-        with small_batch_max(backend_name, PATHS[path]):
+        with forward_path(backend_name, path):
             y, _ = m(x)
         assert not np.isnan(y[:, 0]).any(), cell
         assert np.isnan(y[1:, 1]).any(), cell
