@@ -959,13 +959,13 @@ cdef void _pool_gradients(int code, const floating* dgates, const floating* dhn,
     # the weight gradients' operand, see _backward_loop)
     cdef Py_ssize_t GH = G * H, H2 = 2 * H, TB = T * B, t
     # dx += dgates @ w_ih:  (T*B, G*H) x (G*H, I); packed columns of w_ih
+    _pack(w_ih, 1, ld_ih, I, GH, packed)
     if dx_step == B * dx_row:
-        _pack_and_multiply_mt(w_ih, 1, ld_ih, I, GH, dgates, GH, 1, TB, dx, dx_row, True,
-                              packed, nthreads)
+        _packed_product_mt(packed, I, GH, dgates, GH, TB, dx, dx_row, True, nthreads)
     else:
         for t in range(T):
-            _pack_and_multiply_mt(w_ih, 1, ld_ih, I, GH, dgates + t * B * GH, GH, 1, B,
-                                  dx + t * dx_step, dx_row, True, packed, nthreads)
+            _packed_product_mt(packed, I, GH, dgates + t * B * GH, GH, B, dx + t * dx_step,
+                               dx_row, True, nthreads)
     # dw_ih += dgates.T @ x:  (G*H, T*B) x (T*B, I);  db_ih += dgates.sum(axis=0)
     _weight_gradient(dgates, GH, GH, x, I, I, TB, dw_ih, ld_dw_ih, packed, nthreads)
     _column_sums(dgates, GH, GH, TB, db_ih, inc_db_ih, nthreads)
