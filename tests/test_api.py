@@ -1,5 +1,9 @@
 """The layer API: bad input gives errors that name the argument, inputs are never written,
 NaN propagates, parameters load and save by PyTorch's names, backends are reported honestly."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -58,6 +62,21 @@ def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("FASTRNN_BACKEND", "nonsense")
     with pytest.raises(fastrnn.BackendUnavailable, match="FASTRNN_BACKEND.*nonsense"):
         fastrnn.LSTM(2, 3)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "10000"),                                   # shorter OpenMP spinning by default
+    ({"GOMP_SPINCOUNT": "123"}, "123"),              # the user's choice stays
+    ({"OMP_WAIT_POLICY": "active"}, None),           # a policy set: no spin count added
+])
+def test_openmp_spin_count_default(env, expected):
+    child_env = {k: v for k, v in os.environ.items()
+                 if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    child_env.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, fastrnn; print(os.environ.get('GOMP_SPINCOUNT'))"],
+        env=child_env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(expected)
 
 
 def test_backends_lists_reference_and_compiled_backends():
