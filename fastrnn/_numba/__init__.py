@@ -5,7 +5,11 @@ Inference calls with at most ``get_small_batch_max()`` batch rows run the unit-s
 (hidden units split over threads, each multiplying by its own weight rows, packed into panels
 once per call when the call is long enough, see ``_set_pack_limits``; see ``kernels``),
 larger ones and training forward calls (``get_small_batch_max(train=True)``, 0 by default) the
-batch-row loop; ``set_small_batch_max(0)`` turns the unit-split loop off.
+batch-row loop; ``set_small_batch_max(0)`` turns the unit-split loop off. The batch-row loop
+multiplies over weights packed once per call for B <= config.PACKED_B_MAX when T*B is at least
+the pack limit (``_set_pack_limits``), and then makes no BLAS call at all: its products and
+passes use every thread (``_set_pool(False)``: the packed per-step products on the calling
+thread, BLAS for the input projection and the gradient products).
 
 This module does the Python side of a call: it cuts the one workspace of the call into named
 buffers, turns ``None`` into empty arrays so that every call has the same argument types, and
@@ -59,7 +63,7 @@ def _signatures(dtype):
         array(4), array(3))                        # gates_own hgates_own
     backward = types.none(
         i64, const(3), const(2), const(2),         # code x w_ih w_hh
-        const(2), index, flag, i64,                # peephole lengths reverse truncate
+        const(2), index, flag, i64, flag, i64,     # peephole lengths reverse truncate pack pool
         const(3), const(3), const(3),              # cache: gates h_prev saved
         const(3, "A"), flag,                       # dy has_dy
         array(3), array(3), array(2), array(2),    # scratch: dgates dgates_n dh dc
@@ -238,7 +242,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     if cell.name == "gru_reset_before" and not train:
         shapes["rh"] = (B, H)
     # small batches: the unit-split loop, on `units` threads (0: the batch-row loop)
-    units, pack = 0, False
+    units, pack = 0, _gemm_packs(T, B)
     if B <= _small_batch_max[bool(train)]:
         work = GH * H * B                              # multiply-adds of h W_hh^T per step
         threads = _num_threads if work >= config.UNITS_PARALLEL_MIN_WORK else 1
@@ -263,7 +267,9 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     if T * B > 0:
         out = _Output(y, "write", contiguous=False)
         forward = _kernels(dtype)[0]
-        _launch(forward, units if units else _pass_threads(B * GH), cell.code, x,
+        if units == 0 and pack and _pool[0]:
+            units = -_pool_threads(B, GH, H)       # the packed batch-row loop's pool
+        _launch(forward, abs(units) if units else _pass_threads(B * GH), cell.code, x,
                 _const("w_ih", w_ih, dtype, 2),
                 _const("w_hh", w_hh, dtype, 2), _const("b_ih", b_ih, dtype, 1),
                 _const("b_hh", b_hh, dtype, 1),
@@ -325,10 +331,12 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
             if dy_arg.dtype != dtype or not dy_arg.flags.aligned:
                 dy_arg = np.require(dy_arg, dtype, ("C", "A"))
         backward = _kernels(dtype)[1]
-        _launch(backward, _pass_threads(B * GH), cell.code, x, _const("w_ih", w_ih, dtype, 2),
-                _const("w_hh", w_hh, dtype, 2),
+        pack = _gemm_packs(T, B)
+        pool = _pool_threads(B, GH, H) if pack and _pool[0] else 0
+        _launch(backward, pool if pool else _pass_threads(B * GH),
+                cell.code, x, _const("w_ih", w_ih, dtype, 2), _const("w_hh", w_hh, dtype, 2),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), 0 if truncate is None else int(truncate),
+                lengths, bool(reverse), 0 if truncate is None else int(truncate), pack, pool,
                 cache.gates, cache.h_prev, cache.saved, dy_arg, dy is not None,
                 ws["dgates"], ws.get("dgates_n", empty3), dh,
                 empty2 if dc is None else dc, ws.get("drh", empty2),
@@ -459,9 +467,33 @@ _pack_limits = [config.PANEL_MIN_ROWS, config.PANEL_MAX_BYTES]
 def _set_pack_limits(min_rows, max_bytes):
     """Tuning and test hook: the unit-split loop packs its weights into panels when a call has
     T*B >= min_rows and a thread's packed w_hh takes at most max_bytes (see
-    config.PANEL_MIN_ROWS). Returns the previous (min_rows, max_bytes)."""
+    config.PANEL_MIN_ROWS); the GEMM loop (forward and backward) when T*B >= min_rows and
+    B <= config.PACKED_B_MAX. Returns the previous (min_rows, max_bytes)."""
     previous = tuple(_pack_limits)
     _pack_limits[:] = [int(min_rows), int(max_bytes)]
+    return previous
+
+
+def _gemm_packs(T, B):
+    """Does a GEMM-loop call (forward or backward) of T steps and B rows pack its weights."""
+    return T * B >= _pack_limits[0] and B <= config.PACKED_B_MAX
+
+
+_pool = [True]
+
+
+def _pool_threads(B, GH, H):
+    """Threads for a packed GEMM-loop call: all of them from config.POOL_MIN_WORK on."""
+    return _num_threads if B * GH * (H + 64) >= config.POOL_MIN_WORK else 1
+
+
+def _set_pool(on):
+    """Tuning and test hook: True (the default), a packed GEMM-loop call (see _gemm_packs) makes
+    no BLAS call and uses every thread for its products and passes; False, its per-step
+    products run over the packed weights on the calling thread, its input projection and
+    gradient products on BLAS (passes as in an unpacked call). Returns the previous setting."""
+    previous = _pool[0]
+    _pool[0] = bool(on)
     return previous
 
 

@@ -90,3 +90,25 @@ PANEL_ACCUMULATORS = 16 if _REGISTERS >= 32 else 8
 # H=256: 0.65x), 160 a small gain (T=40: 1.03x), so 128.
 PANEL_MIN_ROWS = 128
 PANEL_MAX_BYTES = 1 << 20
+
+# The GEMM loop (batches above the unit-split limit, and every training call) multiplies over
+# packed weights (kernels.block_product) for calls of at most PACKED_B_MAX batch rows and at
+# least the pack limit's T*B rows (PANEL_MIN_ROWS, see _set_pack_limits). Its input projection
+# and, in backward, the products and sums after the time loop are packed products and column
+# sums too, so such a call makes no BLAS call at all and splits its products (by whole panels)
+# and its elementwise passes (by batch rows) over every thread: with BLAS in the same call,
+# OpenBLAS's threads spinning after a GEMM take the cores the other pool waits on. As in the
+# Cython backend (its _PACKED_B_MAX); fastrnn._numba._set_pool(False) puts the packed per-step
+# products on the calling thread and the rest back on BLAS.
+PACKED_B_MAX = 64
+# Such a call uses every thread when a step has at least this much work, B*G*H*(H + 64) (the
+# multiply-adds of its product, and 64 for each element of its pass), else the calling thread
+# alone: a parallel launch costs ~1.5 us and each step has two or three. Measured (float32,
+# 2 threads, training, ms, 1 thread / 2): RNN H=64 B=32 (0.26M) 2.3 / 3.0, H=128 B=16 (0.5M)
+# 3.3 / 3.8, GRU H=64 B=16 (0.4M) 3.0 / 3.7, RNN H=128 B=32 inference (0.8M) 2.2 / 2.5;
+# LSTM H=64 B=32 (1M) 6.7 / 6.1, H=128 B=16 (1.6M) 10.7 / 7.8.
+POOL_MIN_WORK = 1 << 20
+# a product's rows of x (v) taken together against every panel: about a quarter of a 1 MiB L2
+PANEL_X_BLOCK_BYTES = 256 * 1024
+# rows of T*B per chunk of the packed weight-gradient products (kernels.weight_gradient)
+GRAD_CHUNK = 256

@@ -44,6 +44,14 @@ Outside the time loop: the input projection of all T steps is done before it; af
 backward loop the weight and input gradients are merged GEMMs over all T*B rows, and the bias
 and peephole gradients are reductions done as GEMMs with a vector of ones.
 
+The batch-row loop over packed weights (B <= config.PACKED_B_MAX, calls long enough to pay
+for packing; fastrnn._numba decides): the per-step products multiply over w_hh packed once per
+call (its rows forward, its columns backward) with ``block_product``, the same register tiles
+as the unit-split loop's; on a pool of threads (the default) the input projection, dx and the
+weight gradients are packed products too (``pack_and_multiply``, ``weight_gradient``) and the
+bias gradients column sums (``packed_gradients``), so the call makes no BLAS call and every
+product (split by panels) and pass (split by rows) runs on all the threads.
+
 Arguments (H hidden size, G gates; every (T, B, .) buffer is indexed by the real time t):
 
     code       cells.Cell.code
@@ -669,30 +677,35 @@ _PANEL_FLAGS = ("contract",)      # a * b + c may become one fused multiply-add;
 
 
 def _panel_tile(MR, NP):
-    """An intrinsic ``tile(packed, q, v, b, out, col, cols)``: out[b + m, col + c] =
-    sum_i v[b + m, i] * packed[q + c // NR, i, c % NR] for m < MR, c < min(cols, NP*NR): MR
-    rows of v against the NP panels q .. q+NP-1, 2*MR*NP vector accumulators. When cols
-    < NP*NR (a last, padded panel) the tile goes through a stack buffer and only cols columns
-    are written. All arrays C-contiguous and of one dtype."""
+    """An intrinsic ``tile(packed, q, v, b, out, col, cols, accumulate)``: out[b + m, col + c]
+    (+)= sum_i v[b + m, i] * packed[q + c // NR, i, c % NR] for m < MR, c < min(cols, NP*NR):
+    MR rows of v against the NP panels q .. q+NP-1, 2*MR*NP vector accumulators; accumulate
+    (a run-time flag) adds the sums to out, else out is overwritten. When cols < NP*NR (a
+    last, padded panel) the tile goes through a stack buffer and only cols columns are
+    written. packed and out C-contiguous, v any layout (a transposed view: its elements are
+    read with its column stride), all of one dtype."""
 
     @intrinsic
-    def tile(typingctx, packed, q, v, b, out, col, cols):
+    def tile(typingctx, packed, q, v, b, out, col, cols, accumulate):
         arrays = (packed, v, out)
-        if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
+        if not (all(isinstance(a, types.Array) for a in arrays)
+                and packed.layout == "C" and out.layout == "C"
                 and (packed.ndim, v.ndim, out.ndim) == (3, 2, 2)
                 and packed.dtype == v.dtype == out.dtype
                 and packed.dtype in (types.float32, types.float64)
-                and all(isinstance(i, types.Integer) for i in (q, b, col, cols))):
+                and all(isinstance(i, types.Integer) for i in (q, b, col, cols))
+                and isinstance(accumulate, types.Boolean)):
             return None
-        sig = types.void(packed, q, v, b, out, col, cols)
+        sig = types.void(packed, q, v, b, out, col, cols, accumulate)
 
         def codegen(context, builder, signature, args):
-            packed_ty, _, v_ty, _, out_ty, _, _ = signature.args
+            packed_ty, _, v_ty, _, out_ty, _, _, _ = signature.args
             packed_a = context.make_array(packed_ty)(context, builder, args[0])
             v_a = context.make_array(v_ty)(context, builder, args[2])
             out_a = context.make_array(out_ty)(context, builder, args[4])
             q_i, b_i, col_i, cols_i = (context.cast(builder, args[k], signature.args[k],
                                                     types.intp) for k in (1, 3, 5, 6))
+            add = args[7]
             intp = context.get_value_type(types.intp)
             real = context.get_value_type(packed_ty.dtype)
             itemsize = context.get_abi_sizeof(real)
@@ -710,6 +723,9 @@ def _panel_tile(MR, NP):
             v_rows = [cgutils.get_item_pointer(context, builder, v_ty, v_a,
                                                [builder.add(b_i, const(m)), const(0)])
                       for m in range(MR)]
+            # elements from one i to the next in a row of v
+            v_inc = const(1) if v_ty.layout == "C" else builder.sdiv(
+                builder.extract_value(v_a.strides, 1), const(itemsize))
             # the accumulators: allocas of vector type, promoted to registers by LLVM
             acc = [[cgutils.alloca_once(builder, vec) for _ in range(2 * NP)] for _ in range(MR)]
             zero = ir.Constant(vec, None)
@@ -728,7 +744,7 @@ def _panel_tile(MR, NP):
                         ptr = builder.bitcast(builder.gep(at, [const(half * lanes)]), vec_ptr)
                         w.append(builder.load(ptr, align=itemsize))
                 for m in range(MR):
-                    s = builder.load(builder.gep(v_rows[m], [i]))
+                    s = builder.load(builder.gep(v_rows[m], [builder.mul(i, v_inc)]))
                     s = builder.shuffle_vector(
                         builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)),
                         undef, splat)
@@ -744,7 +760,10 @@ def _panel_tile(MR, NP):
                                                        [builder.add(b_i, const(m)), col_i])
                         for k in range(2 * NP):
                             ptr = builder.bitcast(builder.gep(dst, [const(k * lanes)]), vec_ptr)
-                            builder.store(builder.load(acc[m][k]), ptr, align=itemsize)
+                            total = builder.load(acc[m][k])
+                            old = builder.load(ptr, align=itemsize)
+                            total = builder.select(add, builder.fadd(old, total), total)
+                            builder.store(total, ptr, align=itemsize)
                 with part:
                     buffer = cgutils.alloca_once(builder, real, size=NP * NR)
                     for m in range(MR):
@@ -756,8 +775,10 @@ def _panel_tile(MR, NP):
                                                        [builder.add(b_i, const(m)), col_i])
                         with cgutils.for_range(builder, cols_i) as copy:
                             c = copy.index
-                            builder.store(builder.load(builder.gep(buffer, [c])),
-                                          builder.gep(dst, [c]))
+                            total = builder.load(builder.gep(buffer, [c]))
+                            old = builder.load(builder.gep(dst, [c]))
+                            total = builder.select(add, builder.fadd(old, total), total)
+                            builder.store(total, builder.gep(dst, [c]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -836,35 +857,251 @@ def panel_product(packed, col, n, v, out):
         left = B - b
         if _WIDE and left >= 8:
             for q in range(panels):
-                _tile_8x1(packed, q, v, b, out, col + q * NR, n - q * NR)
+                _tile_8x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
             b += 8
         elif left >= 4:
             q = 0
             while q + _PAIR <= whole:
-                _tile_4x2(packed, q, v, b, out, col + q * NR, n - q * NR)
+                _tile_4x2(packed, q, v, b, out, col + q * NR, n - q * NR, False)
                 q += _PAIR
             while q < panels:
-                _tile_4x1(packed, q, v, b, out, col + q * NR, n - q * NR)
+                _tile_4x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
                 q += 1
             b += 4
         elif left >= 2:
             q = 0
             while q + 2 <= whole:
-                _tile_2x2(packed, q, v, b, out, col + q * NR, n - q * NR)
+                _tile_2x2(packed, q, v, b, out, col + q * NR, n - q * NR, False)
                 q += 2
             while q < panels:
-                _tile_2x1(packed, q, v, b, out, col + q * NR, n - q * NR)
+                _tile_2x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
                 q += 1
             b += 2
         else:
             q = 0
             while q + 4 <= whole:
-                _tile_1x4(packed, q, v, b, out, col + q * NR, n - q * NR)
+                _tile_1x4(packed, q, v, b, out, col + q * NR, n - q * NR, False)
                 q += 4
             while q < panels:
-                _tile_1x1(packed, q, v, b, out, col + q * NR, n - q * NR)
+                _tile_1x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
                 q += 1
             b += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The GEMM loop over packed weights (B <= config.PACKED_B_MAX and T*B rows enough to pay for
+# packing; see forward_loop, backward_loop). The per-step products run over w_hh packed once
+# per call (its rows forward, its columns backward: pack_panels of the transposed view), the
+# input projection and backward's products after the loop pack their weights (or a chunk of
+# the weight gradients' operand) and multiply in the same parallel launch; each product splits
+# its panels over the threads (one launch per product, ~1.5 us), the passes their batch rows.
+
+_MR = 8 if _WIDE else 4           # rows of v per tile against one panel
+_X_BLOCK_BYTES = config.PANEL_X_BLOCK_BYTES
+_GRAD_CHUNK = config.GRAD_CHUNK
+_tile_mr = _tile_8x1 if _WIDE else _tile_4x1
+
+
+@njit(**config.KERNEL)
+def block_product(packed, n, v, out, col, accumulate):
+    """out[b, col + r] (+)= sum_i v[b, i] * W[r, i] for r < n and every row b of v (B, K), W
+    packed by pack_panels into packed (>= ceil(n / NR), K, NR); v of any layout (a transposed
+    view is read with its column stride); accumulate: add to out, else overwrite it.
+
+    The rows of v in blocks of about config.PANEL_X_BLOCK_BYTES, which stay in L2 while each
+    panel in turn meets all of them, _MR rows at a time (the panel stays in L1 or L2 for the
+    block); the rows left over take smaller tiles over several panels."""
+    B, K = v.shape
+    NR = packed.shape[2]
+    panels = -(-n // NR)
+    whole = n // NR
+    blk = max(_MR, _X_BLOCK_BYTES // (v.itemsize * max(1, K)) // _MR * _MR)
+    for c0 in range(0, B, blk):
+        c1 = min(B, c0 + blk)
+        full = c0 + (c1 - c0) // _MR * _MR
+        for q in range(panels):
+            for b in range(c0, full, _MR):
+                _tile_mr(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        b = full
+        if _WIDE and c1 - b >= 4:
+            q = 0
+            while q + 2 <= whole:
+                _tile_4x2(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+                q += 2
+            while q < panels:
+                _tile_4x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+                q += 1
+            b += 4
+        if c1 - b >= 2:
+            q = 0
+            while q + 2 <= whole:
+                _tile_2x2(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+                q += 2
+            while q < panels:
+                _tile_2x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+                q += 1
+            b += 2
+        if c1 - b >= 1:
+            q = 0
+            while q + 4 <= whole:
+                _tile_1x4(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+                q += 4
+            while q < panels:
+                _tile_1x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+                q += 1
+
+
+@njit(**config.KERNEL)
+def panel_part(p, P, n, NR):
+    """Rows [r0, r1) of part p of P when n rows in panels of NR are split by whole panels."""
+    per = -(-(-(-n // NR)) // P)
+    r0 = min(n, p * per * NR)
+    return r0, min(n, r0 + per * NR)
+
+
+@njit(**config.PARALLEL)
+def _product_parts(P, packed, n, v, out, col, accumulate):
+    NR = packed.shape[2]
+    for part in prange(P):
+        r0, r1 = panel_part(np.int64(part), P, n, NR)
+        if r0 < r1:
+            block_product(packed[r0 // NR:], r1 - r0, v, out, col + r0, accumulate)
+
+
+@njit(**config.KERNEL)
+def packed_product(P, packed, n, v, out, col, accumulate):
+    """block_product with the panels split over P threads (one launch), or on this thread."""
+    P = min(P, -(-n // packed.shape[2]))
+    if P > 1:
+        _product_parts(P, packed, n, v, out, col, accumulate)
+    else:
+        block_product(packed, n, v, out, col, accumulate)
+
+
+@njit(**config.PARALLEL)
+def _pack_multiply_parts(P, w, n, v, out, accumulate, packed):
+    NR = packed.shape[2]
+    for part in prange(P):
+        r0, r1 = panel_part(np.int64(part), P, n, NR)
+        if r0 < r1:
+            mine = packed[r0 // NR:]
+            pack_panels(w, r0, r1 - r0, mine)
+            block_product(mine, r1 - r0, v, out, r0, accumulate)
+
+
+@njit(**config.KERNEL)
+def pack_and_multiply(P, w, n, v, out, accumulate, flat):
+    """A one-off product: out[b, r] (+)= v[b] . w[r] for r < n, every row b of v; w (>= n, K)
+    and v of any layout. The rows of w are split by whole panels over P threads, each packing
+    its own (into flat, an aligned buffer of >= ceil(n / NR) * K * NR elements) and multiplying
+    them in the same launch."""
+    NR = panel_width(flat)
+    K = w.shape[1]
+    panels = -(-n // NR)
+    packed = flat[:panels * K * NR].reshape((panels, K, NR))
+    P = min(P, panels)
+    if P > 1:
+        _pack_multiply_parts(P, w, n, v, out, accumulate, packed)
+    else:
+        pack_panels(w, 0, n, packed)
+        block_product(packed, n, v, out, 0, accumulate)
+
+
+@njit(**config.KERNEL)
+def weight_gradient(P, d, v, out, flat):
+    """out (M, K) += d^T v, d (TB, M) and v (TB, K) of any layout: over chunks of
+    config.GRAD_CHUNK rows of T*B, a chunk of v packed by columns (W[c, r] = v[r, c]) and
+    multiplied by the chunk of d read by columns, so the chunk stays in L2 while every row of
+    out meets it. flat: >= ceil(K / NR) * GRAD_CHUNK * NR elements."""
+    TB = d.shape[0]
+    K = v.shape[1]
+    for r0 in range(0, TB, _GRAD_CHUNK):
+        r1 = min(TB, r0 + _GRAD_CHUNK)
+        pack_and_multiply(P, v[r0:r1].T, K, d[r0:r1].T, out, True, flat)
+
+
+@njit(**config.KERNEL)
+def _column_sums_part(d, m0, m1, out):
+    acc = np.zeros(m1 - m0, d.dtype)
+    for r in range(d.shape[0]):
+        row = d[r, m0:m1]
+        for m in range(m1 - m0):
+            acc[m] += row[m]
+    for m in range(m1 - m0):
+        out[m0 + m] += acc[m]
+
+
+@njit(**config.PARALLEL)
+def _column_sums_parts(P, d, out):
+    M = d.shape[1]
+    per = -(-M // P)
+    for part in prange(P):
+        m0 = min(M, part * per)
+        m1 = min(M, m0 + per)
+        if m0 < m1:
+            _column_sums_part(d, m0, m1, out)
+
+
+@njit(**config.KERNEL)
+def column_sums(P, d, out):
+    """out[m] += sum_r d[r, m], d (TB, M) of any layout: the columns split over P threads, the
+    rows read in order, each column summed from zero and then added to out."""
+    if P > 1 and d.shape[1] >= 2 * 64:
+        _column_sums_parts(P, d, out)
+    else:
+        _column_sums_part(d, 0, d.shape[1], out)
+
+
+@njit(**config.KERNEL)
+def packed_gradients(P, code, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows, dx, dw_ih,
+                     dw_hh, db_ih, db_hh, dpeephole):
+    """What weight_gradients does with BLAS, as packed products and column sums on P
+    threads."""
+    T, B, I = x.shape
+    GH = dgates.shape[2]
+    H = h_prev.shape[2]
+    TB = T * B
+    NR = panel_width(x)
+    x2 = x.reshape((TB, I))
+    dx2 = dx.reshape((TB, I))
+    dg2 = dgates.reshape((TB, GH))
+    hp2 = h_prev.reshape((TB, H))
+    flat = panel_buffer((max(-(-I // NR) * GH, -(-max(I, H) // NR) * min(TB, _GRAD_CHUNK))
+                         * NR,), x)
+    # dx += dgates @ w_ih (input side): W[c, g] = w_ih[g, c]                 (T*B, I)
+    if code == GRU:
+        dgn2 = dgates_n.reshape((TB, H))
+        pack_and_multiply(P, w_ih[:2 * H].T, I, dg2[:, :2 * H], dx2, True, flat)
+        pack_and_multiply(P, w_ih[2 * H:].T, I, dgn2, dx2, True, flat)
+        # dw_ih[:2H] += dgates[:, :2H].T @ x;  dw_ih[2H:] += dgates_n.T @ x
+        weight_gradient(P, dg2[:, :2 * H], x2, dw_ih[:2 * H], flat)
+        weight_gradient(P, dgn2, x2, dw_ih[2 * H:], flat)
+    else:
+        pack_and_multiply(P, w_ih.T, I, dg2, dx2, True, flat)
+        # dw_ih += dgates.T @ x                                                (G*H, I)
+        weight_gradient(P, dg2, x2, dw_ih, flat)
+    # hidden side: dgates is the gradient of W_hh h + b_hh
+    if code == GRU_RESET_BEFORE:
+        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dgates[:, 2H:].T @ rh
+        weight_gradient(P, dg2[:, :2 * H], hp2, dw_hh[:2 * H], flat)
+        weight_gradient(P, dg2[:, 2 * H:], saved.reshape((TB, H)), dw_hh[2 * H:], flat)
+    else:
+        # dw_hh += dgates.T @ h_prev                                           (G*H, H)
+        weight_gradient(P, dg2, hp2, dw_hh, flat)
+    # bias gradients: column sums of dgates (GRU: the input side's n block from dgates_n)
+    sums = np.zeros(GH, x.dtype)
+    column_sums(P, dg2, sums)
+    for j in range(GH):
+        db_hh[j] += sums[j]
+    if code == GRU:
+        for j in range(2 * H):
+            db_ih[j] += sums[j]
+        column_sums(P, dgates_n.reshape((TB, H)), db_ih[2 * H:])
+    else:
+        for j in range(GH):
+            db_ih[j] += sums[j]
+    if code == LSTM_PEEPHOLE:
+        column_sums(1, dpeep_rows, dpeephole.reshape((3 * H,)))
 
 
 @njit(**config.KERNEL)
@@ -1222,6 +1459,10 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
     dot products (dot_rows). gates_own (P, T, B, G*C), hgates_own (P, B, G*C): for the
     unit-split loop on P > 1 threads in inference, each thread's gates and hgates in its own
     buffer (C: the units of the first thread, unit_range), and gates then empty; else empty.
+    units = 0 with pack: the batch-row loop's per-step products over w_hh packed once (its
+    rows), on this thread, with BLAS for the input projection; units = -P (pack set): the
+    same on a pool of P threads (products split by panels, passes by rows), the input
+    projection a packed product too: no BLAS call.
     """
     T, B, I = x.shape
     GH, H = w_hh.shape
@@ -1270,6 +1511,38 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
         if T % 2 == 1:
             h[:, :] = h2
         return
+    if units < 0 or pack:
+        P = max(1, -units)
+        NR = panel_width(x)
+        first_panels, n_panels = -(-first // NR), (-(-H // NR) if phases == 2 else 0)
+        flat = panel_buffer((max(-(-GH // NR) * I, (first_panels + n_panels) * H) * NR,), x)
+        # gates = x @ w_ih.T                                               (T*B, G*H)
+        if units < 0:
+            pack_and_multiply(P, w_ih, GH, x.reshape((T * B, I)), gates.reshape((T * B, GH)),
+                              False, flat)
+        else:
+            gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
+        # w_hh's rows as panels; GRU reset-before: its n block's apart, panels of their own
+        packed_hh = flat[:first_panels * H * NR].reshape((first_panels, H, NR))
+        pack_panels(w_hh, 0, first, packed_hh)
+        packed_n = flat[first_panels * H * NR:(first_panels + n_panels) * H * NR].reshape(
+            (n_panels, H, NR))
+        if phases == 2:
+            pack_panels(w_hh, first, H, packed_n)
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            active = any_active(t, lengths)
+            if active:
+                # hgates[:, :first] = h @ w_hh[:first].T                     (B, G*H or 2H)
+                packed_product(P, packed_hh, first, h, hgates, 0, False)
+            rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
+            for phase in range(phases):
+                if phase == 1 and active:
+                    # hgates[:, 2H:] = rh @ w_hh[2H:].T                      (B, H)
+                    packed_product(P, packed_n, H, rh_t, hgates, first, False)
+                forward_rows(code, phase, t, lengths, train, gates, hgates, b_ih, b_hh,
+                             peephole, h, c, y, h_prev, saved, rh_t)
+        return
     # gates = x @ w_ih.T                                                   (T*B, G*H)
     gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
     for s in range(T):
@@ -1287,7 +1560,7 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
                          c, y, h_prev, saved, rh_t)
 
 
-def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate,
+def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pack, pool,
                   gates, h_prev, saved, dy, has_dy, dgates, dgates_n, dh, dc, drh, dpeep_rows,
                   ones, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
     """Backward through one layer, one direction; ADDS into dx, dw_*, db_*, dpeephole.
@@ -1295,32 +1568,55 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate,
     dh, dc (B, H) hold the gradient of the final state and end as that of the initial state.
     dgates (T, B, G*H) written whole; dgates_n (T, B, H) GRU only; drh (B, H) GRU reset-before
     only; dpeep_rows (B, 3H) zeros, LSTM with peepholes only; ones (T*B,) all ones.
-    truncate: 0 for none.
+    truncate: 0 for none. pack: the per-step products over w_hh's columns packed once (see
+    forward_loop); pool > 0: on that many threads, and the products after the loop packed too
+    (no BLAS call: packed_gradients); pool = 0: on this thread, and BLAS after the loop.
     """
     T = x.shape[0]
     GH, H = w_hh.shape
     first = 2 * H if code == GRU_RESET_BEFORE else GH
     phases = 2 if code == GRU_RESET_BEFORE else 1
+    P = max(1, pool)
+    # the columns of w_hh as panels, W[u, g] = w_hh[g, u]; GRU reset-before: those of its n
+    # block apart (empty unless pack)
+    NR = panel_width(x)
+    col_panels = -(-H // NR) if pack else 0
+    packed_hh = panel_buffer((col_panels, first, NR), x)
+    packed_n = panel_buffer((col_panels if phases == 2 else 0, H, NR), x)
+    if pack:
+        pack_panels(w_hh[:first].T, 0, H, packed_hh)
+        if phases == 2:
+            pack_panels(w_hh[first:].T, 0, H, packed_n)
     for s in range(T):
         t = s if reverse else T - 1 - s
         active = any_active(t, lengths)
         for phase in range(phases):
             if phase == 1 and active:
                 # drh = dgates[t][:, 2H:] @ w_hh[2H:]                        (B, H)
-                gemm(dgates[t][:, 2 * H:], NO_TRANS, w_hh[2 * H:], NO_TRANS, drh, 0.0)
+                if pack:
+                    packed_product(P, packed_n, H, dgates[t][:, 2 * H:], drh, 0, False)
+                else:
+                    gemm(dgates[t][:, 2 * H:], NO_TRANS, w_hh[2 * H:], NO_TRANS, drh, 0.0)
             backward_rows(code, phase, t, lengths, gates, h_prev, saved, peephole, dy, has_dy,
                           dgates, dgates_n, dh, dc, drh, dpeep_rows)
         if active:
             # dh += dgates[t][:, :first] @ w_hh[:first]                      (B, H)
-            gemm(dgates[t][:, :first], NO_TRANS, w_hh[:first], NO_TRANS, dh, 1.0)
+            if pack:
+                packed_product(P, packed_hh, H, dgates[t][:, :first], dh, 0, True)
+            else:
+                gemm(dgates[t][:, :first], NO_TRANS, w_hh[:first], NO_TRANS, dh, 1.0)
         # the state gradient leaving step t crosses the boundary to the step before it in time
         # order (t - 1 forward, t + 1 reverse); truncation cuts boundaries at multiples of k
         boundary = t + 1 if reverse else t
         if truncate > 0 and 0 < boundary < T and boundary % truncate == 0:
             dh[:] = 0
             dc[:] = 0
-    weight_gradients(code, x, w_ih, gates, h_prev, saved, dgates, dgates_n, dpeep_rows, ones,
-                     dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
+    if pack and pool > 0:
+        packed_gradients(P, code, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows, dx,
+                         dw_ih, dw_hh, db_ih, db_hh, dpeephole)
+    else:
+        weight_gradients(code, x, w_ih, gates, h_prev, saved, dgates, dgates_n, dpeep_rows,
+                         ones, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
 
 
 @njit(**config.KERNEL)
