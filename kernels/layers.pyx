@@ -557,13 +557,15 @@ cdef inline void _pack(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize
 
 
 cdef inline void _packed_product(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
-                                 const floating* x, Py_ssize_t ldx, Py_ssize_t nx,
-                                 floating* out, Py_ssize_t ldo, bint accumulate) noexcept nogil:
-    # out[b*ldo + r] (+)= x[b, :k] . W[r, :k] for r < rows, b < nx, W packed by _pack
+                                 const floating* x, Py_ssize_t ldx, Py_ssize_t incx,
+                                 Py_ssize_t nx, floating* out, Py_ssize_t ldo,
+                                 bint accumulate) noexcept nogil:
+    # out[b*ldo + r] (+)= sum_i x[b*ldx + i*incx] * W[r, i] for r < rows, b < nx, W packed by
+    # _pack
     if floating is float:
-        fr_packed_product_f32(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate)
+        fr_packed_product_f32(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
     else:
-        fr_packed_product_f64(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate)
+        fr_packed_product_f64(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
 
 
 cdef inline Py_ssize_t _panel_width(const floating* typed) noexcept nogil:
@@ -584,14 +586,15 @@ cdef void _packed_product_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t
     if nthreads > panels:
         nthreads = <int>panels
     if nthreads <= 1:
-        _packed_product(packed, rows, k, x, ldx, nx, out, ldo, accumulate)
+        _packed_product(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate)
         return
     per = (panels + nthreads - 1) // nthreads
     for part in prange(nthreads, num_threads=nthreads, schedule="static"):
         r0 = part * per * nr
         r1 = min(rows, r0 + per * nr)
         if r0 < r1:
-            _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, nx, out + r0, ldo, accumulate)
+            _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, 1, nx, out + r0, ldo,
+                            accumulate)
 
 
 cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
@@ -613,18 +616,8 @@ cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
         r1 = min(rows, r0 + per * nr)
         if r0 < r1:
             _pack(w + r0 * rs, rs, cs, r1 - r0, k, packed + r0 * k)
-            fr_product(packed + r0 * k, r1 - r0, k, x, ldx, incx, nx, out + r0, ldo,
-                       accumulate)
-
-
-cdef inline void fr_product(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
-                            const floating* x, Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx,
-                            floating* out, Py_ssize_t ldo, bint accumulate) noexcept nogil:
-    # _packed_product with a column stride for x
-    if floating is float:
-        fr_packed_product_f32(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
-    else:
-        fr_packed_product_f64(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
+            _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, incx, nx, out + r0, ldo,
+                            accumulate)
 
 
 cdef inline void _unit_range(Py_ssize_t H, int tid, int nthreads, Py_ssize_t* j0,
@@ -681,7 +674,7 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
         for g in range(G):
             if packed != NULL:
                 _pack(w_ih + (g * H + j0) * ld_ih, ld_ih, 1, n, I, packed)
-                _packed_product(packed, n, I, x, I, T * B, gates + g * H + j0, GH, False)
+                _packed_product(packed, n, I, x, I, 1, T * B, gates + g * H + j0, GH, False)
             else:
                 _rowdot(w_ih + (g * H + j0) * ld_ih, ld_ih, n, I, x, I, T * B,
                         gates + g * H + j0, GH)
@@ -725,7 +718,7 @@ cdef inline void _units_product(const floating* w_hh, int ld_hh, const floating*
     # hh[:, block g, units j0 .. j0+n] = v @ w_hh[block g, units].T, v (B, H): from the packed
     # copy of the thread's rows when there is one
     if packed != NULL:
-        _packed_product(packed + g * block_size, n, H, v, H, B, hh + g * H + j0, GH, False)
+        _packed_product(packed + g * block_size, n, H, v, H, 1, B, hh + g * H + j0, GH, False)
     else:
         _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, v, H, B, hh + g * H + j0, GH)
 
