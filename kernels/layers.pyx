@@ -231,8 +231,9 @@ cdef inline int _pool_threads() noexcept nogil:
 
 
 def _set_pack_limits(min_rows, max_bytes):
-    """Tuning and test hook: when the unit-split loop packs its weights (see _PACK_MIN_ROWS);
-    returns the previous (min_rows, max_bytes)."""
+    """Tuning and test hook: calls of at least min_rows rows (T*B) pack their weights, the
+    unit-split loop's only when a thread's packed w_hh takes at most max_bytes (see
+    _PACK_MIN_ROWS); returns the previous (min_rows, max_bytes)."""
     global _PACK_MIN_ROWS, _PACK_MAX_BYTES
     previous = (int(_PACK_MIN_ROWS), int(_PACK_MAX_BYTES))
     _PACK_MIN_ROWS = int(min_rows)

@@ -850,42 +850,45 @@ def panel_product(packed, col, n, v, out):
     loop: a thread's panels are read once per tile of rows and stay in its core's cache."""
     B = v.shape[0]
     NR = packed.shape[2]
-    panels = -(-n // NR)
-    whole = n // NR                                  # panels with NR real rows
     b = 0
     while b < B:
         left = B - b
         if _WIDE and left >= 8:
-            for q in range(panels):
+            for q in range(-(-n // NR)):
                 _tile_8x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
             b += 8
-        elif left >= 4:
-            q = 0
-            while q + _PAIR <= whole:
-                _tile_4x2(packed, q, v, b, out, col + q * NR, n - q * NR, False)
-                q += _PAIR
-            while q < panels:
-                _tile_4x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
-                q += 1
-            b += 4
-        elif left >= 2:
-            q = 0
-            while q + 2 <= whole:
-                _tile_2x2(packed, q, v, b, out, col + q * NR, n - q * NR, False)
-                q += 2
-            while q < panels:
-                _tile_2x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
-                q += 1
-            b += 2
         else:
-            q = 0
-            while q + 4 <= whole:
-                _tile_1x4(packed, q, v, b, out, col + q * NR, n - q * NR, False)
-                q += 4
-            while q < panels:
-                _tile_1x1(packed, q, v, b, out, col + q * NR, n - q * NR, False)
-                q += 1
-            b += 1
+            mr = 4 if left >= 4 else (2 if left >= 2 else 1)
+            _rows_times_panels(mr, packed, v, b, out, col, n, False)
+            b += mr
+
+
+@njit(**config.KERNEL)
+def _rows_times_panels(mr, packed, v, b, out, col, n, accumulate):
+    """Rows b .. b + mr - 1 of v (mr = 4, 2 or 1) times every panel, as panel_product and
+    block_product take them: the tile of mr rows over as many panels as fit the registers
+    (4x2, 2x2, 1x4), then the panels left one at a time."""
+    NR = packed.shape[2]
+    panels = -(-n // NR)
+    whole = n // NR                                  # panels with NR real rows
+    step = _PAIR if mr == 4 else (2 if mr == 2 else 4)
+    q = 0
+    while q + step <= whole:
+        if mr == 4:
+            _tile_4x2(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        elif mr == 2:
+            _tile_2x2(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        else:
+            _tile_1x4(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        q += step
+    while q < panels:
+        if mr == 4:
+            _tile_4x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        elif mr == 2:
+            _tile_2x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        else:
+            _tile_1x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        q += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -914,7 +917,6 @@ def block_product(packed, n, v, out, col, accumulate):
     B, K = v.shape
     NR = packed.shape[2]
     panels = -(-n // NR)
-    whole = n // NR
     blk = max(_MR, _X_BLOCK_BYTES // (v.itemsize * max(1, K)) // _MR * _MR)
     for c0 in range(0, B, blk):
         c1 = min(B, c0 + blk)
@@ -923,32 +925,11 @@ def block_product(packed, n, v, out, col, accumulate):
             for b in range(c0, full, _MR):
                 _tile_mr(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
         b = full
-        if _WIDE and c1 - b >= 4:
-            q = 0
-            while q + 2 <= whole:
-                _tile_4x2(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
-                q += 2
-            while q < panels:
-                _tile_4x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
-                q += 1
-            b += 4
-        if c1 - b >= 2:
-            q = 0
-            while q + 2 <= whole:
-                _tile_2x2(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
-                q += 2
-            while q < panels:
-                _tile_2x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
-                q += 1
-            b += 2
-        if c1 - b >= 1:
-            q = 0
-            while q + 4 <= whole:
-                _tile_1x4(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
-                q += 4
-            while q < panels:
-                _tile_1x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
-                q += 1
+        while b < c1:                     # fewer than _MR rows left: smaller tiles
+            left = c1 - b
+            mr = 4 if left >= 4 else (2 if left >= 2 else 1)
+            _rows_times_panels(mr, packed, v, b, out, col, n, accumulate)
+            b += mr
 
 
 @njit(**config.KERNEL)
