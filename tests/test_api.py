@@ -1,5 +1,6 @@
 """The layer API: bad input gives errors that name the argument, inputs are never written,
 NaN propagates, parameters load and save by PyTorch's names, backends are reported honestly."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import pytest
 
 import fastrnn
 from fastrnn import dispatch
-from conftest import (CELL_OPTIONS, assert_all_close, make_layer, random_state, run_layer,
-                      state_parts)
+from conftest import (CELL_OPTIONS, assert_all_close, make_layer, packing, random_state,
+                      run_layer, state_parts)
 
 
 @pytest.fixture
@@ -158,8 +159,16 @@ def test_nan_in_gives_nan_out(backend, cell):
     assert np.isnan(dx[:, 1]).any() and not np.isnan(dx[:, 0]).any()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["default", "packed"])
 @pytest.mark.parametrize("cell", sorted(CELL_OPTIONS))
-def test_caller_arrays_are_never_written(backend, cell):
+def test_caller_arrays_are_never_written(backend, cell, packed):
+    if packed and backend == "reference":
+        pytest.skip("the reference packs nothing")
+    with packing(backend, True) if packed else contextlib.nullcontext():
+        _check_caller_arrays_untouched(backend, cell)
+
+
+def _check_caller_arrays_untouched(backend, cell):
     m = make_layer(cell, 3, 4, 2, bidirectional=True, backend=backend)
     rng = np.random.default_rng(1)
     x = _x()
