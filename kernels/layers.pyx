@@ -39,6 +39,8 @@ import os
 
 import numpy as np
 
+from fastrnn import _scratch
+
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t
@@ -1187,7 +1189,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     train = bool(train)
     reverse = bool(reverse)
     cdef Layout L = _layout(code, T, B, H, G, train)
-    ws = np.empty(max(1, L.size), dtype)
+    ws = _scratch.empty(max(1, L.size), dtype)      # kept by the cache; pooled (_scratch)
     cdef Py_ssize_t first = _first_slot(T, reverse, train), final = _final_slot(T, train)
     states = [(L.h, h0, h_n)] + ([(L.c, c0, c_n)] if has_c else [])
     for offset, s0, _ in states:
@@ -1262,7 +1264,7 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         else None
 
     cdef BackLayout K = _back_layout(code, T, B, H, G)
-    bws = np.empty(max(1, K.size), dtype)
+    bws = _scratch.empty(max(1, K.size), dtype)
     d_state = [(K.dh, dh_n, dh0)] + ([(K.dc, dc_n, dc0)] if has_c else [])
     for offset, d_n, _ in d_state:
         bws[offset: offset + B * H] = 0 if d_n is None else d_n.reshape(-1)

@@ -30,6 +30,7 @@ import numba
 from numba import njit, types
 
 from . import config, kernels
+from .. import _scratch
 
 __all__ = ["layer_forward", "layer_backward", "layer_step", "set_num_threads", "get_num_threads",
            "set_small_batch_max", "get_small_batch_max"]
@@ -137,13 +138,14 @@ def _launch(kernel, threads, *args):
 # Workspaces: one allocation per call, cut into named C-contiguous buffers
 
 def _workspace(dtype, shapes):
-    """One np.empty cut into buffers; shapes: {name: shape}. Returns (buffer, {name: view})."""
+    """One buffer (pooled, fastrnn._scratch) cut into named views; shapes: {name: shape}.
+    Returns (buffer, {name: view})."""
     align = config.ALIGN_ELEMENTS
     offsets, total = {}, 0
     for name, shape in shapes.items():
         offsets[name] = total
         total += -(-int(np.prod(shape, dtype=np.int64)) // align) * align
-    buffer = np.empty(total, dtype)
+    buffer = _scratch.empty(total, dtype)
     views = {}
     for name, shape in shapes.items():
         size = int(np.prod(shape, dtype=np.int64))

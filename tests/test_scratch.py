@@ -1,0 +1,68 @@
+"""The workspace pool (fastrnn._scratch): a buffer is never handed out twice while any array
+views it, is reused once they are gone, and caches kept at once give the same gradients as
+caches used one at a time."""
+import numpy as np
+import pytest
+
+from fastrnn import _scratch
+from conftest import COMPILED_BACKENDS, TOLERANCE, make_layer
+
+BIG = _scratch.MIN_BYTES // 8 + 1000          # float64 elements: a pooled size
+
+
+@pytest.fixture(autouse=True)
+def empty_pool():
+    _scratch.clear()
+    yield
+    _scratch.clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pooled_arrays_are_aligned_writable_and_of_the_size_asked(dtype):
+    a = _scratch.empty(BIG * 2 + 3, dtype)
+    assert (a.dtype, a.shape, a.ctypes.data % _scratch.ALIGN) == (np.dtype(dtype), (BIG * 2 + 3,), 0)
+    a[...] = 7
+    assert a[0] == a[-1] == 7
+    small = _scratch.empty(10, dtype)             # below MIN_BYTES: plain NumPy
+    assert small.shape == (10,) and small.base is None
+
+
+def test_a_buffer_in_use_is_not_handed_out_again_and_is_reused_after():
+    a = _scratch.empty(BIG, np.float64)
+    view = a[5:50].reshape(5, 9)
+    address = a.ctypes.data
+    del a                                         # the view still holds the buffer
+    b = _scratch.empty(BIG, np.float64)
+    assert not np.shares_memory(b, view)
+    del view
+    c = _scratch.empty(BIG, np.float64)           # the first buffer, back in the pool
+    assert c.ctypes.data == address
+    assert not np.shares_memory(b, c)
+
+
+def test_the_pool_keeps_at_most_max_kept_free_buffers():
+    arrays = [_scratch.empty(BIG, np.float64) for _ in range(_scratch.MAX_KEPT + 3)]
+    del arrays
+    assert len(_scratch._free) == _scratch.MAX_KEPT
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_caches_kept_at_once_give_the_same_gradients(backend):
+    # the workspaces are pooled (> MIN_BYTES): two live caches must not share one
+    T, B, I, H = 40, 16, 32, 128
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((T, B, I)) for _ in range(2)]
+    dys = [rng.standard_normal((T, B, H)) for _ in range(2)]
+    layer = make_layer("lstm", I, H, backend=backend, dtype=np.float64)
+
+    def grads(x, dy, cache):
+        layer.zero_grad()
+        dx, _ = layer.backward(dy, cache=cache)
+        return [dx] + [layer.grads[name].copy() for name in sorted(layer.grads)]
+
+    one_at_a_time = [grads(x, dy, layer.forward(x)[2]) for x, dy in zip(xs, dys)]
+    caches = [layer.forward(x)[2] for x in xs]    # both alive, then backward in reverse order
+    at_once = [grads(xs[i], dys[i], caches[i]) for i in (1, 0)][::-1]
+    for expected, got in zip(one_at_a_time, at_once):
+        for e, g in zip(expected, got):
+            np.testing.assert_allclose(g, e, rtol=0, atol=TOLERANCE[np.dtype(np.float64)])
