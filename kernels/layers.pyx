@@ -623,6 +623,42 @@ cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
                             accumulate)
 
 
+def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accumulate,
+                       int nthreads):
+    """Test hook: out (+)= v @ w.T by _pack_and_multiply_mt. w (n, K) and v (B, K) each
+    C-contiguous or the transpose of a C-contiguous array (w: packed from its columns; v: read
+    with its column stride, as the weight gradients read d^T); out (B, n) C-contiguous."""
+    cdef Py_ssize_t n, K, B, rs, cs, ldx, incx, size
+    dtype = out.dtype
+    if w.dtype != dtype or v.dtype != dtype or dtype not in (np.float32, np.float64):
+        raise ValueError("w, v, out: expected one dtype, float32 or float64")
+    n, K = w.shape[0], w.shape[1]
+    B = v.shape[0]
+    if (v.shape[0], v.shape[1]) != (B, K) or (out.shape[0], out.shape[1]) != (B, n) or \
+            not out.flags.c_contiguous:
+        raise ValueError(f"expected w (n, K), v (B, K), out (B, n) C-contiguous")
+    for a in (w, v):
+        if not (a.flags.c_contiguous or a.T.flags.c_contiguous):
+            raise ValueError("w, v: expected C-contiguous arrays or transposes of them")
+    rs, cs = w.strides[0] // w.itemsize, w.strides[1] // w.itemsize
+    ldx, incx = v.strides[0] // v.itemsize, v.strides[1] // v.itemsize
+    if dtype == np.float32:
+        size = _packed_size(<float*>NULL, n, K)
+    else:
+        size = _packed_size(<double*>NULL, n, K)
+    cdef cnp.ndarray packed = np.empty(max(1, size), dtype)
+    if dtype == np.float32:
+        _pack_and_multiply_mt(<float*>cnp.PyArray_DATA(w), rs, cs, n, K,
+                              <float*>cnp.PyArray_DATA(v), ldx, incx, B,
+                              <float*>cnp.PyArray_DATA(out), n, accumulate,
+                              <float*>cnp.PyArray_DATA(packed), nthreads)
+    else:
+        _pack_and_multiply_mt(<double*>cnp.PyArray_DATA(w), rs, cs, n, K,
+                              <double*>cnp.PyArray_DATA(v), ldx, incx, B,
+                              <double*>cnp.PyArray_DATA(out), n, accumulate,
+                              <double*>cnp.PyArray_DATA(packed), nthreads)
+
+
 cdef inline void _unit_range(Py_ssize_t H, int tid, int nthreads, Py_ssize_t* j0,
                              Py_ssize_t* j1) noexcept nogil:
     # contiguous ranges, a multiple of 16 units long when they are longer than 16

@@ -5,7 +5,8 @@
  *       (rs = ldw, cs = 1: the rows of a row-major matrix; rs = 1, cs = ldw: its columns)
  *   fr_packed_product_SUF(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate):
  *       out[b*ldo + r] (+)= sum_i x[b*ldx + i*incx] * W[r, i]     for r < rows, b < nx
- *       (incx = 1: the rows of x; ldx = 1, incx = ldx': the columns of a row-major x)
+ *       (incx = 1: the rows of x; ldx = 1, incx = ldx': the columns of a row-major x, which
+ *       the product copies block by block into micro-panels, one contiguous stream per tile)
  *   (SUF: f32 or f64) -- with rs = ldw, cs = 1 the same product as fr_rowdot_* in rowdot.h;
  *   accumulate != 0 adds the sums to out, else out is overwritten.
  *
@@ -25,6 +26,7 @@
 #define FASTRNN_PANEL_H
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* one vector register; FR_MR_MAX rows of x at a time use 2*FR_MR_MAX accumulators, which
@@ -40,8 +42,10 @@
 #define FR_MR_MAX 6
 #endif
 
-/* rows of x taken together against every panel: about a quarter of a 1 MiB L2 */
+/* rows of x taken together against every panel */
+#ifndef FR_PANEL_X_BLOCK_BYTES
 #define FR_PANEL_X_BLOCK_BYTES (256 * 1024)
+#endif
 
 #define FR_T float
 #define FR_SUF f32

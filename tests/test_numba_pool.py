@@ -23,7 +23,9 @@ def test_pack_and_multiply_matches_numpy(dtype):
     """out (+)= v @ w.T with w or v transposed views, and a column offset with packed_product."""
     from fastrnn._numba import kernels
     NR = kernels.panel_width(np.zeros(1, dtype))
-    for n, K, B in [(70, 37, 1), (2 * NR, 64, 13), (3, 5, 19), (5 * NR + 1, 9, 300)]:
+    # the last: several blocks of v's rows, transposed v copied into micro-panels per block
+    for n, K, B in [(70, 37, 1), (2 * NR, 64, 13), (3, 5, 19), (5 * NR + 1, 9, 300),
+                    (NR + 3, 256, 605)]:
         rng = np.random.default_rng(n * 1000 + B)
         w = rng.standard_normal((n, K)).astype(dtype)
         wt = np.ascontiguousarray(w.T)             # w is wt.T: packed from a transposed view

@@ -906,6 +906,18 @@ _tile_mr = _tile_8x1 if _WIDE else _tile_4x1
 
 
 @njit(**config.KERNEL)
+def pack_tiles(v, c0, tiles):
+    """tiles[t, i, j] = v[c0 + t*MR + j, i] for the tiles.shape[0] tiles of MR rows of v from
+    c0: each tile of rows as one contiguous stream (a micro-panel) for _tile_mr."""
+    MR = tiles.shape[2]
+    for i in range(v.shape[1]):
+        for t in range(tiles.shape[0]):
+            line = tiles[t, i]
+            for j in range(MR):
+                line[j] = v[c0 + t * MR + j, i]
+
+
+@njit(**config.KERNEL)
 def block_product(packed, n, v, out, col, accumulate):
     """out[b, col + r] (+)= sum_i v[b, i] * W[r, i] for r < n and every row b of v (B, K), W
     packed by pack_panels into packed (>= ceil(n / NR), K, NR); v of any layout (a transposed
@@ -913,17 +925,30 @@ def block_product(packed, n, v, out, col, accumulate):
 
     The rows of v in blocks of about config.PANEL_X_BLOCK_BYTES, which stay in L2 while each
     panel in turn meets all of them, _MR rows at a time (the panel stays in L1 or L2 for the
-    block); the rows left over take smaller tiles over several panels."""
+    block); the rows left over take smaller tiles over several panels. A v whose rows are
+    not contiguous (the transposed operand of the weight gradients) has each block copied
+    into micro-panels first (pack_tiles): read in place, K lines far apart for every tile,
+    the product ran at 70-75 % of its speed on contiguous rows."""
     B, K = v.shape
     NR = packed.shape[2]
     panels = -(-n // NR)
     blk = max(_MR, _X_BLOCK_BYTES // (v.itemsize * max(1, K)) // _MR * _MR)
+    tiled = K > 1 and v.strides[1] != v.itemsize and B >= _MR
+    tiles = np.empty((blk // _MR if tiled else 0, K, _MR), v.dtype)
     for c0 in range(0, B, blk):
         c1 = min(B, c0 + blk)
         full = c0 + (c1 - c0) // _MR * _MR
-        for q in range(panels):
-            for b in range(c0, full, _MR):
-                _tile_mr(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
+        if tiled:
+            mine = tiles[:(full - c0) // _MR]
+            pack_tiles(v, c0, mine)
+            for q in range(panels):
+                for t in range(mine.shape[0]):
+                    _tile_mr(packed, q, mine[t].T, 0, out[c0 + t * _MR:], col + q * NR,
+                             n - q * NR, accumulate)
+        else:
+            for q in range(panels):
+                for b in range(c0, full, _MR):
+                    _tile_mr(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
         b = full
         while b < c1:                     # fewer than _MR rows left: smaller tiles
             left = c1 - b
