@@ -8,8 +8,9 @@ the process held. ``empty`` hands out such buffers from a small pool; a buffer g
 pool when the last array viewing it dies (a lease object is the arrays' base), so a forward
 cache the caller keeps stays the caller's for as long as it is kept.
 
-Only workspaces that never reach the caller as arrays come from here (the forward cache is
-opaque); outputs are plain NumPy arrays. The pool keeps at most ``MAX_KEPT`` free buffers,
+The layers' outputs and gradients come from here too (``zeros``, ``empty`` with a shape): an
+array given to the caller is an ordinary NumPy array whose base is the lease, and its buffer
+is the caller's until the caller lets it go. The pool keeps at most ``MAX_KEPT`` free buffers,
 the most recently returned, so it holds no more than a few calls' workspaces.
 """
 import threading
@@ -19,7 +20,7 @@ import numpy as np
 MIN_BYTES = 1 << 20       # smaller blocks come from malloc's own heap: no faults to save
 ROUND_BYTES = 1 << 21     # sizes rounded up to this (a huge page), so similar calls share
 ALIGN = 64                # bytes: a cache line, a full AVX-512 vector
-MAX_KEPT = 4              # free buffers kept
+MAX_KEPT = 16             # free buffers kept (a 2-layer bidirectional call uses about 12)
 
 _free = []                # free raw buffers (uint8 arrays), most recently returned last
 _lock = threading.RLock()  # reentrant: a lease may die (and give back) inside take's own lock
@@ -53,14 +54,23 @@ def _take(nbytes):
     return np.empty(nbytes + ALIGN, np.uint8)
 
 
-def empty(count, dtype):
-    """An uninitialised 1-D array of ``count`` elements, from the pool when it is big."""
+def empty(shape, dtype):
+    """An uninitialised C-contiguous array (shape: an int or a tuple), from the pool when it is
+    big."""
     dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
     nbytes = count * dtype.itemsize
     if nbytes < MIN_BYTES:
-        return np.empty(count, dtype)
+        return np.empty(shape, dtype)
     raw = _take(-(-nbytes // ROUND_BYTES) * ROUND_BYTES)
-    return np.asarray(_Lease(raw, count, dtype))
+    return np.asarray(_Lease(raw, count, dtype)).reshape(shape)
+
+
+def zeros(shape, dtype):
+    """``empty`` filled with zeros."""
+    out = empty(shape, dtype)
+    out.fill(0)
+    return out
 
 
 def clear():

@@ -8,6 +8,7 @@ import numbers
 
 import numpy as np
 
+from . import _scratch
 from . import dispatch as _backends
 from .cells import cell_for
 
@@ -318,10 +319,10 @@ class _RNNBase:
             elif layer > 0 and train:
                 cache.masks.append(None)
             if layer == L - 1 and self.batch_first:
-                out_btd = np.empty((B, T, D * H), self.dtype)    # the caller's layout
+                out_btd = _scratch.empty((B, T, D * H), self.dtype)  # the caller's layout
                 out = out_btd.transpose(1, 0, 2)                 # (T, B, D*H) view of it
             else:
-                out = np.empty((T, B, D * H), self.dtype)
+                out = _scratch.empty((T, B, D * H), self.dtype)
             if train:
                 cache.inputs.append(layer_input)
             for direction in range(D):
@@ -365,7 +366,7 @@ class _RNNBase:
         scratch_bias = {}
         for layer in reversed(range(L)):
             layer_input = cache.inputs[layer]
-            d_input = np.zeros(layer_input.shape, self.dtype)
+            d_input = _scratch.zeros(layer_input.shape, self.dtype)
             for direction in range(D):
                 row = layer * D + direction
                 h0, c0 = cache.states[row]

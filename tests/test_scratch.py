@@ -66,3 +66,13 @@ def test_caches_kept_at_once_give_the_same_gradients(backend):
     for expected, got in zip(one_at_a_time, at_once):
         for e, g in zip(expected, got):
             np.testing.assert_allclose(g, e, rtol=0, atol=TOLERANCE[np.dtype(np.float64)])
+
+
+def test_shaped_and_zeroed_arrays():
+    a = _scratch.empty((3, BIG), np.float32)
+    assert a.shape == (3, BIG) and a.flags.c_contiguous
+    a[...] = 5
+    del a
+    z = _scratch.zeros((3, BIG), np.float32)      # the same buffer again, now zeroed
+    assert z.shape == (3, BIG) and not z.any()
+    assert _scratch.zeros((2, 3), np.float64).tolist() == [[0.0] * 3] * 2
