@@ -6,13 +6,15 @@ handling on top of the layer kernels; each backend provides these three function
 argument order (the same in the reference, the Numba and the Cython backend)::
 
     cache = layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                          lengths, reverse, train, y, h_n, c_n)
+                          lengths, reverse, train, y, h_n, c_n, threads=None)
 
     layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                    lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
+                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None)
 
     layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n)
+
+    concurrent_directions(T, B, train)      (compiled backends only)
 
 ``layer_step`` is the lean path for single steps of inference (a layer called on one time
 step): ONE step, x (B, I), no lengths, no cache; it writes h_n (and c_n) and returns None.
@@ -48,6 +50,12 @@ Arguments (H hidden size, G gates, I input size; every array has the layer's dty
 Padding (t >= lengths[b]): the output is zero, the state passes through unchanged, no gradient
 reaches the parameters or the input from that position. The reverse direction therefore starts
 at each row's own last step, and the final state is each row's state after its own last step.
+
+    threads     None: the backend's thread count (set_num_threads); n >= 1: at most n threads
+                for this call. The layers run the two directions of a bidirectional layer at
+                once, one thread each, with threads=1, when the backend's
+                ``concurrent_directions(T, B, train)`` says such a call makes no BLAS call
+                (BLAS has its own threads) and there are threads to spare.
 
 The kernels never write x, the states, the weights, lengths or dy.
 """

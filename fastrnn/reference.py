@@ -194,7 +194,7 @@ def _time_order(T, reverse):
 
 
 def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                  lengths, reverse, train, y, h_n, c_n):
+                  lengths, reverse, train, y, h_n, c_n, threads=None):
     step_forward, _, extra = STEPS[cell.name]
     T = x.shape[0]
     x_proj = x @ w_ih.T + b_ih                               # (T, B, G*H)
@@ -221,7 +221,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
 
 def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                    lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
+                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None):
     _, step_backward, extra = STEPS[cell.name]
     T = x.shape[0]
     grads = {"w_hh": dw_hh, "b_hh": db_hh, "peephole": dpeephole}

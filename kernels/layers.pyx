@@ -81,7 +81,8 @@ from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TA
                     gru_rb_backward_row_zn, gru_rb_forward_row_n, gru_rb_forward_row_rz,
                     lstm_backward_row, lstm_forward_row, rnn_backward_row, rnn_forward_row)
 
-__all__ = ["layer_forward", "layer_backward", "layer_step", "set_num_threads", "get_num_threads",
+__all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
+           "set_num_threads", "get_num_threads",
            "effective_num_threads", "set_small_batch_max", "get_small_batch_max"]
 
 # Threads. The per-step passes alternate with BLAS calls, and both thread pools spin a while
@@ -228,8 +229,32 @@ cdef inline bint _packs(Py_ssize_t T, Py_ssize_t B) noexcept nogil:
     return T * B >= _PACK_MIN_ROWS and B <= _PACKED_B_MAX
 
 
-cdef inline int _pool_threads() noexcept nogil:
-    return 1 if _pool_off else _num_threads
+cdef inline int _pool_threads(int limit, bint limited) noexcept nogil:
+    # threads of a packed GEMM-loop call's pool, 0 for none (the one-off products on BLAS):
+    # every thread the call may use; one thread is a pool too when the call was limited to it
+    # (a direction running beside the other: no BLAS call, whose threads would compete)
+    if _pool_off:
+        return 0
+    return limit if limit > 1 or limited else 0
+
+
+def _thread_limit(threads):
+    # the threads a call may use: threads=None, all (_num_threads); else at most that many
+    if threads is None:
+        return _num_threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected None or an integer >= 1, got {threads!r}")
+    return min(int(threads), _num_threads)
+
+
+def concurrent_directions(T, B, train):
+    """Whether fastrnn.layers should run the two directions of a bidirectional layer at once,
+    one thread each (layer_forward / layer_backward with threads=1): there are threads to spare
+    and such a call makes no BLAS call (the unit-split loop, or a packed GEMM-loop call)."""
+    if _num_threads < 2:
+        return False
+    return B <= (_small_batch_max_train if train else _small_batch_max) or \
+        (_packs(T, B) and not _pool_off)
 
 
 def _set_pack_limits(min_rows, max_bytes):
@@ -249,10 +274,11 @@ def _set_unit_parallel_min(n):
     _UNIT_PARALLEL_MIN = int(n)
 
 
-cdef int _unit_threads(Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, Py_ssize_t B) noexcept:
-    # threads for the unit-split loops: all of _num_threads for big enough steps, at most one
-    # per 16 units
-    cdef Py_ssize_t p = _num_threads
+cdef int _unit_threads(Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, Py_ssize_t B,
+                       int limit) noexcept:
+    # threads for the unit-split loops: all of limit for big enough steps, at most one per 16
+    # units
+    cdef Py_ssize_t p = limit
     if G * H * K * B < _UNIT_PARALLEL_MIN:
         p = 1
     return <int>max(1, min(p, H // 16))
@@ -413,7 +439,7 @@ cdef void _forward_pass(int code, bint second, Py_ssize_t t,
                          h, c, b_ih, b_hh, peephole, lengths, G, H)
 
 
-cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
+cdef void _forward_loop(int code, bint reverse, bint train, int nthreads, int pool,
                         floating* ws, Layout L,
                         floating* y, Py_ssize_t y_step, Py_ssize_t y_row,
                         const floating* x, const floating* w_ih, int ld_ih,
@@ -425,7 +451,7 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
     # the state before the first step is in slot first_slot(...) of L.h / L.c (the caller put it)
     # units > 0: the unit-split loop on that many threads (input_dots: x W_ih^T by dot products
     # too, inside the loop's region: no BLAS call at all); else the batch-row-split loop with a
-    # GEMM per step
+    # GEMM per step; pool: threads of the packed GEMM loop's pool (_pool_threads), 0: none
     cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H
     cdef floating* gates = ws + L.gates
     cdef floating* hs = ws + L.h
@@ -446,13 +472,13 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
     # reset-before's r, z blocks (2H rows) apart from its n block (H rows, at n_at)
     cdef Py_ssize_t n_at = _packed_size(ws, H2 if code == GRU_RESET_BEFORE else GH, H)
     cdef floating* packed = NULL
-    cdef int threads = 1
+    cdef int threads = 0
     if units == 0 and _packs(T, B):
         # one buffer: the input projection's packed w_ih first, then w_hh for the steps
         packed = <floating*>malloc(max(n_at + _packed_size(ws, H, H), _packed_size(ws, GH, I))
                                    * sizeof(floating))
-        threads = _pool_threads() if packed != NULL else 1
-    if threads > 1:
+        threads = pool if packed != NULL else 0
+    if threads > 0:
         _pack_and_multiply_mt(w_ih, ld_ih, 1, GH, I, x, I, 1, T * B, gates, GH, False, packed,
                               threads)
     elif not input_dots:
@@ -476,7 +502,7 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads,
             _pack(w_hh + H2 * ld_hh, ld_hh, 1, H, H, packed + n_at)
         else:
             _pack(w_hh, ld_hh, 1, GH, H, packed)
-        nthreads = threads
+        nthreads = max(threads, 1)
     for s in range(T):
         t = T - 1 - s if reverse else s
         cur = _state_slot(s, t, T, reverse, train, False) * BH
@@ -846,7 +872,7 @@ cdef void _backward_pass(int code, bint second, Py_ssize_t t,
                           drh, gates, h, c, c_new, extra, peephole, lengths, G, H)
 
 
-cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthreads,
+cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthreads, int pool,
                          const floating* ws, Layout L, floating* bws, BackLayout K,
                          const floating* dy, Py_ssize_t dy_step, Py_ssize_t dy_row,
                          const floating* x, const floating* w_ih, int ld_ih,
@@ -882,7 +908,7 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
     cdef Py_ssize_t k_main = H2 if code == GRU_RESET_BEFORE else GH
     cdef Py_ssize_t n_at = _packed_size(bws, H, k_main)
     cdef floating* packed = NULL
-    cdef bint pool = False                 # no BLAS call at all, every thread (see _forward_loop)
+    cdef bint pooled = False               # no BLAS call at all (see _forward_loop)
     cdef Py_ssize_t grad_rows = min(T * B, _GRAD_CHUNK)
     if _packs(T, B):
         # one buffer: w_hh's columns for the steps, then the operands of _pool_gradients
@@ -893,8 +919,8 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
             _pack(w_hh, 1, ld_hh, H, k_main, packed)
             if code == GRU_RESET_BEFORE:
                 _pack(w_hh + H2 * ld_hh, 1, ld_hh, H, H, packed + n_at)
-            nthreads = _pool_threads()
-            pool = nthreads > 1
+            nthreads = max(pool, 1)
+            pooled = pool > 0
     for s in range(T):
         t = s if reverse else T - 1 - s
         dgates_t = dgates + t * B * GH
@@ -929,7 +955,7 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
             if dc != NULL:
                 memset(dc, 0, BH * sizeof(floating))
 
-    if pool:
+    if pooled:
         _pool_gradients(code, dgates, dhn, hs, extra, x, w_ih, ld_ih, dx, dx_step, dx_row,
                         dw_ih, ld_dw_ih, dw_hh, ld_dw_hh, db_ih, inc_db_ih, db_hh, inc_db_hh,
                         T, B, I, H, G, packed, nthreads)
@@ -1075,26 +1101,26 @@ cdef inline void _state_product(const floating* w, int ldw, const floating* pack
              1 if accumulate else 0, out, <int>H)
 
 
-cdef int _run_forward(int code, bint reverse, bint train, int nthreads,
+cdef int _run_forward(int code, bint reverse, bint train, int nthreads, int pool,
                       floating[::1] ws, Layout L,
                       floating[:, :, :] y, const floating[:, :, ::1] x,
                       const floating[:, :] w_ih, const floating[:, :] w_hh,
                       const floating[::1] b_ih, const floating[::1] b_hh,
                       const floating[::1] peephole, const int64_t[::1] lengths,
-                      Py_ssize_t H, Py_ssize_t G, int units) except -1:
+                      Py_ssize_t H, Py_ssize_t G, int units, bint input_dots) except -1:
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t item = sizeof(floating)
     with nogil:
-        _forward_loop(code, reverse, train, nthreads, &ws[0], L,
+        _forward_loop(code, reverse, train, nthreads, pool, &ws[0], L,
                       &y[0, 0, 0], y.strides[0] // item, y.strides[1] // item,
                       &x[0, 0, 0], &w_ih[0, 0], <int>_ld(w_ih.strides[0], I, item),
                       &w_hh[0, 0], <int>_ld(w_hh.strides[0], H, item),
                       &b_ih[0], &b_hh[0], &peephole[0] if peephole is not None else NULL,
-                      &lengths[0], T, B, I, H, G, units, units > 1)
+                      &lengths[0], T, B, I, H, G, units, input_dots)
     return 0
 
 
-cdef int _run_backward(int code, bint reverse, Py_ssize_t truncate, int nthreads,
+cdef int _run_backward(int code, bint reverse, Py_ssize_t truncate, int nthreads, int pool,
                        const floating[::1] ws, Layout L, floating[::1] bws, BackLayout K,
                        const floating[:, :, :] dy, const floating[:, :, ::1] x,
                        const floating[:, :] w_ih, const floating[:, :] w_hh,
@@ -1108,7 +1134,7 @@ cdef int _run_backward(int code, bint reverse, Py_ssize_t truncate, int nthreads
     cdef Py_ssize_t dy_step = dy.strides[0] // item if dy is not None else 0
     cdef Py_ssize_t dy_row = dy.strides[1] // item if dy is not None else 0
     with nogil:
-        _backward_loop(code, reverse, truncate, nthreads, &ws[0], L, &bws[0], K,
+        _backward_loop(code, reverse, truncate, nthreads, pool, &ws[0], L, &bws[0], K,
                        dy_p, dy_step, dy_row,
                        &x[0, 0, 0], &w_ih[0, 0], <int>_ld(w_ih.strides[0], I, item),
                        &w_hh[0, 0], <int>_ld(w_hh.strides[0], H, item),
@@ -1195,7 +1221,7 @@ def _lengths(lengths, T, B):
 
 
 def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                  lengths, reverse, train, y, h_n, c_n):
+                  lengths, reverse, train, y, h_n, c_n, threads=None):
     """One layer, one direction, all T steps; see fastrnn.cells for the contract."""
     code, G = _cell_code(cell)
     dtype = x.dtype
@@ -1232,14 +1258,18 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         ws[offset + first * B * H: offset + (first + 1) * B * H] = s0.reshape(-1)
     if T and B and H:
         y_work = y if _blas_ready(y) else np.empty((T, B, H), dtype)
-        units = _unit_threads(G, H, H, B) \
+        limit = _thread_limit(threads)
+        units = _unit_threads(G, H, H, B, limit) \
             if B <= (_small_batch_max_train if train else _small_batch_max) else 0
+        # a limited call makes no BLAS call: one thread computes x W_ih^T by itself too
+        input_dots = units > 1 or (units == 1 and threads is not None)
+        passes, pool = min(_pass_threads, limit), _pool_threads(limit, threads is not None)
         if dtype == np.float32:
-            _run_forward[float](code, reverse, train, _pass_threads, ws, L, y_work, x, w_ih, w_hh,
-                                b_ih, b_hh, peephole, lengths, H, G, units)
+            _run_forward[float](code, reverse, train, passes, pool, ws, L, y_work, x, w_ih,
+                                w_hh, b_ih, b_hh, peephole, lengths, H, G, units, input_dots)
         else:
-            _run_forward[double](code, reverse, train, _pass_threads, ws, L, y_work, x, w_ih, w_hh,
-                                 b_ih, b_hh, peephole, lengths, H, G, units)
+            _run_forward[double](code, reverse, train, passes, pool, ws, L, y_work, x, w_ih,
+                                 w_hh, b_ih, b_hh, peephole, lengths, H, G, units, input_dots)
         if y_work is not y:
             y[...] = y_work
     else:
@@ -1257,7 +1287,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
 
 def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                    lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
+                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None):
     """Gradients of one layer_forward call, ADDED into dx ... dpeephole; see fastrnn.cells."""
     code, G = _cell_code(cell)
     dtype = x.dtype
@@ -1311,11 +1341,13 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         # gradients BLAS cannot add into in place are summed into zeros first, then added
         grads = [dx, dw_ih, dw_hh, db_ih, db_hh]
         work = [g if _blas_ready(g) else np.zeros(g.shape, dtype) for g in grads]
+        limit = _thread_limit(threads)
+        passes, pool = min(_pass_threads, limit), _pool_threads(limit, threads is not None)
         if dtype == np.float32:
-            _run_backward[float](code, ca.reverse, k, _pass_threads, ca.workspace, ca.layout,
+            _run_backward[float](code, ca.reverse, k, passes, pool, ca.workspace, ca.layout,
                                  bws, K, dy, x, w_ih, w_hh, peephole, lengths, *work, H, G)
         else:
-            _run_backward[double](code, ca.reverse, k, _pass_threads, ca.workspace, ca.layout,
+            _run_backward[double](code, ca.reverse, k, passes, pool, ca.workspace, ca.layout,
                                   bws, K, dy, x, w_ih, w_hh, peephole, lengths, *work, H, G)
         for g, w in zip(grads, work):
             if w is not g:
@@ -1400,7 +1432,8 @@ cdef void _step(int code, floating* ws, Layout L, floating* h_n, floating* c_n,
     memcpy(ws + L.h, h0, BH * sizeof(floating))
     if L.c >= 0:
         memcpy(ws + L.c, c0, BH * sizeof(floating))
-    _forward_loop(code, False, False, _pass_threads, ws, L, h_n, BH, H, x, w_ih, <int>I,
+    _forward_loop(code, False, False, _pass_threads, _pool_threads(_num_threads, False), ws, L,
+                  h_n, BH, H, x, w_ih, <int>I,
                   w_hh, <int>H, b_ih, b_hh, peephole, NULL, 1, B, I, H, G, units, units > 0)
     if L.c >= 0:
         memcpy(c_n, ws + L.c + BH, BH * sizeof(floating))
@@ -1462,7 +1495,7 @@ def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
         return None
     if B * GH >= 2**31 or GH * max(I, H) >= 2**31:
         raise ValueError(f"x: B = {B} rows or G*H = {GH} columns are too many for BLAS")
-    units = _unit_threads(G, H, I + H, B) if B <= _small_batch_max else 0
+    units = _unit_threads(G, H, I + H, B, _num_threads) if B <= _small_batch_max else 0
     cdef Layout L = _layout(code, 1, B, H, G, False)
     cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
     cdef void* ws = malloc(max(1, L.size) * item)

@@ -4,14 +4,16 @@ Importing this package raises ImportError when the extension is not built, so th
 is reported missing rather than failing later.
 """
 try:
-    from .layers import (_set_pack_limits, _set_pool, effective_num_threads, get_num_threads,
-                         get_small_batch_max, layer_backward, layer_forward, layer_step,
-                         set_num_threads, set_small_batch_max)
+    from .layers import (_set_pack_limits, _set_pool, concurrent_directions,
+                         effective_num_threads, get_num_threads, get_small_batch_max,
+                         layer_backward, layer_forward, layer_step, set_num_threads,
+                         set_small_batch_max)
 except ImportError as exc:
     raise ImportError(
         "the Cython extension of fastrnn is not built (fastrnn._cy.layers is missing or does not "
         f"load: {exc}). Install with a C compiler available: `pip install .` from the source tree, "
         "or for development `python setup.py build_ext --inplace`") from exc
 
-__all__ = ["layer_forward", "layer_backward", "layer_step", "set_num_threads", "get_num_threads",
-           "effective_num_threads", "set_small_batch_max", "get_small_batch_max"]
+__all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
+           "set_num_threads", "get_num_threads", "effective_num_threads", "set_small_batch_max",
+           "get_small_batch_max"]

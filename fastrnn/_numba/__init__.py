@@ -32,7 +32,8 @@ from numba import njit, types
 from . import config, kernels
 from .. import _scratch
 
-__all__ = ["layer_forward", "layer_backward", "layer_step", "set_num_threads", "get_num_threads",
+__all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
+           "set_num_threads", "get_num_threads",
            "set_small_batch_max", "get_small_batch_max"]
 
 
@@ -102,14 +103,42 @@ _launch_lock = threading.Lock()
 _threadsafe_layer = False
 
 
-def _pass_threads(rows_work):
-    """Threads for the batch-row elementwise passes; rows_work = B * G * H."""
+def _thread_limit(threads):
+    """The threads a call may use: threads=None, all (_num_threads); else at most that many."""
+    if threads is None:
+        return _num_threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected None or an integer >= 1, got {threads!r}")
+    return min(threads, _num_threads)
+
+
+def concurrent_directions(T, B, train):
+    """Whether fastrnn.layers should run the two directions of a bidirectional layer at once,
+    one thread each (layer_forward / layer_backward with threads=1): there are threads to spare,
+    Numba can launch from two threads at once, and such a call makes no BLAS call (the
+    unit-split loop, or a pooled packed GEMM-loop call)."""
+    if _num_threads < 2:
+        return False
+    if not _threadsafe_layer and not _layer_probed[0]:
+        # Numba picks its threading layer at the first parallel launch: make one
+        _layer_probed[0] = True
+        _launch(kernels.column_sums, 2, 2, np.zeros((1, 256)), np.zeros(256))
+    if not _threadsafe_layer:
+        return False
+    return B <= _small_batch_max[bool(train)] or (_gemm_packs(T, B) and _pool[0])
+
+
+_layer_probed = [False]
+
+
+def _pass_threads(rows_work, limit):
+    """Threads (at most limit) for the batch-row elementwise passes; rows_work = B * G * H."""
     # A pass of a usual size takes tens of microseconds, about what waking a second thread
     # costs; worse, Numba's OpenMP threads and OpenBLAS's threads then take turns on the same
     # cores and each pool spins while it waits, which slows the GEMMs down (by orders of
     # magnitude on a machine that other work keeps busy). So small passes run on the calling
     # thread and only big ones are split.
-    return _num_threads if rows_work >= config.PARALLEL_MIN_ELEMENTS else 1
+    return limit if rows_work >= config.PARALLEL_MIN_ELEMENTS else 1
 
 
 def _launch(kernel, threads, *args):
@@ -227,7 +256,7 @@ class _Output:
 # The contract of fastrnn.cells
 
 def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                  lengths, reverse, train, y, h_n, c_n):
+                  lengths, reverse, train, y, h_n, c_n, threads=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
     dtype = np.asarray(x).dtype
     x = _const("x", x, dtype, 3)
@@ -244,11 +273,12 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     if cell.name == "gru_reset_before" and not train:
         shapes["rh"] = (B, H)
     # small batches: the unit-split loop, on `units` threads (0: the batch-row loop)
+    limit = _thread_limit(threads)
     units, pack = 0, _gemm_packs(T, B)
     if B <= _small_batch_max[bool(train)]:
         work = GH * H * B                              # multiply-adds of h W_hh^T per step
-        threads = _num_threads if work >= config.UNITS_PARALLEL_MIN_WORK else 1
-        units = max(1, min(threads, -(-H // 16)))
+        unit_threads = limit if work >= config.UNITS_PARALLEL_MIN_WORK else 1
+        units = max(1, min(unit_threads, -(-H // 16)))
         shapes["h2"] = (B, H)
         pack = T * B >= _pack_limits[0] and _packed_bytes(dtype, units, GH, H) <= _pack_limits[1]
         if units > 1 and not train:
@@ -270,8 +300,8 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         out = _Output(y, "write", contiguous=False)
         forward = _kernels(dtype)[0]
         if units == 0 and pack and _pool[0]:
-            units = -_pool_threads(B, GH, H)       # the packed batch-row loop's pool
-        _launch(forward, abs(units) if units else _pass_threads(B * GH), cell.code, x,
+            units = -_pool_threads(B, GH, H, limit)    # the packed batch-row loop's pool
+        _launch(forward, abs(units) if units else _pass_threads(B * GH, limit), cell.code, x,
                 _const("w_ih", w_ih, dtype, 2),
                 _const("w_hh", w_hh, dtype, 2), _const("b_ih", b_ih, dtype, 1),
                 _const("b_hh", b_hh, dtype, 1),
@@ -291,7 +321,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
 
 def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                    lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
+                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None):
     """Backward of ``layer_forward``; ADDS into the gradient arrays (see ``fastrnn.cells``)."""
     dtype = np.asarray(x).dtype
     x = _const("x", x, dtype, 3)
@@ -334,8 +364,9 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                 dy_arg = np.require(dy_arg, dtype, ("C", "A"))
         backward = _kernels(dtype)[1]
         pack = _gemm_packs(T, B)
-        pool = _pool_threads(B, GH, H) if pack and _pool[0] else 0
-        _launch(backward, pool if pool else _pass_threads(B * GH),
+        limit = _thread_limit(threads)
+        pool = _pool_threads(B, GH, H, limit) if pack and _pool[0] else 0
+        _launch(backward, pool if pool else _pass_threads(B * GH, limit),
                 cell.code, x, _const("w_ih", w_ih, dtype, 2), _const("w_hh", w_hh, dtype, 2),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
                 lengths, bool(reverse), 0 if truncate is None else int(truncate), pack, pool,
@@ -484,9 +515,9 @@ def _gemm_packs(T, B):
 _pool = [True]
 
 
-def _pool_threads(B, GH, H):
-    """Threads for a packed GEMM-loop call: all of them from config.POOL_MIN_WORK on."""
-    return _num_threads if B * GH * (H + 64) >= config.POOL_MIN_WORK else 1
+def _pool_threads(B, GH, H, limit):
+    """Threads for a packed GEMM-loop call: all of limit from config.POOL_MIN_WORK on."""
+    return limit if B * GH * (H + 64) >= config.POOL_MIN_WORK else 1
 
 
 def _set_pool(on):
