@@ -195,6 +195,7 @@ def _time_order(T, reverse):
 
 def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                   lengths, reverse, train, y, h_n, c_n, threads=None):
+    # threads: accepted for the contract; the reference runs on the calling thread
     step_forward, _, extra = STEPS[cell.name]
     T = x.shape[0]
     x_proj = x @ w_ih.T + b_ih                               # (T, B, G*H)
