@@ -60,6 +60,7 @@ cdef extern from "rowdot.h" nogil:
     void fr_barrier()
 
 cdef extern from "panel.h" nogil:
+    void fr_prefetch(const void* p, Py_ssize_t nbytes)
     Py_ssize_t fr_panel_width_f32()
     Py_ssize_t fr_panel_width_f64()
     Py_ssize_t fr_packed_size_f32(Py_ssize_t rows, Py_ssize_t k)
@@ -719,7 +720,7 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
     cdef floating* y_t
     cdef floating* c = NULL
     cdef floating* c_new = NULL
-    cdef Py_ssize_t s, t, cur, nxt, j0, j1, n, g, b, block_size = 0
+    cdef Py_ssize_t s, t, t_next, cur, nxt, j0, j1, n, g, b, block_size = 0
     cdef Py_ssize_t blocks = 2 if code == GRU_RESET_BEFORE else G
     cdef floating* packed = NULL        # this thread's rows of w_hh, packed; NULL: dot products
     cdef bint active
@@ -757,6 +758,13 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
         gates_t = gates + t * B * GH
         y_t = y + t * y_step
         active = _any_active(lengths, t, B)
+        if s + 1 < T and n > 0:
+            # the next step's rows of x W_ih^T, computed before the loop and long out of L1/L2:
+            # fetched while this step multiplies (read cold, they were a fifth of the call)
+            t_next = T - 2 - s if reverse else s + 1
+            for b in range(B):
+                for g in range(G):
+                    fr_prefetch(gates + (t_next * B + b) * GH + g * H + j0, n * sizeof(floating))
         if active and n > 0:
             # hh[:, block g, units] = h @ w_hh[block g, units].T
             for g in range(blocks):

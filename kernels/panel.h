@@ -47,6 +47,15 @@
 #define FR_PANEL_X_BLOCK_BYTES (256 * 1024)
 #endif
 
+/* a hint to bring [p, p + bytes) into the cache before it is read */
+static inline void fr_prefetch(const void* p, ptrdiff_t bytes)
+{
+    const char* c = (const char*)p;
+    ptrdiff_t i;
+    for (i = 0; i < bytes; i += 64)
+        __builtin_prefetch(c + i, 0, 3);
+}
+
 #define FR_T float
 #define FR_SUF f32
 #include "panel_impl.h"
