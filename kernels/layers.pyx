@@ -758,9 +758,11 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
         gates_t = gates + t * B * GH
         y_t = y + t * y_step
         active = _any_active(lengths, t, B)
-        if s + 1 < T and n > 0:
+        if s + 1 < T and 0 < n < H:
             # the next step's rows of x W_ih^T, computed before the loop and long out of L1/L2:
-            # fetched while this step multiplies (read cold, they were a fifth of the call)
+            # fetched while this step multiplies (read cold, they were a fifth of the call).
+            # Only when the thread has part of the units: else a row is one contiguous run the
+            # hardware prefetcher follows, and these hints only fill the line-fill buffers
             t_next = T - 2 - s if reverse else s + 1
             for b in range(B):
                 for g in range(G):
