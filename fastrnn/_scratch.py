@@ -11,7 +11,8 @@ cache the caller keeps stays the caller's for as long as it is kept.
 The layers' outputs and gradients come from here too (``zeros``, ``empty`` with a shape): an
 array given to the caller is an ordinary NumPy array whose base is the lease, and its buffer
 is the caller's until the caller lets it go. The pool keeps at most ``MAX_KEPT`` free buffers,
-the most recently returned, so it holds no more than a few calls' workspaces.
+the most recently returned, holding at most ``MAX_KEPT_BYTES`` in all, so it keeps no more than
+a few calls' workspaces; ``clear()`` lets them go.
 """
 import threading
 
@@ -21,6 +22,7 @@ MIN_BYTES = 1 << 20       # smaller blocks come from malloc's own heap: no fault
 ROUND_BYTES = 1 << 21     # sizes rounded up to this (a huge page), so similar calls share
 ALIGN = 64                # bytes: a cache line, a full AVX-512 vector
 MAX_KEPT = 16             # free buffers kept (a 2-layer bidirectional call uses about 12)
+MAX_KEPT_BYTES = 1 << 30  # and at most this much memory in them
 
 _free = []                # free raw buffers (uint8 arrays), most recently returned last
 _lock = threading.RLock()  # reentrant: a lease may die (and give back) inside take's own lock
@@ -43,6 +45,9 @@ class _Lease:
         with _lock:
             _free.append(raw)
             del _free[:-MAX_KEPT]
+            kept = sum(buffer.nbytes for buffer in _free)
+            while kept > MAX_KEPT_BYTES:       # the oldest go first
+                kept -= _free.pop(0).nbytes
 
 
 def _take(nbytes):

@@ -77,3 +77,11 @@ def test_shaped_and_zeroed_arrays():
     z = _scratch.zeros((3, BIG), np.float32)      # the same buffer again, now zeroed
     assert z.shape == (3, BIG) and not z.any()
     assert _scratch.zeros((2, 3), np.float64).tolist() == [[0.0] * 3] * 2
+
+
+def test_the_pool_keeps_at_most_max_kept_bytes(monkeypatch):
+    monkeypatch.setattr(_scratch, "MAX_KEPT_BYTES", 3 * _scratch.ROUND_BYTES + 3 * _scratch.ALIGN)
+    arrays = [_scratch.empty(BIG, np.float64) for _ in range(5)]    # one rounded size each
+    del arrays
+    assert len(_scratch._free) == 3
+    assert sum(b.nbytes for b in _scratch._free) <= _scratch.MAX_KEPT_BYTES
