@@ -99,3 +99,18 @@ def test_bad_threads_argument_names_it(backend, threads):
                                  np.full(1, 2), False, False, np.empty((2, 1, 4), np.float32),
                                  np.empty((1, 4), np.float32), np.empty((1, 4), np.float32),
                                  threads=threads)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_one_thread_runs_the_directions_one_after_the_other(backend, counted):
+    kernels = fastrnn.get_backend(backend)
+    before = kernels.get_num_threads()
+    m = make_layer("lstm", 4, 16, bidirectional=True, backend=backend, dtype=np.float32)
+    x = np.ones((9, 4, 4), np.float32)
+    try:
+        kernels.set_num_threads(1)
+        assert not kernels.concurrent_directions(9, 4, False)
+        m(x)
+        assert not counted
+    finally:
+        kernels.set_num_threads(before)
