@@ -80,8 +80,9 @@ def test_shaped_and_zeroed_arrays():
 
 
 def test_the_pool_keeps_at_most_max_kept_bytes(monkeypatch):
-    monkeypatch.setattr(_scratch, "MAX_KEPT_BYTES", 3 * _scratch.ROUND_BYTES + 3 * _scratch.ALIGN)
-    arrays = [_scratch.empty(BIG, np.float64) for _ in range(5)]    # one rounded size each
+    raw = -(-BIG * 8 // _scratch.ROUND_BYTES) * _scratch.ROUND_BYTES + _scratch.ALIGN
+    monkeypatch.setattr(_scratch, "MAX_KEPT_BYTES", 3 * raw)
+    arrays = [_scratch.empty(BIG, np.float64) for _ in range(5)]    # raw bytes each
     del arrays
     assert len(_scratch._free) == 3
     assert sum(b.nbytes for b in _scratch._free) <= _scratch.MAX_KEPT_BYTES
