@@ -586,22 +586,30 @@ cdef inline void _pack(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize
         fr_pack_f64(w, rs, cs, rows, k, packed)
 
 
+cdef inline int _panel_parts(Py_ssize_t rows, Py_ssize_t nr, int nthreads,
+                             Py_ssize_t* per) noexcept nogil:
+    # rows in panels of nr split over threads by whole panels: the threads to use (1 ..
+    # nthreads, no more than there are panels) and in *per the rows of each part; part p has
+    # rows [p * per, min(rows, (p + 1) * per))
+    cdef Py_ssize_t panels = (rows + nr - 1) // nr
+    if nthreads > panels:
+        nthreads = <int>max(1, panels)
+    per[0] = (panels + nthreads - 1) // nthreads * nr
+    return nthreads
+
+
 cdef void _pack_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
                    Py_ssize_t k, floating* packed, int nthreads) noexcept nogil:
     # _pack with the panels split over nthreads threads (a once-per-call packing of 1-4 MB took
     # 0.3-0.4 ms on one thread while the other waited)
-    cdef Py_ssize_t nr = _panel_width(w)
-    cdef Py_ssize_t panels = (rows + nr - 1) // nr
     cdef Py_ssize_t per, part, r0, r1
-    if nthreads > panels:
-        nthreads = <int>max(1, panels)
+    nthreads = _panel_parts(rows, _panel_width(w), nthreads, &per)
     if nthreads <= 1:
         _pack(w, rs, cs, rows, k, packed)
         return
-    per = (panels + nthreads - 1) // nthreads
     for part in prange(nthreads, num_threads=nthreads, schedule="static"):
-        r0 = part * per * nr
-        r1 = min(rows, r0 + per * nr)
+        r0 = part * per
+        r1 = min(rows, r0 + per)
         if r0 < r1:
             _pack(w + r0 * rs, rs, cs, r1 - r0, k, packed + r0 * k)
 
@@ -630,18 +638,14 @@ cdef void _packed_product_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t
                              floating* out, Py_ssize_t ldo, bint accumulate,
                              int nthreads) noexcept nogil:
     # _packed_product with the rows (whole panels) split over nthreads threads
-    cdef Py_ssize_t nr = _panel_width(packed)
-    cdef Py_ssize_t panels = (rows + nr - 1) // nr
     cdef Py_ssize_t per, part, r0, r1
-    if nthreads > panels:
-        nthreads = <int>panels
+    nthreads = _panel_parts(rows, _panel_width(packed), nthreads, &per)
     if nthreads <= 1:
         _packed_product(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate)
         return
-    per = (panels + nthreads - 1) // nthreads
     for part in prange(nthreads, num_threads=nthreads, schedule="static"):
-        r0 = part * per * nr
-        r1 = min(rows, r0 + per * nr)
+        r0 = part * per
+        r1 = min(rows, r0 + per)
         if r0 < r1:
             _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, 1, nx, out + r0, ldo,
                             accumulate)
@@ -655,15 +659,11 @@ cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
     # out[b*ldo + r] (+)= x[b, :] . W[r, :] with W[r, i] = w[r*rs + i*cs] and x[b, i] =
     # x[b*ldx + i*incx]; the rows of W (whole panels) split over the threads, each packing its
     # own into its part of `packed` (_packed_size(rows, k) elements)
-    cdef Py_ssize_t nr = _panel_width(w)
-    cdef Py_ssize_t panels = (rows + nr - 1) // nr
     cdef Py_ssize_t per, part, r0, r1
-    if nthreads > panels:
-        nthreads = <int>max(1, panels)
-    per = (panels + nthreads - 1) // nthreads
+    nthreads = _panel_parts(rows, _panel_width(w), nthreads, &per)
     for part in prange(nthreads, num_threads=nthreads, schedule="static"):
-        r0 = part * per * nr
-        r1 = min(rows, r0 + per * nr)
+        r0 = part * per
+        r1 = min(rows, r0 + per)
         if r0 < r1:
             _pack(w + r0 * rs, rs, cs, r1 - r0, k, packed + r0 * k)
             _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, incx, nx, out + r0, ldo,
