@@ -327,39 +327,57 @@ def lstm_backward_row(b, t, peep, gates, c_prev, peephole, dy, has_dy, dgates, d
 # Saved: hn = W_hn h + b_hn.
 
 @njit(**config.KERNEL)
-def gru_forward_row(b, t, j0, j1, gs, go, train, gates, hgates, b_ih, b_hh, h_in, h_out, y,
-                    h_prev, hn_saved):
-    one = h_in.dtype.type(1)
-    H = h_in.shape[1]
-    n = j1 - j0
-    a, hg = gates[t, b], hgates[b]
-    a_r, a_z, a_n = a[go:go + n], a[gs + go:gs + go + n], a[2 * gs + go:2 * gs + go + n]
-    n0 = 2 * H + j0
-    hg_n, bi_n, bh_n = hg[2 * gs + go:2 * gs + go + n], b_ih[n0:n0 + n], b_hh[n0:n0 + n]
-    h_row, h_new = h_in[b, j0:j1], h_out[b, j0:j1]
+def gru_rz_row(a, hg, b_ih, b_hh, j0, n, gs, go):
+    """r and z of one row, units [j0, j0 + n), both GRU forms: a = sigmoid(a + b_ih + (hg +
+    b_hh)) in blocks 0 and 1 (a, hg: the row's gates and h W_hh^T, laid out as in
+    forward_units)."""
+    H = b_ih.shape[0] // 3
     for g in range(2):
         lo, go_g = g * H + j0, g * gs + go
         a_g, hg_g = a[go_g:go_g + n], hg[go_g:go_g + n]
         bi_g, bh_g = b_ih[lo:lo + n], b_hh[lo:lo + n]
         for k in range(n):
             a_g[k] = sigmoid(a_g[k] + bi_g[k] + (hg_g[k] + bh_g[k]))      # r, z
-    for k in range(n):
-        hg_n[k] += bh_n[k]                                               # hn = W_hn h + b_hn
-    for k in range(n):
-        a_n[k] = tanh(a_n[k] + bi_n[k] + a_r[k] * hg_n[k])               # n
+
+
+@njit(**config.KERNEL)
+def gru_new_state_row(b, t, j0, j1, train, a_z, a_n, h_in, h_out, y, h_prev):
+    """The end of a GRU row's step, both forms: h' = (1 - z) * n + z * h into h_out and y, and
+    with train the old h into h_prev first."""
+    one = h_in.dtype.type(1)
+    n = j1 - j0
+    h_row, h_new = h_in[b, j0:j1], h_out[b, j0:j1]
     if train:
-        h_prev_row, hn_row = h_prev[t, b, j0:j1], hn_saved[t, b, j0:j1]
+        h_prev_row = h_prev[t, b, j0:j1]
         for k in range(n):
             h_prev_row[k] = h_row[k]
-        for k in range(n):
-            hn_row[k] = hg_n[k]
     for k in range(n):
-        # h_new = (1 - z) * n + z * h
         z = a_z[k]
         h_new[k] = (one - z) * a_n[k] + z * h_row[k]
     y_row = y[t, b, j0:j1]
     for k in range(n):
         y_row[k] = h_new[k]
+
+
+@njit(**config.KERNEL)
+def gru_forward_row(b, t, j0, j1, gs, go, train, gates, hgates, b_ih, b_hh, h_in, h_out, y,
+                    h_prev, hn_saved):
+    H = h_in.shape[1]
+    n = j1 - j0
+    a, hg = gates[t, b], hgates[b]
+    a_r, a_z, a_n = a[go:go + n], a[gs + go:gs + go + n], a[2 * gs + go:2 * gs + go + n]
+    n0 = 2 * H + j0
+    hg_n, bi_n, bh_n = hg[2 * gs + go:2 * gs + go + n], b_ih[n0:n0 + n], b_hh[n0:n0 + n]
+    gru_rz_row(a, hg, b_ih, b_hh, j0, n, gs, go)
+    for k in range(n):
+        hg_n[k] += bh_n[k]                                               # hn = W_hn h + b_hn
+    for k in range(n):
+        a_n[k] = tanh(a_n[k] + bi_n[k] + a_r[k] * hg_n[k])               # n
+    if train:
+        hn_row = hn_saved[t, b, j0:j1]
+        for k in range(n):
+            hn_row[k] = hg_n[k]
+    gru_new_state_row(b, t, j0, j1, train, a_z, a_n, h_in, h_out, y, h_prev)
 
 
 @njit(**config.KERNEL)
@@ -404,17 +422,11 @@ def gru_backward_row(b, t, gates, h_prev, hn_saved, dy, has_dy, dgates, dgates_n
 @njit(**config.KERNEL)
 def gru_reset_before_forward_row(b, t, j0, j1, gs, go, phase, train, gates, hgates, b_ih, b_hh,
                                  h_in, h_out, y, h_prev, rh):
-    one = h_in.dtype.type(1)
     H = h_in.shape[1]
     n = j1 - j0
     a, hg, h_row = gates[t, b], hgates[b], h_in[b, j0:j1]
     if phase == 0:
-        for g in range(2):
-            lo, go_g = g * H + j0, g * gs + go
-            a_g, hg_g = a[go_g:go_g + n], hg[go_g:go_g + n]
-            bi_g, bh_g = b_ih[lo:lo + n], b_hh[lo:lo + n]
-            for k in range(n):
-                a_g[k] = sigmoid(a_g[k] + bi_g[k] + (hg_g[k] + bh_g[k]))  # r, z
+        gru_rz_row(a, hg, b_ih, b_hh, j0, n, gs, go)
         a_r, rh_row = a[go:go + n], rh[b, j0:j1]
         for k in range(n):
             rh_row[k] = a_r[k] * h_row[k]     # between the phases: hn = rh @ W_hn.T
@@ -424,18 +436,8 @@ def gru_reset_before_forward_row(b, t, j0, j1, gs, go, phase, train, gates, hgat
         bi_n, bh_n = b_ih[lo:lo + n], b_hh[lo:lo + n]
         for k in range(n):
             a_n[k] = tanh(a_n[k] + bi_n[k] + (hg_n[k] + bh_n[k]))         # n
-        if train:
-            h_prev_row = h_prev[t, b, j0:j1]
-            for k in range(n):
-                h_prev_row[k] = h_row[k]
-        a_z, h_new = a[gs + go:gs + go + n], h_out[b, j0:j1]
-        for k in range(n):
-            # h_new = (1 - z) * n + z * h
-            z = a_z[k]
-            h_new[k] = (one - z) * a_n[k] + z * h_row[k]
-        y_row = y[t, b, j0:j1]
-        for k in range(n):
-            y_row[k] = h_new[k]
+        gru_new_state_row(b, t, j0, j1, train, a[gs + go:gs + go + n], a_n, h_in, h_out, y,
+                          h_prev)
 
 
 @njit(**config.KERNEL)
