@@ -8,7 +8,7 @@ import pytest
 import fastrnn
 import fastrnn.layers as layers
 from conftest import (CELLS, COMPILED_BACKENDS, assert_all_close, make_layer, random_state,
-                      result_dict)
+                      result_dict, state_parts)
 
 
 @pytest.fixture
@@ -51,6 +51,7 @@ def test_directions_at_once_match_the_reference(backend, cell, dtype, counted):
                        **options)
         state = random_state(m, B, rng)
         dstate = random_state(m, B, rng)
+        given = [a.copy() for a in (x, lengths, dy, *state_parts(state), *state_parts(dstate))]
         results = []
         for layer in (ref, m):
             before = len(counted)
@@ -64,6 +65,10 @@ def test_directions_at_once_match_the_reference(backend, cell, dtype, counted):
             taken = len(counted) - before
         # forward, backward and inference, each layer of the stack: all at once
         assert taken == 3 * m.num_layers, (backend, taken)
+        # the caller's arrays are left as they were
+        for before, after in zip(given, (x, lengths, dy, *state_parts(state),
+                                         *state_parts(dstate))):
+            np.testing.assert_array_equal(after, before)
         assert_all_close(results[1][0], results[0][0], dtype, f"{backend} {cell} {options}")
         assert_all_close(results[1][1], results[0][1], dtype, f"{backend} {cell} inference")
 
