@@ -76,6 +76,17 @@ cdef extern from "panel.h" nogil:
                                const double* x, Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx,
                                double* out, Py_ssize_t ldo, int accumulate)
 
+cdef extern from "amx.h" nogil:
+    int fr_amx_init()
+    Py_ssize_t FR_AMX_PANEL
+    Py_ssize_t fr_amx_packed_size(Py_ssize_t rows, Py_ssize_t k)
+    Py_ssize_t fr_amx_offset(Py_ssize_t r0, Py_ssize_t k)
+    void fr_amx_pack(const float* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
+                     Py_ssize_t k, float* packed)
+    void fr_amx_product(const float* packed, Py_ssize_t rows, Py_ssize_t k, const float* x,
+                        Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx, float* out,
+                        Py_ssize_t ldo, int accumulate)
+
 from blas cimport gemm, gemv
 from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TANH,
                     gru_backward_row, gru_forward_row, gru_rb_backward_row_r,
@@ -84,7 +95,8 @@ from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TA
 
 __all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
-           "effective_num_threads", "set_small_batch_max", "get_small_batch_max"]
+           "effective_num_threads", "set_small_batch_max", "get_small_batch_max",
+           "amx_available", "set_amx", "get_amx"]
 
 # Threads. The per-step passes alternate with BLAS calls, and both thread pools spin a while
 # before they sleep: OpenMP workers spin through the next GEMM, BLAS workers through the next
@@ -157,6 +169,35 @@ def effective_num_threads():
 
 _update_pass_threads()
 cnp.import_array()
+
+
+# The tile unit (AMX, kernels/amx.h) for float32 packed products of at least _AMX_MIN_ROWS rows
+# of x: each operand split into three bfloat16 parts, six part products, as accurate as float32
+# arithmetic (amx.h). On unless FASTRNN_AMX=0 in the environment at import, or set_amx(False).
+# Below 16 rows most of a 16-row tile is padding: B = 8 was no faster than panel.h's kernel.
+cdef bint _amx_available = fr_amx_init() != 0
+cdef bint _amx_on = _amx_available and os.environ.get("FASTRNN_AMX", "1").strip() != "0"
+cdef Py_ssize_t _AMX_MIN_ROWS = 16
+
+
+def amx_available():
+    """Whether this CPU and OS let float32 products run on the AMX tile unit."""
+    return bool(_amx_available)
+
+
+def set_amx(on):
+    """Use the AMX tile unit for float32 products (when available; see amx_available) or not;
+    returns the previous setting. The results differ from the AVX path's within float32
+    rounding (both are float32-accurate sums in different orders)."""
+    global _amx_on
+    previous = bool(_amx_on)
+    _amx_on = bool(on) and _amx_available
+    return previous
+
+
+def get_amx():
+    """Whether float32 products use the AMX tile unit now."""
+    return bool(_amx_on)
 
 
 # Small batches. B <= _small_batch_max takes the unit-split forward loop (no BLAS in the time
@@ -471,17 +512,18 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads, int po
     # packing; then the input projection too is a packed product, and with no BLAS call in the
     # call every product and pass uses all the threads (_pool_threads). Packed w_hh: GRU
     # reset-before's r, z blocks (2H rows) apart from its n block (H rows, at n_at)
-    cdef Py_ssize_t n_at = _packed_size(ws, H2 if code == GRU_RESET_BEFORE else GH, H)
+    cdef bint amx_in = _amx(ws, T * B), amx_h = _amx(ws, B)
+    cdef Py_ssize_t n_at = _packed_size(ws, H2 if code == GRU_RESET_BEFORE else GH, H, amx_h)
     cdef floating* packed = NULL
     cdef int threads = 0
     if units == 0 and _packs(T, B):
         # one buffer: the input projection's packed w_ih first, then w_hh for the steps
-        packed = <floating*>malloc(max(n_at + _packed_size(ws, H, H), _packed_size(ws, GH, I))
-                                   * sizeof(floating))
+        packed = <floating*>malloc(max(n_at + _packed_size(ws, H, H, amx_h),
+                                       _packed_size(ws, GH, I, amx_in)) * sizeof(floating))
         threads = pool if packed != NULL else 0
     if threads > 0:
         _pack_and_multiply_mt(w_ih, ld_ih, 1, GH, I, x, I, 1, T * B, gates, GH, False, packed,
-                              threads)
+                              threads, amx_in)
     elif not input_dots:
         # x_proj = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
         gemm(False, True, <int>(T * B), <int>GH, <int>I, 1, x, <int>I, w_ih, ld_ih, 0, gates,
@@ -499,10 +541,10 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads, int po
         return
     if packed != NULL:
         if code == GRU_RESET_BEFORE:
-            _pack_mt(w_hh, ld_hh, 1, H2, H, packed, max(threads, 1))
-            _pack_mt(w_hh + H2 * ld_hh, ld_hh, 1, H, H, packed + n_at, max(threads, 1))
+            _pack_mt(w_hh, ld_hh, 1, H2, H, packed, max(threads, 1), amx_h)
+            _pack_mt(w_hh + H2 * ld_hh, ld_hh, 1, H, H, packed + n_at, max(threads, 1), amx_h)
         else:
-            _pack_mt(w_hh, ld_hh, 1, GH, H, packed, max(threads, 1))
+            _pack_mt(w_hh, ld_hh, 1, GH, H, packed, max(threads, 1), amx_h)
         nthreads = max(threads, 1)
     for s in range(T):
         t = T - 1 - s if reverse else s
@@ -517,16 +559,16 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads, int po
         if code == GRU_RESET_BEFORE:
             if active:
                 # hh[:, :2H] = h @ w_hh[:2H].T
-                _hidden_product(w_hh, ld_hh, packed, 0, 2, h, B, H, hh, GH, nthreads)
+                _hidden_product(w_hh, ld_hh, packed, 0, 2, h, B, H, hh, GH, nthreads, amx_h)
             _forward_pass(code, False, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
                           hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
             if active:
                 # hh[:, 2H:] = (r * h) @ w_hh[2H:].T
                 _hidden_product(w_hh, ld_hh, packed + n_at if packed != NULL else NULL, 2, 3,
-                                extra_t, B, H, hh, GH, nthreads)
+                                extra_t, B, H, hh, GH, nthreads, amx_h)
         elif active:
             # hh = h @ w_hh.T:  (B, H) x (H, G*H)
-            _hidden_product(w_hh, ld_hh, packed, 0, G, h, B, H, hh, GH, nthreads)
+            _hidden_product(w_hh, ld_hh, packed, 0, G, h, B, H, hh, GH, nthreads, amx_h)
         _forward_pass(code, True, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
                       hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
     free(packed)
@@ -534,13 +576,13 @@ cdef void _forward_loop(int code, bint reverse, bint train, int nthreads, int po
 
 cdef inline void _hidden_product(const floating* w_hh, int ld_hh, const floating* packed,
                                  Py_ssize_t g0, Py_ssize_t g1, const floating* v, Py_ssize_t B,
-                                 Py_ssize_t H, floating* hh, Py_ssize_t GH,
-                                 int nthreads) noexcept nogil:
+                                 Py_ssize_t H, floating* hh, Py_ssize_t GH, int nthreads,
+                                 bint amx) noexcept nogil:
     # hh[:, blocks g0 .. g1-1] = v @ w_hh[blocks g0 .. g1-1].T, v (B, H): over the packed copy
     # of those blocks when there is one, else one GEMM
     if packed != NULL:
         _packed_product_mt(packed, (g1 - g0) * H, H, v, H, B, hh + g0 * H, GH, False,
-                           nthreads)
+                           nthreads, amx)
     else:
         gemm(False, True, <int>B, <int>((g1 - g0) * H), <int>H, 1, v, <int>H,
              w_hh + g0 * H * ld_hh, ld_hh, 0, hh + g0 * H, <int>GH)
@@ -569,21 +611,72 @@ cdef inline void _rowdot(const floating* w, Py_ssize_t ldw, Py_ssize_t rows, Py_
         fr_rowdot_f64(w, ldw, rows, k, x, ldx, nx, out, ldo)
 
 
-cdef inline Py_ssize_t _packed_size(floating* typed, Py_ssize_t rows, Py_ssize_t k) noexcept nogil:
-    # elements of the packed copy of rows x k weights (typed: only its type matters)
+cdef inline bint _amx(const floating* typed, Py_ssize_t nx) noexcept nogil:
+    # whether a float32 product over nx rows of x takes the tile unit (amx.h): with fewer than
+    # a tile's 16 rows most of its work would be padding
     if floating is float:
-        return fr_packed_size_f32(rows, k)
+        return _amx_on and nx >= _AMX_MIN_ROWS
+    else:
+        return False
+
+
+cdef inline Py_ssize_t _packed_size(const floating* typed, Py_ssize_t rows, Py_ssize_t k,
+                                    bint amx) noexcept nogil:
+    # elements of the packed copy of rows x k weights (typed: only its type matters); amx: in
+    # the tile unit's layout (amx.h), else panel.h's
+    if floating is float:
+        return fr_amx_packed_size(rows, k) if amx else fr_packed_size_f32(rows, k)
     else:
         return fr_packed_size_f64(rows, k)
 
 
-cdef inline void _pack(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
-                       Py_ssize_t k, floating* packed) noexcept nogil:
-    # packs W[r, i] = w[r*rs + i*cs] for r < rows, i < k (panel.h)
+cdef inline Py_ssize_t _packed_size_any(const floating* typed, Py_ssize_t rows,
+                                        Py_ssize_t k) noexcept nogil:
+    # room for a packed copy in either layout
+    return max(_packed_size(typed, rows, k, False), _packed_size(typed, rows, k, True))
+
+
+cdef inline const floating* _panel_at(const floating* packed, Py_ssize_t r0, Py_ssize_t k,
+                                      bint amx) noexcept nogil:
+    # where the packed rows from r0 (a multiple of _panel_width) start
     if floating is float:
-        fr_pack_f32(w, rs, cs, rows, k, packed)
+        return packed + (fr_amx_offset(r0, k) if amx else r0 * k)
+    else:
+        return packed + r0 * k
+
+
+cdef inline Py_ssize_t _panel_width(const floating* typed, bint amx) noexcept nogil:
+    if floating is float:
+        return FR_AMX_PANEL if amx else fr_panel_width_f32()
+    else:
+        return fr_panel_width_f64()
+
+
+cdef inline void _pack(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
+                       Py_ssize_t k, floating* packed, bint amx) noexcept nogil:
+    # packs W[r, i] = w[r*rs + i*cs] for r < rows, i < k (panel.h, or amx.h's layout)
+    if floating is float:
+        if amx:
+            fr_amx_pack(w, rs, cs, rows, k, packed)
+        else:
+            fr_pack_f32(w, rs, cs, rows, k, packed)
     else:
         fr_pack_f64(w, rs, cs, rows, k, packed)
+
+
+cdef inline void _packed_product(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
+                                 const floating* x, Py_ssize_t ldx, Py_ssize_t incx,
+                                 Py_ssize_t nx, floating* out, Py_ssize_t ldo,
+                                 bint accumulate, bint amx) noexcept nogil:
+    # out[b*ldo + r] (+)= sum_i x[b*ldx + i*incx] * W[r, i] for r < rows, b < nx, W packed by
+    # _pack with the same amx
+    if floating is float:
+        if amx:
+            fr_amx_product(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
+        else:
+            fr_packed_product_f32(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
+    else:
+        fr_packed_product_f64(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
 
 
 cdef inline int _panel_parts(Py_ssize_t rows, Py_ssize_t nr, int nthreads,
@@ -599,82 +692,87 @@ cdef inline int _panel_parts(Py_ssize_t rows, Py_ssize_t nr, int nthreads,
 
 
 cdef void _pack_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
-                   Py_ssize_t k, floating* packed, int nthreads) noexcept nogil:
+                   Py_ssize_t k, floating* packed, int nthreads, bint amx) noexcept nogil:
     # _pack with the panels split over nthreads threads (a once-per-call packing of 1-4 MB took
     # 0.3-0.4 ms on one thread while the other waited)
     cdef Py_ssize_t per, part, r0, r1
-    nthreads = _panel_parts(rows, _panel_width(w), nthreads, &per)
+    nthreads = _panel_parts(rows, _panel_width(w, amx), nthreads, &per)
     if nthreads <= 1:
-        _pack(w, rs, cs, rows, k, packed)
+        _pack(w, rs, cs, rows, k, packed, amx)
         return
     for part in prange(nthreads, num_threads=nthreads, schedule="static"):
         r0 = part * per
         r1 = min(rows, r0 + per)
         if r0 < r1:
-            _pack(w + r0 * rs, rs, cs, r1 - r0, k, packed + r0 * k)
-
-
-cdef inline void _packed_product(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
-                                 const floating* x, Py_ssize_t ldx, Py_ssize_t incx,
-                                 Py_ssize_t nx, floating* out, Py_ssize_t ldo,
-                                 bint accumulate) noexcept nogil:
-    # out[b*ldo + r] (+)= sum_i x[b*ldx + i*incx] * W[r, i] for r < rows, b < nx, W packed by
-    # _pack
-    if floating is float:
-        fr_packed_product_f32(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
-    else:
-        fr_packed_product_f64(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
-
-
-cdef inline Py_ssize_t _panel_width(const floating* typed) noexcept nogil:
-    if floating is float:
-        return fr_panel_width_f32()
-    else:
-        return fr_panel_width_f64()
+            _pack(w + r0 * rs, rs, cs, r1 - r0, k, <floating*>_panel_at(packed, r0, k, amx), amx)
 
 
 cdef void _packed_product_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
                              const floating* x, Py_ssize_t ldx, Py_ssize_t nx,
                              floating* out, Py_ssize_t ldo, bint accumulate,
-                             int nthreads) noexcept nogil:
+                             int nthreads, bint amx) noexcept nogil:
     # _packed_product with the rows (whole panels) split over nthreads threads
     cdef Py_ssize_t per, part, r0, r1
-    nthreads = _panel_parts(rows, _panel_width(packed), nthreads, &per)
+    nthreads = _panel_parts(rows, _panel_width(packed, amx), nthreads, &per)
     if nthreads <= 1:
-        _packed_product(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate)
+        _packed_product(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate, amx)
         return
     for part in prange(nthreads, num_threads=nthreads, schedule="static"):
         r0 = part * per
         r1 = min(rows, r0 + per)
         if r0 < r1:
-            _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, 1, nx, out + r0, ldo,
-                            accumulate)
+            _packed_product(_panel_at(packed, r0, k, amx), r1 - r0, k, x, ldx, 1, nx, out + r0,
+                            ldo, accumulate, amx)
+
+
+cdef void _product_by_rows_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
+                              const floating* x, Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx,
+                              floating* out, Py_ssize_t ldo, bint accumulate, int nthreads,
+                              bint amx) noexcept nogil:
+    # _packed_product with the rows of x (and of out) split over nthreads threads, in parts of
+    # whole 16-row tiles; every thread reads all of the packed weights
+    cdef Py_ssize_t per = (nx + 15) // 16, part, b0, b1
+    if nthreads > per:
+        nthreads = <int>max(1, per)
+    per = (per + nthreads - 1) // nthreads * 16
+    if nthreads <= 1:
+        _packed_product(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate, amx)
+        return
+    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+        b0 = part * per
+        b1 = min(nx, b0 + per)
+        if b0 < b1:
+            _packed_product(packed, rows, k, x + b0 * ldx, ldx, incx, b1 - b0, out + b0 * ldo,
+                            ldo, accumulate, amx)
 
 
 cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
                                 Py_ssize_t rows, Py_ssize_t k, const floating* x, Py_ssize_t ldx,
                                 Py_ssize_t incx, Py_ssize_t nx, floating* out, Py_ssize_t ldo,
-                                bint accumulate, floating* packed, int nthreads) noexcept nogil:
+                                bint accumulate, floating* packed, int nthreads,
+                                bint amx) noexcept nogil:
     # a one-off product (the input projection of all steps, dx, weight gradients):
     # out[b*ldo + r] (+)= x[b, :] . W[r, :] with W[r, i] = w[r*rs + i*cs] and x[b, i] =
     # x[b*ldx + i*incx]; the rows of W (whole panels) split over the threads, each packing its
-    # own into its part of `packed` (_packed_size(rows, k) elements)
+    # own into its part of `packed` (_packed_size(rows, k, amx) elements)
     cdef Py_ssize_t per, part, r0, r1
-    nthreads = _panel_parts(rows, _panel_width(w), nthreads, &per)
+    cdef floating* mine
+    nthreads = _panel_parts(rows, _panel_width(w, amx), nthreads, &per)
     for part in prange(nthreads, num_threads=nthreads, schedule="static"):
         r0 = part * per
         r1 = min(rows, r0 + per)
         if r0 < r1:
-            _pack(w + r0 * rs, rs, cs, r1 - r0, k, packed + r0 * k)
-            _packed_product(packed + r0 * k, r1 - r0, k, x, ldx, incx, nx, out + r0, ldo,
-                            accumulate)
+            mine = <floating*>_panel_at(packed, r0, k, amx)
+            _pack(w + r0 * rs, rs, cs, r1 - r0, k, mine, amx)
+            _packed_product(mine, r1 - r0, k, x, ldx, incx, nx, out + r0, ldo, accumulate, amx)
 
 
 def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accumulate,
-                       int nthreads):
+                       int nthreads, bint amx=False):
     """Test hook: out (+)= v @ w.T by _pack_and_multiply_mt. w (n, K) and v (B, K) each
     C-contiguous or the transpose of a C-contiguous array (w: packed from its columns; v: read
-    with its column stride, as the weight gradients read d^T); out (B, n) C-contiguous."""
+    with its column stride, as the weight gradients read d^T); out (B, n) C-contiguous.
+    amx: on the tile unit (float32, amx_available() only)."""
     cdef Py_ssize_t n, K, B, rs, cs, ldx, incx, size
     dtype = out.dtype
     if w.dtype != dtype or v.dtype != dtype or dtype not in (np.float32, np.float64):
@@ -687,23 +785,25 @@ def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accum
     for a in (w, v):
         if not (a.flags.c_contiguous or a.T.flags.c_contiguous):
             raise ValueError("w, v: expected C-contiguous arrays or transposes of them")
+    if amx and (dtype != np.float32 or not _amx_available):
+        raise ValueError("amx: the tile unit takes float32 only, on a CPU that has it")
     rs, cs = w.strides[0] // w.itemsize, w.strides[1] // w.itemsize
     ldx, incx = v.strides[0] // v.itemsize, v.strides[1] // v.itemsize
     if dtype == np.float32:
-        size = _packed_size(<float*>NULL, n, K)
+        size = _packed_size(<float*>NULL, n, K, amx)
     else:
-        size = _packed_size(<double*>NULL, n, K)
+        size = _packed_size(<double*>NULL, n, K, False)
     cdef cnp.ndarray packed = np.empty(max(1, size), dtype)
     if dtype == np.float32:
         _pack_and_multiply_mt(<float*>cnp.PyArray_DATA(w), rs, cs, n, K,
                               <float*>cnp.PyArray_DATA(v), ldx, incx, B,
                               <float*>cnp.PyArray_DATA(out), n, accumulate,
-                              <float*>cnp.PyArray_DATA(packed), nthreads)
+                              <float*>cnp.PyArray_DATA(packed), nthreads, amx)
     else:
         _pack_and_multiply_mt(<double*>cnp.PyArray_DATA(w), rs, cs, n, K,
                               <double*>cnp.PyArray_DATA(v), ldx, incx, B,
                               <double*>cnp.PyArray_DATA(out), n, accumulate,
-                              <double*>cnp.PyArray_DATA(packed), nthreads)
+                              <double*>cnp.PyArray_DATA(packed), nthreads, False)
 
 
 cdef inline void _unit_range(Py_ssize_t H, int tid, int nthreads, Py_ssize_t* j0,
@@ -744,29 +844,32 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
     cdef Py_ssize_t blocks = 2 if code == GRU_RESET_BEFORE else G
     cdef floating* packed = NULL        # this thread's rows of w_hh, packed; NULL: dot products
     cdef bint active
+    cdef bint amx_in = _amx(ws, T * B), amx_h = False
     _unit_range(H, tid, nthreads, &j0, &j1)
     n = j1 - j0
     if n > 0 and T * B >= _PACK_MIN_ROWS \
-            and G * _packed_size(ws, n, H) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
+            and G * _packed_size(ws, n, H, amx_h) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
         # allocated by the thread that uses it (its pages near its core); one buffer serves
         # w_ih's blocks one at a time first, then all of w_hh's
-        block_size = _packed_size(ws, n, H)
+        block_size = _packed_size(ws, n, H, amx_h)
         packed = <floating*>malloc(
-            max(G * block_size, _packed_size(ws, n, I) if input_dots else 0) * sizeof(floating))
+            max(G * block_size, _packed_size(ws, n, I, amx_in) if input_dots else 0)
+            * sizeof(floating))
     if input_dots and n > 0:
         # gates[:, :, block g, units] = x @ w_ih[block g, units].T for all T*B rows: the thread's
         # own columns, so no barrier; no BLAS call in the region (BLAS threads spinning after a
         # GEMM take the cores these threads need: measured 1.7x slower per step)
         for g in range(G):
             if packed != NULL:
-                _pack(w_ih + (g * H + j0) * ld_ih, ld_ih, 1, n, I, packed)
-                _packed_product(packed, n, I, x, I, 1, T * B, gates + g * H + j0, GH, False)
+                _pack(w_ih + (g * H + j0) * ld_ih, ld_ih, 1, n, I, packed, amx_in)
+                _packed_product(packed, n, I, x, I, 1, T * B, gates + g * H + j0, GH, False,
+                                amx_in)
             else:
                 _rowdot(w_ih + (g * H + j0) * ld_ih, ld_ih, n, I, x, I, T * B,
                         gates + g * H + j0, GH)
     if packed != NULL:
         for g in range(G):
-            _pack(w_hh + (g * H + j0) * ld_hh, ld_hh, 1, n, H, packed + g * block_size)
+            _pack(w_hh + (g * H + j0) * ld_hh, ld_hh, 1, n, H, packed + g * block_size, amx_h)
     for s in range(T):
         t = T - 1 - s if reverse else s
         cur = _state_slot(s, t, T, reverse, train, False) * BH
@@ -790,7 +893,8 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
         if active and n > 0:
             # hh[:, block g, units] = h @ w_hh[block g, units].T
             for g in range(blocks):
-                _units_product(w_hh, ld_hh, packed, block_size, g, j0, n, H, h, B, hh, GH)
+                _units_product(w_hh, ld_hh, packed, block_size, g, j0, n, H, h, B, hh, GH,
+                               amx_h)
         if code == GRU_RESET_BEFORE:
             for b in range(B):
                 _forward_row(code, False, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t,
@@ -798,7 +902,8 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
             fr_barrier()                        # all of r*h is written
             if active and n > 0:
                 # hh[:, n block, units] = (r*h) @ w_hh[n block, units].T
-                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH)
+                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH,
+                               amx_h)
         for b in range(B):
             _forward_row(code, True, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t, y_row,
                          hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
@@ -809,11 +914,12 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
 cdef inline void _units_product(const floating* w_hh, int ld_hh, const floating* packed,
                                 Py_ssize_t block_size, Py_ssize_t g, Py_ssize_t j0,
                                 Py_ssize_t n, Py_ssize_t H, const floating* v, Py_ssize_t B,
-                                floating* hh, Py_ssize_t GH) noexcept nogil:
+                                floating* hh, Py_ssize_t GH, bint amx) noexcept nogil:
     # hh[:, block g, units j0 .. j0+n] = v @ w_hh[block g, units].T, v (B, H): from the packed
     # copy of the thread's rows when there is one
     if packed != NULL:
-        _packed_product(packed + g * block_size, n, H, v, H, 1, B, hh + g * H + j0, GH, False)
+        _packed_product(packed + g * block_size, n, H, v, H, 1, B, hh + g * H + j0, GH, False,
+                        amx)
     else:
         _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, v, H, B, hh + g * H + j0, GH)
 
@@ -936,19 +1042,21 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
     # columns of w_hh: W[u, g] = w_hh[g, u]. GRU reset-before: the r, z blocks (k = 2H) apart
     # from the n block (k = H), at n_at
     cdef Py_ssize_t k_main = H2 if code == GRU_RESET_BEFORE else GH
-    cdef Py_ssize_t n_at = _packed_size(bws, H, k_main)
+    cdef bint amx_h = _amx(bws, B)
+    cdef Py_ssize_t n_at = _packed_size(bws, H, k_main, amx_h)
     cdef floating* packed = NULL
     cdef bint pooled = False               # no BLAS call at all (see _forward_loop)
     cdef Py_ssize_t grad_rows = min(T * B, _GRAD_CHUNK)
     if _packs(T, B):
         # one buffer: w_hh's columns for the steps, then the operands of _pool_gradients
-        packed = <floating*>malloc(max(n_at + _packed_size(bws, H, H), _packed_size(bws, I, GH),
-                                       _packed_size(bws, max(I, H), grad_rows))
+        packed = <floating*>malloc(max(n_at + _packed_size(bws, H, H, amx_h),
+                                       _packed_size_any(bws, I, GH),
+                                       _packed_size_any(bws, max(I, H), grad_rows))
                                    * sizeof(floating))
         if packed != NULL:
-            _pack_mt(w_hh, 1, ld_hh, H, k_main, packed, max(pool, 1))
+            _pack_mt(w_hh, 1, ld_hh, H, k_main, packed, max(pool, 1), amx_h)
             if code == GRU_RESET_BEFORE:
-                _pack_mt(w_hh + H2 * ld_hh, 1, ld_hh, H, H, packed + n_at, max(pool, 1))
+                _pack_mt(w_hh + H2 * ld_hh, 1, ld_hh, H, H, packed + n_at, max(pool, 1), amx_h)
             nthreads = max(pool, 1)
             pooled = pool > 0
     for s in range(T):
@@ -969,17 +1077,18 @@ cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthrea
         if active and code == GRU_RESET_BEFORE:
             # drh = da_n @ w_hh[2H:]:  (B, H) x (H, H)
             _state_product(w_hh + H2 * ld_hh, ld_hh, packed + n_at if packed != NULL else NULL,
-                           H, dgates_t + H2, GH, B, H, drh, False, nthreads)
+                           H, dgates_t + H2, GH, B, H, drh, False, nthreads, amx_h)
             _backward_pass(code, True, t, dgates_t, dhidden, dhn, dh, dc, dpeep, NULL, 0, drh,
                            gates + t * B * GH, hs + t * BH, c, c_new, NULL,
                            peephole, lengths, B, G, H, nthreads)
             if not cut:
                 # dh += da_rz @ w_hh[:2H]:  (B, 2H) x (2H, H)
-                _state_product(w_hh, ld_hh, packed, H2, dgates_t, GH, B, H, dh, True, nthreads)
+                _state_product(w_hh, ld_hh, packed, H2, dgates_t, GH, B, H, dh, True, nthreads,
+                               amx_h)
         elif active and not cut:
             # dh += d(W_hh h + b_hh) @ w_hh:  (B, G*H) x (G*H, H)
             _state_product(w_hh, ld_hh, packed, GH, dhidden if dhidden != NULL else dgates_t,
-                           GH, B, H, dh, True, nthreads)
+                           GH, B, H, dh, True, nthreads, amx_h)
         if cut:
             memset(dh, 0, BH * sizeof(floating))
             if dc != NULL:
@@ -1046,14 +1155,16 @@ cdef void _pool_gradients(int code, const floating* dgates, const floating* dhn,
     # packed products on nthreads threads (packed: room for w_ih's columns and for a chunk of
     # the weight gradients' operand, see _backward_loop)
     cdef Py_ssize_t GH = G * H, H2 = 2 * H, TB = T * B, t
+    cdef bint whole = dx_step == B * dx_row          # dx's rows: one (T*B, I) matrix
+    cdef bint amx = _amx(dgates, TB if whole else B)
     # dx += dgates @ w_ih:  (T*B, G*H) x (G*H, I); packed columns of w_ih
-    _pack_mt(w_ih, 1, ld_ih, I, GH, packed, nthreads)
-    if dx_step == B * dx_row:
-        _packed_product_mt(packed, I, GH, dgates, GH, TB, dx, dx_row, True, nthreads)
+    _pack_mt(w_ih, 1, ld_ih, I, GH, packed, nthreads, amx)
+    if whole:
+        _packed_product_mt(packed, I, GH, dgates, GH, TB, dx, dx_row, True, nthreads, amx)
     else:
         for t in range(T):
             _packed_product_mt(packed, I, GH, dgates + t * B * GH, GH, B, dx + t * dx_step,
-                               dx_row, True, nthreads)
+                               dx_row, True, nthreads, amx)
     # dw_ih += dgates.T @ x:  (G*H, T*B) x (T*B, I);  db_ih += dgates.sum(axis=0)
     _weight_gradient(dgates, GH, GH, x, I, I, TB, dw_ih, ld_dw_ih, packed, nthreads)
     _column_sums(dgates, GH, GH, TB, db_ih, inc_db_ih, nthreads)
@@ -1082,11 +1193,16 @@ cdef void _weight_gradient(const floating* d, Py_ssize_t ldd, Py_ssize_t M, cons
     # out[m, c] += sum_r d[r*ldd + m] * v[r*ldv + c] for m < M, c < K, r < TB: d^T v, the sum
     # over all T*B rows taken in chunks of _GRAD_CHUNK rows, so that a chunk of v (packed by
     # columns, into `packed`) and of d stay in L2 while every row of out meets them
+    # The threads split the rows of out (of x = d^T), not its columns: each copies only its
+    # own part of d^T into tiles (amx.h's split, panel.h's fr_pack_x), which split by columns
+    # every thread did for all of d^T (40 % of the product's time on the tile unit)
     cdef Py_ssize_t r0 = 0, rows
+    cdef bint amx = _amx(d, M)
     while r0 < TB:
         rows = min(_GRAD_CHUNK, TB - r0)
-        _pack_and_multiply_mt(v + r0 * ldv, 1, ldv, K, rows, d + r0 * ldd, 1, ldd, M, out, ldo,
-                              True, packed, nthreads)
+        _pack_mt(v + r0 * ldv, 1, ldv, K, rows, packed, nthreads, amx)
+        _product_by_rows_mt(packed, K, rows, d + r0 * ldd, 1, ldd, M, out, ldo, True, nthreads,
+                            amx)
         r0 += rows
 
 
@@ -1121,11 +1237,11 @@ cdef void _column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t M, Py_ssize
 cdef inline void _state_product(const floating* w, int ldw, const floating* packed,
                                 Py_ssize_t k, const floating* v, Py_ssize_t ldv, Py_ssize_t B,
                                 Py_ssize_t H, floating* out, bint accumulate,
-                                int nthreads) noexcept nogil:
+                                int nthreads, bint amx) noexcept nogil:
     # out (+)= v @ w, v (B, k) with row stride ldv, w (k, H) with row stride ldw, out (B, H):
     # over w packed by columns when there is a packed copy, else one GEMM
     if packed != NULL:
-        _packed_product_mt(packed, H, k, v, ldv, B, out, H, accumulate, nthreads)
+        _packed_product_mt(packed, H, k, v, ldv, B, out, H, accumulate, nthreads, amx)
     else:
         gemm(False, False, <int>B, <int>H, <int>k, 1, v, <int>ldv, w, ldw,
              1 if accumulate else 0, out, <int>H)

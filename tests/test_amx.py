@@ -1,0 +1,157 @@
+"""The Cython backend's float32 products on the AMX tile unit (kernels/amx.h): each operand split
+into three bfloat16 parts, six part products. Against float64 NumPy with a bound of float32
+rounding (a bfloat16 product, or the three-product variant, misses it by 100x or more), every
+layout, remainder and block of the product, NaN, the switch, and whole layers against the
+reference with the tile unit on and off."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import (CELLS, COMPILED_BACKENDS, assert_all_close, make_layer, random_state,
+                      result_dict)
+
+pytestmark = pytest.mark.skipif("cython" not in COMPILED_BACKENDS, reason="cython not under test")
+
+
+def _layers():
+    from fastrnn._cy import layers
+    return layers
+
+
+def _needs_amx():
+    if not _layers().amx_available():
+        pytest.skip("this CPU (or OS) gives no AMX tile unit")
+
+
+@pytest.fixture
+def amx_on():
+    _needs_amx()
+    layers = _layers()
+    previous = layers.set_amx(True)
+    yield
+    layers.set_amx(previous)
+
+
+def _bound_err(got, v, w, start=None):
+    """Largest |got - exact| relative to sum |v_i w_i| (+ |start|): float32 rounding of a
+    length-K sum is a few 1e-7 of it (measured: 7e-8 to 3e-7 here)."""
+    v64, w64 = v.astype(np.float64), w.astype(np.float64)
+    exact = v64 @ w64.T
+    scale = np.abs(v64) @ np.abs(w64).T
+    if start is not None:
+        exact = exact + start
+        scale = scale + np.abs(start)
+    return (np.abs(got - exact) / np.maximum(scale, 1e-300)).max()
+
+
+# (n weight rows, K terms, B rows of x): ragged panels (32 rows) and tiles (16 output columns),
+# K not a multiple of 32, B from one tile row to several 16-row tiles, odd tile counts, and x
+# split in several blocks (192 KiB of split rows: 64 rows at K = 512) with a ragged last one
+SHAPES = [(70, 37, B) for B in (1, 5, 15, 16, 17, 31, 32, 33, 48)] + \
+         [(33, 512, 200), (16, 1, 20), (2048, 64, 32), (40, 1000, 16), (1, 300, 70)]
+
+
+@pytest.mark.parametrize("n,K,B", SHAPES)
+def test_amx_product_is_float32_accurate(amx_on, n, K, B):
+    layers = _layers()
+    rng = np.random.default_rng(n * 7919 + K * 31 + B)
+    w = rng.standard_normal((n, K)).astype(np.float32)
+    v = rng.standard_normal((B, K)).astype(np.float32)
+    # a wide range of magnitudes: the split must hold for every exponent
+    w *= np.exp2(rng.integers(-20, 20, size=(n, K))).astype(np.float32)
+    wt, vt = np.ascontiguousarray(w.T), np.ascontiguousarray(v.T)
+    for threads in (1, 2):
+        for wa, va in [(w, v), (wt.T, v), (w, vt.T), (wt.T, vt.T)]:
+            out = np.full((B, n), np.nan, np.float32)
+            layers._pack_and_multiply(wa, va, out, False, threads, True)
+            assert _bound_err(out, v, w) < 5e-7, (n, K, B, threads)
+            start = rng.standard_normal((B, n)).astype(np.float32)
+            out = start.copy()
+            layers._pack_and_multiply(wa, va, out, True, threads, True)
+            assert _bound_err(out, v, w, start) < 5e-7, (n, K, B, threads, "accumulate")
+
+
+def test_amx_product_is_not_plain_bfloat16(amx_on):
+    # the bound above is tight enough to tell: one bfloat16 product (or a0 b0 + a0 b1 + a1 b0)
+    # misses it by orders of magnitude
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    v = rng.standard_normal((32, 256)).astype(np.float32)
+
+    def bf16(a):
+        return (a.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
+    assert _bound_err(bf16(v).astype(np.float64) @ bf16(w).T.astype(np.float64), v, w) > 1e-4
+    out = np.zeros((32, 64), np.float32)
+    _layers()._pack_and_multiply(w, v, out, False, 2, True)
+    assert _bound_err(out, v, w) < 5e-7
+
+
+@pytest.mark.parametrize("where", ["x", "w", "x-columns"])
+def test_amx_product_keeps_nan(amx_on, where):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((70, 40)).astype(np.float32)
+    v = rng.standard_normal((100, 40)).astype(np.float32)
+    out = np.zeros((100, 70), np.float32)
+    if where == "w":
+        w[13, 7] = np.nan
+        _layers()._pack_and_multiply(w, v, out, False, 2, True)
+        assert np.isnan(out[:, 13]).all()
+        assert not np.isnan(np.delete(out, 13, axis=1)).any()
+        return
+    v[61, 3] = np.nan
+    va = np.ascontiguousarray(v.T).T if where == "x-columns" else v
+    _layers()._pack_and_multiply(w, va, out, False, 2, True)
+    assert np.isnan(out[61]).all()
+    assert not np.isnan(np.delete(out, 61, axis=0)).any()
+
+
+def test_amx_switch():
+    layers = _layers()
+    previous = layers.get_amx()
+    try:
+        assert layers.set_amx(False) == previous
+        assert layers.get_amx() is False
+        layers.set_amx(True)
+        assert layers.get_amx() is layers.amx_available()
+    finally:
+        layers.set_amx(previous)
+    with pytest.raises(ValueError, match="amx"):
+        w = np.zeros((4, 4))
+        layers._pack_and_multiply(w, w, np.zeros((4, 4)), False, 1, True)
+
+
+def test_amx_off_from_the_environment():
+    code = "from fastrnn._cy import layers; print(layers.get_amx())"
+    env = dict(os.environ, FASTRNN_AMX="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("B", [16, 20])
+def test_layers_on_the_tile_unit_match_the_reference(amx_on, cell, B):
+    # B = 16: inference takes the unit-split loop (its input projection on the tile unit),
+    # training the packed GEMM loop with every product on it; B = 20: a ragged second tile
+    T, I, H = 7, 40, 48
+    rng = np.random.default_rng(B)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    lengths = rng.integers(0, T + 1, size=B)
+    lengths[0] = T
+    dy = rng.standard_normal((T, B, 2 * H)).astype(np.float32)
+    results = []
+    for backend in ("reference", "cython"):
+        layer = make_layer(cell, I, H, num_layers=2, bidirectional=True, dtype=np.float32,
+                           seed=3, backend=backend)
+        state = random_state(layer, B, np.random.default_rng(7))
+        y, final, cache = layer.forward(x, state, lengths)
+        layer.zero_grad()
+        dx, dstate0 = layer.backward(dy, cache)
+        y_infer, final_infer = layer(x, state, lengths)
+        results.append(result_dict(y, dx, final, dstate0, layer.grads))
+        results[-1]["y_infer"] = y_infer
+    assert_all_close(results[1], results[0], np.float32, f"cython {cell} B={B} on the tile unit")
