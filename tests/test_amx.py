@@ -1,8 +1,8 @@
-"""The Cython backend's float32 products on the AMX tile unit (kernels/amx.h): each operand split
-into three bfloat16 parts, six part products. Against float64 NumPy with a bound of float32
-rounding (a bfloat16 product, or the three-product variant, misses it by 100x or more), every
-layout, remainder and block of the product, NaN, the switch, and whole layers against the
-reference with the tile unit on and off."""
+"""float32 products on the AMX tile unit (kernels/amx.h, called by both compiled backends): each
+operand split into three bfloat16 parts, six part products. Against float64 NumPy with a bound
+of float32 rounding (a bfloat16 product misses it by 100x or more): every layout, remainder and
+block of the product (through the Cython test hook and through fastrnn._numba.amx), NaN, the
+switch, and whole layers of every cell against the reference on the tile unit."""
 import os
 import subprocess
 import sys
@@ -10,26 +10,29 @@ import sys
 import numpy as np
 import pytest
 
+import fastrnn
+
 from conftest import (CELLS, COMPILED_BACKENDS, assert_all_close, make_layer, random_state,
                       result_dict)
 
-pytestmark = pytest.mark.skipif("cython" not in COMPILED_BACKENDS, reason="cython not under test")
-
 
 def _layers():
+    if "cython" not in COMPILED_BACKENDS:
+        pytest.skip("cython not under test")
     from fastrnn._cy import layers
     return layers
 
 
-def _needs_amx():
-    if not _layers().amx_available():
+def _needs_amx(backend="cython"):
+    kernels = _layers() if backend == "cython" else fastrnn.get_backend(backend)
+    if not kernels.amx_available():
         pytest.skip("this CPU (or OS) gives no AMX tile unit")
+    return kernels
 
 
 @pytest.fixture
 def amx_on():
-    _needs_amx()
-    layers = _layers()
+    layers = _needs_amx()
     previous = layers.set_amx(True)
     yield
     layers.set_amx(previous)
@@ -109,44 +112,91 @@ def test_amx_product_keeps_nan(amx_on, where):
     assert not np.isnan(np.delete(out, 61, axis=0)).any()
 
 
-def test_amx_switch():
-    layers = _layers()
-    previous = layers.get_amx()
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_amx_switch(backend):
+    kernels = fastrnn.get_backend(backend)
+    previous = kernels.get_amx()
     try:
-        assert layers.set_amx(False) == previous
-        assert layers.get_amx() is False
-        layers.set_amx(True)
-        assert layers.get_amx() is layers.amx_available()
+        assert kernels.set_amx(False) == previous
+        assert kernels.get_amx() is False
+        kernels.set_amx(True)
+        assert kernels.get_amx() is kernels.amx_available()
     finally:
-        layers.set_amx(previous)
+        kernels.set_amx(previous)
+
+
+def test_amx_hook_refuses_float64():
     with pytest.raises(ValueError, match="amx"):
         w = np.zeros((4, 4))
-        layers._pack_and_multiply(w, w, np.zeros((4, 4)), False, 1, True)
+        _layers()._pack_and_multiply(w, w, np.zeros((4, 4)), False, 1, True)
 
 
-def test_amx_off_from_the_environment():
-    code = "from fastrnn._cy import layers; print(layers.get_amx())"
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_amx_off_from_the_environment(backend):
+    code = f"import fastrnn; print(fastrnn.get_backend({backend!r}).get_amx())"
     env = dict(os.environ, FASTRNN_AMX="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("n,K,B", SHAPES)
+def test_numba_amx_products_are_float32_accurate(n, K, B):
+    if "numba" not in COMPILED_BACKENDS:
+        pytest.skip("numba not under test")
+    _needs_amx("numba")
+    from fastrnn._numba import amx
+    rng = np.random.default_rng(n * 7919 + K * 31 + B + 1)
+    w = rng.standard_normal((n, K)).astype(np.float32)
+    v = rng.standard_normal((B, K)).astype(np.float32)
+    w *= np.exp2(rng.integers(-20, 20, size=(n, K))).astype(np.float32)
+    flat = np.empty(amx.packed_size(n, K), np.float32)
+    for threads in (1, 2):
+        # rows of w and v, or columns (transposed views, as backward and the gradients pass)
+        for wa, va in [(w, v), (np.ascontiguousarray(w.T).T, np.ascontiguousarray(v.T).T)]:
+            start = rng.standard_normal((B, n)).astype(np.float32)
+            out = start.copy()
+            amx.pack_and_multiply(threads, wa, n, va, out, True, flat)
+            assert _bound_err(out, v, w, start) < 5e-7, (n, K, B, threads)
+            out = np.full((B, n), np.nan, np.float32)
+            amx.pack_parts(threads, wa, 0, n, flat)
+            amx.product_parts(threads, flat, n, va, out, 0, False)
+            assert _bound_err(out, v, w) < 5e-7, (n, K, B, threads, "parts")
+    # the weight gradient: out (B, n) += v^T-side sums over rows, d = v^T laid out (K, B)
+    d, e = np.ascontiguousarray(v.T), np.ascontiguousarray(w.T)       # (K, B), (K, n)
+    start = rng.standard_normal((B, n)).astype(np.float32)
+    for threads in (1, 2):
+        out = start.copy()
+        grad_flat = np.empty(amx.packed_size(n, 256), np.float32)
+        amx.weight_gradient(threads, d, e, out, grad_flat)
+        assert _bound_err(out, v, w, start) < 5e-7, (n, K, B, threads, "gradient")
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("B", [16, 20])
-def test_layers_on_the_tile_unit_match_the_reference(amx_on, cell, B):
-    # B = 16: inference takes the unit-split loop (its input projection on the tile unit),
-    # training the packed GEMM loop with every product on it; B = 20: a ragged second tile
-    T, I, H = 7, 40, 48
+def test_layers_on_the_tile_unit_match_the_reference(backend, cell, B):
+    # B = 16: inference takes the unit-split loop (cython: its input projection on the tile
+    # unit), training the packed GEMM loop with every product on it; B = 20: a ragged tile
+    kernels = _needs_amx(backend)
+    previous = kernels.set_amx(True)
+    try:
+        _compare_layers_with_the_reference(backend, cell, B)
+    finally:
+        kernels.set_amx(previous)
+
+
+def _compare_layers_with_the_reference(backend, cell, B):
+    T, I, H = 9, 40, 48          # T*B >= 128: both backends pack (numba's limit)
     rng = np.random.default_rng(B)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     lengths = rng.integers(0, T + 1, size=B)
     lengths[0] = T
     dy = rng.standard_normal((T, B, 2 * H)).astype(np.float32)
     results = []
-    for backend in ("reference", "cython"):
+    for name in ("reference", backend):
         layer = make_layer(cell, I, H, num_layers=2, bidirectional=True, dtype=np.float32,
-                           seed=3, backend=backend)
+                           seed=3, backend=name)
         state = random_state(layer, B, np.random.default_rng(7))
         y, final, cache = layer.forward(x, state, lengths)
         layer.zero_grad()
@@ -154,4 +204,4 @@ def test_layers_on_the_tile_unit_match_the_reference(amx_on, cell, B):
         y_infer, final_infer = layer(x, state, lengths)
         results.append(result_dict(y, dx, final, dstate0, layer.grads))
         results[-1]["y_infer"] = y_infer
-    assert_all_close(results[1], results[0], np.float32, f"cython {cell} B={B} on the tile unit")
+    assert_all_close(results[1], results[0], np.float32, f"{backend} {cell} B={B} on the tile unit")

@@ -85,7 +85,7 @@ def test_one_region_loop_any_thread_count(cell, threads):
             gates, gates_own = empty3, np.full((units, T, B, G * C), np.nan, dtype)
             hgates_own = np.full((units, B, G * C), np.nan, dtype)
         forward(c.code, x, w_ih, w_hh, b_ih, b_hh, empty2, lengths, reverse, False, units,
-                pack, y, gates, empty3, empty3, np.empty((B, G * H), dtype), h, h2, cs, rh,
+                pack, False, y, gates, empty3, empty3, np.empty((B, G * H), dtype), h, h2, cs, rh,
                 gates_own, hgates_own)
         return y, h, cs
 

@@ -4,9 +4,9 @@ Importing this package raises ImportError when the extension is not built, so th
 is reported missing rather than failing later.
 """
 try:
-    from .layers import (_set_pack_limits, _set_pool, concurrent_directions,
-                         effective_num_threads, get_num_threads, get_small_batch_max,
-                         layer_backward, layer_forward, layer_step, set_num_threads,
+    from .layers import (_set_pack_limits, _set_pool, amx_available, concurrent_directions,
+                         effective_num_threads, get_amx, get_num_threads, get_small_batch_max,
+                         layer_backward, layer_forward, layer_step, set_amx, set_num_threads,
                          set_small_batch_max)
 except ImportError as exc:
     raise ImportError(
@@ -16,4 +16,4 @@ except ImportError as exc:
 
 __all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
            "set_num_threads", "get_num_threads", "effective_num_threads", "set_small_batch_max",
-           "get_small_batch_max"]
+           "get_small_batch_max", "amx_available", "set_amx", "get_amx"]

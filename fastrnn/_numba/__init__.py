@@ -29,12 +29,12 @@ import numpy as np
 import numba
 from numba import njit, types
 
-from . import config, kernels
+from . import amx, config, kernels
 from .. import _scratch
 
 __all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
-           "set_small_batch_max", "get_small_batch_max"]
+           "set_small_batch_max", "get_small_batch_max", "amx_available", "set_amx", "get_amx"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,14 +58,15 @@ def _signatures(dtype):
     forward = types.none(
         i64, const(3), const(2), const(2),         # code x w_ih w_hh
         const(1), const(1), const(2),              # b_ih b_hh peephole
-        index, flag, flag, i64, flag,              # lengths reverse train units pack
+        index, flag, flag, i64, flag, flag,        # lengths reverse train units pack amx
         array(3, "A"),                             # y
         array(3), array(3), array(3),              # cache: gates h_prev saved
         array(2), array(2), array(2), array(2), array(2),  # scratch: hgates h h2 c rh
         array(4), array(3))                        # gates_own hgates_own
     backward = types.none(
         i64, const(3), const(2), const(2),         # code x w_ih w_hh
-        const(2), index, flag, i64, flag, i64,     # peephole lengths reverse truncate pack pool
+        const(2), index, flag, i64, flag, flag,    # peephole lengths reverse truncate pack amx
+        i64,                                       # pool
         const(3), const(3), const(3),              # cache: gates h_prev saved
         const(3, "A"), flag,                       # dy has_dy
         array(3), array(3), array(2), array(2),    # scratch: dgates dgates_n dh dc
@@ -306,7 +307,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                 _const("w_hh", w_hh, dtype, 2), _const("b_ih", b_ih, dtype, 1),
                 _const("b_hh", b_hh, dtype, 1),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), bool(train), units, pack,
+                lengths, bool(reverse), bool(train), units, pack, _uses_amx(dtype) and units <= 0,
                 out.array, ws.get("gates", empty3), h_prev, saved, ws["hgates"], ws["h"],
                 ws.get("h2", empty2), ws.get("c", empty2), ws.get("rh", empty2),
                 ws.get("gates_own", _empty(dtype, 4)), ws.get("hgates_own", empty3))
@@ -369,7 +370,8 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         _launch(backward, pool if pool else _pass_threads(B * GH, limit),
                 cell.code, x, _const("w_ih", w_ih, dtype, 2), _const("w_hh", w_hh, dtype, 2),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), 0 if truncate is None else int(truncate), pack, pool,
+                lengths, bool(reverse), 0 if truncate is None else int(truncate), pack,
+                _uses_amx(dtype), pool,
                 cache.gates, cache.h_prev, cache.saved, dy_arg, dy is not None,
                 ws["dgates"], ws.get("dgates_n", empty3), dh,
                 empty2 if dc is None else dc, ws.get("drh", empty2),
@@ -495,6 +497,37 @@ def get_small_batch_max(train=False):
 
 
 _pack_limits = [config.PANEL_MIN_ROWS, config.PANEL_MAX_BYTES]
+
+
+# ---------------------------------------------------------------------------------------------
+# The AMX tile unit (fastrnn/_numba/amx.py, kernels/amx.h): float32 products of the packed
+# batch-row loop (forward and backward) over at least amx.MIN_ROWS rows of x. On where the CPU
+# has it unless FASTRNN_AMX=0 at import; the unit-split loop keeps its own products.
+
+_amx = [amx.AVAILABLE and os.environ.get("FASTRNN_AMX", "1").strip() != "0"]
+
+
+def amx_available():
+    """Whether this CPU and OS let float32 products run on the AMX tile unit (and the Cython
+    extension that carries its kernels is built)."""
+    return amx.AVAILABLE
+
+
+def set_amx(on):
+    """Use the AMX tile unit for float32 products (when available) or not; returns the previous
+    setting. The results differ from the AVX path's within float32 rounding."""
+    previous = _amx[0]
+    _amx[0] = bool(on) and amx.AVAILABLE
+    return previous
+
+
+def get_amx():
+    """Whether float32 products use the AMX tile unit now."""
+    return _amx[0]
+
+
+def _uses_amx(dtype):
+    return _amx[0] and dtype == np.float32
 
 
 def _set_pack_limits(min_rows, max_bytes):

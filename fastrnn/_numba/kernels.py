@@ -91,7 +91,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .. import cells
-from . import config
+from . import amx, config
 from .blas import NO_TRANS, TRANS, gemm
 
 RNN_TANH = cells.RNN_TANH.code
@@ -1061,10 +1061,28 @@ def column_sums(P, d, out):
 
 
 @njit(**config.KERNEL)
-def packed_gradients(P, code, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows, dx, dw_ih,
-                     dw_hh, db_ih, db_hh, dpeephole):
+def one_off_product(P, use_amx, w, n, v, out, flat, amx_flat):
+    """out += v @ w[:n].T by pack_and_multiply, or on the tile unit (amx_flat)."""
+    if use_amx:
+        amx.pack_and_multiply(P, w, n, v, out, True, amx_flat)
+    else:
+        pack_and_multiply(P, w, n, v, out, True, flat)
+
+
+@njit(**config.KERNEL)
+def any_weight_gradient(P, use_amx, d, v, out, flat, amx_flat):
+    """out += d^T v by weight_gradient, or on the tile unit (amx_flat)."""
+    if use_amx:
+        amx.weight_gradient(P, d, v, out, amx_flat)
+    else:
+        weight_gradient(P, d, v, out, flat)
+
+
+@njit(**config.KERNEL)
+def packed_gradients(P, code, use_amx, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows,
+                     dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
     """What weight_gradients does with BLAS, as packed products and column sums on P
-    threads."""
+    threads; use_amx: the products on the tile unit (T*B >= amx.MIN_ROWS)."""
     T, B, I = x.shape
     GH = dgates.shape[2]
     H = h_prev.shape[2]
@@ -1074,28 +1092,33 @@ def packed_gradients(P, code, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_ro
     dx2 = dx.reshape((TB, I))
     dg2 = dgates.reshape((TB, GH))
     hp2 = h_prev.reshape((TB, H))
-    flat = panel_buffer((max(-(-I // NR) * GH, -(-max(I, H) // NR) * min(TB, _GRAD_CHUNK))
-                         * NR,), x)
+    use_amx = use_amx and TB >= amx.MIN_ROWS
+    flat = panel_buffer((0 if use_amx else
+                         max(-(-I // NR) * GH, -(-max(I, H) // NR) * min(TB, _GRAD_CHUNK)) * NR,),
+                        x)
+    amx_flat = amx.buffer(max(amx.packed_size(I, GH),
+                              amx.packed_size(max(I, H), min(TB, _GRAD_CHUNK))) if use_amx else 0)
     # dx += dgates @ w_ih (input side): W[c, g] = w_ih[g, c]                 (T*B, I)
     if code == GRU:
         dgn2 = dgates_n.reshape((TB, H))
-        pack_and_multiply(P, w_ih[:2 * H].T, I, dg2[:, :2 * H], dx2, True, flat)
-        pack_and_multiply(P, w_ih[2 * H:].T, I, dgn2, dx2, True, flat)
+        one_off_product(P, use_amx, w_ih[:2 * H].T, I, dg2[:, :2 * H], dx2, flat, amx_flat)
+        one_off_product(P, use_amx, w_ih[2 * H:].T, I, dgn2, dx2, flat, amx_flat)
         # dw_ih[:2H] += dgates[:, :2H].T @ x;  dw_ih[2H:] += dgates_n.T @ x
-        weight_gradient(P, dg2[:, :2 * H], x2, dw_ih[:2 * H], flat)
-        weight_gradient(P, dgn2, x2, dw_ih[2 * H:], flat)
+        any_weight_gradient(P, use_amx, dg2[:, :2 * H], x2, dw_ih[:2 * H], flat, amx_flat)
+        any_weight_gradient(P, use_amx, dgn2, x2, dw_ih[2 * H:], flat, amx_flat)
     else:
-        pack_and_multiply(P, w_ih.T, I, dg2, dx2, True, flat)
+        one_off_product(P, use_amx, w_ih.T, I, dg2, dx2, flat, amx_flat)
         # dw_ih += dgates.T @ x                                                (G*H, I)
-        weight_gradient(P, dg2, x2, dw_ih, flat)
+        any_weight_gradient(P, use_amx, dg2, x2, dw_ih, flat, amx_flat)
     # hidden side: dgates is the gradient of W_hh h + b_hh
     if code == GRU_RESET_BEFORE:
         # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dgates[:, 2H:].T @ rh
-        weight_gradient(P, dg2[:, :2 * H], hp2, dw_hh[:2 * H], flat)
-        weight_gradient(P, dg2[:, 2 * H:], saved.reshape((TB, H)), dw_hh[2 * H:], flat)
+        any_weight_gradient(P, use_amx, dg2[:, :2 * H], hp2, dw_hh[:2 * H], flat, amx_flat)
+        any_weight_gradient(P, use_amx, dg2[:, 2 * H:], saved.reshape((TB, H)), dw_hh[2 * H:],
+                            flat, amx_flat)
     else:
         # dw_hh += dgates.T @ h_prev                                           (G*H, H)
-        weight_gradient(P, dg2, hp2, dw_hh, flat)
+        any_weight_gradient(P, use_amx, dg2, hp2, dw_hh, flat, amx_flat)
     # bias gradients: column sums of dgates (GRU: the input side's n block from dgates_n)
     sums = np.zeros(GH, x.dtype)
     column_sums(P, dg2, sums)
@@ -1455,7 +1478,8 @@ def any_active(t, lengths):
 # signature per dtype (see _signatures there).
 
 def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, train, units,
-                 pack, y, gates, h_prev, saved, hgates, h, h2, c, rh, gates_own, hgates_own):
+                 pack, use_amx, y, gates, h_prev, saved, hgates, h, h2, c, rh, gates_own,
+                 hgates_own):
     """Run one layer, one direction. h and c hold the initial state and end as the final one.
 
     gates (T, B, G*H), h_prev and saved (T, B, H): the cache, cut from one workspace; h_prev and
@@ -1470,7 +1494,8 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
     units = 0 with pack: the batch-row loop's per-step products over w_hh packed once (its
     rows), on this thread, with BLAS for the input projection; units = -P (pack set): the
     same on a pool of P threads (products split by panels, passes by rows), the input
-    projection a packed product too: no BLAS call.
+    projection a packed product too: no BLAS call. use_amx (float32 only, amx.AVAILABLE): in
+    the batch-row loop, the products over at least amx.MIN_ROWS rows of x take the tile unit.
     """
     T, B, I = x.shape
     GH, H = w_hh.shape
@@ -1522,32 +1547,53 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
     if units < 0 or pack:
         P = max(1, -units)
         NR = panel_width(x)
+        amx_in = use_amx and units < 0 and T * B >= amx.MIN_ROWS
+        amx_h = use_amx and B >= amx.MIN_ROWS
         first_panels, n_panels = -(-first // NR), (-(-H // NR) if phases == 2 else 0)
         flat = panel_buffer((max(-(-GH // NR) * I, (first_panels + n_panels) * H) * NR,), x)
+        # the same on the tile unit: its layout, float32 (empty unless used)
+        amx_first = amx.packed_size(first, H) if amx_h else 0
+        amx_flat = amx.buffer(max(amx.packed_size(GH, I) if amx_in else 0,
+                                  amx_first + (amx.packed_size(H, H) if amx_h else 0)))
         # gates = x @ w_ih.T                                               (T*B, G*H)
-        if units < 0:
+        if amx_in:
+            amx.pack_and_multiply(P, w_ih, GH, x.reshape((T * B, I)),
+                                  gates.reshape((T * B, GH)), False, amx_flat)
+        elif units < 0:
             pack_and_multiply(P, w_ih, GH, x.reshape((T * B, I)), gates.reshape((T * B, GH)),
                               False, flat)
         else:
             gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
         # w_hh's rows as panels; GRU reset-before: its n block's apart, panels of their own
         packed_hh = flat[:first_panels * H * NR].reshape((first_panels, H, NR))
-        pack_panels(w_hh, 0, first, packed_hh)
         packed_n = flat[first_panels * H * NR:(first_panels + n_panels) * H * NR].reshape(
             (n_panels, H, NR))
-        if phases == 2:
-            pack_panels(w_hh, first, H, packed_n)
+        if amx_h:
+            amx.pack_parts(P, w_hh, 0, first, amx_flat)
+            if phases == 2:
+                amx.pack_parts(P, w_hh, first, H, amx_flat[amx_first:])
+        else:
+            pack_panels(w_hh, 0, first, packed_hh)
+            if phases == 2:
+                pack_panels(w_hh, first, H, packed_n)
         for s in range(T):
             t = T - 1 - s if reverse else s
             active = any_active(t, lengths)
             if active:
                 # hgates[:, :first] = h @ w_hh[:first].T                     (B, G*H or 2H)
-                packed_product(P, packed_hh, first, h, hgates, 0, False)
+                if amx_h:
+                    amx.product_parts(P, amx_flat, first, h, hgates, 0, False)
+                else:
+                    packed_product(P, packed_hh, first, h, hgates, 0, False)
             rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
             for phase in range(phases):
                 if phase == 1 and active:
                     # hgates[:, 2H:] = rh @ w_hh[2H:].T                      (B, H)
-                    packed_product(P, packed_n, H, rh_t, hgates, first, False)
+                    if amx_h:
+                        amx.product_parts(P, amx_flat[amx_first:], H, rh_t, hgates, first,
+                                          False)
+                    else:
+                        packed_product(P, packed_n, H, rh_t, hgates, first, False)
                 forward_rows(code, phase, t, lengths, train, gates, hgates, b_ih, b_hh,
                              peephole, h, c, y, h_prev, saved, rh_t)
         return
@@ -1568,7 +1614,7 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
                          c, y, h_prev, saved, rh_t)
 
 
-def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pack, pool,
+def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pack, use_amx, pool,
                   gates, h_prev, saved, dy, has_dy, dgates, dgates_n, dh, dc, drh, dpeep_rows,
                   ones, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
     """Backward through one layer, one direction; ADDS into dx, dw_*, db_*, dpeephole.
@@ -1579,6 +1625,7 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pac
     truncate: 0 for none. pack: the per-step products over w_hh's columns packed once (see
     forward_loop); pool > 0: on that many threads, and the products after the loop packed too
     (no BLAS call: packed_gradients); pool = 0: on this thread, and BLAS after the loop.
+    use_amx: as in forward_loop.
     """
     T = x.shape[0]
     GH, H = w_hh.shape
@@ -1589,9 +1636,17 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pac
     # block apart (empty unless pack)
     NR = panel_width(x)
     col_panels = -(-H // NR) if pack else 0
-    packed_hh = panel_buffer((col_panels, first, NR), x)
-    packed_n = panel_buffer((col_panels if phases == 2 else 0, H, NR), x)
-    if pack:
+    amx_h = pack and use_amx and x.shape[1] >= amx.MIN_ROWS
+    packed_hh = panel_buffer((0 if amx_h else col_panels, first, NR), x)
+    packed_n = panel_buffer((col_panels if phases == 2 and not amx_h else 0, H, NR), x)
+    # or on the tile unit: w_hh's columns in its layout (empty unless used)
+    amx_first = amx.packed_size(H, first) if amx_h else 0
+    amx_hh = amx.buffer(amx_first + (amx.packed_size(H, H) if amx_h and phases == 2 else 0))
+    if amx_h:
+        amx.pack_parts(P, w_hh[:first].T, 0, H, amx_hh)
+        if phases == 2:
+            amx.pack_parts(P, w_hh[first:].T, 0, H, amx_hh[amx_first:])
+    elif pack:
         pack_panels(w_hh[:first].T, 0, H, packed_hh)
         if phases == 2:
             pack_panels(w_hh[first:].T, 0, H, packed_n)
@@ -1601,7 +1656,10 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pac
         for phase in range(phases):
             if phase == 1 and active:
                 # drh = dgates[t][:, 2H:] @ w_hh[2H:]                        (B, H)
-                if pack:
+                if amx_h:
+                    amx.product_parts(P, amx_hh[amx_first:], H, dgates[t][:, 2 * H:], drh, 0,
+                                      False)
+                elif pack:
                     packed_product(P, packed_n, H, dgates[t][:, 2 * H:], drh, 0, False)
                 else:
                     gemm(dgates[t][:, 2 * H:], NO_TRANS, w_hh[2 * H:], NO_TRANS, drh, 0.0)
@@ -1609,7 +1667,9 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pac
                           dgates, dgates_n, dh, dc, drh, dpeep_rows)
         if active:
             # dh += dgates[t][:, :first] @ w_hh[:first]                      (B, H)
-            if pack:
+            if amx_h:
+                amx.product_parts(P, amx_hh, H, dgates[t][:, :first], dh, 0, True)
+            elif pack:
                 packed_product(P, packed_hh, H, dgates[t][:, :first], dh, 0, True)
             else:
                 gemm(dgates[t][:, :first], NO_TRANS, w_hh[:first], NO_TRANS, dh, 1.0)
@@ -1620,8 +1680,8 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pac
             dh[:] = 0
             dc[:] = 0
     if pack and pool > 0:
-        packed_gradients(P, code, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows, dx,
-                         dw_ih, dw_hh, db_ih, db_hh, dpeephole)
+        packed_gradients(P, code, use_amx, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows,
+                         dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
     else:
         weight_gradients(code, x, w_ih, gates, h_prev, saved, dgates, dgates_n, dpeep_rows,
                          ones, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
