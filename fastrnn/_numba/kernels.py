@@ -1079,10 +1079,11 @@ def any_weight_gradient(P, use_amx, d, v, out, flat, amx_flat):
 
 
 @njit(**config.KERNEL)
-def packed_gradients(P, code, use_amx, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows,
-                     dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
+def packed_gradients(P, code, use_amx, amx_flat, x, w_ih, h_prev, saved, dgates, dgates_n,
+                     dpeep_rows, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
     """What weight_gradients does with BLAS, as packed products and column sums on P
-    threads; use_amx: the products on the tile unit (T*B >= amx.MIN_ROWS)."""
+    threads; use_amx: the products on the tile unit (T*B >= amx.MIN_ROWS), packing into
+    amx_flat (the loop's, done with) when it is big enough."""
     T, B, I = x.shape
     GH = dgates.shape[2]
     H = h_prev.shape[2]
@@ -1096,8 +1097,10 @@ def packed_gradients(P, code, use_amx, x, w_ih, h_prev, saved, dgates, dgates_n,
     flat = panel_buffer((0 if use_amx else
                          max(-(-I // NR) * GH, -(-max(I, H) // NR) * min(TB, _GRAD_CHUNK)) * NR,),
                         x)
-    amx_flat = amx.buffer(max(amx.packed_size(I, GH),
-                              amx.packed_size(max(I, H), min(TB, _GRAD_CHUNK))) if use_amx else 0)
+    need = max(amx.packed_size(I, GH),
+               amx.packed_size(max(I, H), min(TB, _GRAD_CHUNK))) if use_amx else 0
+    if amx_flat.shape[0] < need:
+        amx_flat = amx.buffer(need)
     # dx += dgates @ w_ih (input side): W[c, g] = w_ih[g, c]                 (T*B, I)
     if code == GRU:
         dgn2 = dgates_n.reshape((TB, H))
@@ -1680,8 +1683,8 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pac
             dh[:] = 0
             dc[:] = 0
     if pack and pool > 0:
-        packed_gradients(P, code, use_amx, x, w_ih, h_prev, saved, dgates, dgates_n, dpeep_rows,
-                         dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
+        packed_gradients(P, code, use_amx, amx_hh, x, w_ih, h_prev, saved, dgates, dgates_n,
+                         dpeep_rows, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
     else:
         weight_gradients(code, x, w_ih, gates, h_prev, saved, dgates, dgates_n, dpeep_rows,
                          ones, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
