@@ -127,7 +127,8 @@ def machine_info():
         info["cpu"] = fields.get("Model name", info["cpu"])
         info["cores"] = int(fields["Core(s) per socket"]) * int(fields.get("Socket(s)", 1))
         flags = fields.get("Flags", "").split()
-        info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f") if f in flags)
+        info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "amx_tile", "amx_bf16")
+                                if f in flags)
         if fields.get("Hypervisor vendor"):
             info["cpu"] += f" (virtual machine, {fields['Hypervisor vendor']})"
         info["caches"] = ", ".join(f"{k.split()[0]} {fields[k]}" for k in
