@@ -205,3 +205,30 @@ def _compare_layers_with_the_reference(backend, cell, B):
         results.append(result_dict(y, dx, final, dstate0, layer.grads))
         results[-1]["y_infer"] = y_infer
     assert_all_close(results[1], results[0], np.float32, f"{backend} {cell} B={B} on the tile unit")
+
+
+def test_numba_without_the_extension_runs_without_the_tile_unit():
+    # the Numba backend takes the tile unit's kernels from the Cython extension; without it
+    # (not built) its loops still compile and run, on AVX, and say so
+    if "numba" not in COMPILED_BACKENDS:
+        pytest.skip("numba not under test")
+    code = """
+import sys
+sys.modules["fastrnn._cy.amx_export"] = None        # as if the extension were not built
+import numpy as np, fastrnn
+kernels = fastrnn.get_backend("numba")
+assert not kernels.amx_available() and not kernels.get_amx()
+assert kernels.set_amx(True) is False and not kernels.get_amx()
+rng = np.random.default_rng(0)
+ref = fastrnn.GRU(6, 16, backend="reference", dtype=np.float32, seed=1)
+m = fastrnn.GRU(6, 16, backend="numba", dtype=np.float32, seed=1)
+x = rng.standard_normal((10, 20, 6)).astype(np.float32)
+for layer in (ref, m):
+    y, _, cache = layer.forward(x)
+    layer.backward(np.ones_like(y), cache)
+np.testing.assert_allclose(m(x)[0], ref(x)[0], rtol=1e-4, atol=1e-5)
+np.testing.assert_allclose(m.grads["weight_hh_l0"], ref.grads["weight_hh_l0"], rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
