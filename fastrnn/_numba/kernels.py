@@ -1553,7 +1553,9 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
         amx_in = use_amx and units < 0 and T * B >= amx.MIN_ROWS
         amx_h = use_amx and B >= amx.MIN_ROWS
         first_panels, n_panels = -(-first // NR), (-(-H // NR) if phases == 2 else 0)
-        flat = panel_buffer((max(-(-GH // NR) * I, (first_panels + n_panels) * H) * NR,), x)
+        # panel.h-style panels for what does not take the tile unit (empty when nothing)
+        flat = panel_buffer((max(-(-GH // NR) * I if units < 0 and not amx_in else 0,
+                                 (first_panels + n_panels) * H if not amx_h else 0) * NR,), x)
         # the same on the tile unit: its layout, float32 (empty unless used)
         amx_first = amx.packed_size(first, H) if amx_h else 0
         amx_flat = amx.buffer(max(amx.packed_size(GH, I) if amx_in else 0,
@@ -1568,6 +1570,8 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
         else:
             gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
         # w_hh's rows as panels; GRU reset-before: its n block's apart, panels of their own
+        if amx_h:                       # no panels of w_hh
+            first_panels, n_panels = 0, 0
         packed_hh = flat[:first_panels * H * NR].reshape((first_panels, H, NR))
         packed_n = flat[first_panels * H * NR:(first_panels + n_panels) * H * NR].reshape(
             (n_panels, H, NR))
