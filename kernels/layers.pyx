@@ -731,10 +731,8 @@ cdef void _product_by_rows_mt(const floating* packed, Py_ssize_t rows, Py_ssize_
                               bint amx) noexcept nogil:
     # _packed_product with the rows of x (and of out) split over nthreads threads, in parts of
     # whole 16-row tiles; every thread reads all of the packed weights
-    cdef Py_ssize_t per = (nx + 15) // 16, part, b0, b1
-    if nthreads > per:
-        nthreads = <int>max(1, per)
-    per = (per + nthreads - 1) // nthreads * 16
+    cdef Py_ssize_t per, part, b0, b1
+    nthreads = _panel_parts(nx, 16, nthreads, &per)
     if nthreads <= 1:
         _packed_product(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate, amx)
         return
@@ -847,14 +845,14 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
     # the tile unit for the input projection only: a step's products here are 4-8 small ones a
     # thread (its units of each gate block), and each would split h and set up the tiles
     # again (measured: bilstm-infer 95 ms on the tile unit, 53 without)
-    cdef bint amx_in = _amx(ws, T * B), amx_h = False
+    cdef bint amx_in = _amx(ws, T * B)
     _unit_range(H, tid, nthreads, &j0, &j1)
     n = j1 - j0
     if n > 0 and T * B >= _PACK_MIN_ROWS \
-            and G * _packed_size(ws, n, H, amx_h) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
+            and G * _packed_size(ws, n, H, False) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
         # allocated by the thread that uses it (its pages near its core); one buffer serves
         # w_ih's blocks one at a time first, then all of w_hh's
-        block_size = _packed_size(ws, n, H, amx_h)
+        block_size = _packed_size(ws, n, H, False)
         packed = <floating*>malloc(
             max(G * block_size, _packed_size(ws, n, I, amx_in) if input_dots else 0)
             * sizeof(floating))
@@ -872,7 +870,7 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
                         gates + g * H + j0, GH)
     if packed != NULL:
         for g in range(G):
-            _pack(w_hh + (g * H + j0) * ld_hh, ld_hh, 1, n, H, packed + g * block_size, amx_h)
+            _pack(w_hh + (g * H + j0) * ld_hh, ld_hh, 1, n, H, packed + g * block_size, False)
     for s in range(T):
         t = T - 1 - s if reverse else s
         cur = _state_slot(s, t, T, reverse, train, False) * BH
@@ -896,8 +894,7 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
         if active and n > 0:
             # hh[:, block g, units] = h @ w_hh[block g, units].T
             for g in range(blocks):
-                _units_product(w_hh, ld_hh, packed, block_size, g, j0, n, H, h, B, hh, GH,
-                               amx_h)
+                _units_product(w_hh, ld_hh, packed, block_size, g, j0, n, H, h, B, hh, GH)
         if code == GRU_RESET_BEFORE:
             for b in range(B):
                 _forward_row(code, False, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t,
@@ -905,8 +902,7 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
             fr_barrier()                        # all of r*h is written
             if active and n > 0:
                 # hh[:, n block, units] = (r*h) @ w_hh[n block, units].T
-                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH,
-                               amx_h)
+                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH)
         for b in range(B):
             _forward_row(code, True, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t, y_row,
                          hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
@@ -917,12 +913,12 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
 cdef inline void _units_product(const floating* w_hh, int ld_hh, const floating* packed,
                                 Py_ssize_t block_size, Py_ssize_t g, Py_ssize_t j0,
                                 Py_ssize_t n, Py_ssize_t H, const floating* v, Py_ssize_t B,
-                                floating* hh, Py_ssize_t GH, bint amx) noexcept nogil:
+                                floating* hh, Py_ssize_t GH) noexcept nogil:
     # hh[:, block g, units j0 .. j0+n] = v @ w_hh[block g, units].T, v (B, H): from the packed
     # copy of the thread's rows when there is one
     if packed != NULL:
         _packed_product(packed + g * block_size, n, H, v, H, 1, B, hh + g * H + j0, GH, False,
-                        amx)
+                        False)
     else:
         _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, v, H, B, hh + g * H + j0, GH)
 
