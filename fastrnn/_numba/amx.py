@@ -135,9 +135,10 @@ def product(packed, n, k, v, out, col, accumulate):
 
 
 @njit(**config.KERNEL)
-def _part(p, P, n):
-    """Rows [r0, r1) of part p of P when n weight rows are split by whole panels."""
-    per = -(-(-(-n // PANEL)) // P) * PANEL
+def _part(p, P, n, unit):
+    """Rows [r0, r1) of part p of P when n rows are split in whole units of `unit` rows (as
+    kernels.panel_part, which this module cannot import: kernels imports it)."""
+    per = -(-(-(-n // unit)) // P) * unit
     r0 = min(n, p * per)
     return r0, min(n, r0 + per)
 
@@ -145,7 +146,7 @@ def _part(p, P, n):
 @njit(**config.PARALLEL)
 def _pack_parallel(P, w, r0, n, packed):
     for part in prange(P):
-        a, b = _part(np.int64(part), P, n)
+        a, b = _part(np.int64(part), P, n, PANEL)
         if a < b:
             pack(w, r0 + a, b - a, packed[offset(a, w.shape[1]):])
 
@@ -164,7 +165,7 @@ def pack_parts(P, w, r0, n, packed):
 def _product_parallel(P, packed, n, v, out, col, accumulate):
     k = v.shape[1]
     for part in prange(P):
-        a, b = _part(np.int64(part), P, n)
+        a, b = _part(np.int64(part), P, n, PANEL)
         if a < b:
             product(packed[offset(a, k):], b - a, k, v, out, col + a, accumulate)
 
@@ -183,7 +184,7 @@ def product_parts(P, packed, n, v, out, col, accumulate):
 def _pack_multiply_parallel(P, w, n, v, out, accumulate, packed):
     k = w.shape[1]
     for part in prange(P):
-        a, b = _part(np.int64(part), P, n)
+        a, b = _part(np.int64(part), P, n, PANEL)
         if a < b:
             mine = packed[offset(a, k):]
             pack(w, a, b - a, mine)
@@ -205,11 +206,8 @@ def pack_and_multiply(P, w, n, v, out, accumulate, flat):
 @njit(**config.PARALLEL)
 def _rows_parallel(P, packed, n, d, out):
     # rows of out (of d^T) split in whole 16-row tiles: each thread splits only its part of d^T
-    M = d.shape[1]
-    per = -(-(-(-M // 16)) // P) * 16
     for part in prange(P):
-        m0 = min(M, part * per)
-        m1 = min(M, m0 + per)
+        m0, m1 = _part(np.int64(part), P, d.shape[1], MIN_ROWS)
         if m0 < m1:
             product(packed, n, d.shape[0], d[:, m0:m1].T, out[m0:m1], 0, True)
 

@@ -1061,6 +1061,25 @@ def column_sums(P, d, out):
 
 
 @njit(**config.KERNEL)
+def pack_step_weights(P, use_amx, w, r0, n, amx_packed, panels):
+    """Rows r0 .. r0+n-1 of w packed once per call for the per-step products: on the tile
+    unit's layout into amx_packed (P threads), else as panels into panels."""
+    if use_amx:
+        amx.pack_parts(P, w, r0, n, amx_packed)
+    else:
+        pack_panels(w, r0, n, panels)
+
+
+@njit(**config.KERNEL)
+def step_product(P, use_amx, amx_packed, panels, n, v, out, col, accumulate):
+    """out[:, col:col + n] (+)= v @ W.T over what pack_step_weights packed (the same use_amx)."""
+    if use_amx:
+        amx.product_parts(P, amx_packed, n, v, out, col, accumulate)
+    else:
+        packed_product(P, panels, n, v, out, col, accumulate)
+
+
+@njit(**config.KERNEL)
 def one_off_product(P, use_amx, w, n, v, out, flat, amx_flat):
     """out += v @ w[:n].T by pack_and_multiply, or on the tile unit (amx_flat)."""
     if use_amx:
@@ -1552,10 +1571,12 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
         NR = panel_width(x)
         amx_in = use_amx and units < 0 and T * B >= amx.MIN_ROWS
         amx_h = use_amx and B >= amx.MIN_ROWS
-        first_panels, n_panels = -(-first // NR), (-(-H // NR) if phases == 2 else 0)
+        # w_hh's panels (none when the tile unit takes the per-step products)
+        first_panels = 0 if amx_h else -(-first // NR)
+        n_panels = -(-H // NR) if phases == 2 and not amx_h else 0
         # panel.h-style panels for what does not take the tile unit (empty when nothing)
         flat = panel_buffer((max(-(-GH // NR) * I if units < 0 and not amx_in else 0,
-                                 (first_panels + n_panels) * H if not amx_h else 0) * NR,), x)
+                                 (first_panels + n_panels) * H) * NR,), x)
         # the same on the tile unit: its layout, float32 (empty unless used)
         amx_first = amx.packed_size(first, H) if amx_h else 0
         amx_flat = amx.buffer(max(amx.packed_size(GH, I) if amx_in else 0,
@@ -1569,38 +1590,25 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
                               False, flat)
         else:
             gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
-        # w_hh's rows as panels; GRU reset-before: its n block's apart, panels of their own
-        if amx_h:                       # no panels of w_hh
-            first_panels, n_panels = 0, 0
+        # w_hh's rows packed; GRU reset-before: its n block's apart, packed on their own
         packed_hh = flat[:first_panels * H * NR].reshape((first_panels, H, NR))
         packed_n = flat[first_panels * H * NR:(first_panels + n_panels) * H * NR].reshape(
             (n_panels, H, NR))
-        if amx_h:
-            amx.pack_parts(P, w_hh, 0, first, amx_flat)
-            if phases == 2:
-                amx.pack_parts(P, w_hh, first, H, amx_flat[amx_first:])
-        else:
-            pack_panels(w_hh, 0, first, packed_hh)
-            if phases == 2:
-                pack_panels(w_hh, first, H, packed_n)
+        amx_n = amx_flat[amx_first:]
+        pack_step_weights(P, amx_h, w_hh, 0, first, amx_flat, packed_hh)
+        if phases == 2:
+            pack_step_weights(P, amx_h, w_hh, first, H, amx_n, packed_n)
         for s in range(T):
             t = T - 1 - s if reverse else s
             active = any_active(t, lengths)
             if active:
                 # hgates[:, :first] = h @ w_hh[:first].T                     (B, G*H or 2H)
-                if amx_h:
-                    amx.product_parts(P, amx_flat, first, h, hgates, 0, False)
-                else:
-                    packed_product(P, packed_hh, first, h, hgates, 0, False)
+                step_product(P, amx_h, amx_flat, packed_hh, first, h, hgates, 0, False)
             rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
             for phase in range(phases):
                 if phase == 1 and active:
                     # hgates[:, 2H:] = rh @ w_hh[2H:].T                      (B, H)
-                    if amx_h:
-                        amx.product_parts(P, amx_flat[amx_first:], H, rh_t, hgates, first,
-                                          False)
-                    else:
-                        packed_product(P, packed_n, H, rh_t, hgates, first, False)
+                    step_product(P, amx_h, amx_n, packed_n, H, rh_t, hgates, first, False)
                 forward_rows(code, phase, t, lengths, train, gates, hgates, b_ih, b_hh,
                              peephole, h, c, y, h_prev, saved, rh_t)
         return
@@ -1649,35 +1657,28 @@ def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pac
     # or on the tile unit: w_hh's columns in its layout (empty unless used)
     amx_first = amx.packed_size(H, first) if amx_h else 0
     amx_hh = amx.buffer(amx_first + (amx.packed_size(H, H) if amx_h and phases == 2 else 0))
-    if amx_h:
-        amx.pack_parts(P, w_hh[:first].T, 0, H, amx_hh)
+    amx_n = amx_hh[amx_first:]
+    if pack:
+        pack_step_weights(P, amx_h, w_hh[:first].T, 0, H, amx_hh, packed_hh)
         if phases == 2:
-            amx.pack_parts(P, w_hh[first:].T, 0, H, amx_hh[amx_first:])
-    elif pack:
-        pack_panels(w_hh[:first].T, 0, H, packed_hh)
-        if phases == 2:
-            pack_panels(w_hh[first:].T, 0, H, packed_n)
+            pack_step_weights(P, amx_h, w_hh[first:].T, 0, H, amx_n, packed_n)
     for s in range(T):
         t = s if reverse else T - 1 - s
         active = any_active(t, lengths)
         for phase in range(phases):
             if phase == 1 and active:
                 # drh = dgates[t][:, 2H:] @ w_hh[2H:]                        (B, H)
-                if amx_h:
-                    amx.product_parts(P, amx_hh[amx_first:], H, dgates[t][:, 2 * H:], drh, 0,
-                                      False)
-                elif pack:
-                    packed_product(P, packed_n, H, dgates[t][:, 2 * H:], drh, 0, False)
+                if pack:
+                    step_product(P, amx_h, amx_n, packed_n, H, dgates[t][:, 2 * H:], drh, 0,
+                                 False)
                 else:
                     gemm(dgates[t][:, 2 * H:], NO_TRANS, w_hh[2 * H:], NO_TRANS, drh, 0.0)
             backward_rows(code, phase, t, lengths, gates, h_prev, saved, peephole, dy, has_dy,
                           dgates, dgates_n, dh, dc, drh, dpeep_rows)
         if active:
             # dh += dgates[t][:, :first] @ w_hh[:first]                      (B, H)
-            if amx_h:
-                amx.product_parts(P, amx_hh, H, dgates[t][:, :first], dh, 0, True)
-            elif pack:
-                packed_product(P, packed_hh, H, dgates[t][:, :first], dh, 0, True)
+            if pack:
+                step_product(P, amx_h, amx_hh, packed_hh, H, dgates[t][:, :first], dh, 0, True)
             else:
                 gemm(dgates[t][:, :first], NO_TRANS, w_hh[:first], NO_TRANS, dh, 1.0)
         # the state gradient leaving step t crosses the boundary to the step before it in time
