@@ -190,6 +190,8 @@ def set_amx(on):
     returns the previous setting. The results differ from the AVX path's within float32
     rounding (both are float32-accurate sums in different orders)."""
     global _amx_on
+    if not isinstance(on, (bool, np.bool_)):
+        raise TypeError(f"on: expected True or False, got {type(on).__name__} {on!r}")
     previous = bool(_amx_on)
     _amx_on = bool(on) and _amx_available
     return previous

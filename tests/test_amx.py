@@ -121,6 +121,10 @@ def test_amx_switch(backend):
         assert kernels.get_amx() is False
         kernels.set_amx(True)
         assert kernels.get_amx() is kernels.amx_available()
+        for bad in ("no", 0, None):
+            with pytest.raises(TypeError, match="on: expected True or False"):
+                kernels.set_amx(bad)
+            assert kernels.get_amx() is kernels.amx_available()     # left as it was
     finally:
         kernels.set_amx(previous)
 
@@ -175,27 +179,31 @@ def test_numba_amx_products_are_float32_accurate(n, K, B):
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("B", [16, 20])
-def test_layers_on_the_tile_unit_match_the_reference(backend, cell, B):
+@pytest.mark.parametrize("dtype,on", [(np.float32, True), (np.float32, False),
+                                      (np.float64, False)], ids=["f32-amx", "f32-avx", "f64"])
+def test_layers_on_and_off_the_tile_unit_match_the_reference(backend, cell, B, dtype, on):
     # B = 16: inference takes the unit-split loop (cython: its input projection on the tile
-    # unit), training the packed GEMM loop with every product on it; B = 20: a ragged tile
-    kernels = _needs_amx(backend)
-    previous = kernels.set_amx(True)
+    # unit), training the packed GEMM loop with every product on it; B = 20: a ragged tile.
+    # Off (and float64, which never takes it): the AVX path of the same calls, which the rest
+    # of the suite, with the tile unit on by default, meets only below 16 rows
+    kernels = _needs_amx(backend) if on else fastrnn.get_backend(backend)
+    previous = kernels.set_amx(on)
     try:
-        _compare_layers_with_the_reference(backend, cell, B)
+        _compare_layers_with_the_reference(backend, cell, B, dtype)
     finally:
         kernels.set_amx(previous)
 
 
-def _compare_layers_with_the_reference(backend, cell, B):
+def _compare_layers_with_the_reference(backend, cell, B, dtype):
     T, I, H = 9, 40, 48          # T*B >= 128: both backends pack (numba's limit)
     rng = np.random.default_rng(B)
-    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
     lengths = rng.integers(0, T + 1, size=B)
     lengths[0] = T
-    dy = rng.standard_normal((T, B, 2 * H)).astype(np.float32)
+    dy = rng.standard_normal((T, B, 2 * H)).astype(dtype)
     results = []
     for name in ("reference", backend):
-        layer = make_layer(cell, I, H, num_layers=2, bidirectional=True, dtype=np.float32,
+        layer = make_layer(cell, I, H, num_layers=2, bidirectional=True, dtype=dtype,
                            seed=3, backend=name)
         state = random_state(layer, B, np.random.default_rng(7))
         y, final, cache = layer.forward(x, state, lengths)
@@ -204,7 +212,7 @@ def _compare_layers_with_the_reference(backend, cell, B):
         y_infer, final_infer = layer(x, state, lengths)
         results.append(result_dict(y, dx, final, dstate0, layer.grads))
         results[-1]["y_infer"] = y_infer
-    assert_all_close(results[1], results[0], np.float32, f"{backend} {cell} B={B} on the tile unit")
+    assert_all_close(results[1], results[0], dtype, f"{backend} {cell} B={B} {np.dtype(dtype)}")
 
 
 def test_numba_without_the_extension_runs_without_the_tile_unit():

@@ -516,6 +516,8 @@ def amx_available():
 def set_amx(on):
     """Use the AMX tile unit for float32 products (when available) or not; returns the previous
     setting. The results differ from the AVX path's within float32 rounding."""
+    if not isinstance(on, (bool, np.bool_)):
+        raise TypeError(f"on: expected True or False, got {type(on).__name__} {on!r}")
     previous = _amx[0]
     _amx[0] = bool(on) and amx.AVAILABLE
     return previous
