@@ -30,6 +30,19 @@ def backends_under_test():
     return names
 
 
+# The folder holding the fastrnn this process imported (site-packages when installed, the
+# checkout when built in place). A child Python must import the same one: run from the checkout,
+# its '' entry would pick the source tree, which has no compiled extensions after `pip install .`.
+FASTRNN_HOME = os.path.dirname(os.path.dirname(os.path.abspath(fastrnn.__file__)))
+
+
+def child_python(env=None):
+    """Keyword arguments for subprocess.run / Popen so a child Python imports this fastrnn."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (FASTRNN_HOME, env.get("PYTHONPATH")) if p)
+    return {"cwd": FASTRNN_HOME, "env": env}
+
+
 BACKENDS = backends_under_test()
 COMPILED_BACKENDS = [b for b in BACKENDS if b != "reference"]
 

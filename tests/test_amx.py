@@ -12,8 +12,8 @@ import pytest
 
 import fastrnn
 
-from conftest import (CELLS, COMPILED_BACKENDS, assert_all_close, make_layer, random_state,
-                      result_dict)
+from conftest import (CELLS, COMPILED_BACKENDS, assert_all_close, child_python, make_layer,
+                      random_state, result_dict)
 
 
 def _layers():
@@ -138,9 +138,9 @@ def test_amx_hook_refuses_float64():
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_amx_off_from_the_environment(backend):
     code = f"import fastrnn; print(fastrnn.get_backend({backend!r}).get_amx())"
-    env = dict(os.environ, FASTRNN_AMX="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         **child_python(dict(os.environ, FASTRNN_AMX="0")))
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
 
 
@@ -238,5 +238,6 @@ np.testing.assert_allclose(m(x)[0], ref(x)[0], rtol=1e-4, atol=1e-5)
 np.testing.assert_allclose(m.grads["weight_hh_l0"], ref.grads["weight_hh_l0"], rtol=1e-4, atol=1e-5)
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         **child_python())
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

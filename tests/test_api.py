@@ -10,8 +10,8 @@ import pytest
 
 import fastrnn
 from fastrnn import dispatch
-from conftest import (CELL_OPTIONS, assert_all_close, make_layer, packing, random_state,
-                      run_layer, state_parts)
+from conftest import (CELL_OPTIONS, assert_all_close, child_python, make_layer, packing,
+                      random_state, run_layer, state_parts)
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_openmp_spin_count_default(env, expected):
     child_env.update(env)
     out = subprocess.run(
         [sys.executable, "-c", "import os, fastrnn; print(os.environ.get('GOMP_SPINCOUNT'))"],
-        env=child_env, capture_output=True, text=True, check=True).stdout.strip()
+        capture_output=True, text=True, check=True, **child_python(child_env)).stdout.strip()
     assert out == str(expected)
 
 

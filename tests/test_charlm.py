@@ -16,9 +16,9 @@ from fastrnn import charlm, cli
 from fastrnn.charlm import CharLM, CheckpointError, CorpusError, Vocabulary
 from fastrnn.train import softmax_cross_entropy
 
+from conftest import child_python
 from test_train import CENTRAL_TOL, central_difference, rel_err
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "the quick brown fox jumps over the lazy dog.\nspam and eggs, eggs and spam.\n" * 40
 
 
@@ -408,10 +408,9 @@ def test_python_m_fastrnn_ctrl_c_in_a_real_process(tmp_path, text_file):
     """A real SIGINT while the progress bar runs: exit 130, a loadable checkpoint, no
     traceback."""
     out = str(tmp_path / "lm.npz")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "fastrnn", "train", "--text", text_file,
                              "--steps", "1000000", "--out", out, *TINY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **child_python())
     try:
         seen = b""
         deadline = time.monotonic() + 120
