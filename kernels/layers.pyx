@@ -57,6 +57,7 @@ cdef extern from "rowdot.h" nogil:
     void fr_rowdot_f64(const double* w, Py_ssize_t ldw, Py_ssize_t rows, Py_ssize_t k,
                        const double* x, Py_ssize_t ldx, Py_ssize_t nx, double* out,
                        Py_ssize_t ldo)
+    int fr_rowdot_limit_isa(int isa)
     void fr_barrier()
 
 cdef extern from "panel.h" nogil:
@@ -231,6 +232,21 @@ def set_small_batch_max(n, train=False):
         _small_batch_max = min(int(n), 2**62)
 
 
+def _set_zigzag(on):
+    """Test and benchmark hook: the unit-split loop's alternating row order on or off; returns
+    the previous setting."""
+    global _zigzag
+    previous = _zigzag
+    _zigzag = bool(on)
+    return previous
+
+
+def _limit_rowdot_isa(isa):
+    """Test hook: float32 dot products (rowdot.h) on at most kernel `isa` (2 AVX-512, 1 AVX2,
+    0 plain C; -1 the best the CPU has); returns the one taken."""
+    return fr_rowdot_limit_isa(int(isa))
+
+
 def get_small_batch_max(train=False):
     """The largest batch that runs the unit-split forward loop (0: none), for inference calls or
     with train=True for training forward calls."""
@@ -244,6 +260,12 @@ def get_small_batch_max(train=False):
 # beyond that a step streams the weights from L3 either way and packing only adds a pass).
 cdef Py_ssize_t _PACK_MIN_ROWS = 32
 cdef Py_ssize_t _PACK_MAX_BYTES = 1 << 20
+# Its weight rows are read in the opposite order every other step, in runs of _ZIGZAG_ROWS:
+# when a thread's rows about fill its L2, the same order every step evicts each row just before
+# it is needed again; reversed, the rows read last are the first read next (measured, one core,
+# 2 MB of rows and a 2 MB L2: 67 -> 93 GB/s)
+cdef bint _zigzag = True
+cdef Py_ssize_t _ZIGZAG_ROWS = 32
 # The GEMM loops (larger batches, training) multiply over packed weights for up to this many
 # rows (B), with BLAS above. Such a call makes no BLAS call at all (its input projection and
 # gradient products are packed products too), so its products and passes use every thread
@@ -843,7 +865,7 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
     cdef Py_ssize_t s, t, t_next, cur, nxt, j0, j1, n, g, b, block_size = 0
     cdef Py_ssize_t blocks = 2 if code == GRU_RESET_BEFORE else G
     cdef floating* packed = NULL        # this thread's rows of w_hh, packed; NULL: dot products
-    cdef bint active
+    cdef bint active, zigzag
     # the tile unit for the input projection only: a step's products here are 4-8 small ones a
     # thread (its units of each gate block), and each would split h and set up the tiles
     # again (measured: bilstm-infer 95 ms on the tile unit, 53 without)
@@ -894,9 +916,13 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
                 for g in range(G):
                     fr_prefetch(gates + (t_next * B + b) * GH + g * H + j0, n * sizeof(floating))
         if active and n > 0:
-            # hh[:, block g, units] = h @ w_hh[block g, units].T
+            # hh[:, block g, units] = h @ w_hh[block g, units].T. Every other step reads the
+            # thread's weight rows last to first: the rows read last are still in L2 then, where
+            # the same order every step would evict each row just before it is read again
+            zigzag = _zigzag and (s & 1) == 1
             for g in range(blocks):
-                _units_product(w_hh, ld_hh, packed, block_size, g, j0, n, H, h, B, hh, GH)
+                _units_product(w_hh, ld_hh, packed, block_size,
+                               blocks - 1 - g if zigzag else g, j0, n, H, h, B, hh, GH, zigzag)
         if code == GRU_RESET_BEFORE:
             for b in range(B):
                 _forward_row(code, False, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t,
@@ -904,7 +930,8 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
             fr_barrier()                        # all of r*h is written
             if active and n > 0:
                 # hh[:, n block, units] = (r*h) @ w_hh[n block, units].T
-                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH)
+                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH,
+                               False)
         for b in range(B):
             _forward_row(code, True, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t, y_row,
                          hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
@@ -915,14 +942,24 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
 cdef inline void _units_product(const floating* w_hh, int ld_hh, const floating* packed,
                                 Py_ssize_t block_size, Py_ssize_t g, Py_ssize_t j0,
                                 Py_ssize_t n, Py_ssize_t H, const floating* v, Py_ssize_t B,
-                                floating* hh, Py_ssize_t GH) noexcept nogil:
+                                floating* hh, Py_ssize_t GH, bint backwards) noexcept nogil:
     # hh[:, block g, units j0 .. j0+n] = v @ w_hh[block g, units].T, v (B, H): from the packed
-    # copy of the thread's rows when there is one
+    # copy of the thread's rows when there is one. backwards: the dot products' rows last to
+    # first, in runs of _ZIGZAG_ROWS from the block's start (so the kernel groups its rows as
+    # it does forwards, and every sum is the same to the last bit; see _units_loop)
+    cdef Py_ssize_t r1, r0
     if packed != NULL:
         _packed_product(packed + g * block_size, n, H, v, H, 1, B, hh + g * H + j0, GH, False,
                         False)
-    else:
+    elif not backwards:
         _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, v, H, B, hh + g * H + j0, GH)
+    else:
+        r1 = n
+        while r1 > 0:
+            r0 = (r1 - 1) // _ZIGZAG_ROWS * _ZIGZAG_ROWS
+            _rowdot(w_hh + (g * H + j0 + r0) * ld_hh, ld_hh, r1 - r0, H, v, H, B,
+                    hh + g * H + j0 + r0, GH)
+            r1 = r0
 
 
 cdef inline Py_ssize_t _state_slot(Py_ssize_t s, Py_ssize_t t, Py_ssize_t T, bint reverse,

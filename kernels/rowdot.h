@@ -141,6 +141,27 @@ FR_DEFINE(double, f64)
 #include <immintrin.h>
 #define FR_HAVE_AVX2_KERNEL 1
 
+/* The kernels' inner steps, one text for AVX2 and AVX-512 (LD: the ISA's load, full or masked;
+   FMA: its multiply-add). 8 rows x one x row: a_r += w[r, off:] * v */
+#define FR_R8_TERMS(LD, FMA, off) do {                                                          \
+        a0 = FMA(LD(wr + (off)), v, a0);           a1 = FMA(LD(wr + ldw + (off)), v, a1);       \
+        a2 = FMA(LD(wr + 2 * ldw + (off)), v, a2); a3 = FMA(LD(wr + 3 * ldw + (off)), v, a3);   \
+        a4 = FMA(LD(wr + 4 * ldw + (off)), v, a4); a5 = FMA(LD(wr + 5 * ldw + (off)), v, a5);   \
+        a6 = FMA(LD(wr + 6 * ldw + (off)), v, a6); a7 = FMA(LD(wr + 7 * ldw + (off)), v, a7);   \
+    } while (0)
+/* 4 rows x two x rows: a_r += w[r, off:] * u, b_r += w[r, off:] * v */
+#define FR_R4X2_TERMS(LD, FMA, off) do {                                                        \
+        u = LD(x0 + (off)); v = LD(x1 + (off));                                                 \
+        q = LD(wr + (off));           a0 = FMA(q, u, a0); b0 = FMA(q, v, b0);                   \
+        q = LD(wr + ldw + (off));     a1 = FMA(q, u, a1); b1 = FMA(q, v, b1);                   \
+        q = LD(wr + 2 * ldw + (off)); a2 = FMA(q, u, a2); b2 = FMA(q, v, b2);                   \
+        q = LD(wr + 3 * ldw + (off)); a3 = FMA(q, u, a3); b3 = FMA(q, v, b3);                   \
+    } while (0)
+#define FR_AVX2_LOAD(p) _mm256_loadu_ps(p)
+#define FR_AVX2_MASKED(p) _mm256_maskload_ps((p), m)
+#define FR_AVX512_LOAD(p) _mm512_loadu_ps(p)
+#define FR_AVX512_MASKED(p) _mm512_maskz_loadu_ps(m, (p))
+
 __attribute__((target("avx2,fma")))
 static inline __m256 fr_mask_tail(ptrdiff_t left)
 {
@@ -170,26 +191,12 @@ static inline void fr_avx2_r8x1(const float* wr, ptrdiff_t ldw, ptrdiff_t k, con
            a7 = a0, v;
     for (i = 0; i < kv; i += 8) {
         v = _mm256_loadu_ps(x0 + i);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), v, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + ldw + i), v, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 2 * ldw + i), v, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 3 * ldw + i), v, a3);
-        a4 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 4 * ldw + i), v, a4);
-        a5 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 5 * ldw + i), v, a5);
-        a6 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 6 * ldw + i), v, a6);
-        a7 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + 7 * ldw + i), v, a7);
+        FR_R8_TERMS(FR_AVX2_LOAD, _mm256_fmadd_ps, i);
     }
     if (kv < k) {
         __m256i m = _mm256_castps_si256(fr_mask_tail(k - kv));
         v = _mm256_maskload_ps(x0 + kv, m);
-        a0 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + kv, m), v, a0);
-        a1 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + ldw + kv, m), v, a1);
-        a2 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + 2 * ldw + kv, m), v, a2);
-        a3 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + 3 * ldw + kv, m), v, a3);
-        a4 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + 4 * ldw + kv, m), v, a4);
-        a5 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + 5 * ldw + kv, m), v, a5);
-        a6 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + 6 * ldw + kv, m), v, a6);
-        a7 = _mm256_fmadd_ps(_mm256_maskload_ps(wr + 7 * ldw + kv, m), v, a7);
+        FR_R8_TERMS(FR_AVX2_MASKED, _mm256_fmadd_ps, kv);
     }
     _mm256_storeu_ps(out, fr_sum8(a0, a1, a2, a3, a4, a5, a6, a7));
 }
@@ -202,77 +209,138 @@ static inline void fr_avx2_r4x2(const float* wr, ptrdiff_t ldw, ptrdiff_t k, con
     ptrdiff_t i, kv = k / 8 * 8;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
            b3 = a0, u, v, q, s;
-    for (i = 0; i < kv; i += 8) {
-        u = _mm256_loadu_ps(x0 + i);
-        v = _mm256_loadu_ps(x1 + i);
-        q = _mm256_loadu_ps(wr + i);
-        a0 = _mm256_fmadd_ps(q, u, a0); b0 = _mm256_fmadd_ps(q, v, b0);
-        q = _mm256_loadu_ps(wr + ldw + i);
-        a1 = _mm256_fmadd_ps(q, u, a1); b1 = _mm256_fmadd_ps(q, v, b1);
-        q = _mm256_loadu_ps(wr + 2 * ldw + i);
-        a2 = _mm256_fmadd_ps(q, u, a2); b2 = _mm256_fmadd_ps(q, v, b2);
-        q = _mm256_loadu_ps(wr + 3 * ldw + i);
-        a3 = _mm256_fmadd_ps(q, u, a3); b3 = _mm256_fmadd_ps(q, v, b3);
-    }
+    for (i = 0; i < kv; i += 8)
+        FR_R4X2_TERMS(FR_AVX2_LOAD, _mm256_fmadd_ps, i);
     if (kv < k) {
         __m256i m = _mm256_castps_si256(fr_mask_tail(k - kv));
-        u = _mm256_maskload_ps(x0 + kv, m);
-        v = _mm256_maskload_ps(x1 + kv, m);
-        q = _mm256_maskload_ps(wr + kv, m);
-        a0 = _mm256_fmadd_ps(q, u, a0); b0 = _mm256_fmadd_ps(q, v, b0);
-        q = _mm256_maskload_ps(wr + ldw + kv, m);
-        a1 = _mm256_fmadd_ps(q, u, a1); b1 = _mm256_fmadd_ps(q, v, b1);
-        q = _mm256_maskload_ps(wr + 2 * ldw + kv, m);
-        a2 = _mm256_fmadd_ps(q, u, a2); b2 = _mm256_fmadd_ps(q, v, b2);
-        q = _mm256_maskload_ps(wr + 3 * ldw + kv, m);
-        a3 = _mm256_fmadd_ps(q, u, a3); b3 = _mm256_fmadd_ps(q, v, b3);
+        FR_R4X2_TERMS(FR_AVX2_MASKED, _mm256_fmadd_ps, kv);
     }
     s = fr_sum8(a0, a1, a2, a3, b0, b1, b2, b3);
     _mm_storeu_ps(out0, _mm256_castps256_ps128(s));
     _mm_storeu_ps(out1, _mm256_extractf128_ps(s, 1));
 }
 
-__attribute__((target("avx2,fma")))
-static void fr_rowdot_avx2_f32(const float* w, ptrdiff_t ldw, ptrdiff_t rows, ptrdiff_t k,
-                               const float* x, ptrdiff_t ldx, ptrdiff_t nx,
-                               float* out, ptrdiff_t ldo)
+/* The same two kernels on 512-bit vectors (AVX-512F), where the CPU has them: half the loads
+ * and multiply-adds per term (measured, one core, H = 128 LSTM step rows from L2: 4.4 -> 3.6
+ * us). Each 16-lane sum is first folded to 8 lanes, then reduced by fr_sum8's tree. */
+#define FR_FOLD8(a) _mm256_add_ps(_mm512_castps512_ps256(a),                                    \
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
+
+__attribute__((target("avx512f")))
+static inline void fr_avx512_r8x1(const float* wr, ptrdiff_t ldw, ptrdiff_t k, const float* x0,
+                                  float* out)
 {
-    /* as fr_rowdot_f32: pairs of x rows against groups of 4 weight rows, a last odd x row
-       against groups of 8; x in blocks that stay in L2, as the fallback does */
-    ptrdiff_t blk = (ptrdiff_t)(FR_X_BLOCK_BYTES / (sizeof(float) * (size_t)(k > 0 ? k : 1)));
-    ptrdiff_t c0, c1, b0, r, pairs_end;
-    blk = blk < 2 ? 2 : blk / 2 * 2;
-    for (c0 = 0; c0 < nx; c0 = c1) {
-        c1 = nx - c0 < blk ? nx : c0 + blk;
-        pairs_end = c0 + (c1 - c0) / 2 * 2;
-        for (r = 0; r + 4 <= rows; r += 4)
-            for (b0 = c0; b0 < pairs_end; b0 += 2)
-                fr_avx2_r4x2(w + r * ldw, ldw, k, x + b0 * ldx, x + (b0 + 1) * ldx,
-                             out + b0 * ldo + r, out + (b0 + 1) * ldo + r);
-        if (r < rows && pairs_end > c0)
-            fr_rowdot_fallback_f32(w + r * ldw, ldw, rows - r, k, x + c0 * ldx, ldx,
-                                   pairs_end - c0, out + c0 * ldo + r, ldo);
-        if (pairs_end < c1) {   /* one row of x left */
-            for (r = 0; r + 8 <= rows; r += 8)
-                fr_avx2_r8x1(w + r * ldw, ldw, k, x + pairs_end * ldx, out + pairs_end * ldo + r);
-            if (r < rows)
-                fr_rowdot_fallback_f32(w + r * ldw, ldw, rows - r, k, x + pairs_end * ldx, ldx,
-                                       1, out + pairs_end * ldo + r, ldo);
-        }
+    /* out[0:8] = w[0:8, :k] @ x0[:k] */
+    ptrdiff_t i, kv = k / 16 * 16;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0, v;
+    for (i = 0; i < kv; i += 16) {
+        v = _mm512_loadu_ps(x0 + i);
+        FR_R8_TERMS(FR_AVX512_LOAD, _mm512_fmadd_ps, i);
     }
+    if (kv < k) {
+        __mmask16 m = (__mmask16)((1u << (k - kv)) - 1);
+        v = _mm512_maskz_loadu_ps(m, x0 + kv);
+        FR_R8_TERMS(FR_AVX512_MASKED, _mm512_fmadd_ps, kv);
+    }
+    _mm256_storeu_ps(out, fr_sum8(FR_FOLD8(a0), FR_FOLD8(a1), FR_FOLD8(a2), FR_FOLD8(a3),
+                                  FR_FOLD8(a4), FR_FOLD8(a5), FR_FOLD8(a6), FR_FOLD8(a7)));
 }
+
+__attribute__((target("avx512f")))
+static inline void fr_avx512_r4x2(const float* wr, ptrdiff_t ldw, ptrdiff_t k, const float* x0,
+                                  const float* x1, float* out0, float* out1)
+{
+    /* out0[0:4] = w[0:4, :k] @ x0[:k];  out1[0:4] = w[0:4, :k] @ x1[:k] */
+    ptrdiff_t i, kv = k / 16 * 16;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+           b3 = a0, u, v, q;
+    __m256 s;
+    for (i = 0; i < kv; i += 16)
+        FR_R4X2_TERMS(FR_AVX512_LOAD, _mm512_fmadd_ps, i);
+    if (kv < k) {
+        __mmask16 m = (__mmask16)((1u << (k - kv)) - 1);
+        FR_R4X2_TERMS(FR_AVX512_MASKED, _mm512_fmadd_ps, kv);
+    }
+    s = fr_sum8(FR_FOLD8(a0), FR_FOLD8(a1), FR_FOLD8(a2), FR_FOLD8(a3),
+                FR_FOLD8(b0), FR_FOLD8(b1), FR_FOLD8(b2), FR_FOLD8(b3));
+    _mm_storeu_ps(out0, _mm256_castps256_ps128(s));
+    _mm_storeu_ps(out1, _mm256_extractf128_ps(s, 1));
+}
+
+/* out[:nx, :rows] = x[:nx, :k] @ w[:rows, :k].T as fr_rowdot_f32: pairs of x rows against
+   groups of 4 weight rows, a last odd x row against groups of 8; x in blocks that stay in L2, as
+   the fallback does. One driver for the AVX2 and the AVX-512 kernels (ISA: their suffix). */
+#define FR_ROWDOT_DRIVER(ISA, TARGET)                                                             \
+__attribute__((target(TARGET)))                                                                  \
+static void fr_rowdot_##ISA##_f32(const float* w, ptrdiff_t ldw, ptrdiff_t rows, ptrdiff_t k,   \
+                                  const float* x, ptrdiff_t ldx, ptrdiff_t nx,                   \
+                                  float* out, ptrdiff_t ldo)                                     \
+{                                                                                                \
+    ptrdiff_t blk = (ptrdiff_t)(FR_X_BLOCK_BYTES / (sizeof(float) * (size_t)(k > 0 ? k : 1)));  \
+    ptrdiff_t c0, c1, b0, r, pairs_end;                                                          \
+    blk = blk < 2 ? 2 : blk / 2 * 2;                                                             \
+    for (c0 = 0; c0 < nx; c0 = c1) {                                                             \
+        c1 = nx - c0 < blk ? nx : c0 + blk;                                                      \
+        pairs_end = c0 + (c1 - c0) / 2 * 2;                                                      \
+        for (r = 0; r + 4 <= rows; r += 4)                                                       \
+            for (b0 = c0; b0 < pairs_end; b0 += 2)                                               \
+                fr_##ISA##_r4x2(w + r * ldw, ldw, k, x + b0 * ldx, x + (b0 + 1) * ldx,           \
+                                out + b0 * ldo + r, out + (b0 + 1) * ldo + r);                   \
+        if (r < rows && pairs_end > c0)                                                          \
+            fr_rowdot_fallback_f32(w + r * ldw, ldw, rows - r, k, x + c0 * ldx, ldx,             \
+                                   pairs_end - c0, out + c0 * ldo + r, ldo);                     \
+        if (pairs_end < c1) {   /* one row of x left */                                          \
+            for (r = 0; r + 8 <= rows; r += 8)                                                   \
+                fr_##ISA##_r8x1(w + r * ldw, ldw, k, x + pairs_end * ldx,                        \
+                                out + pairs_end * ldo + r);                                      \
+            if (r < rows)                                                                        \
+                fr_rowdot_fallback_f32(w + r * ldw, ldw, rows - r, k, x + pairs_end * ldx, ldx,  \
+                                       1, out + pairs_end * ldo + r, ldo);                       \
+        }                                                                                        \
+    }                                                                                            \
+}
+
+FR_ROWDOT_DRIVER(avx2, "avx2,fma")
+FR_ROWDOT_DRIVER(avx512, "avx512f")
 #else
 #define FR_HAVE_AVX2_KERNEL 0
 #endif
 
+/* the kernel fr_rowdot_f32 takes: 2 AVX-512F, 1 AVX2 and FMA, 0 neither; -1 not yet known
+   (benign race: every thread computes the same) */
+static int fr_rowdot_isa = -1;
+
+static int fr_rowdot_best_isa(void)
+{
+#if FR_HAVE_AVX2_KERNEL
+    return __builtin_cpu_supports("avx512f")                                   ? 2
+           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* test hook: take at most kernel `isa` (as above; clipped to what the CPU has), -1 the best;
+   returns the one taken */
+static int fr_rowdot_limit_isa(int isa)
+{
+    int best = fr_rowdot_best_isa();
+    fr_rowdot_isa = isa < 0 || isa > best ? best : isa;
+    return fr_rowdot_isa;
+}
+
 static void fr_rowdot_f32(const float* w, ptrdiff_t ldw, ptrdiff_t rows, ptrdiff_t k,
                           const float* x, ptrdiff_t ldx, ptrdiff_t nx, float* out, ptrdiff_t ldo)
 {
+    if (fr_rowdot_isa < 0)
+        fr_rowdot_isa = fr_rowdot_best_isa();
 #if FR_HAVE_AVX2_KERNEL
-    static int have = -1;   /* benign race: every thread computes the same value */
-    if (have < 0)
-        have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (have) {
+    if (fr_rowdot_isa == 2) {
+        fr_rowdot_avx512_f32(w, ldw, rows, k, x, ldx, nx, out, ldo);
+        return;
+    }
+    if (fr_rowdot_isa == 1) {
         fr_rowdot_avx2_f32(w, ldw, rows, k, x, ldx, nx, out, ldo);
         return;
     }

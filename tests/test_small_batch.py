@@ -281,3 +281,65 @@ def test_calls_from_several_threads_at_once(backend_name):
     for t in threads:
         t.join()
     assert not failures
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_alternating_row_order_changes_no_bit(cell):
+    """The Cython unit-split loop reads its weight rows last to first on every other step (so
+    the rows read last are still in cache); each row's dot product must group its terms as it
+    does forwards, so that the outputs are the same to the last bit with the order on and off.
+    Units per thread and block (H=150 on up to 2 threads: 75 and 150) leave runs of 32 rows and
+    a ragged run."""
+    kernels = get_backend("cython") if "cython" in COMPILED_BACKENDS else None
+    if kernels is None:
+        pytest.skip("the Cython backend is not built")
+    rng = _rng("zigzag", cell)
+    T, B, I, H = 5, 3, 24, 150
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    outputs = []
+    for on in (True, False):
+        m = make_layer(cell, I, H, dtype=np.float32, backend="cython", seed=9)
+        previous = kernels._set_zigzag(on)
+        try:
+            with forward_path("cython", "unit-split"):
+                y, final = m(x, random_state(m, B, _rng("zigzag state", cell)))
+        finally:
+            kernels._set_zigzag(previous)
+        outputs.append([y, *state_parts(final)])
+    for a, b in zip(*outputs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=["plain-c", "avx2", "avx512"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_each_dot_product_kernel_matches_reference(cell, isa):
+    """The Cython backend's float32 dot products (rowdot.h) pick AVX-512, AVX2 or plain C at
+    run time; each kernel the CPU has, forced in turn, against the reference: the unit-split
+    loop unpacked (x rows 1-5: both x-row kernels, pairs and a last odd row) and one-step calls,
+    with term counts (I, H) that leave every vector remainder and weight rows that leave ragged
+    groups of 4 and 8."""
+    if "cython" not in COMPILED_BACKENDS:
+        pytest.skip("the Cython backend is not built")
+    kernels = get_backend("cython")
+    taken = kernels._limit_rowdot_isa(isa)
+    try:
+        if taken != isa:
+            pytest.skip(f"this CPU has no kernel {isa} (best: {taken})")
+        rng = _rng("rowdot", cell, isa)
+        for B, I, H in [(1, 7, 37), (2, 23, 70), (5, 40, 19)]:
+            x = rng.standard_normal((3, B, I)).astype(np.float32)
+            got, want = {}, {}
+            for name, out in (("cython", got), ("reference", want)):
+                m = make_layer(cell, I, H, dtype=np.float32, backend=name, seed=5)
+                state = random_state(m, B, _rng("rowdot state", cell, B))
+                with forward_path(name, "unit-split") if name != "reference" \
+                        else contextlib.nullcontext():
+                    y, final = m(x, state)
+                    y1, final1 = m(x[:1], state)
+                out.update({"y": y, "y1": y1,
+                            **{f"state_n[{i}]": p for i, p in enumerate(state_parts(final))},
+                            **{f"step state_n[{i}]": p
+                               for i, p in enumerate(state_parts(final1))}})
+            assert_all_close(got, want, np.float32, f"isa {isa} B={B} I={I} H={H}")
+    finally:
+        kernels._limit_rowdot_isa(-1)

@@ -4,10 +4,10 @@ Importing this package raises ImportError when the extension is not built, so th
 is reported missing rather than failing later.
 """
 try:
-    from .layers import (_set_pack_limits, _set_pool, amx_available, concurrent_directions,
-                         effective_num_threads, get_amx, get_num_threads, get_small_batch_max,
-                         layer_backward, layer_forward, layer_step, set_amx, set_num_threads,
-                         set_small_batch_max)
+    from .layers import (_limit_rowdot_isa, _set_pack_limits, _set_pool, _set_zigzag,
+                         amx_available, concurrent_directions, effective_num_threads, get_amx,
+                         get_num_threads, get_small_batch_max, layer_backward, layer_forward,
+                         layer_step, set_amx, set_num_threads, set_small_batch_max)
 except ImportError as exc:
     raise ImportError(
         "the Cython extension of fastrnn is not built (fastrnn._cy.layers is missing or does not "

@@ -626,8 +626,12 @@ def _rows_single(w, r0, r1, v, out):
             out[b, r] = s0
 
 
+# dot_rows' runs of rows when it reads them last to first
+ZIGZAG_ROWS = 32
+
+
 @njit(**config.KERNEL)
-def dot_rows(w, stride, first_block, blocks, j0, j1, v, out, gs, go):
+def dot_rows(w, stride, first_block, blocks, j0, j1, v, out, gs, go, backwards=False):
     """out[b, g*gs + go + j - j0] = w[r] . v[b] for the rows r = g*stride + j, first_block <= g
     < first_block + blocks, j0 <= j < j1, every batch row b of v (B, K); w (rows, K), out (B,
     .); gs = stride, go = j0 put each result in column r.
@@ -635,26 +639,46 @@ def dot_rows(w, stride, first_block, blocks, j0, j1, v, out, gs, go):
     Tiles of 4 weight rows x 4 (or 2, or 1) batch rows: up to 16 accumulators in one loop over
     k, each weight and each element of v loaded once per tile (the reductions vectorise:
     fastmath "reassoc"; many dot products in flight hide the horizontal sum that ends each).
-    A unit range of a thread is read once per 4 batch rows, so it stays in the core's cache."""
-    B = v.shape[0]
+    A unit range of a thread is read once per 4 batch rows, so it stays in the core's cache.
+
+    backwards: the blocks and their rows last to first, in runs of ZIGZAG_ROWS from the block's
+    start (the same tiles, so the same sums to the last bit): the unit-split loop reads every
+    other step so, and a thread's rows that about fill its L2 are then still there when read
+    again (see the Cython loop)."""
     n = j1 - j0
     n4 = n // 4 * 4
-    for g in range(first_block, first_block + blocks):
+    for i in range(blocks):
+        g = first_block + blocks - 1 - i if backwards else first_block + i
         r0 = g * stride + j0
         col = g * gs + go
         wg, og = w[r0:r0 + n], out[:, col:col + n]
-        if n4 > 0:
-            b = 0
-            while b + 4 <= B:
-                _rows_x4(wg, 0, n4, v, b, og)
-                b += 4
-            if b + 2 <= B:
-                _rows_x2(wg, 0, n4, v, b, og)
-                b += 2
-            if b < B:
-                _rows_x1(wg, 0, n4, v, b, og)
         if n4 < n:
             _rows_single(wg, n4, n, v, og)
+        if not backwards:
+            _rows_tiles(wg, 0, n4, v, og)
+        else:
+            end = n4
+            while end > 0:
+                start = (end - 1) // ZIGZAG_ROWS * ZIGZAG_ROWS
+                _rows_tiles(wg, start, end, v, og)
+                end = start
+
+
+@njit(**config.KERNEL)
+def _rows_tiles(w, r0, r1, v, out):
+    """out[:, r] = w[r] . v[:] for r in [r0, r1), r1 - r0 a multiple of 4: every batch row."""
+    if r1 <= r0:
+        return
+    B = v.shape[0]
+    b = 0
+    while b + 4 <= B:
+        _rows_x4(w, r0, r1, v, b, out)
+        b += 4
+    if b + 2 <= B:
+        _rows_x2(w, r0, r1, v, b, out)
+        b += 2
+    if b < B:
+        _rows_x1(w, r0, r1, v, b, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1159,8 +1183,9 @@ def packed_gradients(P, code, use_amx, amx_flat, x, w_ih, h_prev, saved, dgates,
 
 @njit(**config.KERNEL)
 def units_pass(p, P, code, phase, t, active, lengths, train, w_hh, packed_hh, own, gates,
-               hgates, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh):
-    """Thread p's share of one step (one phase for GRU reset-before) of the unit-split loop.
+               hgates, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh, backwards):
+    """Thread p's share of one step (one phase for GRU reset-before) of the unit-split loop;
+    backwards: its dot products read w_hh last row first (every other step; see dot_rows).
     packed_hh (P, G, panels, H, NR): each thread's rows of w_hh as panels (units_input), or
     empty: dot products on w_hh. own: gates (T, B, G*C) and hgates (B, G*C) are part p's own,
     gate block g of its unit j0 + k at column g*C + k (see forward_loop); else the layer's,
@@ -1179,7 +1204,7 @@ def units_pass(p, P, code, phase, t, active, lengths, train, w_hh, packed_hh, ow
             for g in range(g0, g1):
                 panel_product(packed_hh[p, g], g * gs + go, j1 - j0, v, hgates)
         else:
-            dot_rows(w_hh, H, g0, g1 - g0, j0, j1, v, hgates, gs, go)
+            dot_rows(w_hh, H, g0, g1 - g0, j0, j1, v, hgates, gs, go, backwards and phase == 0)
     for row in range(B):
         forward_units(code, phase, t, np.int64(row), j0, j1, gs, go, lengths, train, gates,
                       hgates, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh)
@@ -1317,7 +1342,8 @@ def units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, 
     rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
     h_in, h_out = (h, h2) if s % 2 == 0 else (h2, h)
     units_pass(q, P, code, phase, t, any_active(t, lengths), lengths, train, w_hh, packed_hh,
-               own, gq, hq, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh_t)
+               own, gq, hq, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh_t,
+               s % 2 == 1)
 
 
 @njit(**config.KERNEL)
@@ -1561,7 +1587,7 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
                 for phase in range(phases):
                     units_pass(0, 1, code, phase, t, active, lengths, train, w_hh, packed_hh,
                                False, gates, hgates, b_ih, b_hh, peephole, h_in, h_out, c, y,
-                               h_prev, saved, rh_t)
+                               h_prev, saved, rh_t, s % 2 == 1)
                 h_in, h_out = h_out, h_in
         if T % 2 == 1:
             h[:, :] = h2
