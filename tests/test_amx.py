@@ -182,8 +182,8 @@ def test_numba_amx_products_are_float32_accurate(n, K, B):
 @pytest.mark.parametrize("dtype,on", [(np.float32, True), (np.float32, False),
                                       (np.float64, False)], ids=["f32-amx", "f32-avx", "f64"])
 def test_layers_on_and_off_the_tile_unit_match_the_reference(backend, cell, B, dtype, on):
-    # B = 16: inference takes the unit-split loop (cython: its input projection on the tile
-    # unit), training the packed GEMM loop with every product on it; B = 20: a ragged tile.
+    # B = 16: inference takes the unit-split loop (its input projection on the tile unit),
+    # training the packed GEMM loop with every product on it; B = 20: a ragged tile.
     # Off (and float64, which never takes it): the AVX path of the same calls, which the rest
     # of the suite, with the tile unit on by default, meets only below 16 rows
     kernels = _needs_amx(backend) if on else fastrnn.get_backend(backend)

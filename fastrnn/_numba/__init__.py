@@ -307,7 +307,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
                 _const("w_hh", w_hh, dtype, 2), _const("b_ih", b_ih, dtype, 1),
                 _const("b_hh", b_hh, dtype, 1),
                 empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), bool(train), units, pack, _uses_amx(dtype) and units <= 0,
+                lengths, bool(reverse), bool(train), units, pack, _uses_amx(dtype),
                 out.array, ws.get("gates", empty3), h_prev, saved, ws["hgates"], ws["h"],
                 ws.get("h2", empty2), ws.get("c", empty2), ws.get("rh", empty2),
                 ws.get("gates_own", _empty(dtype, 4)), ws.get("hgates_own", empty3))
@@ -501,8 +501,9 @@ _pack_limits = [config.PANEL_MIN_ROWS, config.PANEL_MAX_BYTES]
 
 # ---------------------------------------------------------------------------------------------
 # The AMX tile unit (fastrnn/_numba/amx.py, kernels/amx.h): float32 products of the packed
-# batch-row loop (forward and backward) over at least amx.MIN_ROWS rows of x. On where the CPU
-# has it unless FASTRNN_AMX=0 at import; the unit-split loop keeps its own products.
+# batch-row loop (forward and backward) over at least amx.MIN_ROWS rows of x, and the input
+# projection of the unit-split loop when it packs. On where the CPU has it unless FASTRNN_AMX=0
+# at import.
 
 _amx = [amx.AVAILABLE and os.environ.get("FASTRNN_AMX", "1").strip() != "0"]
 

@@ -1211,7 +1211,7 @@ def units_pass(p, P, code, phase, t, active, lengths, train, w_hh, packed_hh, ow
 
 
 @njit(**config.KERNEL)
-def units_input(p, P, H, x2, w_ih, own, gates2, w_hh, packed_ih, packed_hh):
+def units_input(p, P, H, x2, w_ih, own, gates2, w_hh, packed_ih, packed_hh, amx_ih):
     """Thread p's units of the input projection of all steps: gates2 (T*B, G*H, or G*C when
     own: see units_pass) = x2 W_ih^T for the gate rows of its units (no BLAS in the unit-split
     loop: OpenBLAS's threads would go on spinning for a while after the call and take the
@@ -1219,7 +1219,10 @@ def units_input(p, P, H, x2, w_ih, own, gates2, w_hh, packed_ih, packed_hh):
 
     With panels (packed_hh not empty): the thread packs its rows of each gate block of w_ih
     into packed_ih[p] (panels, I, NR), one block at a time, and multiplies them with every row
-    of x2; then packs its rows of w_hh into packed_hh[p] (G, panels, H, NR) for the steps."""
+    of x2; then packs its rows of w_hh into packed_hh[p] (G, panels, H, NR) for the steps.
+    amx_ih (P, amx.packed_size(rows, I)), not empty: the blocks of w_ih packed into amx_ih[p]
+    and multiplied on the tile unit instead (float32; the per-step products stay on panels:
+    4-8 small products a thread and step, each would set up the tiles again)."""
     j0, j1 = unit_range(p, P, H)
     if j0 >= j1:
         return
@@ -1227,8 +1230,12 @@ def units_input(p, P, H, x2, w_ih, own, gates2, w_hh, packed_ih, packed_hh):
     gs, go = (gates2.shape[1] // G, 0) if own else (H, j0)
     if packed_hh.shape[0] > 0:
         for g in range(G):
-            pack_panels(w_ih, g * H + j0, j1 - j0, packed_ih[p])
-            panel_product(packed_ih[p], g * gs + go, j1 - j0, x2, gates2)
+            if amx_ih.shape[0] > 0:
+                amx.pack(w_ih, g * H + j0, j1 - j0, amx_ih[p])
+                amx.product(amx_ih[p], j1 - j0, x2.shape[1], x2, gates2, g * gs + go, False)
+            else:
+                pack_panels(w_ih, g * H + j0, j1 - j0, packed_ih[p])
+                panel_product(packed_ih[p], g * gs + go, j1 - j0, x2, gates2)
         for g in range(G):
             pack_panels(w_hh, g * H + j0, j1 - j0, packed_hh[p, g])
     else:
@@ -1323,7 +1330,7 @@ def spin_pause(typingctx):
 
 @njit(**config.KERNEL)
 def units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                  packed_hh, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2,
+                  packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2,
                   c, y, h_prev, saved, rh):
     """Part q of substep k (see above): the input projection (k = 0), else one phase of a
     step. gates_own (P, T, B, G*C), hgates_own (P, B, G*C): each part's own (see units_pass),
@@ -1333,7 +1340,7 @@ def units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, 
     hq = hgates_own[q] if own else hgates
     if k == 0:
         units_input(q, P, H, x2, w_ih, own, gq.reshape((x2.shape[0], gq.shape[2])), w_hh,
-                    packed_ih, packed_hh)
+                    packed_ih, packed_hh, amx_ih)
         return
     phases = 2 if code == GRU_RESET_BEFORE else 1
     s = (k - 1) // phases
@@ -1348,7 +1355,7 @@ def units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, 
 
 @njit(**config.KERNEL)
 def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                    packed_hh, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2,
+                    packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2,
                     c, y, h_prev, saved, rh, sync):
     """Thread p's side of the one-region loop: sync (>= (P + 1) * _SYNC_STRIDE,) int64, done at
     0 and claimed[q] at (q + 1) * _SYNC_STRIDE, all zero but claimed = -1 on entry."""
@@ -1357,7 +1364,7 @@ def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, p
     for k in range(1 + T * phases):
         if atomic_claim(sync, (p + 1) * _SYNC_STRIDE, k - 1, k):
             units_substep(p, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                          packed_ih, packed_hh, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
+                          packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
                           peephole, h, h2, c, y, h_prev, saved, rh)
             atomic_add(sync, 0, 1)
         target = (k + 1) * P
@@ -1372,7 +1379,7 @@ def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, p
                 if q != p and atomic_claim(sync, (q + 1) * _SYNC_STRIDE, k - 1, k):
                     stole = True
                     units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                                  packed_ih, packed_hh, gates, hgates, gates_own, hgates_own,
+                                  packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own,
                                   b_ih, b_hh, peephole, h, h2, c, y, h_prev, saved, rh)
                     atomic_add(sync, 0, 1)
             spins = 0
@@ -1381,11 +1388,11 @@ def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, p
 
 @njit(**config.PARALLEL)
 def units_loop_parallel(P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                        packed_hh, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h,
+                        packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h,
                         h2, c, y, h_prev, saved, rh, sync):
     for p in prange(P):
         units_loop_part(np.int64(p), P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                        packed_ih, packed_hh, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
+                        packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
                         peephole, h, h2, c, y, h_prev, saved, rh, sync)
 
 
@@ -1543,7 +1550,8 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
     rows), on this thread, with BLAS for the input projection; units = -P (pack set): the
     same on a pool of P threads (products split by panels, passes by rows), the input
     projection a packed product too: no BLAS call. use_amx (float32 only, amx.AVAILABLE): in
-    the batch-row loop, the products over at least amx.MIN_ROWS rows of x take the tile unit.
+    the batch-row loop, the products over at least amx.MIN_ROWS rows of x take the tile unit;
+    in the unit-split loop with pack, the input projection (units_input).
     """
     T, B, I = x.shape
     GH, H = w_hh.shape
@@ -1559,6 +1567,10 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
         P = units if pack else 0
         packed_ih = panel_buffer((P, panels, I, NR), x)
         packed_hh = panel_buffer((P, GH // H, panels, H, NR), x)
+        # the input projection on the tile unit when the call packs and has a tile of rows
+        amx_rows = amx.packed_size(unit_range(0, units, H)[1], I)
+        amx_ih = amx.buffer(P * amx_rows if use_amx and T * B >= amx.MIN_ROWS else 0)
+        amx_ih = amx_ih.reshape((amx_ih.size // amx_rows if amx_rows > 0 else 0, amx_rows))
         x2 = x.reshape((T * B, I))
         if units > 1:
             # gates = x @ w_ih.T, then the steps, in one parallel region (units_loop_part).
@@ -1572,12 +1584,12 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
             for q in range(units):
                 sync[(q + 1) * _SYNC_STRIDE] = -1
             units_loop_parallel(units, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                                packed_ih, packed_hh, gates, hgates, gates_own, hgates_own, b_ih,
+                                packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih,
                                 b_hh, peephole, h, h2, c, y, h_prev, saved, rh, sync)
         else:
             # gates = x @ w_ih.T                                           (T*B, G*H)
             units_input(0, 1, H, x2, w_ih, False, gates.reshape((T * B, GH)), w_hh, packed_ih,
-                        packed_hh)
+                        packed_hh, amx_ih)
             # h double-buffered as in the parallel loop
             h_in, h_out = h, h2
             for s in range(T):
