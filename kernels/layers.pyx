@@ -236,8 +236,10 @@ def _set_zigzag(on):
     """Test and benchmark hook: the unit-split loop's alternating row order on or off; returns
     the previous setting."""
     global _zigzag
+    if not isinstance(on, bool):
+        raise TypeError(f"on: expected True or False, got {type(on).__name__} {on!r}")
     previous = _zigzag
-    _zigzag = bool(on)
+    _zigzag = on
     return previous
 
 

@@ -308,6 +308,9 @@ def test_alternating_row_order_changes_no_bit(cell):
         outputs.append([y, *state_parts(final)])
     for a, b in zip(*outputs):
         np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="on"):
+        kernels._set_zigzag("no")               # a string is not taken for True
+    assert kernels._set_zigzag(True) is True    # and the setting was left as it was
 
 
 @pytest.mark.parametrize("isa", [0, 1, 2], ids=["plain-c", "avx2", "avx512"])

@@ -1330,8 +1330,8 @@ def spin_pause(typingctx):
 
 @njit(**config.KERNEL)
 def units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                  packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2,
-                  c, y, h_prev, saved, rh):
+                  packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h,
+                  h2, c, y, h_prev, saved, rh):
     """Part q of substep k (see above): the input projection (k = 0), else one phase of a
     step. gates_own (P, T, B, G*C), hgates_own (P, B, G*C): each part's own (see units_pass),
     or empty: the parts share gates and hgates."""
@@ -1354,17 +1354,17 @@ def units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, 
 
 
 @njit(**config.KERNEL)
-def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                    packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2,
-                    c, y, h_prev, saved, rh, sync):
+def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih, packed_hh,
+                    amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2, c, y,
+                    h_prev, saved, rh, sync):
     """Thread p's side of the one-region loop: sync (>= (P + 1) * _SYNC_STRIDE,) int64, done at
     0 and claimed[q] at (q + 1) * _SYNC_STRIDE, all zero but claimed = -1 on entry."""
     phases = 2 if code == GRU_RESET_BEFORE else 1
     limit = _SPIN_STEAL
     for k in range(1 + T * phases):
         if atomic_claim(sync, (p + 1) * _SYNC_STRIDE, k - 1, k):
-            units_substep(p, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                          packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
+            units_substep(p, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
+                          packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
                           peephole, h, h2, c, y, h_prev, saved, rh)
             atomic_add(sync, 0, 1)
         target = (k + 1) * P
@@ -1379,8 +1379,8 @@ def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, p
                 if q != p and atomic_claim(sync, (q + 1) * _SYNC_STRIDE, k - 1, k):
                     stole = True
                     units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                                  packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own,
-                                  b_ih, b_hh, peephole, h, h2, c, y, h_prev, saved, rh)
+                                  packed_ih, packed_hh, amx_ih, gates, hgates, gates_own,
+                                  hgates_own, b_ih, b_hh, peephole, h, h2, c, y, h_prev, saved, rh)
                     atomic_add(sync, 0, 1)
             spins = 0
         limit = _SPIN_STEAL_AGAIN if stole else _SPIN_STEAL
@@ -1388,12 +1388,12 @@ def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, p
 
 @njit(**config.PARALLEL)
 def units_loop_parallel(P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                        packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h,
-                        h2, c, y, h_prev, saved, rh, sync):
+                        packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
+                        peephole, h, h2, c, y, h_prev, saved, rh, sync):
     for p in prange(P):
         units_loop_part(np.int64(p), P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                        packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
-                        peephole, h, h2, c, y, h_prev, saved, rh, sync)
+                        packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih,
+                        b_hh, peephole, h, h2, c, y, h_prev, saved, rh, sync)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1567,10 +1567,11 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
         P = units if pack else 0
         packed_ih = panel_buffer((P, panels, I, NR), x)
         packed_hh = panel_buffer((P, GH // H, panels, H, NR), x)
-        # the input projection on the tile unit when the call packs and has a tile of rows
+        # the input projection on the tile unit when the call packs and has a tile of rows:
+        # a buffer per thread for one block of its rows of w_ih, else none
+        amx_parts = P if use_amx and T * B >= amx.MIN_ROWS else 0
         amx_rows = amx.packed_size(unit_range(0, units, H)[1], I)
-        amx_ih = amx.buffer(P * amx_rows if use_amx and T * B >= amx.MIN_ROWS else 0)
-        amx_ih = amx_ih.reshape((amx_ih.size // amx_rows if amx_rows > 0 else 0, amx_rows))
+        amx_ih = amx.buffer(amx_parts * amx_rows).reshape((amx_parts, amx_rows))
         x2 = x.reshape((T * B, I))
         if units > 1:
             # gates = x @ w_ih.T, then the steps, in one parallel region (units_loop_part).
@@ -1584,8 +1585,8 @@ def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, tr
             for q in range(units):
                 sync[(q + 1) * _SYNC_STRIDE] = -1
             units_loop_parallel(units, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                                packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih,
-                                b_hh, peephole, h, h2, c, y, h_prev, saved, rh, sync)
+                                packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own,
+                                b_ih, b_hh, peephole, h, h2, c, y, h_prev, saved, rh, sync)
         else:
             # gates = x @ w_ih.T                                           (T*B, G*H)
             units_input(0, 1, H, x2, w_ih, False, gates.reshape((T * B, GH)), w_hh, packed_ih,
