@@ -251,6 +251,21 @@ def test_parameter_names_shapes_and_seeded_init():
     assert not np.array_equal(m.params["weight_hh_l0"], other.params["weight_hh_l0"])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameters_and_gradients_start_on_a_cache_line(dtype):
+    # 64-byte aligned (the kernels' vector loads); the values are still the seeded draws
+    m = fastrnn.LSTM(5, 7, 2, bidirectional=True, dtype=dtype, seed=11, backend="reference")
+    for store in (m.params, m.grads):
+        for name, p in store.items():
+            assert p.ctypes.data % 64 == 0, name
+            assert p.flags.c_contiguous and p.flags.writeable and p.dtype == dtype, name
+    init_seed, _ = np.random.SeedSequence(11).spawn(2)
+    rng, bound = np.random.default_rng(init_seed), 1 / np.sqrt(7)
+    for name, p in m.params.items():
+        np.testing.assert_array_equal(p, rng.uniform(-bound, bound, p.shape).astype(dtype))
+    assert not any(g.any() for g in m.grads.values())
+
+
 def test_state_dict_round_trip_and_errors(lstm):
     saved = lstm.state_dict()
     saved["weight_hh_l0"] += 1            # a copy: the layer is unchanged
