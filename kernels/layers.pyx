@@ -214,8 +214,13 @@ def get_amx():
 cdef Py_ssize_t _small_batch_max = 16
 cdef Py_ssize_t _small_batch_max_train = 0
 # A second thread for the unit-split loops only pays for its barrier (and wake-up) when a step
-# has enough weights to read: G*H*K*B multiply-adds per step (K = H, or I + H for layer_step).
+# has enough weights to read: G*H*K*B multiply-adds per step (K = H in a forward call, I + H in
+# layer_step). layer_step enters a parallel region per call (about 1 us with a barrier here), so
+# it needs more: measured, whole one-step layer calls, weights 64-byte aligned, one thread vs
+# two: LSTM I=H=128 (131K) 8.2 vs 9.0 us, I=H=144 (166K) 9.3 vs 8.9; GRU I=H=144 (124K) 7.1 vs
+# 7.3, I=H=160 (154K) 8.0 vs 7.2.
 cdef Py_ssize_t _UNIT_PARALLEL_MIN = 100000
+cdef Py_ssize_t _STEP_PARALLEL_MIN = 150000
 
 
 def set_small_batch_max(n, train=False):
@@ -336,18 +341,23 @@ def _set_pack_limits(min_rows, max_bytes):
     return previous
 
 
-def _set_unit_parallel_min(n):
-    """Tuning hook (benchmarks): the step size from which the unit-split loops use threads."""
-    global _UNIT_PARALLEL_MIN
+def _set_unit_parallel_min(n, step=None):
+    """Tuning hook (benchmarks): the step size from which the unit-split loops use threads, and
+    layer_step's (step; None: unchanged). Returns the previous (n, step)."""
+    global _UNIT_PARALLEL_MIN, _STEP_PARALLEL_MIN
+    previous = (int(_UNIT_PARALLEL_MIN), int(_STEP_PARALLEL_MIN))
     _UNIT_PARALLEL_MIN = int(n)
+    if step is not None:
+        _STEP_PARALLEL_MIN = int(step)
+    return previous
 
 
 cdef int _unit_threads(Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, Py_ssize_t B,
-                       int limit) noexcept:
-    # threads for the unit-split loops: all of limit for big enough steps, at most one per 16
-    # units
+                       int limit, Py_ssize_t min_work) noexcept:
+    # threads for the unit-split loops: all of limit for steps of min_work multiply-adds or
+    # more, at most one per 16 units
     cdef Py_ssize_t p = limit
-    if G * H * K * B < _UNIT_PARALLEL_MIN:
+    if G * H * K * B < min_work:
         p = 1
     return <int>max(1, min(p, H // 16))
 
@@ -1445,7 +1455,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     if T and B and H:
         y_work = y if _blas_ready(y) else np.empty((T, B, H), dtype)
         limit = _thread_limit(threads)
-        units = _unit_threads(G, H, H, B, limit) \
+        units = _unit_threads(G, H, H, B, limit, _UNIT_PARALLEL_MIN) \
             if B <= (_small_batch_max_train if train else _small_batch_max) else 0
         # a limited call makes no BLAS call: one thread computes x W_ih^T by itself too
         input_dots = units > 1 or (units == 1 and threads is not None)
@@ -1681,7 +1691,8 @@ def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
         return None
     if B * GH >= 2**31 or GH * max(I, H) >= 2**31:
         raise ValueError(f"x: B = {B} rows or G*H = {GH} columns are too many for BLAS")
-    units = _unit_threads(G, H, I + H, B, _num_threads) if B <= _small_batch_max else 0
+    units = _unit_threads(G, H, I + H, B, _num_threads, _STEP_PARALLEL_MIN) \
+        if B <= _small_batch_max else 0
     cdef Layout L = _layout(code, 1, B, H, G, False)
     cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
     cdef void* ws = malloc(max(1, L.size) * item)
