@@ -167,6 +167,30 @@ class _RNNBase:
         self._zero_bias.flags.writeable = False
         self._has_cell_state = self.cell.has_cell_state        # read on every one-step call
         self._num_rows = self.num_layers * self.num_directions  # state rows, L*D
+        # a backend's whole one-step call (layer_call_step) and what it takes of the layer
+        self._call_step = getattr(self._kernels, "layer_call_step", None)
+        self._step_spec = (self.cell.code, self.dtype == np.float64, self.input_size,
+                           self.hidden_size, self.num_layers, self.num_directions,
+                           tuple(self._param_names[layer, direction]
+                                 for layer in range(self.num_layers)
+                                 for direction in range(self.num_directions)),
+                           self._zero_bias)
+
+    # copy.deepcopy and pickle: the backend (a module) is not copied but looked up again
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_kernels"], state["_call_step"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        for store in (self.params, self.grads):     # copies come 16-byte aligned
+            for name, p in store.items():
+                if p.ctypes.data % _scratch.ALIGN:
+                    store[name] = _aligned_zeros(p.shape, p.dtype)
+                    store[name][...] = p
+        self._kernels = _backends.get_backend(self.backend)
+        self._call_step = getattr(self._kernels, "layer_call_step", None)
 
     # -- parameters ------------------------------------------------------------------------
     def _param_shapes(self):
@@ -271,10 +295,13 @@ class _RNNBase:
         """Inference: ``y, state``; keeps nothing for backward and applies no dropout.
 
         A call on ONE time step whose arrays are already what the kernels take (the layer's
-        dtype, C-contiguous) goes through the backend's ``layer_step``: nothing is checked twice
-        or copied. Anything else takes the general path, which validates and converts."""
+        dtype, C-contiguous) goes through the backend's ``layer_call_step`` (the whole call in
+        compiled code) or, where there is none, ``_one_step``: nothing is checked twice or
+        copied. Anything else takes the general path, which validates and converts."""
         if lengths is None:
-            result = self._one_step(x, state)
+            call_step = self._call_step
+            result = call_step(self._step_spec, self.params, self.batch_first, x, state) \
+                if call_step is not None else self._one_step(x, state)
             if result is not None:
                 return result
         y, state, _ = self.forward(x, state, lengths, train=False)
@@ -311,15 +338,21 @@ class _RNNBase:
                     return None
                 if not part.flags.aligned:
                     return None
-        if shape[0] == 1:   # one layer, one direction: y is a copy of h_n
+        try:
+            if shape[0] > 1:
+                return self._stacked_step(x.reshape(B, I), initial, shape)
+            # one layer, one direction: y is a copy of h_n
             h_n = np.empty(shape, dtype)
             c_n = np.empty(shape, dtype) if has_c else None
             self._kernels.layer_step(
                 self.cell, x.reshape(B, I), initial[0][0], initial[1][0] if has_c else None,
                 *self._layer_params(self.params, 0, 0), h_n[0], c_n[0] if has_c else None)
-            y = h_n.copy() if not self.batch_first else h_n.reshape(B, 1, shape[2]).copy()
-            return y, ((h_n, c_n) if has_c else h_n)
-        return self._stacked_step(x.reshape(B, I), initial, shape)
+        except (TypeError, ValueError):
+            # a parameter replaced by an unusable array: the general path checks the layer's
+            # arrays and names the one at fault (layer_step judges x by the weights)
+            return None
+        y = h_n.copy() if not self.batch_first else h_n.reshape(B, 1, shape[2]).copy()
+        return y, ((h_n, c_n) if has_c else h_n)
 
     def _stacked_step(self, layer_input, initial, shape):
         """``_one_step`` for several layers or directions."""

@@ -94,7 +94,8 @@ from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TA
                     gru_rb_backward_row_zn, gru_rb_forward_row_n, gru_rb_forward_row_rz,
                     lstm_backward_row, lstm_forward_row, rnn_backward_row, rnn_forward_row)
 
-__all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
+__all__ = ["layer_forward", "layer_backward", "layer_step", "layer_call_step",
+           "concurrent_directions",
            "set_num_threads", "get_num_threads",
            "effective_num_threads", "set_small_batch_max", "get_small_batch_max",
            "amx_available", "set_amx", "get_amx"]
@@ -1719,3 +1720,173 @@ def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
                           <double*>p_b_ih, <double*>p_b_hh, <double*>p_peep, B, I, H, G, units)
         free(ws)
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# layer_call_step: a whole one-step call of a layer (fastrnn.layers' __call__ on one time step),
+# every layer and direction, with the per-call work of layers.py's Python fast path done here:
+# that path cost about 2.5 us a call in Python (attribute and flag look-ups, a dict look-up and
+# tuple per parameter, three array allocations), more than half the work of an LSTM step of
+# H = 128. Anything this path does not take (another array type or layout, an unusable
+# parameter) returns None, and the layer takes its general path, which converts or raises.
+
+cdef inline bint _fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t d1,
+                       Py_ssize_t d2) noexcept:
+    # an exact ndarray of this dtype and shape, aligned and C-contiguous (no error raised)
+    cdef int flags = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(arr)
+    if cnp.PyArray_TYPE(arr) != typenum or cnp.PyArray_NDIM(arr) != ndim or dims[0] != d0:
+        return False
+    if (ndim > 1 and dims[1] != d1) or (ndim > 2 and dims[2] != d2):
+        return False
+    return (cnp.PyArray_FLAGS(arr) & flags) == flags
+
+
+cdef inline object _new_array(Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2, int typenum,
+                              bint zero):
+    cdef cnp.npy_intp dims[3]
+    dims[0], dims[1], dims[2] = d0, d1, d2
+    if zero:
+        return cnp.PyArray_ZEROS(3, dims, typenum, 0)
+    return cnp.PyArray_EMPTY(3, dims, typenum, 0)
+
+
+def layer_call_step(spec, params, bint batch_first, x, state):
+    """``y, state`` of a layer called on one time step without lengths, or None when the call
+    needs the layer's general path.
+
+    spec: the layer's fixed description, a tuple (cell code, float64?, input size, hidden size,
+    layers, directions, names, zero bias), names holding per layer and direction the parameter
+    names of (w_ih, w_hh, b_ih, b_hh, peephole), None for absent ones (biases: zero bias then);
+    params: the layer's dict of parameter arrays, read on every call (it may have changed).
+    x (1, B, I) or with batch_first (B, 1, I); state None, h0, or (h0, c0) of (L*D, B, H).
+    """
+    cdef int code = spec[0]
+    cdef int typenum = cnp.NPY_DOUBLE if spec[1] else cnp.NPY_FLOAT
+    cdef Py_ssize_t I = spec[2], H = spec[3]
+    cdef int nlayers = spec[4], D = spec[5]
+    cdef tuple names = spec[6]
+    cdef object zero_bias = spec[7]
+    cdef int G = 1 if code <= RNN_RELU else (4 if code <= LSTM_PEEPHOLE else 3)
+    cdef bint has_c = code == LSTM or code == LSTM_PEEPHOLE
+    cdef Py_ssize_t rows = nlayers * D, GH = G * H, B, BH, I_l, layer, d, r, b, k
+    cdef cnp.npy_intp* dims
+    if not cnp.PyArray_CheckExact(x) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 3:
+        return None
+    dims = cnp.PyArray_DIMS(<cnp.ndarray>x)
+    B = dims[0] if batch_first else dims[1]
+    if not _fits(x, typenum, 3, B if batch_first else 1, 1 if batch_first else B, I) or B == 0:
+        return None
+    if B * GH >= 2**31 or GH * max(I, D * H) >= 2**31:
+        return None                     # the general path says why
+    # the state
+    cdef object h0, c0 = None
+    if state is None:
+        h0 = _new_array(rows, B, H, typenum, True)
+        if has_c:
+            c0 = _new_array(rows, B, H, typenum, True)
+    elif has_c:
+        if type(state) is not tuple or len(<tuple>state) != 2:
+            return None
+        h0, c0 = (<tuple>state)[0], (<tuple>state)[1]
+        if not _fits(h0, typenum, 3, rows, B, H) or not _fits(c0, typenum, 3, rows, B, H):
+            return None
+    else:
+        h0 = state
+        if not _fits(h0, typenum, 3, rows, B, H):
+            return None
+    # the parameters: looked up by name and checked (a dict's array may have been replaced);
+    # their references are held in `held` while the GIL is released
+    if type(params) is not dict:
+        return None
+    cdef list held = []
+    cdef tuple row_names
+    cdef object name, a
+    cdef void** ptrs = <void**>malloc(rows * 5 * sizeof(void*))
+    cdef int* units = <int*>malloc(nlayers * sizeof(int))
+    cdef char* ws = NULL
+    cdef Layout L = _layout(code, 1, B, H, G, False)
+    cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
+    cdef Py_ssize_t ws_bytes = max(1, L.size) * item
+    cdef Py_ssize_t out_bytes = B * D * H * item
+    cdef object h_n, c_n, y
+    cdef char* p_y
+    cdef char* p_h0
+    cdef char* p_c0
+    cdef char* p_h_n
+    cdef char* p_c_n
+    cdef char* layer_in
+    cdef char* layer_out
+    try:
+        if ptrs == NULL or units == NULL:
+            raise MemoryError()
+        for r in range(rows):
+            row_names = <tuple>names[r]
+            I_l = I if r < D else D * H
+            for k in range(5):
+                name = row_names[k]
+                if name is None:
+                    a = zero_bias if k == 2 or k == 3 else None
+                else:
+                    a = params.get(name)
+                    if a is None or not (
+                            _fits(a, typenum, 2, GH, I_l, 0) if k == 0 else
+                            _fits(a, typenum, 2, GH, H, 0) if k == 1 else
+                            _fits(a, typenum, 1, GH, 0, 0) if k <= 3 else
+                            _fits(a, typenum, 2, 3, H, 0)):
+                        return None
+                    held.append(a)
+                ptrs[r * 5 + k] = _data(a)
+        # the results; y is a copy of the last layer's output (never a view of the state)
+        h_n = _new_array(rows, B, H, typenum, False)
+        c_n = _new_array(rows, B, H, typenum, False) if has_c else None
+        y = _new_array(B, 1, D * H, typenum, False) if batch_first else \
+            _new_array(1, B, D * H, typenum, False)
+        # the workspace, then two (B, D*H) outputs of the layers below the last, in turn
+        ws = <char*>malloc(ws_bytes + (2 * out_bytes if nlayers > 1 else 0))
+        if ws == NULL:
+            raise MemoryError()
+        for layer in range(nlayers):
+            units[layer] = _unit_threads(G, H, (I if layer == 0 else D * H) + H, B,
+                                         _num_threads, _STEP_PARALLEL_MIN) \
+                if B <= _small_batch_max else 0
+        p_y, p_h0, p_c0 = <char*>_data(y), <char*>_data(h0), <char*>_data(c0)
+        p_h_n, p_c_n = <char*>_data(h_n), <char*>_data(c_n)
+        layer_in = <char*>_data(x)
+        BH = B * H
+        with nogil:
+            for layer in range(nlayers):
+                I_l = I if layer == 0 else D * H
+                layer_out = p_y if layer == nlayers - 1 else \
+                    ws + ws_bytes + (layer & 1) * out_bytes
+                for d in range(D):
+                    r = layer * D + d
+                    if item == 4:
+                        _step[float](code, <float*>ws, L, <float*>(p_h_n + r * BH * 4),
+                                     <float*>(p_c_n + r * BH * 4) if has_c else NULL,
+                                     <float*>layer_in, <float*>(p_h0 + r * BH * 4),
+                                     <float*>(p_c0 + r * BH * 4) if has_c else NULL,
+                                     <float*>ptrs[r * 5], <float*>ptrs[r * 5 + 1],
+                                     <float*>ptrs[r * 5 + 2], <float*>ptrs[r * 5 + 3],
+                                     <float*>ptrs[r * 5 + 4], B, I_l, H, G, units[layer])
+                    else:
+                        _step[double](code, <double*>ws, L, <double*>(p_h_n + r * BH * 8),
+                                      <double*>(p_c_n + r * BH * 8) if has_c else NULL,
+                                      <double*>layer_in, <double*>(p_h0 + r * BH * 8),
+                                      <double*>(p_c0 + r * BH * 8) if has_c else NULL,
+                                      <double*>ptrs[r * 5], <double*>ptrs[r * 5 + 1],
+                                      <double*>ptrs[r * 5 + 2], <double*>ptrs[r * 5 + 3],
+                                      <double*>ptrs[r * 5 + 4], B, I_l, H, G, units[layer])
+                    # this direction's h_n rows into its columns of the layer's output
+                    for b in range(B):
+                        memcpy(layer_out + (b * D + d) * H * item,
+                               p_h_n + (r * BH + b * H) * item, H * item)
+                layer_in = layer_out
+    finally:
+        free(ws)
+        free(units)
+        free(ptrs)
+    return y, ((h_n, c_n) if has_c else h_n)

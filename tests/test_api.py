@@ -10,8 +10,8 @@ import pytest
 
 import fastrnn
 from fastrnn import dispatch
-from conftest import (CELL_OPTIONS, assert_all_close, child_python, make_layer, packing,
-                      random_state, run_layer, state_parts)
+from conftest import (CELL_OPTIONS, COMPILED_BACKENDS, assert_all_close, child_python,
+                      make_layer, packing, random_state, run_layer, state_parts)
 
 
 @pytest.fixture
@@ -264,6 +264,31 @@ def test_parameters_and_gradients_start_on_a_cache_line(dtype):
     for name, p in m.params.items():
         np.testing.assert_array_equal(p, rng.uniform(-bound, bound, p.shape).astype(dtype))
     assert not any(g.any() for g in m.grads.values())
+
+
+@pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
+def test_layers_deepcopy_and_pickle(backend):
+    """A copy (copy.deepcopy, pickle) gives the same numbers, owns its parameters (aligned as
+    the original's) and uses the same backend."""
+    import copy
+    import pickle
+    m = fastrnn.GRU(4, 9, 2, dtype=np.float32, seed=2, backend=backend)
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    h0 = np.random.default_rng(1).standard_normal((2, 2, 9)).astype(np.float32)
+    want_y, want_h = m(x, h0)
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin.backend == m.backend
+        for step in (x, x[:1]):             # the general path and the one-step path
+            y, h = twin(step, h0)
+            wy, wh = m(step, h0)
+            np.testing.assert_array_equal(y, wy)
+            np.testing.assert_array_equal(h, wh)
+        for store in (twin.params, twin.grads):
+            assert all(p.ctypes.data % 64 == 0 for p in store.values())
+        twin.params["weight_hh_l0"][...] = 0
+        assert twin.params["weight_hh_l0"] is not m.params["weight_hh_l0"]
+        assert not np.array_equal(twin(x, h0)[0], want_y)
+    np.testing.assert_array_equal(m(x, h0)[0], want_y)
 
 
 def test_state_dict_round_trip_and_errors(lstm):

@@ -177,7 +177,8 @@ def test_layer_step_refuses_what_it_cannot_take(backend_name):
 
 
 def _call_counter(m):
-    """Wrap the layer's backend so that calls of layer_step are counted."""
+    """Count the one-step kernel calls of the layer: one per layer and direction, whether they
+    go through layer_step or a whole-call layer_call_step that took the call."""
     calls = []
     real = m._kernels
 
@@ -190,10 +191,20 @@ def _call_counter(m):
             return real.layer_step(*args)
 
     m._kernels = Counting()
+    if m._call_step is not None:
+        real_call_step = m._call_step
+
+        def counting_call_step(*args):
+            result = real_call_step(*args)
+            if result is not None:
+                calls.extend([1] * m.num_layers * m.num_directions)
+            return result
+        m._call_step = counting_call_step
     return calls
 
 
-STEP_STACKS = [(1, False, False), (1, False, True), (2, True, False), (3, False, True)]
+STEP_STACKS = [(1, False, False), (1, False, True), (2, True, False), (3, False, True),
+               (3, True, False)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -246,6 +257,43 @@ def test_one_step_call_keeps_nan_and_inputs(backend, cell):
         assert np.isnan(part[0, 1]).any() and not np.isnan(part[0, 0]).any()
     for a, b in zip(state_parts(state) + [x], copies):
         np.testing.assert_array_equal(a, b)
+
+
+def test_one_step_call_follows_the_layer_as_it_changes(backend):
+    """The one-step path reads the layer on every call: a parameter array replaced in
+    ``params``, a changed ``batch_first``, and a layer without biases give what the general
+    path gives; an unusable replacement gets the general path's error."""
+    rng = _rng("step changes")
+    m = make_layer("lstm", 5, 19, 2, dtype=np.float32, backend=backend, seed=3)
+    x = rng.standard_normal((1, 2, 5)).astype(np.float32)
+    state = random_state(m, 2, rng)
+
+    def check(x, what):
+        calls = _call_counter(m)
+        y, final = m(x, state)
+        assert calls, f"{what}: the one-step path was not taken"
+        want_y, want_state, _ = m.forward(x, state, train=False)
+        assert_all_close({"y": y, "h": final[0], "c": final[1]},
+                         {"y": want_y, "h": want_state[0], "c": want_state[1]}, np.float32,
+                         what)
+        return y
+
+    before = check(x, "as made")
+    m.params["weight_hh_l1"] = rng.standard_normal((4 * 19, 19)).astype(np.float32)
+    after = check(x, "weight_hh_l1 replaced")
+    assert not np.allclose(before, after)
+    m.batch_first = True
+    check(x.transpose(1, 0, 2).copy(), "batch_first set after")
+    if backend in COMPILED_BACKENDS:      # (the reference checks no parameter)
+        m.params["weight_ih_l0"] = np.zeros((4 * 19, 4), np.float32)     # wrong shape
+        with pytest.raises(ValueError, match="w_ih"):
+            m(x.transpose(1, 0, 2).copy(), state)
+    m = make_layer("gru", 5, 19, bias=False, dtype=np.float64, backend=backend, seed=4)
+    state = random_state(m, 2, rng)
+    y, final = m(x.astype(np.float64), state)
+    want_y, want_state, _ = m.forward(x.astype(np.float64), state, train=False)
+    assert_all_close({"y": y, "h": final}, {"y": want_y, "h": want_state}, np.float64,
+                     "bias=False")
 
 
 def test_step_benchmark_call_takes_the_fast_path():

@@ -220,6 +220,27 @@ def _const(name, a, dtype, ndim):
     return np.require(a, requirements=("C", "A"))
 
 
+def _check_shapes(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole):
+    """Raise naming the first argument whose shape does not fit the others (the kernels index
+    by these sizes and check nothing); x is 3-d. Returns G*H and H."""
+    T, B, I = x.shape
+    H = np.shape(w_hh)[-1] if np.ndim(w_hh) == 2 else None
+    GH = None if H is None else cell.num_gates * H
+    wanted = (("w_hh", w_hh, (GH, H)), ("w_ih", w_ih, (GH, I)), ("b_ih", b_ih, (GH,)),
+              ("b_hh", b_hh, (GH,)), ("peephole", peephole, (3, H) if cell.peephole else None),
+              ("h0", h0, (B, H)), ("c0", c0, (B, H) if cell.has_cell_state else None))
+    for name, value, shape in wanted:
+        if value is None and name in ("h0", "c0", "peephole"):
+            if name == "peephole" and shape is not None:
+                raise TypeError(f"peephole: expected a {shape} array for {cell.name}, got None")
+            continue
+        if shape is None or np.shape(value) != shape:
+            shown = "(G*H, H)" if H is None else shape
+            raise ValueError(f"{name}: expected shape {shown} for {cell.name} with x {x.shape}"
+                             f" and w_hh {np.shape(w_hh)}, got {np.shape(value)}")
+    return GH, H
+
+
 def _lengths(lengths, T, B):
     if lengths is None:
         return np.full(B, T, np.int64)
@@ -262,7 +283,7 @@ def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     dtype = np.asarray(x).dtype
     x = _const("x", x, dtype, 3)
     T, B, _ = x.shape
-    GH, H = np.shape(w_hh)
+    GH, H = _check_shapes(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole)
     lengths = _lengths(lengths, T, B)
     shapes = {"gates": (T, B, GH), "hgates": (B, GH), "h": (B, H)}
     if train:
@@ -327,7 +348,7 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
     dtype = np.asarray(x).dtype
     x = _const("x", x, dtype, 3)
     T, B, _ = x.shape
-    GH, H = np.shape(w_hh)
+    GH, H = _check_shapes(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole)
     if not isinstance(cache, ForwardCache) or cache.cell != cell or cache.shape != (T, B, H):
         raise ValueError("cache: expected what layer_forward returned with train=True for this "
                          f"cell and these shapes ({cell.name}, T={T}, B={B}, H={H})")
