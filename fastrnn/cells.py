@@ -16,11 +16,18 @@ argument order (the same in the reference, the Numba and the Cython backend)::
 
     concurrent_directions(T, B, train)      (compiled backends only)
 
+    layer_call_step(spec, params, batch_first, x, state)   (optional; the Cython backend)
+
 ``layer_step`` is the lean path for single steps of inference (a layer called on one time
 step): ONE step, x (B, I), no lengths, no cache; it writes h_n (and c_n) and returns None.
 Every array must already be C-contiguous, aligned and of one float dtype, and h_n, c_n must not
 overlap the inputs: it checks that (cheaply) and nothing else, and allocates nothing that
 grows with the sizes. The layers call it only for arguments they have validated.
+``layer_call_step``, where a backend has it, is a layer's whole one-step call (every layer and
+direction, the checks, the result arrays) in compiled code: it returns ``y, state`` as the
+layer's call would, or None for anything it does not take (the layer's general path then
+converts or says what is wrong); ``spec`` is the layer's fixed description
+(``fastrnn.layers._RNNBase._step_spec``).
 
 Arguments (H hidden size, G gates, I input size; every array has the layer's dtype):
 
