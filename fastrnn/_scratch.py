@@ -13,8 +13,16 @@ array given to the caller is an ordinary NumPy array whose base is the lease, an
 is the caller's until the caller lets it go. The pool keeps at most ``MAX_KEPT`` free buffers,
 the most recently returned, holding at most ``MAX_KEPT_BYTES`` in all, so it keeps no more than
 a few calls' workspaces; ``clear()`` lets them go.
+
+No Python code runs when a lease dies: a weak reference to it calls ``list.append`` (C) with
+itself, and the next ``empty`` (or ``clear``) moves the buffers of the dead leases to the free
+list. A ``__del__`` here lost Ctrl-C: the signal's KeyboardInterrupt was raised inside the
+finalizer, where Python prints and drops it (measured: 17 of 200 interrupts lost in a loop of
+``empty``; the training command then ran on). So a buffer whose arrays are gone stays held
+until the next pooled ``empty`` or ``clear``.
 """
 import threading
+import weakref
 
 import numpy as np
 
@@ -28,38 +36,48 @@ MAX_KEPT = 16             # free buffers kept (a 2-layer bidirectional call uses
 MAX_KEPT_BYTES = 1 << 30  # and at most this much memory in them
 
 _free = []                # free raw buffers (uint8 arrays), most recently returned last
-_lock = threading.RLock()  # reentrant: a lease may die (and give back) inside take's own lock
+_out = {}                 # weak reference to a live (or just dead) lease -> its raw buffer
+_dead = []                # weak references of dead leases, appended by the weakref machinery
+_lock = threading.Lock()
 
 
 class _Lease:
-    """The base of the arrays ``empty`` returns; gives the raw buffer back when they are gone."""
+    """The base of the arrays ``empty`` returns; holds the raw buffer while any of them lives."""
 
-    __slots__ = ("raw", "__array_interface__")
+    __slots__ = ("raw", "__array_interface__", "__weakref__")
 
     def __init__(self, raw, count, dtype):
         self.raw = raw
         self.__array_interface__ = {"version": 3, "shape": (count,), "typestr": dtype.str,
                                     "data": (raw.ctypes.data + (-raw.ctypes.data) % ALIGN, False)}
 
-    def __del__(self):
-        raw, self.raw = self.raw, None
-        if raw is None or _lock is None:   # interpreter shutdown: let the memory go
-            return
-        with _lock:
+
+def _collect():
+    # the buffers of dead leases into the free list, newest last, within the limits; with _lock
+    while _dead:
+        raw = _out.pop(_dead.pop(0), None)
+        if raw is not None:
             _free.append(raw)
-            del _free[:-MAX_KEPT]
-            kept = sum(buffer.nbytes for buffer in _free)
-            while kept > MAX_KEPT_BYTES:       # the oldest go first
-                kept -= _free.pop(0).nbytes
+    del _free[:-MAX_KEPT]
+    kept = sum(buffer.nbytes for buffer in _free)
+    while kept > MAX_KEPT_BYTES:       # the oldest go first
+        kept -= _free.pop(0).nbytes
 
 
-def _take(nbytes):
-    # a free raw buffer of exactly nbytes (the rounded size), newest first; else a new one
+def _lease(nbytes, count, dtype):
+    # a lease on a free raw buffer of exactly nbytes (the rounded size), newest first; else on
+    # a new one
     with _lock:
+        _collect()
         for i in range(len(_free) - 1, -1, -1):
             if _free[i].nbytes == nbytes + ALIGN:
-                return _free.pop(i)
-    return np.empty(nbytes + ALIGN, np.uint8)
+                raw = _free.pop(i)
+                break
+        else:
+            raw = np.empty(nbytes + ALIGN, np.uint8)
+        lease = _Lease(raw, count, dtype)
+        _out[weakref.ref(lease, _dead.append)] = raw
+    return lease
 
 
 def empty(shape, dtype):
@@ -70,8 +88,8 @@ def empty(shape, dtype):
     nbytes = count * dtype.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype)
-    raw = _take(-(-nbytes // ROUND_BYTES) * ROUND_BYTES)
-    return np.asarray(_Lease(raw, count, dtype)).reshape(shape)
+    lease = _lease(-(-nbytes // ROUND_BYTES) * ROUND_BYTES, count, dtype)
+    return np.asarray(lease).reshape(shape)
 
 
 def zeros(shape, dtype):
@@ -84,4 +102,12 @@ def zeros(shape, dtype):
 def clear():
     """Drop the free buffers (their memory goes back to the allocator)."""
     with _lock:
+        _collect()
         _free.clear()
+
+
+def free_buffers():
+    """The free buffers the pool holds now (tests)."""
+    with _lock:
+        _collect()
+        return list(_free)

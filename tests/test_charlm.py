@@ -404,13 +404,20 @@ def test_cli_ctrl_c_saves_the_checkpoint(tmp_path, text_file, capsys, monkeypatc
     assert config["steps"] == 2
 
 
+def _sigint_default():
+    # a child of a process started in the background inherits SIGINT ignored (and Python then
+    # leaves it so); the child of a terminal, which this test plays, has the default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_python_m_fastrnn_ctrl_c_in_a_real_process(tmp_path, text_file):
     """A real SIGINT while the progress bar runs: exit 130, a loadable checkpoint, no
     traceback."""
     out = str(tmp_path / "lm.npz")
     proc = subprocess.Popen([sys.executable, "-m", "fastrnn", "train", "--text", text_file,
                              "--steps", "1000000", "--out", out, *TINY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **child_python())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_sigint_default, **child_python())
     try:
         seen = b""
         deadline = time.monotonic() + 120
