@@ -16,7 +16,7 @@ argument order (the same in the reference, the Numba and the Cython backend)::
 
     concurrent_directions(T, B, train)      (compiled backends only)
 
-    layer_call_step(spec, params, batch_first, x, state)   (optional; the Cython backend)
+    layer_call_step(spec, params, batch_first, x, state)   (optional; both compiled backends)
 
 ``layer_step`` is the lean path for single steps of inference (a layer called on one time
 step): ONE step, x (B, I), no lengths, no cache; it writes h_n (and c_n) and returns None.

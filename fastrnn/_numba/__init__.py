@@ -74,10 +74,11 @@ def _signatures(dtype):
         array(3), array(2), array(2),              # dx dw_ih dw_hh
         array(1), array(1), array(2))              # db_ih db_hh dpeephole
     step = types.int64(
-        i64, i64, i64,                             # code threads min_work
-        const(2), const(2), const(2),              # x h0 c0
+        i64, i64, i64, flag,                       # code threads min_work batch_first
+        const(3), const(3), const(3), i64,         # x h0 c0 row
         const(2), const(2), const(1), const(1),    # w_ih w_hh b_ih b_hh
-        const(2), array(2), array(2))              # peephole h_n c_n
+        const(2), array(3), array(3),              # peephole h_n c_n
+        array(3), i64)                             # out col
     return forward, backward, step
 
 
@@ -405,39 +406,104 @@ def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
         dc0 += dc
 
 
-_step_kernels = {}       # dtype -> the compiled layer_step kernel
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+_LSTM, _LSTM_PEEPHOLE = kernels.LSTM, kernels.LSTM_PEEPHOLE
+_step_kernels = {}       # dtype -> (the compiled step kernel, absent c, absent peephole)
+_call_kernels = [None, None]     # the same for float32, float64: layer_call_step's lookup
 _STEP_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peephole", "h_n", "c_n")
+
+
+def _step_kernel(dtype):
+    entry = _step_kernels.get(dtype)
+    if entry is None:
+        # absent c0 / c_n: (1, 0, 0), so that the kernel's c[row if cell state else 0] is a row
+        entry = _step_kernels[dtype] = (_kernels(dtype)[2], np.empty((1, 0, 0), dtype),
+                                        _empty(dtype, 2))
+    return entry
 
 
 def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
     """One step of inference of one layer and direction, x (B, I); see ``fastrnn.cells``.
 
-    Lean on purpose (it is called once per time step): the compiled kernel's dispatcher checks
-    dtypes, dimensions, C order and alignment, the kernel the shapes and overlaps; only when one
-    of them refuses the call does Python look for which argument it was, to say so."""
+    The compiled kernel's dispatcher checks dtypes, dimensions, C order and alignment, the
+    kernel the shapes and overlaps; only when one of them refuses the call does Python look for
+    which argument it was, to say so. (The layers' one-step calls go through layer_call_step.)"""
     try:
-        kernel, absent = _step_kernels[x.dtype]
+        kernel, absent_c, absent_peephole = _step_kernels[x.dtype]
     except (KeyError, AttributeError, TypeError):
         _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, 0)
-        kernel = _kernels(x.dtype)[2]
-        absent = _empty(x.dtype, 2)
-        _step_kernels[x.dtype] = kernel, absent
+        kernel, absent_c, absent_peephole = _step_kernel(x.dtype)
     try:
-        if _threadsafe_layer:
-            status = kernel(cell.code, _num_threads, config.STEP_PARALLEL_MIN_WORK, x, h0,
-                            absent if c0 is None else c0, w_ih, w_hh, b_ih, b_hh,
-                            absent if peephole is None else peephole, h_n,
-                            absent if c_n is None else c_n)
-        else:
-            status = _launch(kernel, _num_threads, cell.code, _num_threads,
-                             config.STEP_PARALLEL_MIN_WORK, x, h0,
-                             absent if c0 is None else c0, w_ih, w_hh, b_ih, b_hh,
-                             absent if peephole is None else peephole, h_n,
-                             absent if c_n is None else c_n)
-    except TypeError:
+        # the kernel's (1, B, .) rows; h_n is also its out (copied onto itself)
+        h_n3 = h_n[None]
+        args = (cell.code, _num_threads, config.STEP_PARALLEL_MIN_WORK, False, x[None],
+                h0[None], absent_c if c0 is None else c0[None], 0, w_ih, w_hh, b_ih, b_hh,
+                absent_peephole if peephole is None else peephole, h_n3,
+                absent_c if c_n is None else c_n[None], h_n3, 0)
+        status = kernel(*args) if _threadsafe_layer else _launch(kernel, _num_threads, *args)
+    except (TypeError, IndexError):
         status = -1
     if status:
         _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, status)
+
+
+def layer_call_step(spec, params, batch_first, x, state):
+    """``y, state`` of a layer called on one time step without lengths, or None when the call
+    needs the layer's general path (see ``fastrnn.cells``; the same as the Cython backend's).
+
+    spec: (cell code, float64?, input size, hidden size, layers, directions, parameter names
+    per layer and direction (w_ih, w_hh, b_ih, b_hh, peephole; None: absent, zero bias then),
+    zero bias); params: the layer's parameter dict. Per-call cost is the point (a microsecond
+    is a sixth of an LSTM H=128 step): the dispatcher checks dtypes and layouts, the kernel
+    every shape, and a refusal of either sends the call to the general path, which names what
+    was wrong."""
+    code, is_float64, _, H, layers, D, names, zero_bias = spec
+    entry = _call_kernels[is_float64]
+    if entry is None:
+        entry = _call_kernels[is_float64] = _step_kernel(_FLOAT64 if is_float64 else _FLOAT32)
+    kernel, absent_c, absent_peephole = entry
+    if type(x) is not np.ndarray or x.ndim != 3 or type(params) is not dict:
+        return None
+    B = x.shape[0] if batch_first else x.shape[1]
+    if B == 0:
+        return None
+    dtype = absent_c.dtype
+    rows = layers * D
+    has_c = code == _LSTM or code == _LSTM_PEEPHOLE
+    if state is None:
+        h0 = np.zeros((rows, B, H), dtype)
+        c0 = np.zeros((rows, B, H), dtype) if has_c else absent_c
+    elif has_c:
+        if type(state) is not tuple or len(state) != 2:
+            return None
+        h0, c0 = state
+    else:
+        h0, c0 = state, absent_c
+    h_n = np.empty((rows, B, H), dtype)
+    c_n = np.empty((rows, B, H), dtype) if has_c else absent_c
+    y = np.empty((B, 1, D * H) if batch_first else (1, B, D * H), dtype)
+    threads, min_work = _num_threads, config.STEP_PARALLEL_MIN_WORK
+    launch = None if _threadsafe_layer else _launch
+    layer_input, input_batch_first = x, batch_first
+    row = 0
+    try:
+        for layer in range(layers):
+            out = y if layer == layers - 1 else np.empty((1, B, D * H), dtype)
+            for col in range(0, D * H, H):
+                w_ih, w_hh, b_ih, b_hh, peephole = names[row]
+                args = (code, threads, min_work, input_batch_first, layer_input, h0, c0, row,
+                        params[w_ih], params[w_hh],
+                        zero_bias if b_ih is None else params[b_ih],
+                        zero_bias if b_hh is None else params[b_hh],
+                        absent_peephole if peephole is None else params[peephole],
+                        h_n, c_n, out, col)
+                if kernel(*args) if launch is None else launch(kernel, threads, *args):
+                    return None
+                row += 1
+            layer_input, input_batch_first = out, False
+    except (TypeError, KeyError):
+        return None     # an argument of a type or layout the kernel does not take
+    return y, ((h_n, c_n) if has_c else h_n)
 
 
 def _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, status):

@@ -33,7 +33,9 @@ Two forward time loops (``units`` chooses, see fastrnn._numba.set_small_batch_ma
   their own units, with the same kernel (no BLAS: OpenBLAS's pool threads go on spinning after
   a call and then take the cores from the unit threads).
 
-``step`` is ``layer_step``: one step of inference, both products as unit-split dot products.
+``step`` is one step of inference of one layer and direction, both products as unit-split
+dot products: layer_step, and each row of a layer's one-step call (layer_call_step). It takes
+the whole (rows, B, H) state arrays and a row, and works on borrowed arrays (see borrowed).
 
 Why a switch and not step functions passed as arguments: a function argument is part of the
 compiled type, so each cell would compile its own copy of the loop (and Numba does not cache
@@ -100,6 +102,37 @@ LSTM = cells.LSTM.code
 LSTM_PEEPHOLE = cells.LSTM_PEEPHOLE.code
 GRU = cells.GRU.code
 GRU_RESET_BEFORE = cells.GRU_RESET_BEFORE.code
+
+
+# ---------------------------------------------------------------------------------------------
+# Borrowed arrays. Numba counts references to an array's memory with atomic adds (NRT_incref /
+# NRT_decref): at the entry and exit of every compiled function it is passed to, and for every
+# view or slice made of it. A one-step call of the kernels here makes about 300 (LSTM H = 128: 20 %
+# of its time; the threads of the unit-split loop make theirs on the same counters). A borrowed
+# array is the same array with no owner: its views and slices are counted on nothing (the
+# runtime returns at once for a null owner). Only for arrays that something else keeps alive
+# for the whole use: the caller's arguments, or a local kept to the end by keep_alive.
+
+@intrinsic
+def borrowed(typingctx, a):
+    """a as an array that holds no reference (see above)."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        view = context.make_array(a)(context, builder, value=args[0])
+        view.meminfo = cgutils.get_null_value(view.meminfo.type)
+        view.parent = cgutils.get_null_value(view.parent.type)
+        return view._getvalue()
+    return a(a), codegen
+
+
+@intrinsic
+def keep_alive(typingctx, a):
+    """Nothing, but a is in use up to here (Numba frees a local after its last use)."""
+    if not isinstance(a, types.Array):
+        return None
+    return types.none(a), lambda context, builder, signature, args: context.get_dummy_value()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1592,21 +1625,29 @@ def _overlaps(a, b):
     return a0 < b0 + b.size * b.itemsize and b0 < a0 + a.size * a.itemsize
 
 
-def step(code, threads, min_work, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
-    """layer_step, compiled per dtype (fastrnn._numba). Returns 0, or the position (1-based,
-    in layer_step's argument list: x = 1 ... c_n = 10) of the first array whose shape does not
-    fit or that overlaps an input it may not (h_n, c_n).
+def step(code, threads, min_work, batch_first, x, h0, c0, row, w_ih, w_hh, b_ih, b_hh, peephole,
+         h_n, c_n, out, col):
+    """One step of one layer and direction, compiled per dtype: layer_step, and the layer's
+    whole one-step call (fastrnn._numba.layer_call_step) a row at a time. Returns 0, or the
+    position (1-based, in layer_step's argument list: x = 1 ... c_n = 10; out 11) of the first
+    array whose shape does not fit or that overlaps an input it may not (h_n, c_n).
 
-    threads: the most threads to use; min_work: split over threads only from this many
-    multiply-adds (G*H*(I+H)*B) on. c0, c_n, peephole are empty arrays when absent."""
-    B, I = x.shape
-    H = h0.shape[1]
+    x (1, B, I), or (B, 1, I) with batch_first; h0, c0, h_n, c_n (rows, B, H), the step's at
+    [row]; then h_n[row] is also copied to out[..., col:col + H], out (1, B, W) or (B, 1, W)
+    (out may be h_n itself, row 0 and col 0). threads: the most threads to use; min_work: split
+    over threads only from this many multiply-adds (G*H*(I+H)*B) on. Absent: c0 and c_n
+    (1, 0, 0) arrays, peephole a (0, 0) one."""
+    B = x.shape[0] if batch_first else x.shape[1]
+    if x.shape[1 if batch_first else 0] != 1:
+        return 1
+    I = x.shape[2]
+    H = h0.shape[2]
     GH = w_hh.shape[0]
     cell_state = code == LSTM or code == LSTM_PEEPHOLE
     G = 4 if cell_state else (3 if code == GRU or code == GRU_RESET_BEFORE else 1)
-    if h0.shape[0] != B:
+    if row < 0 or h0.shape[0] <= row or h0.shape[1] != B:
         return 2
-    if cell_state and (c0.shape[0] != B or c0.shape[1] != H):
+    if cell_state and (c0.shape[0] <= row or c0.shape[1] != B or c0.shape[2] != H):
         return 3
     if w_ih.shape[0] != G * H or w_ih.shape[1] != I:
         return 4
@@ -1618,35 +1659,53 @@ def step(code, threads, min_work, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h
         return 7
     if code == LSTM_PEEPHOLE and (peephole.shape[0] != 3 or peephole.shape[1] != H):
         return 8
-    if h_n.shape[0] != B or h_n.shape[1] != H:
+    if h_n.shape[0] <= row or h_n.shape[1] != B or h_n.shape[2] != H:
         return 9
-    if cell_state and (c_n.shape[0] != B or c_n.shape[1] != H):
+    if cell_state and (c_n.shape[0] <= row or c_n.shape[1] != B or c_n.shape[2] != H):
         return 10
+    if out.shape[0] * out.shape[1] != B or col < 0 or out.shape[2] < col + H:
+        return 11
     if _overlaps(h_n, x) or _overlaps(h_n, h0) or _overlaps(h_n, c0) or _overlaps(h_n, c_n):
         return 9
     if _overlaps(c_n, x) or _overlaps(c_n, h0) or _overlaps(c_n, c0):
         return 10
     if B == 0 or H == 0:
         return 0
-    gates = np.empty((1, B, GH), x.dtype)
-    hgates = np.empty((B, GH), x.dtype)
-    rh = np.empty((B, H) if code == GRU_RESET_BEFORE else (0, 0), x.dtype)
-    lengths = np.ones(B, np.int64)
+    # one workspace: gates (1, B, GH), hgates (B, GH), rh (B, H) for GRU reset-before
+    n_rh = B * H if code == GRU_RESET_BEFORE else 0
+    work = np.empty(2 * B * GH + n_rh, x.dtype)
+    lengths_own = np.ones(B, np.int64)
+    # everything below borrowed: the caller holds the arguments, keep_alive the locals
+    x2 = borrowed(x).reshape((B, I))
+    h0_r, h_n_r = borrowed(h0)[row], borrowed(h_n)[row]
+    rc = row if cell_state else 0                 # absent c0 and c_n are (1, 0, 0)
+    c0_r, c_n_r = borrowed(c0)[rc], borrowed(c_n)[rc]
+    w_ih, w_hh, b_ih, b_hh = borrowed(w_ih), borrowed(w_hh), borrowed(b_ih), borrowed(b_hh)
+    peephole, lengths, flat = borrowed(peephole), borrowed(lengths_own), borrowed(work)
+    gates = flat[:B * GH].reshape((1, B, GH))
+    hgates = flat[B * GH:2 * B * GH].reshape((B, GH))
+    rh = flat[2 * B * GH:].reshape((B, H) if code == GRU_RESET_BEFORE else (0, 0))
     none3 = gates[:0]
-    y = h_n.reshape((1, B, H))
+    y = h_n_r.reshape((1, B, H))
     if cell_state:
-        c_n[:, :] = c0                    # the LSTM step updates c in place
+        c_n_r[:, :] = c0_r                # the LSTM step updates c in place
     P = 1
     if G * H * (I + H) * B >= min_work:
         P = unit_parts(threads, H)
     phases = 2 if code == GRU_RESET_BEFORE else 1
     for phase in range(phases):
         if P > 1:
-            step_pass_parallel(P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n,
-                               c_n, y, gates, hgates, rh, lengths, none3)
+            step_pass_parallel(P, code, phase, x2, w_ih, w_hh, b_ih, b_hh, peephole, h0_r,
+                               h_n_r, c_n_r, y, gates, hgates, rh, lengths, none3)
         else:
-            step_pass(0, 1, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c_n, y,
-                      gates, hgates, rh, lengths, none3)
+            step_pass(0, 1, code, phase, x2, w_ih, w_hh, b_ih, b_hh, peephole, h0_r, h_n_r,
+                      c_n_r, y, gates, hgates, rh, lengths, none3)
+    out2 = borrowed(out).reshape((B, out.shape[2]))
+    for b in range(B):
+        for j in range(H):
+            out2[b, col + j] = h_n_r[b, j]
+    keep_alive(work)
+    keep_alive(lengths_own)
     return 0
 
 
