@@ -155,6 +155,7 @@ class _RNNBase:
         # per (layer, direction): the names of w_ih, w_hh, b_ih, b_hh, peephole (None: absent),
         # and zero biases for bias=False (the kernels always take biases)
         self._param_names = {}
+        self._param_shape = self._param_shapes()                 # name -> shape
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -217,6 +218,26 @@ class _RNNBase:
             params[name] = _aligned_zeros(shape, self.dtype)
             params[name][...] = rng.uniform(-bound, bound, size=shape)
         return params
+
+    def _check_params(self):
+        """Raise naming a parameter that is missing from ``params`` or is not an array of the
+        layer's dtype and shape (it is a dict anyone may change between calls; each backend
+        would say it otherwise, and the reference by a NumPy broadcasting error)."""
+        params, dtype = self.params, self.dtype
+        for name, shape in self._param_shape.items():
+            value = params.get(name)
+            if type(value) is np.ndarray and value.dtype == dtype and value.shape == shape:
+                continue
+            if isinstance(value, np.ndarray) and value.dtype == dtype and value.shape == shape:
+                continue                                  # an ndarray subclass
+            where = f"params[{name!r}]"
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{where}: expected a {dtype.name} array of shape {shape}, got "
+                                f"{type(value).__name__}")
+            if value.dtype != dtype:
+                raise TypeError(f"{where}: expected a {dtype.name} array, got "
+                                f"{value.dtype.name}")
+            raise ValueError(f"{where}: expected shape {shape}, got {value.shape}")
 
     def _layer_params(self, store, layer, direction):
         """(w_ih, w_hh, b_ih, b_hh, peephole) of one layer and direction from ``store``."""
@@ -315,6 +336,7 @@ class _RNNBase:
         dtype = self.dtype
         if type(x) is not np.ndarray or x.dtype is not dtype or x.ndim != 3:
             return None
+        self._check_params()     # the reference backend's layer_step checks no parameter
         if self.batch_first:
             B, T, I = x.shape
         else:
@@ -381,6 +403,7 @@ class _RNNBase:
         lengths: (B,) integers in [0, T], None for all T steps.
         """
         x_tbi = self._check_input(x)
+        self._check_params()
         T, B, _ = x_tbi.shape
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
         initial = self._check_state(state, B)
@@ -449,6 +472,7 @@ class _RNNBase:
                             f"of this layer, got {type(cache).__name__}")
         if truncate is not None:
             truncate = _positive_int("truncate", truncate)
+        self._check_params()
         T, B = cache.T, cache.B
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
         if dy is not None:

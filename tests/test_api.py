@@ -329,3 +329,35 @@ def test_functional_matches_layer(backend):
            "grad weight_hh_l0": grads["dw_hh"], "grad bias_ih_l0": grads["db_ih"],
            "grad bias_hh_l0": grads["db_hh"]}
     assert_all_close(got, expected, np.float64, "functional")
+
+
+@pytest.mark.parametrize("step", [False, True], ids=["sequence", "one-step"])
+def test_a_replaced_parameter_is_named_by_every_backend(backend, step):
+    """A parameter replaced in ``params`` by something unusable: every backend's forward (and
+    backward) says which, by its name, instead of a broadcasting error or garbage."""
+    rng = np.random.default_rng(11)
+    T = 1 if step else 4
+    x = rng.standard_normal((T, 2, 5)).astype(np.float32)
+    bad = {
+        "weight_ih_l0": (np.zeros((4 * 7, 4), np.float32), ValueError, r"\(28, 5\)"),
+        "weight_hh_l1_reverse": (np.zeros((4 * 7, 7), np.float64), TypeError, "float32"),
+        "bias_hh_l1": ([0.0] * 28, TypeError, "list"),
+        "bias_ih_l0": (None, TypeError, "NoneType"),
+    }
+    for name, (value, error, detail) in bad.items():
+        m = fastrnn.LSTM(5, 7, 2, bidirectional=True, backend=backend, seed=1)
+        y, _ = m(x)                                   # usable as made
+        if value is None:
+            del m.params[name]
+        else:
+            m.params[name] = value
+        with pytest.raises(error, match=rf"params\['{name}'\].*{detail}"):
+            m(x)
+        m.params[name] = np.zeros(m._param_shape[name], np.float32)   # usable again
+        _, _, cache = m.forward(x)
+        if value is None:
+            del m.params[name]
+        else:
+            m.params[name] = value
+        with pytest.raises(error, match=rf"params\['{name}'\]"):
+            m.backward(np.ones_like(y), cache)
