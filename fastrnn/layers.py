@@ -226,10 +226,8 @@ class _RNNBase:
         params, dtype = self.params, self.dtype
         for name, shape in self._param_shape.items():
             value = params.get(name)
-            if type(value) is np.ndarray and value.dtype == dtype and value.shape == shape:
-                continue
             if isinstance(value, np.ndarray) and value.dtype == dtype and value.shape == shape:
-                continue                                  # an ndarray subclass
+                continue
             where = f"params[{name!r}]"
             if not isinstance(value, np.ndarray):
                 raise TypeError(f"{where}: expected a {dtype.name} array of shape {shape}, got "
@@ -336,7 +334,6 @@ class _RNNBase:
         dtype = self.dtype
         if type(x) is not np.ndarray or x.dtype is not dtype or x.ndim != 3:
             return None
-        self._check_params()     # the reference backend's layer_step checks no parameter
         if self.batch_first:
             B, T, I = x.shape
         else:
@@ -360,6 +357,8 @@ class _RNNBase:
                     return None
                 if not part.flags.aligned:
                     return None
+        # here, where the call is taken: the reference backend's layer_step checks no parameter
+        self._check_params()
         try:
             if shape[0] > 1:
                 return self._stacked_step(x.reshape(B, I), initial, shape)
