@@ -1,19 +1,23 @@
-"""ONNX Runtime as an outside oracle for the forward pass of the cells PyTorch lacks (the peephole
-LSTM and the reset-before GRU) and of the others, with sequence_lens, both directions and initial
-states. Skipped when onnx or onnxruntime is not installed. (ONNX Runtime has no training
-graph for these ops; their gradients are checked by central differences against the reference.)
+"""ONNX Runtime as an outside oracle for the forward pass of every cell: one ONNX ``LSTM``,
+``GRU`` or ``RNN`` node (the RNN with activations Tanh or Relu) per layer, with sequence_lens,
+both directions and initial states. It covers the cells PyTorch lacks (the peephole LSTM and the
+reset-before GRU) and is the outside reference that needs no PyTorch. Skipped when onnx or
+onnxruntime is not installed. (ONNX Runtime has no training graph for these ops; their
+gradients are checked against PyTorch, tests/test_torch_parity.py, and by central differences.)
 """
 import numpy as np
 import pytest
 
 from conftest import make_layer, max_rel_error, random_state, state_parts
+from fastrnn.cells import CELLS
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
-# our gate blocks in ONNX's order: LSTM ours i,f,g,o -> ONNX i,o,f,c; GRU ours r,z,n -> z,r,h
-ONNX_GATE_ORDER = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2]}
+# our gate blocks in ONNX's order: LSTM ours i,f,g,o -> ONNX i,o,f,c; GRU ours r,z,n -> z,r,h;
+# RNN one block (W (D, H, I), R (D, H, H), B (D, 2H): PyTorch's shapes stacked over directions)
+ONNX_GATE_ORDER = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
 
 
 def _reorder(w, mode, H):
@@ -22,7 +26,7 @@ def _reorder(w, mode, H):
 
 
 def _onnx_run(m, x, state, lengths):
-    """Run layer ``m``'s single layer as one ONNX LSTM or GRU node in ONNX Runtime."""
+    """Run layer ``m``'s single layer as one ONNX LSTM, GRU or RNN node in ONNX Runtime."""
     mode, H = m.cell.mode, m.hidden_size
     T, B, I = x.shape
     suffixes = ["_l0", "_l0_reverse"][: m.num_directions]
@@ -42,8 +46,11 @@ def _onnx_run(m, x, state, lengths):
             feeds["P"] = np.stack([m.params["peephole" + s][[0, 2, 1]].reshape(-1)
                                    for s in suffixes])
         outputs.append("Y_c")
-    else:
+    elif mode == "GRU":
         attributes["linear_before_reset"] = int(m.cell.name == "gru")
+    else:
+        activation = {"rnn_tanh": "Tanh", "rnn_relu": "Relu"}[m.cell.name]
+        attributes["activations"] = [activation] * m.num_directions
     inputs = ["X", "W", "R", "B", "sequence_lens", "initial_h"]
     if mode == "LSTM":
         inputs += ["initial_c", "P" if "P" in feeds else ""]
@@ -66,7 +73,7 @@ def _onnx_run(m, x, state, lengths):
 
 @pytest.mark.parametrize("dtype", [np.float32], ids=["f32"])  # ORT's LSTM has no double
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-@pytest.mark.parametrize("cell", ["lstm", "lstm_peephole", "gru", "gru_reset_before"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
 def test_forward_matches_onnxruntime(backend, cell, bidirectional, dtype):
     rng = np.random.default_rng(3)
     T, B, I, H = 6, 4, 3, 5
