@@ -3,7 +3,13 @@
 Every cell and variant x stacks of 1-3 layers x one or two directions x options (lengths,
 initial states, final-state gradients, truncation, batch-first, dropout, strided inputs) x
 float32 and float64. Outputs, final states and every gradient are compared at the tolerance
-of the dtype. Shapes are drawn at random per case, size 1 and odd sizes included.
+of the dtype. Shapes are drawn at random per case, size 1 and odd sizes included, but every case
+exercises what it names, and asserts so on the reference: truncation cuts (T > k, one sequence
+longer than k) and changes the gradients; lengths pad (B >= 2, one sequence empty) and change the
+outputs; initial states change the outputs; dropout is on (p > 0, at least two layers: it acts
+between layers) and changes the outputs. T >= 3 everywhere and every case but "plain" starts
+from a random state, so no recurrent weight's gradient is zero by construction (with T = 1 and a
+zero state, d weight_hh = 0 on every backend, and the comparison tests nothing): asserted.
 """
 import contextlib
 import zlib
@@ -11,8 +17,8 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import (COMPILED_BACKENDS, assert_all_close, make_layer, random_state,
-                      run_layer, small_batch_max, state_parts)
+from conftest import (COMPILED_BACKENDS, TOLERANCE, assert_all_close, make_layer,
+                      max_rel_error, random_state, run_layer, small_batch_max, state_parts)
 from fastrnn.cells import CELLS
 
 STACKS = [(1, False), (1, True), (2, False), (3, True)]   # (num_layers, bidirectional)
@@ -25,45 +31,71 @@ def _case_rng(*key):
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
-def _shapes(rng):
-    T = int(rng.choice([1, 2, 5, 7]))
-    B = int(rng.choice([1, 3, 4]))
+def _shapes(rng, cell, option):
+    T = int(rng.choice([3, 5, 7]))
+    B = int(rng.choice([2, 3, 4] if option == "lengths+states" else [1, 3, 4]))
     I = int(rng.choice([1, 3, 6]))
-    H = int(rng.choice([1, 2, 5, 8]))
+    # relu: one unit is often dead at every step, and its gradients all zero
+    H = int(rng.choice([2, 5, 8] if cell == "rnn_relu" else [1, 2, 5, 8]))
     return T, B, I, H
 
 
 def _case(cell, dtype, stack, option, rng):
-    """The layer options and call arguments of one parity case."""
+    """The layer options and call arguments of one parity case, and the changes (layer options
+    and call arguments) that each undo a part of its option, to check that every part
+    mattered."""
     num_layers, bidirectional = stack
-    T, B, I, H = _shapes(rng)
-    layer_options = dict(bidirectional=bidirectional, dtype=dtype)
+    T, B, I, H = _shapes(rng, cell, option)
+    layer_options = dict(num_layers=num_layers, bidirectional=bidirectional, dtype=dtype)
+    undo = []
     if option == "batch_first+dropout":
-        layer_options.update(batch_first=True, dropout=0.3 if num_layers > 1 else 0.0)
-    probe = make_layer(cell, I, H, num_layers, **layer_options)
+        layer_options.update(num_layers=max(2, num_layers), batch_first=True, dropout=0.3)
+        undo = [{"dropout": 0.0}]
+    probe = make_layer(cell, I, H, **layer_options)
     D = probe.num_directions
     x = rng.standard_normal((B, T, I) if probe.batch_first else (T, B, I)).astype(dtype)
     dy = rng.standard_normal(x.shape[:2] + (D * H,)).astype(dtype)
     call = dict(x=x, dy=dy)
     if option == "lengths+states":
         lengths = rng.integers(0, T + 1, size=B)
-        lengths[0] = T
-        if B > 1:
-            lengths[-1] = 0
+        lengths[0], lengths[-1] = T, 0       # one whole sequence, one empty: padding
         call.update(lengths=lengths, state=random_state(probe, B, rng),
                     dstate=random_state(probe, B, rng))
+        undo = [{"lengths": None}, {"state": None}]
     elif option == "truncate":
+        k = int(rng.integers(1, 4))
+        T = max(T, k + 1)                    # at least one cut
+        x = rng.standard_normal((T, B, I)).astype(dtype)
         lengths = rng.integers(1, T + 1, size=B)
-        call.update(lengths=lengths, truncate=int(rng.integers(1, 4)),
-                    dstate=random_state(probe, B, rng), state=random_state(probe, B, rng))
+        lengths[0] = T
+        call.update(x=x, dy=rng.standard_normal((T, B, D * H)).astype(dtype), lengths=lengths,
+                    truncate=k, dstate=random_state(probe, B, rng),
+                    state=random_state(probe, B, rng))
+        undo = [{"truncate": None}]
     elif option == "batch_first+dropout":
         # a strided x: every other feature column of a wider array
         wide = np.zeros(x.shape[:2] + (2 * I,), dtype)
         wide[..., ::2] = x
         call["x"] = wide[..., ::2]
-        call["dy"] = None if num_layers > 1 else dy
-        call["dstate"] = random_state(probe, B, rng)
-    return layer_options, call, (I, H)
+        # no loss on the outputs (many-to-one); but a relu layer's final state alone is often
+        # dead in every unit, which would leave nothing to compare
+        call["dy"] = dy if cell == "rnn_relu" else None
+        call.update(state=random_state(probe, B, rng), dstate=random_state(probe, B, rng))
+    return layer_options, call, (I, H), undo
+
+
+def _assert_option_mattered(cell, option, layer_options, call, sizes, undo, result):
+    """The reference without each part of the case's option gives other numbers: the case
+    tested it."""
+    for changes in undo:
+        layer_undo = {k: v for k, v in changes.items() if k in layer_options}
+        call_undo = {k: v for k, v in changes.items() if k in call}
+        m = make_layer(cell, *sizes, backend="reference", seed=7,
+                       **{**layer_options, **layer_undo})
+        without = run_layer(m, **{**call, **call_undo})
+        change = max(max_rel_error(result[key], without[key]) for key in result)
+        assert change > 10 * TOLERANCE[np.dtype(layer_options["dtype"])], \
+            f"{option} without {changes}: the results change by {change:.3g} only"
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -73,13 +105,18 @@ def _case(cell, dtype, stack, option, rng):
 @pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
 def test_backend_matches_reference(backend_name, cell, dtype, stack, option):
     rng = _case_rng(cell, np.dtype(dtype).name, stack, option)
-    layer_options, call, (I, H) = _case(cell, dtype, stack, option, rng)
+    layer_options, call, sizes, undo = _case(cell, dtype, stack, option, rng)
     results = {}
     for name in ("reference", backend_name):
-        m = make_layer(cell, I, H, stack[0], backend=name, seed=7, **layer_options)
+        m = make_layer(cell, *sizes, backend=name, seed=7, **layer_options)
         results[name] = run_layer(m, **call)
     assert_all_close(results[backend_name], results["reference"], dtype,
                      f"{backend_name} vs reference")
+    for key, value in results["reference"].items():
+        if key.startswith("grad weight_hh"):
+            assert np.any(value != 0), f"{key} is zero: the comparison tests nothing"
+    _assert_option_mattered(cell, option, layer_options, call, sizes, undo,
+                            results["reference"])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
