@@ -5,8 +5,18 @@ Environment:
                             "torch" (default: every compiled backend available here, or the
                             reference if none is). PyTorch only when named: in the same process
                             its OpenMP threads disturb the others' timings; the fair comparison
-                            is ``python -m bench.report``.
+                            is ``python -m bench.report``. A name that cannot be timed here is
+                            an error, never skipped.
+    FASTRNN_BENCH_CASES     comma-separated case names of ``bench/cases.py`` (default: all)
+    FASTRNN_BENCH_QUICK     1: a smoke run, 3 calls a benchmark instead of pytest-benchmark's
+                            calibrated rounds (``bench.report`` takes it as ``--quick``)
     FASTRNN_BENCH_THREADS   threads for fastrnn and torch (default 2)
+
+The package ``bench`` imports the installed fastrnn, not this checkout's source tree
+(``bench/installed.py``). Before the first test the run prints which fastrnn it times, the
+implementations it times and every one it does not with the reason, then builds and calls every
+selected case once (the warm-up: Numba compiles or loads its cache here) and says how long that
+took, so the benchmarks time warm code.
 
 This directory is not in pyproject's testpaths, so a plain ``pytest`` never collects it.
 """
@@ -15,31 +25,60 @@ import os
 
 import pytest
 
-import fastrnn
-from bench.runners import TORCH, set_threads
+from bench import installed
+from bench.cases import select
+from bench.runners import choose, prepare, set_threads, warm_up
 
 if importlib.util.find_spec("pytest_benchmark") is None:
     raise pytest.UsageError("bench/ needs pytest-benchmark: pip install pytest-benchmark "
                             "(or pip install .[bench])")
 
 THREADS = int(os.environ.get("FASTRNN_BENCH_THREADS", "2"))
+QUICK = os.environ.get("FASTRNN_BENCH_QUICK", "").strip() not in ("", "0")
+CASES = select(os.environ.get("FASTRNN_BENCH_CASES"))
+IMPLS, NOT_TIMED = choose(
+    [n.strip() for n in os.environ.get("FASTRNN_BENCH_BACKENDS", "").split(",") if n.strip()],
+    "FASTRNN_BENCH_BACKENDS", torch_by_default=False)
+
+# (case name, impl) -> its prepared callable, or the exception its warm-up raised
+_prepared = {}
 
 
-def implementations():
-    available = fastrnn.backends()
-    have_torch = importlib.util.find_spec("torch") is not None
-    wanted = os.environ.get("FASTRNN_BENCH_BACKENDS", "").strip()
-    if not wanted:
-        return [b for b in available if b != "reference"] or ["reference"]
-    names = [n.strip() for n in wanted.split(",") if n.strip()]
-    missing = [n for n in names if n not in available and not (n == TORCH and have_torch)]
-    if missing:  # asked for something that isn't here: fail loudly, don't skip
-        raise RuntimeError(f"FASTRNN_BENCH_BACKENDS asks for {missing}, not available here "
-                           f"(fastrnn backends: {available}; torch installed: {have_torch})")
-    return names
+def pytest_collection_finish(session):
+    """Before any test: say what is timed and what is not, and warm every selected case up."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(line):
+        if reporter is not None:
+            reporter.write_line("bench: " + line)
+        else:
+            print("bench: " + line)
+
+    for line in installed.summary():
+        say(line)
+    say(f"timing {', '.join(IMPLS)} on {THREADS} threads, {len(CASES)} cases"
+        + (" (FASTRNN_BENCH_QUICK: 3 calls a benchmark)" if QUICK else ""))
+    for name, why in NOT_TIMED:
+        say(f"not timed: {name}: {why}")
+    if session.config.option.collectonly:
+        return
+    pairs = [(item.callspec.params["case"], item.callspec.params["impl"])
+             for item in session.items if hasattr(item, "callspec")]
+    if pairs:
+        for impl in IMPLS:
+            set_threads(impl, THREADS)
+        _prepared.update(warm_up(pairs, say))
 
 
-IMPLS = implementations()
+def prepared_run(case, impl):
+    """The callable the warm-up prepared for ``case`` on ``impl`` (built now if there was none);
+    raises what the warm-up raised."""
+    run = _prepared.pop((case.name, impl), None)
+    if run is None:
+        run, _ = prepare(case, impl, warm=1)
+    if isinstance(run, Exception):
+        raise run
+    return run
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,6 +1,6 @@
 """Where the time of a case goes: its matrix products alone, against the whole call.
 
-    PYTHONPATH=. python -m bench.profile [--backends numba,cython] [--threads 2] [CASE ...]
+    python -m bench.profile [--backends numba,cython] [--threads 2] [CASE ...]
 
 For each case this times, in this process and with the thread count given:
 

@@ -1,14 +1,19 @@
 """The comparison report: each fastrnn backend against PyTorch, case by case.
 
-    PYTHONPATH=. python -m bench.report                       # every case, compiled backends
-    PYTHONPATH=. python -m bench.report --quick --cases lstm-train-256,gru-step-128
-    PYTHONPATH=. python -m bench.report --backends numba,cython --markdown bench/RESULTS.md \\
-        --plot bench/speedup.png
+    python -m bench.report                       # every case, compiled backends and PyTorch
+    python -m bench.report --quick --cases lstm-train-256,gru-step-128
+    python -m bench.report --backends numba,cython --markdown bench/RESULTS.md \\
+        --plot bench/speedup.png --json bench/results.json
+
+Run it from the checkout: it times the installed fastrnn (``bench.installed``) and says at its
+top which one, what it times and what it does not, with the reason. The environment variables
+FASTRNN_BENCH_CASES (case names) and FASTRNN_BENCH_QUICK=1 (as ``--quick``) are the defaults of
+``--cases`` and ``--quick``, as for the pytest-benchmark suite.
 
 How it measures. Every implementation (PyTorch, each fastrnn backend, and a BLAS-only process for
 the sgemm peak) runs in its own worker process (``bench.worker``) with the same thread count set
 before any import. The workers build every case and call it once (JIT compiled, memory touched)
-before any timing. Then, for ``--rounds`` rounds, each case is timed on each implementation in
+before any timing (the warm-up, whose time is printed per implementation). Then, for ``--rounds`` rounds, each case is timed on each implementation in
 turn, the order rotated from case to case and round to round; only one worker runs at a time.
 Before each sample the report waits until the machine is quiet (at least ``--pause`` seconds, so
 that the previous worker's spinning BLAS/OpenMP threads have gone to sleep, and while other
@@ -37,7 +42,8 @@ import tempfile
 import time
 
 from bench import cases as case_table
-from bench.runners import TORCH
+from bench import installed
+from bench.runners import TORCH, choose, numba_cache_place
 from bench.worker import BLAS, OtherLoad
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +71,7 @@ class WorkerError(RuntimeError):
 class Worker:
     """A ``python -m bench.worker IMPL`` process, spoken to one JSON line at a time."""
 
-    def __init__(self, impl, threads):
+    def __init__(self, impl, threads, fastrnn_file):
         self.impl = impl
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
@@ -75,6 +81,9 @@ class Worker:
         hello = self._read()
         if "ready" not in hello:
             raise WorkerError(f"{impl}: worker did not start:\n{hello.get('error', hello)}")
+        if impl != BLAS and hello.get("fastrnn") != fastrnn_file:
+            raise WorkerError(f"{impl}: the worker imported fastrnn from {hello.get('fastrnn')}, "
+                              f"this process from {fastrnn_file}")
 
     def _read(self):
         line = self.proc.stdout.readline()
@@ -207,6 +216,7 @@ def take_sample(worker, case, args, min_iters):
 
 
 def run_benchmarks(args, selected, impls):
+    import fastrnn
     started = time.time()
     workers = {}
     results = {"samples": {c.name: {i: [] for i in impls} for c in selected},
@@ -215,15 +225,20 @@ def run_benchmarks(args, selected, impls):
     try:
         for impl in [BLAS] + impls:
             log(f"starting worker: {impl}")
-            workers[impl] = Worker(impl, args.threads)
-        log("building and warming every case (JIT compilation happens here)")
+            workers[impl] = Worker(impl, args.threads, fastrnn.__file__)
+        log("warm-up before any timing: every case built and called once on each implementation "
+            f"(Numba compiles its kernels here, or loads them from its cache in "
+            f"{numba_cache_place()})")
+        warm_seconds = dict.fromkeys(impls, 0.0)
         for case in selected:
             for impl in impls:
                 try:
-                    workers[impl].ask(op="prepare", case=case.name)
+                    warm_seconds[impl] += workers[impl].ask(op="prepare", case=case.name)["seconds"]
                 except WorkerError as exc:
                     results["errors"][(case.name, impl)] = str(exc)
                     log(f"  {case.name} on {impl}: FAILED\n{exc}")
+        for impl, seconds in warm_seconds.items():
+            log(f"  {impl}: {len(selected)} cases in {seconds:.1f} s")
         peak_workers = [i for i in (BLAS, TORCH) if i in workers]
         min_iters = 1 if args.quick else 3
         for rnd in range(args.rounds):
@@ -523,7 +538,20 @@ SETTINGS = ("threads", "min_time", "max_other_load", "settle", "retries", "quick
 
 
 def write_json(path, args, rows, results, impls, backends, machine, vers, command, seconds):
-    """Everything measured, raw samples included; ``--from-json`` renders it again."""
+    """Everything measured, raw samples included: the format to keep results in.
+    ``--from-json FILE`` renders a saved run again (tables, ``--markdown``, ``--plot``).
+
+    Keys: ``command``; ``machine`` (cpu, cores, logical_cpus, simd, caches); ``versions``
+    (python, numpy, scipy, numba, torch, pytest-benchmark, fastrnn, scipy BLAS, fastrnn
+    commit); ``seconds`` (the run's duration); ``settings`` (threads, min_time, max_other_load,
+    settle, retries, quick, pause); ``rounds`` (rounds done); ``impls`` (every implementation
+    timed, "torch" included) and ``backends`` (the fastrnn ones); ``peaks`` ({gemm name: [GFLOP/s
+    of each round]}); ``cases``: {case name: {``gflop``: matmul GFLOP of one call, and per
+    implementation ``ms`` (the median), ``speedup`` (PyTorch ms / backend ms), ``gflops``,
+    ``peak_share`` (%), ``rss_mb`` (training's peak RSS), ``samples_ms`` (every sample, in
+    round order), ``other_load`` (others' share of the machine during each sample, 0..1),
+    ``quiet_samples_kept`` ([kept, taken]); ``noisy``: implementations whose every sample was
+    busy}}; ``errors``: [[case, impl, traceback]]; ``memory``: [[case, impl, worker reply]]."""
     data = {
         "command": command, "machine": machine, "versions": vers, "seconds": seconds,
         "settings": {name: getattr(args, name) for name in SETTINGS},
@@ -573,7 +601,8 @@ def parse_args(argv):
         description="Time fastrnn's backends against PyTorch, case by case (bench/cases.py).")
     p.add_argument("--backends", help="comma-separated fastrnn backends (default: every "
                    "compiled backend available here; the reference only if none is)")
-    p.add_argument("--cases", help="comma-separated case names (default: all): "
+    p.add_argument("--cases", default=os.environ.get("FASTRNN_BENCH_CASES"),
+                   help="comma-separated case names (default: FASTRNN_BENCH_CASES, else all): "
                    + ", ".join(case_table.BY_NAME))
     p.add_argument("--kinds", help="only these kinds: comma-separated of train, infer, step")
     p.add_argument("--rounds", type=int, help="rounds (default 5; --quick: 2)")
@@ -597,8 +626,9 @@ def parse_args(argv):
                    "is shared)")
     p.add_argument("--threads", type=int, default=2, help="threads for everyone (default 2)")
     p.add_argument("--quick", action="store_true",
+                   default=os.environ.get("FASTRNN_BENCH_QUICK", "").strip() not in ("", "0"),
                    help="2 short rounds, 1 call a sample at least, no retakes, no memory "
-                   "measurement: a smoke run")
+                   "measurement: a smoke run (default: on if FASTRNN_BENCH_QUICK=1)")
     p.add_argument("--memory", dest="memory", action="store_true", default=None,
                    help="measure the peak RSS of training (default: on unless --quick)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
@@ -630,19 +660,14 @@ def main(argv=None):
             read_json(args.from_json, args)
         report(args, selected, impls, backends, results, machine, vers, command, seconds)
         return 0
-    import fastrnn
-    available = fastrnn.backends()
-    if args.backends:
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        missing = [b for b in backends if b not in available]
-        if missing:
-            parser.error(f"--backends: {missing} not available here (available: {available}); "
-                         "for why, try: python -c \"import fastrnn.dispatch as d; "
-                         f"d.get_backend('{missing[0]}')\"")
-    else:
-        backends = [b for b in available if b != "reference"] or ["reference"]
-        if backends == ["reference"]:
-            log("no compiled backend is available here: timing the NumPy reference")
+    names = [b.strip() for b in (args.backends or "").split(",") if b.strip()]
+    if TORCH in names:
+        parser.error("--backends: fastrnn backends only (PyTorch is compared unless --no-torch)")
+    try:
+        backends, not_timed = choose(names, "--backends", torch_by_default=False)
+    except RuntimeError as exc:
+        parser.error(str(exc))
+    not_timed = [(name, why) for name, why in not_timed if name != TORCH]
     try:
         selected = case_table.select(args.cases)
     except ValueError as exc:
@@ -653,10 +678,18 @@ def main(argv=None):
             parser.error(f"--kinds: expected some of {case_table.KINDS}, got {sorted(kinds)}")
         selected = [c for c in selected if c.kind in kinds]
     have_torch = importlib.util.find_spec("torch") is not None
-    if not have_torch and not args.no_torch:
-        log(f"PyTorch is not installed: no comparison. To install it: {TORCH_INSTALL}")
+    if not have_torch:
+        not_timed.append((TORCH, f"not installed: no comparison. To install it: {TORCH_INSTALL}"))
+    elif args.no_torch:
+        not_timed.append((TORCH, "--no-torch"))
     impls = ([TORCH] if have_torch and not args.no_torch else []) + backends
-    command = "PYTHONPATH=. python -m bench.report " + " ".join(shlex.quote(a) for a in argv)
+    for line in installed.summary():
+        log(line)
+    log(f"timing {', '.join(impls)} on {args.threads} threads, {len(selected)} cases"
+        + (" (quick)" if args.quick else ""))
+    for name, why in not_timed:
+        log(f"not timed: {name}: {why}")
+    command = "python -m bench.report " + " ".join(shlex.quote(a) for a in argv)
 
     started = time.time()
     results = run_benchmarks(args, selected, impls)

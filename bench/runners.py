@@ -7,14 +7,20 @@ same distribution. The pytest-benchmark suite and the report's workers both time
 callables, so they measure the same thing.
 """
 import dataclasses
+import importlib.util
+import os
+import time
 
 import numpy as np
 
 import fastrnn
+from fastrnn.dispatch import AUTO_ORDER
 
-__all__ = ["TORCH", "prepare", "tiny", "set_threads"]
+__all__ = ["TORCH", "prepare", "tiny", "set_threads", "choose", "warm_up",
+           "numba_cache_place", "TORCH_INSTALL"]
 
 TORCH = "torch"   # the implementation name of PyTorch; every other name is a fastrnn backend
+TORCH_INSTALL = "pip install torch==2.13.0"
 DTYPE = np.float32
 
 
@@ -30,6 +36,92 @@ def set_threads(impl, n):
         torch.set_num_threads(n)
     else:
         fastrnn.set_num_threads(n)
+
+
+def choose(wanted, option, torch_by_default):
+    """``impls, not_timed``: the implementations to time and, for every other fastrnn backend and
+    PyTorch, ``(name, why it is not timed)``, so a run can say so at its top.
+
+    ``wanted``: names asked for by ``option`` (an environment variable or a command-line option,
+    named in the messages); empty means every compiled backend available here (the reference
+    only if there is none), and PyTorch too when ``torch_by_default``. A name asked for that
+    cannot be timed raises RuntimeError saying why."""
+    available = fastrnn.backends()
+    have_torch = importlib.util.find_spec("torch") is not None
+    known = sorted(AUTO_ORDER, key=AUTO_ORDER.index, reverse=True) + [TORCH]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise RuntimeError(f"{option}: expected names among {known}, got {unknown}")
+    if wanted:
+        impls = list(wanted)
+    else:
+        impls = [b for b in available if b != "reference"] or ["reference"]
+        if torch_by_default and have_torch:
+            impls = [TORCH] + impls
+    missing = {}
+    for name in impls:
+        if name == TORCH and not have_torch:
+            missing[name] = f"not installed ({TORCH_INSTALL})"
+        elif name != TORCH and name not in available:
+            missing[name] = _why_unavailable(name)
+    if missing:  # asked for something that isn't here: fail loudly, don't skip
+        raise RuntimeError(f"{option} asks for what cannot be timed here: " + "; ".join(
+            f"{name}: {why}" for name, why in missing.items()))
+    not_timed = []
+    for name in known:
+        if name in impls:
+            continue
+        if name == TORCH:
+            why = (f"not installed ({TORCH_INSTALL})" if not have_torch
+                   else f"installed; timed only when {option} names it")
+        elif name not in available:
+            why = _why_unavailable(name)
+        elif wanted:
+            why = f"not named in {option}"
+        else:
+            why = f"the NumPy oracle, timed only when {option} names it"
+        not_timed.append((name, why))
+    return impls, not_timed
+
+
+def _why_unavailable(backend):
+    try:
+        fastrnn.get_backend(backend)
+    except fastrnn.BackendUnavailable as exc:
+        return str(exc)
+    return "available"
+
+
+def numba_cache_place():
+    """Where Numba keeps the compiled kernels between runs."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"] + " (NUMBA_CACHE_DIR)"
+    return os.path.join(os.path.dirname(fastrnn.__file__), "_numba", "__pycache__")
+
+
+def warm_up(pairs, say):
+    """Build every ``(case, impl)`` of ``pairs`` and call it once, before any timing: Numba
+    compiles its kernels here (or loads them from its cache), memory is touched, libraries
+    start their threads. ``say`` gets one line per implementation with the seconds it took.
+    Returns ``{(case name, impl): run}``, or the exception in place of ``run`` if the case
+    failed (its benchmark then raises it)."""
+    say("warm-up before any timing: every case built and called once on each implementation "
+        f"(Numba compiles its kernels here, or loads them from its cache in {numba_cache_place()})")
+    prepared, seconds = {}, {}
+    for case, impl in pairs:
+        start = time.perf_counter()
+        try:
+            prepared[case.name, impl], _ = prepare(case, impl, warm=1)
+        except Exception as exc:
+            prepared[case.name, impl] = exc
+        seconds[impl] = seconds.get(impl, 0.0) + time.perf_counter() - start
+    for impl, spent in seconds.items():
+        cases = sum(1 for _, i in pairs if i == impl)
+        failed = sum(1 for (_, i), run in prepared.items()
+                     if i == impl and isinstance(run, Exception))
+        say(f"  {impl}: {cases} cases in {spent:.1f} s"
+            + (f", {failed} FAILED (their benchmarks show why)" if failed else ""))
+    return prepared
 
 
 def _data(case, seed):

@@ -4,25 +4,29 @@
     pytest bench/ --benchmark-only -k "lstm-train-256"      # one case
     pytest bench/ --benchmark-only --benchmark-autosave     # keep the run in .benchmarks/
     pytest bench/ --benchmark-only --benchmark-compare      # compare with the last saved run
+    pytest bench/ --benchmark-disable                       # every case once: a smoke run
 
 Each benchmark times one call of ``bench.runners.prepare(case, impl)``'s callable, built and
-warmed (JIT compiled) before the timing starts. Benchmarks are grouped by case, so a fastrnn
-backend and PyTorch appear side by side; ``extra_info`` carries the case's matmul GFLOP (see
-``bench.cases.flops``) for GFLOP/s = gflop / mean seconds. For the comparison against PyTorch in
-separate processes, with medians over alternating rounds, use ``python -m bench.report``.
+called once in the warm-up before the first benchmark (``conftest.py``). Benchmarks are grouped
+by case, so a fastrnn backend and PyTorch appear side by side; ``extra_info`` carries the case's
+matmul GFLOP (see ``bench.cases.flops``) for GFLOP/s = gflop / mean seconds. For the comparison
+against PyTorch in separate processes, with medians over alternating rounds, use
+``python -m bench.report``.
 """
 import pytest
 
-from bench.cases import CASES, flops
-from bench.conftest import IMPLS
-from bench.runners import prepare
+from bench.cases import flops
+from bench.conftest import CASES, IMPLS, QUICK, prepared_run
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_case(benchmark, case, impl, threads):
-    run, _ = prepare(case, impl)          # built and called twice: compiled and warm
+    run = prepared_run(case, impl)
     benchmark.group = case.name
     benchmark.extra_info.update(impl=impl, kind=case.kind, threads=threads,
                                 gflop=flops(case) / 1e9)
-    benchmark(run)
+    if QUICK:
+        benchmark.pedantic(run, rounds=3, iterations=1)
+    else:
+        benchmark(run)

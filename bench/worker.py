@@ -7,7 +7,8 @@ IMPL is ``torch``, a fastrnn backend name, or ``blas`` (only the sgemm peak). Th
 set by the parent through the environment (OMP/OpenBLAS/MKL) before anything is imported, and
 again here with ``torch.set_num_threads`` / ``fastrnn.set_num_threads``.
 
-Requests (stdin) and replies (stdout), one JSON object a line:
+Requests (stdin) and replies (stdout), one JSON object a line, after the first reply
+``{"ready": IMPL, "fastrnn": the __file__ of the fastrnn imported}``:
 
     {"op": "prepare", "case": NAME}                  -> {"seconds": build and warm-up time}
     {"op": "sample", "case": NAME, "min_time": s, "min_iters": n, "max_iters": m}
@@ -233,7 +234,10 @@ def main(argv=None):
         reply_stream.write(json.dumps(result) + "\n")
         reply_stream.flush()
         return 0
-    reply_stream.write(json.dumps({"ready": args.impl}) + "\n")
+    hello = {"ready": args.impl}
+    if args.impl != BLAS:   # which fastrnn it imported: the report checks it is its own
+        hello["fastrnn"] = sys.modules["fastrnn"].__file__
+    reply_stream.write(json.dumps(hello) + "\n")
     reply_stream.flush()
     serve(args.impl, args.threads, reply_stream)
     return 0
