@@ -14,6 +14,7 @@ rescales a grads dict in place. Nothing here writes an array the caller passed i
 """
 from collections import namedtuple
 import math
+import numbers
 
 import numpy as np
 
@@ -22,7 +23,7 @@ __all__ = [
     "softmax_cross_entropy", "mse_loss",
     "SGD", "Adam",
     "clip_grad_norm", "clip_grad_value", "global_norm",
-    "TruncatedBPTT", "Update",
+    "TruncatedBPTT", "Update", "NonFiniteGradientError",
 ]
 
 _FLOATS = (np.float32, np.float64)
@@ -41,6 +42,13 @@ def _check_dtype(dtype):
 def _positive_int(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _nonnegative_int(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     return int(value)
 
 
@@ -76,15 +84,8 @@ class _Module:
 
     def load_state_dict(self, state_dict):
         """Copy the arrays of ``state_dict`` into the parameters (in place: optimizers built on
-        ``params`` keep working)."""
-        _check_same_keys("state_dict", state_dict, self.params)
-        for k, p in self.params.items():
-            v = np.asarray(state_dict[k])
-            if v.shape != p.shape:
-                raise ValueError(f"state_dict[{k!r}]: expected shape {p.shape}, got {v.shape}")
-            if v.dtype.kind not in "fiu":
-                raise TypeError(f"state_dict[{k!r}]: expected a real array, got dtype {v.dtype}")
-            p[...] = v
+        ``params`` keep working); all are checked before any is written."""
+        _load_arrays("state_dict", state_dict, self.params)
 
 
 def _check_same_keys(name, got, expected):
@@ -284,6 +285,52 @@ def mse_loss(pred, target, mask=None):
 # ---------------------------------------------------------------------------------------------
 # optimizers: update a params dict in place from a grads dict with the same keys
 
+def _real(name, value, accept, expected):
+    """``value`` as a float if it is a real number (not a bool or a string) that ``accept``
+    takes; otherwise an error naming ``name``, what was ``expected`` and what came."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {expected}, got {value!r} "
+                        f"({type(value).__name__})")
+    if not accept(float(value)):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+def _positive_real(name, value):
+    return _real(name, value, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+
+
+def _grad_arrays(grads, params):
+    """Every gradient of ``grads`` as an array of its parameter's dtype, all checked before any
+    is used, so that a bad one changes nothing."""
+    _check_same_keys("grads", grads, params)
+    checked = {}
+    for k, p in params.items():
+        g = np.asarray(grads[k])
+        if g.dtype.kind != "f":
+            raise TypeError(f"grads[{k!r}]: expected a floating-point array, got dtype {g.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{k!r}]: expected shape {p.shape}, got {g.shape}")
+        checked[k] = g.astype(p.dtype, copy=False)
+    return checked
+
+
+def _load_arrays(name, got, expected):
+    """Copy ``got[k]`` into the array ``expected[k]`` for every key (in place, so whatever holds
+    those arrays keeps working), after checking them all: a bad one changes nothing."""
+    _check_same_keys(name, got, expected)
+    arrays = {}
+    for k, dest in expected.items():
+        v = np.asarray(got[k])
+        if v.shape != dest.shape:
+            raise ValueError(f"{name}[{k!r}]: expected shape {dest.shape}, got {v.shape}")
+        if v.dtype.kind not in "fiu":
+            raise TypeError(f"{name}[{k!r}]: expected a real array, got dtype {v.dtype}")
+        arrays[k] = v
+    for k, v in arrays.items():
+        expected[k][...] = v
+
+
 class _Optimizer:
     def __init__(self, params, lr, weight_decay):
         if not isinstance(params, dict) or not params:
@@ -296,30 +343,47 @@ class _Optimizer:
             if not p.flags.writeable:
                 raise ValueError(f"params[{k!r}]: expected a writeable array (updated in place), "
                                  "got a read-only one")
-        if not lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {lr!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
         self.params = params
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
+        self.lr = _positive_real("lr", lr)
+        self.weight_decay = _real("weight_decay", weight_decay,
+                                  lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
         self.steps = 0
 
-    def _grad(self, grads, k):
-        g = np.asarray(grads[k])
-        p = self.params[k]
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{k!r}]: expected shape {p.shape}, got {g.shape}")
-        g = g.astype(p.dtype, copy=False)
-        if self.weight_decay:
-            g = g + self.weight_decay * p                 # L2 penalty (weight_decay/2)|p|^2
-        return g
-
     def step(self, grads):
-        _check_same_keys("grads", grads, self.params)
+        """One update from ``grads`` (same keys and shapes as ``params``). Every gradient is
+        checked before anything changes."""
+        checked = _grad_arrays(grads, self.params)
         self.steps += 1
-        for k in self.params:
-            self._update(k, self._grad(grads, k))
+        for k, g in checked.items():
+            if self.weight_decay:
+                g = g + self.weight_decay * self.params[k]   # L2 penalty (weight_decay/2)|p|^2
+            self._update(k, g)
+
+    def _buffers(self):
+        """name -> {parameter name -> array}: the optimizer's state besides ``steps``."""
+        return {}
+
+    def state_dict(self):
+        """The optimizer's state (``steps`` and its buffers, copied); with the parameters it
+        continues a run exactly (``load_state_dict``)."""
+        return {"steps": self.steps,
+                **{name: {k: v.copy() for k, v in buffers.items()}
+                   for name, buffers in self._buffers().items()}}
+
+    def load_state_dict(self, state):
+        """Restore what ``state_dict`` returned, in place; all is checked before anything
+        is written."""
+        buffers = self._buffers()
+        _check_same_keys("state", state, ["steps", *buffers])
+        steps = state["steps"]
+        if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, numbers.Integral) \
+                or steps < 0:
+            raise ValueError(f"state['steps']: expected an integer >= 0, got {steps!r}")
+        for name, own in buffers.items():
+            _check_same_keys(f"state[{name!r}]", state[name], own)
+        for name, own in buffers.items():
+            _load_arrays(f"state[{name!r}]", state[name], own)
+        self.steps = int(steps)
 
 
 class SGD(_Optimizer):
@@ -334,22 +398,25 @@ class SGD(_Optimizer):
 
     def __init__(self, params, lr, momentum=0.0, *, nesterov=False, weight_decay=0.0):
         super().__init__(params, lr, weight_decay)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
-        if nesterov and momentum == 0:
+        self.momentum = _real("momentum", momentum, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if nesterov and self.momentum == 0:
             raise ValueError("nesterov: expected momentum > 0 with nesterov=True, got momentum=0")
-        self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
-        self.buffers = {}
+        # momentum buffers, zero until the first step sets them to the gradient
+        self.buffers = ({k: np.zeros_like(p) for k, p in params.items()} if self.momentum
+                        else {})
+
+    def _buffers(self):
+        return {"buffers": self.buffers} if self.momentum else {}
 
     def _update(self, k, g):
         p = self.params[k]
         if self.momentum == 0:
             p -= self.lr * g
             return
-        buf = self.buffers.get(k)
-        if buf is None:
-            buf = self.buffers[k] = g.copy()
+        buf = self.buffers[k]
+        if self.steps == 1:
+            buf[...] = g
         else:
             buf *= self.momentum
             buf += g
@@ -363,19 +430,25 @@ class Adam(_Optimizer):
         v = beta2 * v + (1 - beta2) * g**2
         p -= lr * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)
 
-    where ``g = grad + weight_decay * p`` and m, v start at zero.
+    where ``g = grad + weight_decay * p`` and m, v start at zero. ``eps`` must be positive: a
+    parameter whose gradient has always been zero has v = m = 0, and 0 / 0 is NaN.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, *, weight_decay=0.0):
         super().__init__(params, lr, weight_decay)
-        beta1, beta2 = betas
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
-        if not eps >= 0:
-            raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas: expected two numbers in [0, 1) (beta1, beta2), "
+                             f"got {betas!r}")
+        self.beta1, self.beta2 = (_real(f"betas[{i}]", b, lambda v: 0 <= v < 1,
+                                        "a number in [0, 1)") for i, b in enumerate(betas))
+        self.eps = _real("eps", eps, lambda v: math.isfinite(v) and v > 0,
+                         "a positive finite number (0 gives 0/0 = NaN where a gradient "
+                         "has been zero)")
         self.m = {k: np.zeros_like(p) for k, p in params.items()}
         self.v = {k: np.zeros_like(p) for k, p in params.items()}
+
+    def _buffers(self):
+        return {"m": self.m, "v": self.v}
 
     def _update(self, k, g):
         p, m, v = self.params[k], self.m[k], self.v[k]
@@ -393,20 +466,33 @@ class Adam(_Optimizer):
 # gradient clipping (in place on a grads dict)
 
 def global_norm(grads):
-    """The L2 norm of all arrays of ``grads`` taken together, as a float (summed in float64)."""
-    total = 0.0
-    for g in grads.values():
-        g = np.asarray(g)
-        total += float(np.sum(np.square(g, dtype=np.float64)))
+    """The L2 norm of all arrays of ``grads`` taken together, as a float (summed in float64).
+    Finite whenever every element is finite: sums that overflow are taken again scaled."""
+    arrays = [np.asarray(g) for g in grads.values()]
+    with np.errstate(over="ignore"):
+        total = sum(float(np.sum(np.square(g, dtype=np.float64))) for g in arrays)
+    if math.isinf(total):
+        biggest = max(float(np.max(np.abs(g), initial=0.0)) for g in arrays)
+        if math.isfinite(biggest):
+            return biggest * math.sqrt(sum(float(np.sum(np.square(g / biggest, dtype=np.float64)))
+                                           for g in arrays))
     return math.sqrt(total)
+
+
+def _check_writeable(grads):
+    for k, g in grads.items():
+        if not (isinstance(g, np.ndarray) and g.flags.writeable):
+            got = "a read-only one" if isinstance(g, np.ndarray) else type(g).__name__
+            raise ValueError(f"grads[{k!r}]: expected a writeable numpy array (clipped in "
+                             f"place), got {got}")
 
 
 def clip_grad_norm(grads, max_norm):
     """Scale every array of ``grads`` in place by ``max_norm / norm`` when the global norm (all
     arrays together) exceeds ``max_norm``; returns the norm before clipping. A non-finite norm
     leaves the gradients as they are (the caller decides whether to skip the step)."""
-    if not max_norm > 0:
-        raise ValueError(f"max_norm: expected a positive number, got {max_norm!r}")
+    max_norm = _positive_real("max_norm", max_norm)
+    _check_writeable(grads)
     norm = global_norm(grads)
     if math.isfinite(norm) and norm > max_norm:
         scale = max_norm / norm
@@ -417,8 +503,8 @@ def clip_grad_norm(grads, max_norm):
 
 def clip_grad_value(grads, clip_value):
     """Clip every element of every array of ``grads`` to ``[-clip_value, clip_value]`` in place."""
-    if not clip_value > 0:
-        raise ValueError(f"clip_value: expected a positive number, got {clip_value!r}")
+    clip_value = _positive_real("clip_value", clip_value)
+    _check_writeable(grads)
     for g in grads.values():
         np.clip(g, -clip_value, clip_value, out=g)
 
@@ -426,13 +512,35 @@ def clip_grad_value(grads, clip_value):
 # ---------------------------------------------------------------------------------------------
 # truncated back-propagation through time
 
-Update = namedtuple("Update", "loss grad_norm steps")
+Update = namedtuple("Update", "loss grad_norm steps skipped", defaults=(False,))
 Update.__doc__ = """One update of the driver: the window's mean loss, the global gradient norm
-before clipping, and the number of time steps the window had."""
+before clipping, the number of time steps the window had, and whether the update was skipped
+because the gradient was not finite (the parameters were left as they were)."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Too many updates in a row had a non-finite gradient (``TruncatedBPTT(max_skipped=)``)."""
 
 
 def _time_slice(a, start, stop, axis):
     return a[start:stop] if axis == 0 else a[:, start:stop]
+
+
+def _copy_state(state):
+    """A copy of a recurrent state: None, an array, or a tuple of arrays (LSTM's (h, c))."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(np.array(part) for part in state)
+    return np.array(state)
+
+
+def _all_finite(arrays):
+    return all(np.isfinite(a).all() for a in arrays if a is not None)
+
+
+def _state_parts(state):
+    return state if isinstance(state, tuple) else (state,)
 
 
 class TruncatedBPTT:
@@ -454,11 +562,18 @@ class TruncatedBPTT:
     at its first ``k2 - k1 + 1``. With ``k2 == k1`` this is plain truncated BPTT: independent
     windows joined only by the carried state. The state at ``b`` is the one the previous updates'
     forward passes computed (with the parameters of their time; at ``b = 0`` the reset state), so
-    no step is run forward more than ``ceil(k2 / k1)`` times.
+    no step is run forward more than ``ceil(k2 / k1)`` times. The driver keeps its own copy of
+    the inputs of those ``k2 - k1`` steps: the caller may reuse its buffers.
 
     The gradient is then clipped (``clip_norm``: global norm; ``clip_value``: elementwise) and the
     optimizer steps. The loss and its gradient come from ``loss(y, target) -> (loss, dy)`` (see
     ``softmax_cross_entropy``, ``mse_loss``); ``target`` is sliced along time like ``x``.
+
+    A gradient that is not finite (NaN or infinity anywhere) is never applied: the update is
+    skipped (``Update.skipped``, counted in ``skipped``), the window counts as read, the history
+    before it is dropped and a non-finite carried state is replaced by the zero state. After
+    ``max_skipped`` skipped updates in a row (None: no limit) the next one raises
+    ``NonFiniteGradientError`` instead.
 
     ``model`` is any object with the layer API: a fastrnn ``LSTM``, ``GRU`` or ``RNN`` (any
     backend, ``batch_first`` or not: time is axis 1 when ``model.batch_first`` is true, else 0),
@@ -469,9 +584,12 @@ class TruncatedBPTT:
         model.grads, model.zero_grad()
 
     and ``optimizer`` has ``step(grads)`` (``SGD``, ``Adam``) and was built on ``model.params``.
+    ``state_dict()`` / ``load_state_dict()`` save and restore the driver's place in the stream,
+    the carried state and the optimizer's state, so a run continues exactly.
     """
 
-    def __init__(self, model, loss, optimizer, k1, k2=None, *, clip_norm=None, clip_value=None):
+    def __init__(self, model, loss, optimizer, k1, k2=None, *, clip_norm=None, clip_value=None,
+                 max_skipped=10):
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
@@ -479,20 +597,21 @@ class TruncatedBPTT:
         self.k2 = self.k1 if k2 is None else _positive_int("k2", k2)
         if self.k2 < self.k1:
             raise ValueError(f"k2: expected k2 >= k1 = {self.k1}, got {self.k2}")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm: expected a positive number or None, got {clip_norm!r}")
-        if clip_value is not None and not clip_value > 0:
-            raise ValueError(f"clip_value: expected a positive number or None, got {clip_value!r}")
-        self.clip_norm = clip_norm
-        self.clip_value = clip_value
+        self.clip_norm = None if clip_norm is None else _positive_real("clip_norm", clip_norm)
+        self.clip_value = None if clip_value is None else _positive_real("clip_value", clip_value)
+        self.max_skipped = (None if max_skipped is None
+                            else _nonnegative_int("max_skipped", max_skipped))
         self.time_axis = 1 if getattr(model, "batch_first", False) else 0
+        self.skipped = 0                # updates skipped for a non-finite gradient, in all
+        self.skipped_in_a_row = 0
         self.reset()
 
     def reset(self, state=None):
         """Start a new stream from ``state`` (None: zeros)."""
         self.position = 0           # steps consumed since the reset
+        self._history_start = 0     # no update back-propagates to steps before this one
         self._span_state = state    # the state at step b of the next update
-        self._span_x = None         # inputs at steps [b, position) of the next update
+        self._span_x = None         # inputs at steps [b, position) of the next update (a copy)
         self.state = state          # the state after the last step consumed
 
     def step(self, x, target):
@@ -510,8 +629,8 @@ class TruncatedBPTT:
                              f"got shape {target.shape}")
         s, e = self.position, self.position + L
         extra = self.k2 - self.k1
-        b = max(0, s - extra)                 # the span [b, e) is run and back-propagated
-        b_next = max(0, e - extra)            # where the next update's span starts
+        b = max(self._history_start, s - extra)       # the span [b, e) is run and back-propagated
+        b_next = max(self._history_start, e - extra)  # where the next update's span starts
         if self._span_x is None:
             span_x = x
         else:
@@ -542,6 +661,9 @@ class TruncatedBPTT:
             _, dstate = self.model.backward(dy, cache, dstate=dstate)
         grads = self.model.grads
         norm = global_norm(grads)
+        if not math.isfinite(norm):
+            return self._skip(loss, norm, L, state, e)
+        self.skipped_in_a_row = 0
         if self.clip_value is not None:
             clip_grad_value(grads, self.clip_value)
         if self.clip_norm is not None:
@@ -551,8 +673,52 @@ class TruncatedBPTT:
         self.position = e
         self.state = state
         self._span_state = next_span_state
-        self._span_x = _time_slice(span_x, b_next - b, e - b, ax) if extra else None
+        # a copy: the caller may refill the array it passed in before the next update
+        self._span_x = np.array(_time_slice(span_x, b_next - b, e - b, ax)) if extra else None
         return Update(loss, norm, L)
+
+    def _skip(self, loss, norm, steps, state, end):
+        if self.max_skipped is not None and self.skipped_in_a_row >= self.max_skipped:
+            raise NonFiniteGradientError(
+                f"the gradient was not finite (norm {norm}) in {self.max_skipped + 1} updates "
+                f"in a row (max_skipped={self.max_skipped}): the parameters or the data hold "
+                "NaN or infinity, or the learning rate is too large")
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        self.position = end
+        if not _all_finite(_state_parts(state)):
+            state = None
+        self.state = self._span_state = state
+        self._history_start = self.position
+        self._span_x = None
+        return Update(loss, norm, steps, True)
+
+    def state_dict(self):
+        """The driver's place in the stream, the carried state, the kept inputs, the counts of
+        skipped updates and the optimizer's ``state_dict()`` (if it has one); copies."""
+        state = {"position": self.position, "history_start": self._history_start,
+                 "state": _copy_state(self.state), "span_state": _copy_state(self._span_state),
+                 "span_x": None if self._span_x is None else self._span_x.copy(),
+                 "skipped": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
+        if hasattr(self.optimizer, "state_dict"):
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        """Continue from what ``state_dict()`` returned (the model's parameters are restored
+        separately, e.g. with ``model.load_state_dict``)."""
+        keys = ["position", "history_start", "state", "span_state", "span_x", "skipped",
+                "skipped_in_a_row"]
+        _check_same_keys("state", state, keys + (["optimizer"] if "optimizer" in state else []))
+        counts = {k: _nonnegative_int(f"state[{k!r}]", state[k])
+                  for k in ("position", "history_start", "skipped", "skipped_in_a_row")}
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.position, self._history_start = counts["position"], counts["history_start"]
+        self.skipped, self.skipped_in_a_row = counts["skipped"], counts["skipped_in_a_row"]
+        self.state = _copy_state(state["state"])
+        self._span_state = _copy_state(state["span_state"])
+        self._span_x = None if state["span_x"] is None else np.array(state["span_x"])
 
     def run(self, x, target):
         """Walk the whole stream ``x`` (with ``target``) in windows of k1 steps from the carried

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from fastrnn.train import (Adam, Embedding, Linear, SGD, TruncatedBPTT, clip_grad_norm,
-                           clip_grad_value, global_norm, mse_loss, softmax_cross_entropy)
+from fastrnn.train import (Adam, Embedding, Linear, NonFiniteGradientError, SGD, TruncatedBPTT,
+                           clip_grad_norm, clip_grad_value, global_norm, mse_loss,
+                           softmax_cross_entropy)
 
 from conftest import BACKENDS, CELL_OPTIONS, central_difference
 
@@ -284,11 +285,11 @@ def test_adam_float32_params_stay_float32_and_in_place():
 
 def test_optimizer_bad_arguments():
     p = {"w": np.zeros(2)}
-    with pytest.raises(ValueError, match="lr: expected a positive number, got 0"):
+    with pytest.raises(ValueError, match="lr: expected a positive finite number, got 0"):
         SGD(p, lr=0)
     with pytest.raises(ValueError, match=r"momentum: expected a number in \[0, 1\), got 1.5"):
         SGD(p, lr=0.1, momentum=1.5)
-    with pytest.raises(ValueError, match=r"betas: expected two numbers in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"betas\[1\]: expected a number in \[0, 1\), got 1.0"):
         Adam(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match=r"params\['w'\]: expected a writeable array"):
         SGD({"w": read_only(np.zeros(2))}, lr=0.1)
@@ -311,7 +312,7 @@ def test_clip_grad_norm():
     assert global_norm(grads) == pytest.approx(1.0, rel=1e-15)
     assert clip_grad_norm(grads, 2.0) == pytest.approx(1.0)     # below the limit: untouched
     np.testing.assert_allclose(grads["a"], [0.6, 0.0], rtol=1e-15)
-    with pytest.raises(ValueError, match="max_norm: expected a positive number, got -1"):
+    with pytest.raises(ValueError, match="max_norm: expected a positive finite number, got -1"):
         clip_grad_norm(grads, -1)
 
 
@@ -459,3 +460,185 @@ def test_driver_bad_arguments_and_inputs_left_alone():
     x_before = x.copy()
     driver.run(x, target)
     np.testing.assert_array_equal(x, x_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic optimizer steps, arguments that help, options not covered above
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: SGD(p, lr=0.1, momentum=0.9), lambda p: Adam(p, lr=0.1)])
+def test_optimizer_checks_every_gradient_before_changing_anything(make_optimizer):
+    params = {"a": np.ones(2), "b": np.ones(3)}
+    opt = make_optimizer(params)
+    before = opt.state_dict()
+    for bad, error, message in [
+            (np.ones(4), ValueError, r"grads\['b'\]: expected shape \(3,\), got \(4,\)"),
+            (np.ones(3, dtype=int), TypeError,
+             r"grads\['b'\]: expected a floating-point array, got dtype int64")]:
+        with pytest.raises(error, match=message):
+            opt.step({"a": np.ones(2), "b": bad})
+        np.testing.assert_array_equal(params["a"], 1.0)          # 'a' comes first: untouched
+        after = opt.state_dict()
+        assert after["steps"] == 0
+        for name in set(before) - {"steps"}:
+            for k in before[name]:
+                np.testing.assert_array_equal(after[name][k], before[name][k])
+
+
+def test_optimizer_arguments_that_help():
+    p = {"w": np.zeros(2)}
+    with pytest.raises(TypeError, match=r"lr: expected a positive finite number, got '0.1' "
+                                        r"\(str\)"):
+        SGD(p, "0.1")
+    with pytest.raises(ValueError, match="lr: expected a positive finite number, got inf"):
+        Adam(p, lr=math.inf)
+    with pytest.raises(ValueError, match=r"betas: expected two numbers in \[0, 1\) \(beta1, "
+                                         r"beta2\), got \(0.9, 0.99, 0.999\)"):
+        Adam(p, betas=(0.9, 0.99, 0.999))
+    with pytest.raises(ValueError, match=r"eps: expected a positive finite number \(0 gives "
+                                         r"0/0 = NaN where a gradient has been zero\), got 0"):
+        Adam(p, eps=0)
+    with pytest.raises(ValueError, match="weight_decay: expected a finite number >= 0, got -1"):
+        SGD(p, 0.1, weight_decay=-1)
+    grads = {"w": np.ones(2), "v": read_only(np.ones(2))}
+    for clip in (lambda g: clip_grad_norm(g, 1.0), lambda g: clip_grad_value(g, 0.5)):
+        with pytest.raises(ValueError, match=r"grads\['v'\]: expected a writeable numpy array "
+                                             r"\(clipped in place\), got a read-only one"):
+            clip(grads)
+        np.testing.assert_array_equal(grads["w"], 1.0)
+    # NumPy's integer and float scalars wherever Python's are taken
+    SGD(p, np.float32(0.1), np.float64(0.5))
+    Adam(p, lr=np.float64(0.1), betas=(np.float32(0.5), 0.9), eps=np.float64(1e-8))
+    emb, lin = Embedding(np.int64(4), np.int32(2)), Linear(np.int64(3), np.uint8(2))
+    assert emb.params["weight"].shape == (4, 2) and lin.params["weight"].shape == (2, 3)
+    driver = TruncatedBPTT(make("gru", "reference"), mse_loss, NoStep(), k1=np.int64(2),
+                           k2=np.int32(3), max_skipped=np.int64(1))
+    assert (driver.k1, driver.k2, driver.max_skipped) == (2, 3, 1)
+
+
+def test_global_norm_does_not_overflow():
+    grads = {"a": np.array([3e200, 0.0]), "b": np.array([[4e200]])}
+    assert global_norm(grads) == pytest.approx(5e200, rel=1e-15)
+    clip_grad_norm(grads, 1.0)
+    np.testing.assert_allclose(grads["a"], [0.6, 0.0], rtol=1e-14)
+
+
+def test_adam_weight_decay_two_steps_hand_computed():
+    lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-8, 0.1
+    p = {"w": np.array([2.0])}
+    opt = Adam(p, lr=lr, eps=eps, weight_decay=wd)
+    expected, m, v = 2.0, 0.0, 0.0
+    for t, grad in enumerate((1.0, -1.0), start=1):
+        opt.step({"w": np.array([grad])})
+        g = grad + wd * expected                          # the L2 term joins the gradient
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        expected -= lr * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + eps)
+        assert p["w"][0] == pytest.approx(expected, rel=1e-14)
+    plain = {"w": np.array([2.0])}
+    for grad in (1.0, -1.0):
+        Adam(plain, lr=lr, eps=eps).step({"w": np.array([grad])})
+    assert abs(plain["w"][0] - p["w"][0]) > 1e-3                  # the decay did something
+
+
+def test_driver_clip_value_and_reset_state():
+    x, target = stream(6)
+    m_driver, m_manual = make("lstm", "reference"), make("lstm", "reference")
+    rng = np.random.default_rng(1)
+    h0 = (rng.standard_normal((1, 2, 3)), rng.standard_normal((1, 2, 3)))
+    driver = TruncatedBPTT(m_driver, mse_loss, SGD(m_driver.params, lr=0.5), k1=3,
+                           clip_value=0.01)
+    driver.reset(h0)
+    driver.run(x, target)
+    opt, state, clipped = SGD(m_manual.params, lr=0.5), h0, False
+    for s in (0, 3):
+        y, state, cache = m_manual.forward(x[s:s + 3], state, train=True)
+        m_manual.zero_grad()
+        m_manual.backward(mse_loss(y, target[s:s + 3])[1], cache)
+        clipped |= any(np.abs(g).max() > 0.01 for g in m_manual.grads.values())
+        clip_grad_value(m_manual.grads, 0.01)
+        opt.step(m_manual.grads)
+    assert clipped                                              # the clipping acted
+    for k in m_manual.params:
+        assert rel_err(m_driver.params[k], m_manual.params[k]) < 1e-13, k
+    # reset(state) starts from that state, not zeros
+    m = make("lstm", "reference")
+    driver = TruncatedBPTT(m, mse_loss, NoStep(), k1=3)
+    driver.reset(h0)
+    driver.run(x, target)
+    for a, b in zip(driver.state, m(x, h0)[1]):
+        assert rel_err(a, b) < 1e-13
+    assert rel_err(driver.state[0], m(x)[1][0]) > 1e-3
+
+
+def test_driver_keeps_its_own_copy_of_the_history():
+    """BPTT(2, 4) fed windows from one reused buffer gives what fresh arrays give."""
+    x, target = stream(8)
+    results = []
+    for reuse in (False, True):
+        m = make("gru", "reference", seed=5)
+        driver = TruncatedBPTT(m, mse_loss, SGD(m.params, lr=0.5), k1=2, k2=4)
+        buffer = np.empty((2, 2, 2))
+        for s in range(0, 8, 2):
+            window = x[s:s + 2].copy()
+            if reuse:
+                buffer[...] = window
+                window = buffer
+            driver.step(window, target[s:s + 2])
+        results.append(m.params)
+    for k in results[0]:
+        assert rel_err(results[1][k], results[0][k]) < 1e-15, k
+
+
+def test_driver_skips_non_finite_gradients():
+    x, target = stream(12)
+    x[4, 0, 0] = np.nan                                         # in the third window
+    m = make("lstm", "reference")
+    opt = Adam(m.params, lr=0.05)
+    driver = TruncatedBPTT(m, mse_loss, opt, k1=2, k2=3, max_skipped=1)
+    updates = [driver.step(x[s:s + 2], target[s:s + 2]) for s in (0, 2)]
+    before = m.state_dict()
+    u = driver.step(x[4:6], target[4:6])
+    assert u.skipped and not math.isfinite(u.grad_norm) and driver.skipped == 1
+    assert opt.steps == 2 and not any(u.skipped for u in updates)
+    for k, v in before.items():
+        np.testing.assert_array_equal(m.params[k], v)           # nothing applied
+    assert driver.state is None                                 # the NaN state was dropped
+    u = driver.step(x[6:8], target[6:8])                        # from the zero state
+    assert not u.skipped and opt.steps == 3
+    assert all(np.isfinite(v).all() for v in m.params.values())
+    # max_skipped=1: the second non-finite update in a row raises
+    x[8, 0, 0] = x[10, 0, 0] = np.nan
+    assert driver.step(x[8:10], target[8:10]).skipped
+    with pytest.raises(NonFiniteGradientError, match=r"the gradient was not finite \(norm nan\) "
+                                                     r"in 2 updates in a row \(max_skipped=1\)"):
+        driver.step(x[10:12], target[10:12])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_driver_state_dict_continues_exactly(optimizer):
+    """3 windows, then the model, the driver and the optimizer restored into new objects for 3
+    more, equal 6 windows in one go (BPTT(2, 3): the history and the state at its start)."""
+    x, target = stream(12)
+
+    def build():
+        m = make("lstm", "reference", seed=6, num_layers=2)
+        opt = (Adam(m.params, lr=0.05) if optimizer == "adam"
+               else SGD(m.params, lr=0.1, momentum=0.9))
+        return m, TruncatedBPTT(m, mse_loss, opt, k1=2, k2=3, clip_norm=1.0)
+
+    m_once, d_once = build()
+    d_once.run(x, target)
+    m_first, d_first = build()
+    d_first.run(x[:6], target[:6])
+    saved_params, saved_driver = m_first.state_dict(), d_first.state_dict()
+    d_first.run(x[6:], target[6:])                              # changes nothing saved
+    m_second, d_second = build()
+    m_second.load_state_dict(saved_params)
+    d_second.load_state_dict(saved_driver)
+    d_second.run(x[6:], target[6:])
+    for k in m_once.params:
+        assert rel_err(m_second.params[k], m_once.params[k]) < 1e-12, k
+    fresh, _ = build()
+    assert max(rel_err(fresh.params[k], m_once.params[k]) for k in fresh.params) > 1e-3
+    with pytest.raises(KeyError, match=r"state: expected the keys"):
+        d_second.load_state_dict({"position": 0})
