@@ -15,11 +15,15 @@ equal pieces) in windows of ``window`` characters with ``fastrnn.train.Truncated
 the recurrent state from window to window.
 """
 from collections import namedtuple
+import codecs
+import glob
+import io
 import json
 import math
 import os
 import sys
 import sysconfig
+import tempfile
 import zipfile
 import zlib
 
@@ -27,12 +31,15 @@ import numpy as np
 
 from . import layers
 from .dispatch import BackendUnavailable
-from .train import Adam, Embedding, Linear, TruncatedBPTT, softmax_cross_entropy
+from .train import (Adam, Embedding, Linear, TruncatedBPTT, softmax_cross_entropy,
+                    _check_same_keys, _load_arrays, _positive_int)
 
 __all__ = [
     "CharLM", "Vocabulary", "Trainer", "Corpus", "CorpusError", "CheckpointError",
     "STDLIB_TRAIN_MODULES", "STDLIB_HELDOUT_MODULES", "stdlib_corpus", "text_corpus",
     "split_text", "streams", "evaluate", "sample", "save_checkpoint", "load_checkpoint",
+    "load_training_state", "is_checkpoint", "ModelTooLarge", "NonFiniteParameters",
+    "CheckpointSaveError", "MAX_SAMPLE_LENGTH", "num_params", "physical_memory",
 ]
 
 
@@ -42,6 +49,24 @@ class CorpusError(Exception):
 
 class CheckpointError(Exception):
     """A checkpoint is missing, damaged or not one of ours."""
+
+
+class NonFiniteParameters(CheckpointError):
+    """The model to save holds NaN or infinity: saving it over a checkpoint would lose that one."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written where asked; ``saved_to`` names where its content went
+    instead (None if nowhere)."""
+
+    def __init__(self, message, saved_to=None):
+        super().__init__(message)
+        self.saved_to = saved_to
+
+
+class ModelTooLarge(MemoryError):
+    """The model asked for cannot be held in this machine's memory; the message says how much
+    it needs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +145,10 @@ def text_corpus(path, heldout_fraction=0.1):
             data = f.read()
     except OSError as exc:
         raise CorpusError(f"--text: cannot read {path}: {exc.strerror or exc}") from None
+    wide = _wide_encoding(data)
+    if wide:
+        raise CorpusError(f"--text: {path} is {wide} text, not UTF-8; convert it first, e.g. "
+                          f"iconv -f {wide} -t utf-8 {path} > text.txt")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -127,8 +156,24 @@ def text_corpus(path, heldout_fraction=0.1):
             f"--text: {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
             f"{exc.start} cannot be decoded); convert it first, e.g. "
             f"iconv -f latin1 -t utf-8 {path} > text.txt") from None
+    if not text:
+        raise CorpusError(f"--text: {path} is empty")
     train, heldout = split_text(text, heldout_fraction)
     return Corpus(train, heldout, f"{path}, {len(text):,} characters")
+
+
+def _wide_encoding(data):
+    """'UTF-32' or 'UTF-16' if ``data`` looks like text in one (a byte order mark, or a zero
+    byte at most even or most odd offsets, as ASCII characters give), else None."""
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "UTF-32"
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16"
+    head = data[:4096]
+    half = len(head) // 2
+    if half >= 8 and max(head[0::2].count(0), head[1::2].count(0)) > 0.4 * half:
+        return "UTF-16"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +215,29 @@ class Vocabulary:
 # the model
 
 _CELLS = {"lstm": layers.LSTM, "gru": layers.GRU}
+_GATES = {"lstm": 4, "gru": 3}
+
+
+def num_params(vocab_size, embed, hidden, layers, cell):
+    """The parameter count of ``CharLM`` with these sizes, computed without building it."""
+    V, E, H, L, G = vocab_size, embed, hidden, layers, _GATES[cell]
+    rnn = G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2)
+    return V * E + rnn + H * V + V
+
+
+def physical_memory():
+    """Bytes of memory of this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
 
 
 class CharLM:
@@ -187,6 +255,18 @@ class CharLM:
                  dropout=0.0, dtype=np.float32, backend="auto", seed=None):
         if cell not in _CELLS:
             raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
+        sizes = {name: _positive_int(name, value) for name, value in
+                 (("vocab_size", vocab_size), ("embed", embed), ("hidden", hidden),
+                  ("layers", layers))}
+        count = num_params(**sizes, cell=cell)
+        need = 2 * count * np.dtype(dtype).itemsize              # the weights and their gradients
+        have = physical_memory()
+        if have is not None and need > have:
+            raise ModelTooLarge(
+                f"a {layers}-layer {cell.upper()} with hidden {hidden}, embedding {embed} and "
+                f"{vocab_size} characters has {count:,} parameters: {format_bytes(need)} for "
+                f"its weights and gradients in {np.dtype(dtype).name}, more than this machine's "
+                f"{format_bytes(have)} of memory")
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3)]
         self.embedding = Embedding(vocab_size, embed, dtype=dtype, seed=seeds[0])
         self.rnn = _CELLS[cell](embed, hidden, layers, dropout=dropout, dtype=dtype,
@@ -201,10 +281,10 @@ class CharLM:
 
     def config(self):
         """The architecture, enough to build the same model again (``CharLM(**config)``)."""
-        return {"vocab_size": self.embedding.num_embeddings,
-                "embed": self.embedding.embedding_dim, "hidden": self.rnn.hidden_size,
-                "layers": self.rnn.num_layers, "cell": self.cell, "dropout": self.rnn.dropout,
-                "dtype": self.dtype.name}
+        return {"vocab_size": int(self.embedding.num_embeddings),
+                "embed": int(self.embedding.embedding_dim), "hidden": int(self.rnn.hidden_size),
+                "layers": int(self.rnn.num_layers), "cell": self.cell,
+                "dropout": float(self.rnn.dropout), "dtype": self.dtype.name}
 
     @property
     def backend(self):
@@ -229,8 +309,10 @@ class CharLM:
         return logits, state, ((emb_cache, rnn_cache, head_cache) if train else None)
 
     def backward(self, dlogits, cache, dstate=None, truncate=None):
+        """``dlogits`` None: no loss on the outputs (only ``dstate``), as a history window of
+        ``TruncatedBPTT`` with k2 > k1 has."""
         emb_cache, rnn_cache, head_cache = cache
-        dy = self.head.backward(dlogits, head_cache)
+        dy = None if dlogits is None else self.head.backward(dlogits, head_cache)
         dx, dstate0 = self.rnn.backward(dy, rnn_cache, dstate, truncate=truncate)
         self.embedding.backward(dx, emb_cache)
         return None, dstate0
@@ -243,12 +325,9 @@ class CharLM:
         return {k: v.copy() for k, v in self.params.items()}
 
     def load_state_dict(self, state_dict):
-        missing = [k for k in self.params if k not in state_dict]
-        unknown = [k for k in state_dict if k not in self.params]
-        if missing or unknown:
-            raise KeyError(f"state_dict: missing key(s) {missing}, unexpected key(s) {unknown}")
-        for prefix, m in self._parts.items():
-            m.load_state_dict({k: state_dict[f"{prefix}.{k}"] for k in m.params})
+        """Copy the arrays into the parameters in place, after checking every key, shape and
+        dtype: a bad entry changes nothing, and the error names it (``head.weight``)."""
+        _load_arrays("state_dict", state_dict, self.params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,20 +375,31 @@ class Trainer:
     """Trains a ``CharLM`` on ``batch`` parallel streams of ``train_ids`` in windows of
     ``window`` characters (``TruncatedBPTT(k1=window, k2)``), Adam with learning rate ``lr``,
     gradients clipped to global norm ``clip``. When the streams run out the state is reset and
-    they start again (a new epoch)."""
+    they start again (a new epoch). An update whose gradient is not finite is skipped (see
+    ``TruncatedBPTT``; ``max_skipped`` in a row, then ``NonFiniteGradientError``).
+
+    ``state_dict()`` / ``load_state_dict()``: with the model's parameters, everything needed to
+    continue the run exactly (the optimizer's moments, the streams' position, the carried state,
+    the dropout generator).
+    """
 
     def __init__(self, model, train_ids, heldout_ids, *, batch=32, window=100, k2=None,
-                 lr=2e-3, clip=5.0):
+                 lr=2e-3, clip=5.0, max_skipped=10):
         self.model = model
         self.inputs, self.targets = streams(train_ids, batch)
         self.heldout_ids = np.asarray(heldout_ids)
         self.batch, self.window = batch, window
         self.optimizer = Adam(model.params, lr=lr)
         self.driver = TruncatedBPTT(model, softmax_cross_entropy, self.optimizer, window, k2,
-                                    clip_norm=clip)
+                                    clip_norm=clip, max_skipped=max_skipped)
         self.position = 0       # next time step of the streams
         self.epoch = 0
         self.updates = 0
+
+    @property
+    def skipped(self):
+        """Updates skipped so far because their gradient was not finite."""
+        return self.driver.skipped
 
     def update(self):
         """One window, one optimizer step; returns the ``Update`` (loss in nats per char)."""
@@ -326,18 +416,55 @@ class Trainer:
     def heldout_bpc(self, max_chars=None):
         return evaluate(self.model, self.heldout_ids, self.batch, self.window, max_chars)
 
+    def state_dict(self):
+        """The run's state besides the model's parameters (copies)."""
+        return {"position": self.position, "epoch": self.epoch, "updates": self.updates,
+                "driver": self.driver.state_dict(),
+                "dropout_rng": self.model.rnn.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        """Continue from ``state_dict()``; the model's parameters are loaded separately."""
+        _check_same_keys("state", state, ["position", "epoch", "updates", "driver",
+                                           "dropout_rng"])
+        counts = {}
+        for k in ("position", "epoch", "updates"):
+            v = state[k]
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"state[{k!r}]: expected an integer >= 0, got {v!r}")
+            counts[k] = int(v)
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = state["dropout_rng"]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"state['dropout_rng']: expected a generator state, got "
+                             f"{state['dropout_rng']!r} ({exc})") from None
+        self.driver.load_state_dict(state["driver"])
+        self.model.rnn.rng.bit_generator.state = state["dropout_rng"]
+        self.position, self.epoch, self.updates = (counts["position"], counts["epoch"],
+                                                   counts["updates"])
+
 
 # ---------------------------------------------------------------------------------------------
 # sampling
+
+# more characters than any sample anyone reads; a larger request is a mistake
+MAX_SAMPLE_LENGTH = 100_000_000
+
 
 def sample(model, vocab, length, temperature=1.0, prime="", seed=None):
     """``length`` characters drawn one at a time from the model, each fed back in with the
     state carried, after reading ``prime`` (without a prime, after a newline, or the first
     character of the vocabulary if it has no newline). Probabilities are
-    ``softmax(logits / temperature)``; ``seed`` fixes the draws. Returns the new characters."""
+    ``softmax(logits / temperature)``; ``seed`` fixes the draws. Returns the new characters.
+    Non-finite logits (a damaged model), or a temperature so small that ``logits /
+    temperature`` overflows, raise ``ValueError``: no draw would mean anything."""
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
         raise ValueError(f"length: expected an integer >= 0, got {length!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+    if length > MAX_SAMPLE_LENGTH:
+        raise ValueError(f"length: expected at most {MAX_SAMPLE_LENGTH:,} characters, "
+                         f"got {length:,}")
+    if not (isinstance(temperature, (int, float, np.integer, np.floating))
+            and not isinstance(temperature, bool) and math.isfinite(temperature)
             and temperature > 0):
         raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
     if not prime:
@@ -348,7 +475,10 @@ def sample(model, vocab, length, temperature=1.0, prime="", seed=None):
     last = logits[-1, 0]
     out = np.empty(length, dtype=np.int64)
     for i in range(length):
-        z = last.astype(np.float64) / temperature
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = last.astype(np.float64) / float(temperature)
+        if not np.isfinite(z).all():
+            _explain_nonfinite(last, temperature, i)
         p = np.exp(z - z.max())
         cdf = np.cumsum(p)
         c = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(p) - 1)
@@ -358,43 +488,182 @@ def sample(model, vocab, length, temperature=1.0, prime="", seed=None):
     return vocab.decode(out)
 
 
+def _explain_nonfinite(logits, temperature, drawn):
+    if not np.isfinite(logits).all():
+        raise ValueError(f"the model's logits are not finite (NaN or infinity) after {drawn} "
+                         "characters: its parameters are damaged or overflowed")
+    smallest = float(np.max(np.abs(logits))) / 1e300
+    raise ValueError(f"temperature: expected at least {smallest:.3g} for this model "
+                     f"(logits / temperature overflows), got {temperature!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints: one .npz with the weights, the vocabulary and the configuration
 
 FORMAT = "fastrnn-charlm"
-VERSION = 1
+VERSION = 2
+# version 1: no training state (such a checkpoint samples but cannot be resumed)
+READABLE_VERSIONS = (1, 2)
 
 
-def save_checkpoint(path, model, vocab, info=None):
+def is_checkpoint(path):
+    """True if ``path`` is a file that names itself a fastrnn character-model checkpoint."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return "format" in npz.files and str(npz["format"]) == FORMAT
+    except Exception:       # anything unreadable is simply not one of ours
+        return False
+
+
+def _pack(tree, arrays):
+    """A JSON-able copy of ``tree`` (dicts, lists, tuples, arrays, numbers, None), its arrays
+    moved to ``arrays`` under ``training/<n>`` and replaced by a reference."""
+    if isinstance(tree, np.ndarray):
+        name = f"training/{len(arrays)}"
+        arrays[name] = tree
+        return {"__array__": name}
+    if isinstance(tree, tuple):
+        return {"__tuple__": [_pack(v, arrays) for v in tree]}
+    if isinstance(tree, list):
+        return [_pack(v, arrays) for v in tree]
+    if isinstance(tree, dict):
+        return {str(k): _pack(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, np.generic):
+        return tree.item()
+    return tree
+
+
+def _json_scalar(value):
+    """NumPy scalars (np.int64 sizes, np.float32 rates) as the Python numbers they are."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"info: expected JSON values, got {type(value).__name__}")
+
+
+def _unpack(tree, npz):
+    if isinstance(tree, list):
+        return [_unpack(v, npz) for v in tree]
+    if isinstance(tree, dict):
+        if set(tree) == {"__array__"}:
+            return npz[tree["__array__"]]
+        if set(tree) == {"__tuple__"}:
+            return tuple(_unpack(v, npz) for v in tree["__tuple__"])
+        return {k: _unpack(v, npz) for k, v in tree.items()}
+    return tree
+
+
+def _nonfinite_params(model):
+    return [k for k, v in model.params.items() if not np.isfinite(v).all()]
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path):
+    """Remove ``<path>.tmp<pid>`` files whose writer is gone (a save killed half-way)."""
+    prefix = path + ".tmp"
+    for tmp in glob.glob(glob.escape(prefix) + "*"):
+        pid = tmp[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+
+def _write_file(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_elsewhere(path, data):
+    """Write ``data`` to a new file in the temporary directory or the home directory; its
+    path, or None if neither takes it."""
+    stem = os.path.basename(path)
+    for directory in (tempfile.gettempdir(), os.path.expanduser("~")):
+        try:
+            fd, where = tempfile.mkstemp(prefix=stem + ".", suffix=".npz", dir=directory)
+            os.close(fd)
+            _write_file(where, data)
+            return where
+        except OSError:
+            continue
+    return None
+
+
+def save_checkpoint(path, model, vocab, info=None, training=None, *, allow_nonfinite=False):
     """Write ``path`` (.npz): ``format``, ``version``, ``config`` (JSON: the model's ``config()``
-    and ``info``), ``vocab`` (code points, int32) and ``param/<name>`` for every parameter.
-    Written to a temporary file first and renamed, so a crash never leaves half a checkpoint."""
+    and ``info``), ``vocab`` (code points, int32), ``param/<name>`` for every parameter and,
+    if given, ``training`` (e.g. ``Trainer.state_dict()``, to resume the run) as
+    ``training/state`` (JSON) and ``training/<n>`` arrays.
+
+    Written to ``<path>.tmp<pid>`` first and renamed, so a crash never leaves half a checkpoint;
+    temporaries of writers that are gone are removed. A model holding NaN or infinity raises
+    ``NonFiniteParameters`` unless ``allow_nonfinite`` (a good checkpoint is never replaced by
+    a broken one). If the file cannot be written (disk full, permissions), the content goes to
+    a file in the temporary or the home directory and ``CheckpointSaveError`` names it."""
+    bad = _nonfinite_params(model)
+    if bad and not allow_nonfinite:
+        raise NonFiniteParameters(f"checkpoint {path}: not written: the model's parameters "
+                                  f"hold NaN or infinity ({', '.join(bad)})")
     config = dict(info or {})
     config["model"] = model.config()
     arrays = {"format": np.array(FORMAT), "version": np.array(VERSION),
-              "config": np.array(json.dumps(config)),
+              "config": np.array(json.dumps(config, default=_json_scalar)),
               "vocab": np.array([ord(c) for c in vocab.chars], dtype=np.int32)}
     for k, v in model.params.items():
         arrays["param/" + k] = v
+    if training is not None:
+        arrays["training/state"] = np.array(json.dumps(_pack(training, arrays)))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+
+    _remove_stale_temporaries(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        _write_file(tmp, data)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        where = _save_elsewhere(path, data)
+        raise CheckpointSaveError(
+            f"cannot write {path}: {exc.strerror or exc}; "
+            + (f"the checkpoint was saved to {where} instead" if where else
+               "nor in the temporary or home directory: nothing was saved"), where) from exc
+    except BaseException:                   # interrupted half-way: no half file left behind
+        _remove_quietly(tmp)
+        raise
+    try:
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except OSError as exc:
+        raise CheckpointSaveError(f"cannot replace {path}: {exc.strerror or exc}; the "
+                                  f"checkpoint is in {tmp}", tmp) from exc
 
 
-def load_checkpoint(path, backend="auto"):
-    """``(model, vocab, config)`` from a checkpoint written by ``save_checkpoint``. A missing,
-    truncated or foreign file raises ``CheckpointError`` saying which."""
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _read(path, read):
+    """``read(npz)`` on the checkpoint ``path`` after checking its format and version, with
+    every way of failing turned into ``CheckpointError``."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            files = set(npz.files)
-            if "format" not in files:
+            if "format" not in npz.files:
                 raise CheckpointError(f"checkpoint {path}: an .npz archive but not a fastrnn "
                                       f"character-model checkpoint (no 'format' entry)")
             fmt = str(npz["format"])
@@ -402,12 +671,11 @@ def load_checkpoint(path, backend="auto"):
                 raise CheckpointError(f"checkpoint {path}: expected format {FORMAT!r}, "
                                       f"got {fmt!r}")
             version = int(npz["version"])
-            if version != VERSION:
+            if version not in READABLE_VERSIONS:
                 raise CheckpointError(f"checkpoint {path}: format version {version}, this "
-                                      f"fastrnn reads version {VERSION}")
-            config = json.loads(str(npz["config"]))
-            chars = "".join(chr(c) for c in npz["vocab"])
-            params = {k[len("param/"):]: npz[k] for k in npz.files if k.startswith("param/")}
+                                      f"fastrnn reads versions "
+                                      f"{', '.join(map(str, READABLE_VERSIONS))}")
+            return read(npz)
     except CheckpointError:
         raise
     except IsADirectoryError:
@@ -418,6 +686,22 @@ def load_checkpoint(path, backend="auto"):
         raise CheckpointError(
             f"checkpoint {path}: not a readable fastrnn checkpoint (truncated, damaged or "
             f"another kind of file: {type(exc).__name__}: {exc})") from None
+
+
+def load_checkpoint(path, backend="auto"):
+    """``(model, vocab, config)`` from a checkpoint written by ``save_checkpoint``. A missing,
+    truncated or foreign file raises ``CheckpointError`` saying which."""
+    def read(npz):
+        config = json.loads(str(npz["config"]))
+        chars = "".join(chr(c) for c in npz["vocab"])
+        params = {k[len("param/"):]: npz[k] for k in npz.files if k.startswith("param/")}
+        return config, chars, params
+
+    config, chars, params = _read(path, read)
+    repeated = sorted({c for c in chars if chars.count(c) > 1})
+    if repeated:
+        raise CheckpointError(f"checkpoint {path}: damaged: its vocabulary repeats the "
+                              f"character(s) {''.join(repeated)!r}")
     try:
         model = CharLM(**{**config["model"], "backend": backend})
         vocab = Vocabulary(chars)
@@ -427,7 +711,20 @@ def load_checkpoint(path, backend="auto"):
         model.load_state_dict(params)
     except BackendUnavailable:
         raise
+    except ModelTooLarge as exc:
+        raise CheckpointError(f"checkpoint {path}: its model cannot be built here: {exc}") \
+            from None
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: damaged ({type(exc).__name__}: {exc})") \
             from None
     return model, vocab, config
+
+
+def load_training_state(path):
+    """The ``training`` tree saved with the checkpoint ``path`` (arrays restored), or None if
+    it has none (a version-1 checkpoint, or one saved without it)."""
+    def read(npz):
+        if "training/state" not in npz.files:
+            return None
+        return _unpack(json.loads(str(npz["training/state"])), npz)
+    return _read(path, read)

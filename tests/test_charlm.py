@@ -1,22 +1,17 @@
-"""fastrnn.charlm and the ``fastrnn`` command: corpus, vocabulary, the model's gradients,
-evaluation, training, sampling, checkpoints and the command's errors."""
+"""fastrnn.charlm: corpus, vocabulary, the model's gradients, evaluation, training, sampling and
+checkpoints (the ``fastrnn`` command is in test_cli.py)."""
+import json
 import math
 import os
-import re
-import signal
-import subprocess
-import sys
 import sysconfig
-import time
 
 import numpy as np
 import pytest
 
-from fastrnn import charlm, cli
+from fastrnn import charlm
 from fastrnn.charlm import CharLM, CheckpointError, CorpusError, Vocabulary
 from fastrnn.train import softmax_cross_entropy
 
-from conftest import child_python
 from test_train import CENTRAL_TOL, central_difference, rel_err
 
 TEXT = "the quick brown fox jumps over the lazy dog.\nspam and eggs, eggs and spam.\n" * 40
@@ -150,8 +145,29 @@ def test_charlm_params_are_shared_with_its_parts_and_state_dict_round_trips():
     other.load_state_dict(m.state_dict())
     for k in m.params:
         np.testing.assert_array_equal(other.params[k], m.params[k])
-    with pytest.raises(KeyError, match=r"missing key\(s\) \['head.bias'\]"):
+    with pytest.raises(KeyError, match=r"missing \['head.bias'\], unexpected \[\]"):
         other.load_state_dict({k: v for k, v in m.state_dict().items() if k != "head.bias"})
+
+
+def test_charlm_load_state_dict_checks_everything_before_writing():
+    """A bad last entry leaves every parameter as it was, and the error names it with its
+    part's prefix."""
+    m, other = tiny(seed=1), tiny(seed=2)
+    before = other.state_dict()
+    bad = m.state_dict()
+    bad["head.weight"] = bad["head.weight"][:, :3]             # head comes after embedding, rnn
+    with pytest.raises(ValueError, match=r"state_dict\['head.weight'\]: expected shape "
+                                         r"\(5, 4\), got \(5, 3\)"):
+        other.load_state_dict(bad)
+    for k, v in before.items():
+        np.testing.assert_array_equal(other.params[k], v, err_msg=k)
+    bad = m.state_dict()
+    bad["rnn.weight_hh_l1"] = bad["rnn.weight_hh_l1"].astype(complex)
+    with pytest.raises(TypeError, match=r"state_dict\['rnn.weight_hh_l1'\]: expected a real "
+                                        "array, got dtype complex128"):
+        other.load_state_dict(bad)
+    for k, v in before.items():
+        np.testing.assert_array_equal(other.params[k], v, err_msg=k)
 
 
 def test_evaluate_is_the_mean_cross_entropy_in_bits():
@@ -289,152 +305,145 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         arrays = dict(npz)
     arrays["param/head.weight"] = arrays["param/head.weight"][:2]
     np.savez(tmp_path / "damaged.npz", **arrays)
-    with pytest.raises(CheckpointError, match=r"damaged \(ValueError: state_dict\['weight'\]"):
+    with pytest.raises(CheckpointError, match=r"damaged \(ValueError: "
+                                              r"state_dict\['head.weight'\]: expected shape"):
         charlm.load_checkpoint(str(tmp_path / "damaged.npz"))
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    for name, changes, message in [
+        ("future.npz", {"version": np.array(3)},
+         "format version 3, this fastrnn reads versions 1, 2"),
+        ("repeats.npz", {"vocab": np.array([ord(c) for c in "aab"], dtype=np.int32)},
+         "damaged: its vocabulary repeats the character\\(s\\) 'a'"),
+        ("huge.npz", {"config": np.array(json.dumps(
+            {"model": {**tiny(vocab_size=3).config(), "hidden": 10**9}}))},
+         "its model cannot be built here: a 2-layer LSTM with hidden 1000000000, .* has "
+         "[0-9,]+ parameters: [0-9,.]+ PiB for its weights and gradients in float64, more than "
+         "this machine's .* of memory"),
+    ]:
+        np.savez(tmp_path / name, **{**arrays, **changes})
+        with pytest.raises(CheckpointError, match=f"checkpoint .*{name}: {message}"):
+            charlm.load_checkpoint(str(tmp_path / name))
     with pytest.raises(CheckpointError, match="is a directory"):
         charlm.load_checkpoint(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
-# the command
+# options the tests above leave out; what the driver and the command rely on
 
-TINY = ["--hidden", "8", "--layers", "1", "--embed", "4", "--batch", "4", "--window", "10",
-        "--backend", "reference", "--sample-length", "30"]
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return str(path)
-
-
-def test_cli_train_then_sample(tmp_path, text_file, capsys):
-    out = str(tmp_path / "lm.npz")
-    status = cli.main(["train", "--text", text_file, "--steps", "6", "--eval-every", "3",
-                       "--out", out, "--seed", "3", *TINY])
-    captured = capsys.readouterr()
-    assert status == 0, captured.err
-    assert "1-layer LSTM, hidden 8" in captured.out
-    assert "held-out:" in captured.out and "bits per character" in captured.out
-    assert "held-out" in captured.err and "chars/s" in captured.err    # the progress bar
-    sample_printed = captured.out.split("sample (temperature 0.8, seed 3):\n")[1]
-    assert len(sample_printed) == 30 + 1
-
-    model, vocab, config = charlm.load_checkpoint(out, backend="reference")
-    assert config["steps"] == 6 and config["model"]["hidden"] == 8
-    assert vocab == Vocabulary(TEXT)
-    printed = float(captured.out.split("held-out: ")[1].split()[0])
-    assert printed == pytest.approx(config["heldout_bpc"], abs=5e-4)
-
-    runs = []
-    for _ in range(2):
-        assert cli.main(["sample", out, "--length", "25", "--seed", "9", "--prime", "spam",
-                         "--temperature", "0.5", "--backend", "reference"]) == 0
-        runs.append(capsys.readouterr().out)
-    assert runs[0] == runs[1]
-    assert runs[0].startswith("spam") and len(runs[0]) == 4 + 25 + 1
-    assert runs[0][4:-1] == charlm.sample(model, vocab, 25, 0.5, prime="spam", seed=9)
+def test_charlm_backward_without_dlogits_is_backward_with_zero_dlogits():
+    """TruncatedBPTT's history windows (k2 > k1) have no loss: dlogits is None."""
+    rng = np.random.default_rng(2)
+    m = tiny()
+    idx = rng.integers(0, 5, size=(3, 2))
+    dstate = tuple(rng.standard_normal((2, 2, 4)) for _ in range(2))
+    grads = []
+    for dlogits in (None, np.zeros((3, 2, 5))):
+        _, _, cache = m.forward(idx)
+        m.zero_grad()
+        _, dstate0 = m.backward(dlogits, cache, dstate=dstate)
+        grads.append({**{k: g.copy() for k, g in m.grads.items()}, "dh0": dstate0[0]})
+    for k in grads[1]:
+        np.testing.assert_array_equal(grads[0][k], grads[1][k], err_msg=k)
+    assert np.abs(grads[0]["rnn.weight_hh_l0"]).max() > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--hidden", "0"], "argument --hidden: expected an integer >= 1, got '0'"),
-    (["train", "--lr", "-1"], "argument --lr: expected a positive number, got '-1'"),
-    (["train", "--cell", "tcn"], "argument --cell: invalid choice: 'tcn'"),
-    (["train", "--dropout", "1"], r"argument --dropout: expected a number in \[0, 1\), got '1'"),
-    (["sample", "x.npz", "--temperature", "0"],
-     "argument --temperature: expected a positive number, got '0'"),
-    (["sample", "x.npz", "--length", "ten"], "argument --length: expected an integer >= 0"),
-    (["sample"], "the following arguments are required: CHECKPOINT"),
-    (["train", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
-])
-def test_cli_bad_options(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert re.search(message, err), err
-    assert "Traceback" not in err
+def test_charlm_dropout_gradients_central_difference():
+    """dropout > 0: the masks replayed (the layer's generator reset before every forward)."""
+    rng = np.random.default_rng(5)
+    m = tiny(layers=3, dropout=0.4)
+    idx = rng.integers(0, 5, size=(4, 3))
+    targets = rng.integers(0, 5, size=(4, 3))
+
+    def loss_and_cache():
+        m.rnn.rng = np.random.default_rng(11)
+        logits, _, cache = m.forward(idx)
+        return softmax_cross_entropy(logits, targets), cache
+
+    (loss, dlogits), cache = loss_and_cache()
+    m.zero_grad()
+    m.backward(dlogits, cache)
+    f = lambda: loss_and_cache()[0][0]                     # noqa: E731
+    for name in ("rnn.weight_ih_l1", "rnn.weight_ih_l2", "embedding.weight", "head.weight"):
+        assert rel_err(m.grads[name], central_difference(f, m.params[name])) < CENTRAL_TOL, name
+    # the masks act: inference (no dropout) gives other logits than training
+    m.rnn.rng = np.random.default_rng(11)
+    assert rel_err(m.forward(idx)[0], m(idx)[0]) > 1e-3
 
 
-def test_cli_bad_files(tmp_path, text_file, capsys):
-    latin1 = tmp_path / "latin1.txt"
-    latin1.write_bytes("na\u00efve caf\u00e9\n".encode("latin-1") * 100)
-    short = tmp_path / "short.txt"
-    short.write_text("abc\n" * 2)
-    vocab = Vocabulary("xyz")
-    charlm.save_checkpoint(str(tmp_path / "xyz.npz"), tiny(vocab_size=3), vocab)
-    cases = [
-        (["sample", str(tmp_path / "none.npz")], 1, "checkpoint .*none.npz: no such file"),
-        (["sample", text_file], 1, "not a readable fastrnn checkpoint"),
-        (["sample", str(tmp_path / "xyz.npz"), "--prime", "xa", "--backend", "reference"], 2,
-         "--prime: expected characters of the vocabulary, got 'a'"),
-        (["train", "--text", str(latin1), *TINY], 1, "--text: .*latin1.txt is not UTF-8 text"),
-        (["train", "--text", str(tmp_path / "no.txt"), *TINY], 1, "--text: cannot read"),
-        (["train", "--text", str(short), *TINY], 2,
-         "--text: .*short.txt has 8 characters; --batch 4 needs at least 12"),
-        (["train", "--text", text_file, "--bptt", "5", *TINY], 2,
-         r"--bptt: expected a number >= --window \(10\), got 5"),
-        (["train", "--text", text_file, "--out", str(tmp_path / "no" / "m.npz"), *TINY], 2,
-         "--out: the directory .* does not exist"),
-    ]
-    for argv, status, message in cases:
-        assert cli.main(argv) == status, argv
-        err = capsys.readouterr().err
-        assert re.search(message, err), (argv, err)
-        assert "Traceback" not in err
-    assert not os.path.exists(tmp_path / "no")
+def test_evaluate_max_chars_reads_only_that_many():
+    rng = np.random.default_rng(6)
+    m = tiny()
+    ids = rng.integers(0, 5, size=60)
+    limited = charlm.evaluate(m, ids, batch=2, window=4, max_chars=np.int64(20))
+    assert limited == charlm.evaluate(m, ids[:21], batch=2, window=4)
+    assert limited != charlm.evaluate(m, ids, batch=2, window=4)
 
 
-def test_cli_ctrl_c_saves_the_checkpoint(tmp_path, text_file, capsys, monkeypatch):
-    real_update = charlm.Trainer.update
-    calls = []
+def test_trainer_state_dict_continues_exactly():
+    corpus = charlm.Corpus(*charlm.split_text(TEXT[:300], 0.1), "test")
+    vocab = Vocabulary.from_text(TEXT)
 
-    def update_then_interrupt(self):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_update(self)
+    def build():
+        m = CharLM(len(vocab), embed=3, hidden=5, layers=2, dropout=0.3, dtype=np.float64,
+                   backend="reference", seed=4)
+        return m, charlm.Trainer(m, vocab.encode(corpus.train), vocab.encode(corpus.heldout),
+                                 batch=np.int64(3), window=np.int64(7), k2=10, lr=0.01)
 
-    monkeypatch.setattr(charlm.Trainer, "update", update_then_interrupt)
-    out = str(tmp_path / "lm.npz")
-    assert cli.main(["train", "--text", text_file, "--steps", "50", "--out", out, *TINY]) == 130
-    assert "interrupted after 2 updates; checkpoint saved to" in capsys.readouterr().err
-    _, _, config = charlm.load_checkpoint(out)
-    assert config["steps"] == 2
+    m_once, t_once = build()
+    for _ in range(16):                                   # 12 updates an epoch: one reset
+        t_once.update()
+    m_first, t_first = build()
+    for _ in range(8):
+        t_first.update()
+    m_second, t_second = build()
+    m_second.load_state_dict(m_first.state_dict())
+    t_second.load_state_dict(t_first.state_dict())
+    for _ in range(8):
+        t_second.update()
+    assert t_second.epoch == t_once.epoch == 1 and t_second.updates == 16
+    for k in m_once.params:
+        assert rel_err(m_second.params[k], m_once.params[k]) < 1e-12, k
 
 
-def _sigint_default():
-    # a child of a process started in the background inherits SIGINT ignored (and Python then
-    # leaves it so); the child of a terminal, which this test plays, has the default
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def test_sample_refuses_what_would_mean_nothing():
+    vocab = Vocabulary("abcde")
+    m = tiny(vocab_size=5)
+    with pytest.raises(ValueError, match="temperature: expected at least .* for this model "
+                                         r"\(logits / temperature overflows\), got 1e-320"):
+        charlm.sample(m, vocab, 5, temperature=1e-320)
+    with pytest.raises(ValueError, match="length: expected at most 100,000,000 characters"):
+        charlm.sample(m, vocab, 10**12)
+    assert len(charlm.sample(m, vocab, np.int64(4), temperature=np.float32(0.5), seed=0)) == 4
+    m.params["rnn.weight_hh_l1"][0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"the model's logits are not finite \(NaN or "
+                                         r"infinity\) after 0 characters"), \
+            np.errstate(invalid="ignore"):
+        charlm.sample(m, vocab, 5)
 
 
-def test_python_m_fastrnn_ctrl_c_in_a_real_process(tmp_path, text_file):
-    """A real SIGINT while the progress bar runs: exit 130, a loadable checkpoint, no
-    traceback."""
-    out = str(tmp_path / "lm.npz")
-    proc = subprocess.Popen([sys.executable, "-m", "fastrnn", "train", "--text", text_file,
-                             "--steps", "1000000", "--out", out, *TINY],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_sigint_default, **child_python())
-    try:
-        seen = b""
-        deadline = time.monotonic() + 120
-        while b"chars/s" not in seen and time.monotonic() < deadline:
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            if not chunk:
-                break
-            seen += chunk
-        assert b"chars/s" in seen, seen
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    stderr = (seen + stderr).decode()
-    assert proc.returncode == 130, stderr
-    assert "checkpoint saved to" in stderr and "Traceback" not in stderr
-    _, _, config = charlm.load_checkpoint(out)
-    assert config["steps"] >= 1
+def test_charlm_too_large_for_memory_and_numpy_integer_sizes(tmp_path):
+    with pytest.raises(charlm.ModelTooLarge, match=r"a 2-layer LSTM with hidden 1000000000, "
+                                                   r"embedding 64 and 100 characters has "):
+        CharLM(100, hidden=10**9)
+    m = CharLM(np.int64(5), embed=np.int32(3), hidden=np.int64(4), layers=np.int64(2),
+               backend="reference", seed=np.int64(1))
+    path = str(tmp_path / "m.npz")
+    charlm.save_checkpoint(path, m, Vocabulary("abcde"), {"steps": np.int64(3)})
+    loaded, _, config = charlm.load_checkpoint(path, backend="reference")
+    assert config["model"] == {"vocab_size": 5, "embed": 3, "hidden": 4, "layers": 2,
+                               "cell": "lstm", "dropout": 0.0, "dtype": "float32"}
+
+
+def test_a_non_finite_model_is_not_saved_over_a_checkpoint(tmp_path):
+    vocab = Vocabulary("abc")
+    m = tiny(vocab_size=3)
+    path = tmp_path / "m.npz"
+    charlm.save_checkpoint(str(path), m, vocab)
+    good = path.read_bytes()
+    m.params["head.bias"][1] = np.nan
+    with pytest.raises(charlm.NonFiniteParameters, match=r"m.npz: not written: the model's "
+                                                         r"parameters hold NaN or infinity "
+                                                         r"\(head.bias\)"):
+        charlm.save_checkpoint(str(path), m, vocab)
+    assert path.read_bytes() == good
