@@ -25,9 +25,11 @@ def _reorder(w, mode, H):
     return np.concatenate([blocks[i] for i in ONNX_GATE_ORDER[mode]], axis=0)
 
 
-def _onnx_run(m, x, state, lengths):
-    """Run layer ``m``'s single layer as one ONNX LSTM, GRU or RNN node in ONNX Runtime."""
-    mode, H = m.cell.mode, m.hidden_size
+def _onnx_run(cell, m, x, state, lengths):
+    """Run layer ``m``'s single layer as one ONNX LSTM, GRU or RNN node in ONNX Runtime, its
+    options (peepholes, reset, activation) those that ``cell`` names, not read back from ``m``:
+    a layer built with the wrong cell must not set up its own oracle."""
+    mode, H = CELLS[cell].mode, m.hidden_size
     T, B, I = x.shape
     suffixes = ["_l0", "_l0_reverse"][: m.num_directions]
     W = np.stack([_reorder(m.params["weight_ih" + s], mode, H) for s in suffixes])
@@ -42,14 +44,14 @@ def _onnx_run(m, x, state, lengths):
     outputs = ["Y", "Y_h"]
     if mode == "LSTM":
         feeds["initial_c"] = state_parts(state)[1]
-        if m.cell.peephole:  # ours rows i, f, o; ONNX P = [i, o, f]
+        if cell == "lstm_peephole":  # ours rows i, f, o; ONNX P = [i, o, f]
             feeds["P"] = np.stack([m.params["peephole" + s][[0, 2, 1]].reshape(-1)
                                    for s in suffixes])
         outputs.append("Y_c")
     elif mode == "GRU":
-        attributes["linear_before_reset"] = int(m.cell.name == "gru")
+        attributes["linear_before_reset"] = int(cell == "gru")
     else:
-        activation = {"rnn_tanh": "Tanh", "rnn_relu": "Relu"}[m.cell.name]
+        activation = {"rnn_tanh": "Tanh", "rnn_relu": "Relu"}[cell]
         attributes["activations"] = [activation] * m.num_directions
     inputs = ["X", "W", "R", "B", "sequence_lens", "initial_h"]
     if mode == "LSTM":
@@ -84,7 +86,7 @@ def test_forward_matches_onnxruntime(backend, cell, bidirectional, dtype):
     state = random_state(m, B, rng)
     lengths = np.array([6, 3, 1, 5])
     y, final = m(x, state, lengths)
-    expected = _onnx_run(m, x, state, lengths)
+    expected = _onnx_run(cell, m, x, state, lengths)
     tol = 1e-4 if dtype == np.float32 else 1e-10
     for name, got, want in zip(["y", "h_n", "c_n"], [y] + state_parts(final), expected):
         err = max_rel_error(got, want)
