@@ -3,11 +3,14 @@
     fastrnn train [--text FILE] [--cell lstm|gru] [--hidden 256] [--layers 2] [--steps N] ...
     fastrnn sample CHECKPOINT [--length 500] [--temperature 0.8] [--prime TEXT] [--seed N]
 
-Also ``python -m fastrnn``. Errors about options and files are one line on stderr (exit status 2
-for bad options, 1 for files that cannot be used); Ctrl-C during training saves the checkpoint
-and exits with status 130.
+Also ``python -m fastrnn``. Errors about options and files are one line on stderr; the exit
+statuses are in ``EXIT_STATUSES`` (and ``fastrnn train --help``). Ctrl-C (SIGINT) and SIGTERM
+during training save the checkpoint first, as does an error; a model whose parameters are not
+finite is saved beside the checkpoint, never over it.
 """
 import argparse
+import contextlib
+import hashlib
 import math
 import os
 import signal
@@ -15,8 +18,11 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 from . import charlm
-from .dispatch import BackendUnavailable
+from .dispatch import BackendUnavailable, get_backend
+from .train import NonFiniteGradientError
 
 __all__ = ["main", "build_parser", "DEFAULT_STEPS"]
 
@@ -27,20 +33,37 @@ DEFAULT_STEPS = 300
 # held-out characters read by the evaluations during training (the last one reads them all)
 EVAL_CHARS = 16_384
 BACKEND_CHOICES = ("auto", "reference", "numba", "cython")
+# The options that make a run: fixed by the checkpoint on --resume. Their defaults:
+RUN_DEFAULTS = {"cell": "lstm", "hidden": 256, "layers": 2, "embed": 64, "window": 100,
+                "bptt": None, "batch": 32, "lr": 2e-3, "clip": 5.0, "dropout": 0.0,
+                "dtype": "float32", "seed": 0}
+EXIT_STATUSES = """\
+exit status:
+  0    done
+  1    a file that cannot be used (missing, unreadable, not UTF-8, empty or too short
+       for --batch; a damaged checkpoint), a checkpoint that could not be written, or
+       training stopped because the gradient was not finite --max-skipped times in a row
+       or the model's parameters became NaN or infinite (saved beside --out, not over it)
+  2    a bad option
+  130  interrupted by Ctrl-C (SIGINT); the checkpoint is saved first
+  143  terminated by SIGTERM (kill, timeout, job schedulers); the checkpoint is saved first
+"""
 
 
 class UsageError(Exception):
     """An option that cannot be used; the message names it."""
 
 
-def _int_at_least(minimum):
+def _int_at_least(minimum, maximum=None):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            expected = (f"an integer >= {minimum}" if maximum is None
+                        else f"an integer in [{minimum}, {maximum:,}]")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     return parse
 
@@ -66,7 +89,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastrnn",
         description="Train a character-level language model with fastrnn's kernels, "
-                    "and sample from it.")
+                    "and sample from it.",
+        epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
 
     train = commands.add_parser(
@@ -74,91 +98,123 @@ def build_parser():
         description="Train a character-level language model (embedding, stacked LSTM or GRU, "
                     "softmax) with truncated BPTT on parallel streams of a text; by default the "
                     "Python standard library's own sources. Shows the training loss, held-out "
-                    "bits per character and speed; saves a checkpoint (also on Ctrl-C) and "
-                    "prints a sample.")
+                    "bits per character and speed; saves a checkpoint (also on Ctrl-C, SIGTERM "
+                    "or an error) and prints a sample. An update whose gradient is not finite "
+                    "is skipped, never applied.",
+        epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the run's options have no argparse default, so that --resume can tell which were given
+    run = argparse.SUPPRESS
     train.add_argument("--text", metavar="FILE",
                        help="UTF-8 text to train on; its last 10%% is held out "
                             "(default: Python's standard library sources)")
-    train.add_argument("--cell", choices=("lstm", "gru"), default="lstm",
+    train.add_argument("--cell", choices=("lstm", "gru"), default=run,
                        help="recurrent cell (default lstm)")
-    train.add_argument("--hidden", type=_int_at_least(1), default=256,
+    train.add_argument("--hidden", type=_int_at_least(1), default=run,
                        help="hidden units per layer (default 256)")
-    train.add_argument("--layers", type=_int_at_least(1), default=2,
+    train.add_argument("--layers", type=_int_at_least(1), default=run,
                        help="recurrent layers (default 2)")
-    train.add_argument("--embed", type=_int_at_least(1), default=64,
+    train.add_argument("--embed", type=_int_at_least(1), default=run,
                        help="character embedding size (default 64)")
-    train.add_argument("--window", type=_int_at_least(1), default=100,
+    train.add_argument("--window", type=_int_at_least(1), default=run,
                        help="time steps per update, k1 of truncated BPTT (default 100)")
-    train.add_argument("--bptt", type=_int_at_least(1), default=None, metavar="K2",
+    train.add_argument("--bptt", type=_int_at_least(1), default=run, metavar="K2",
                        help="steps back-propagated per update, k2 >= --window "
                             "(default: --window)")
-    train.add_argument("--batch", type=_int_at_least(1), default=32,
+    train.add_argument("--batch", type=_int_at_least(1), default=run,
                        help="parallel streams (default 32)")
     train.add_argument("--steps", type=_int_at_least(1), default=DEFAULT_STEPS,
-                       help=f"updates (default {DEFAULT_STEPS}, about two minutes)")
-    train.add_argument("--lr", type=_positive_float, default=2e-3,
+                       help=f"updates (default {DEFAULT_STEPS}, about two minutes; with "
+                            "--resume, updates more)")
+    train.add_argument("--lr", type=_positive_float, default=run,
                        help="Adam learning rate (default 0.002)")
-    train.add_argument("--clip", type=_positive_float, default=5.0,
+    train.add_argument("--clip", type=_positive_float, default=run,
                        help="clip the gradient to this global norm (default 5)")
-    train.add_argument("--dropout", type=_fraction, default=0.0,
-                       help="dropout between recurrent layers (default 0)")
-    train.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+    train.add_argument("--dropout", type=_fraction, default=run,
+                       help="dropout between recurrent layers, so only with --layers 2 or more "
+                            "(default 0)")
+    train.add_argument("--dtype", choices=("float32", "float64"), default=run,
                        help="floating-point type (default float32)")
-    train.add_argument("--seed", type=int, default=0,
-                       help="seed of the initial weights and the final sample (default 0)")
+    train.add_argument("--seed", type=_int_at_least(0), default=run,
+                       help="seed of the initial weights, the dropout and the final sample "
+                            "(default 0)")
     train.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                        help="kernel backend (default auto: the fastest available)")
     train.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
-                       help="threads of the compiled kernels and their BLAS "
-                            "(default: fastrnn's default)")
+                       help="threads of the backend's compiled kernels (numba: also its BLAS) "
+                            "(default: the backend's default)")
     train.add_argument("--out", default="charlm.npz", metavar="CHECKPOINT",
-                       help="checkpoint file to write (default charlm.npz)")
+                       help="checkpoint file to write (default charlm.npz); an existing file "
+                            "that is not a fastrnn checkpoint is refused without --force")
+    train.add_argument("--force", action="store_true",
+                       help="replace --out even if it is not a fastrnn checkpoint")
+    train.add_argument("--resume", metavar="CHECKPOINT",
+                       help="continue the run saved in CHECKPOINT for --steps more updates, "
+                            "with its model, options, optimizer state, stream positions and "
+                            "random generators (exactly as if it had not stopped); the run's "
+                            "options (--cell ... --seed) cannot be given again")
+    train.add_argument("--save-every", type=_int_at_least(1), default=None, metavar="N",
+                       help="also save the checkpoint every N updates (default: at the end)")
+    train.add_argument("--max-skipped", type=_int_at_least(0), default=10, metavar="N",
+                       help="stop with an error when the gradient is not finite (NaN or "
+                            "infinity) in more than N updates in a row; such updates are "
+                            "skipped, never applied (default 10)")
     train.add_argument("--eval-every", type=_int_at_least(1), default=50, metavar="N",
                        help="measure held-out bits per character every N updates on its first "
                             f"{EVAL_CHARS:,} characters (default 50)")
-    train.add_argument("--sample-length", type=_int_at_least(0), default=400, metavar="N",
-                       help="characters sampled at the end (default 400)")
+    train.add_argument("--sample-length", type=_int_at_least(0, charlm.MAX_SAMPLE_LENGTH),
+                       default=400, metavar="N", help="characters sampled at the end "
+                                                      "(default 400)")
     train.add_argument("--temperature", type=_positive_float, default=0.8,
                        help="temperature of the final sample (default 0.8)")
 
     sample = commands.add_parser(
         "sample", help="sample text from a trained checkpoint",
         description="Print text drawn one character at a time from a checkpoint written by "
-                    "`fastrnn train`, after the --prime text.")
+                    "`fastrnn train`, after the --prime text.",
+        epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sample.add_argument("checkpoint", metavar="CHECKPOINT", help="a .npz from fastrnn train")
-    sample.add_argument("--length", type=_int_at_least(0), default=500,
-                        help="characters to draw (default 500)")
+    sample.add_argument("--length", type=_int_at_least(0, charlm.MAX_SAMPLE_LENGTH),
+                        default=500, help="characters to draw (default 500)")
     sample.add_argument("--temperature", type=_positive_float, default=0.8,
                         help="softmax temperature: lower is more conservative (default 0.8)")
     sample.add_argument("--prime", default="",
                         help="text the model reads first and the sample continues "
                              "(default: a newline)")
-    sample.add_argument("--seed", type=int, default=None,
+    sample.add_argument("--seed", type=_int_at_least(0), default=None,
                         help="seed of the draws (default: a fresh one each time)")
     sample.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                         help="kernel backend (default auto)")
     sample.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
-                        help="threads of the compiled kernels (default: fastrnn's default)")
+                        help="threads of the backend's compiled kernels (default: the "
+                             "backend's default)")
     return parser
 
 
+class TrainingStopped(Exception):
+    """Training could not go on (non-finite gradients or parameters); what was trained is
+    saved, the message says where. Exit status 1."""
+
+
 def main(argv=None):
-    """Run the command; returns the exit status (0 ok, 1 unusable file, 2 bad option,
-    130 interrupted)."""
+    """Run the command; returns the exit status (see ``EXIT_STATUSES``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.threads is not None:
-            _set_threads(args.threads)
+            _set_threads(args.threads, args.backend)
         if args.command == "train":
             return _train(args)
         return _sample(args)
     except UsageError as exc:
         print(f"fastrnn {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (charlm.CorpusError, charlm.CheckpointError, BackendUnavailable) as exc:
+    except (charlm.CorpusError, charlm.CheckpointError, charlm.CheckpointSaveError,
+            BackendUnavailable, TrainingStopped, MemoryError) as exc:
         print(f"fastrnn {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except _Signalled as exc:
+        print(f"\nfastrnn: {exc.name}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("\nfastrnn: interrupted", file=sys.stderr)
         return 130
@@ -169,16 +225,86 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# signals: the first SIGINT or SIGTERM stops training; later ones wait until the save is done
 
-def _set_threads(n):
-    from . import set_num_threads
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM received during training."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = "interrupted" if signum == signal.SIGINT else "terminated"
+
+
+class _StopSignals:
+    """While installed, the first SIGINT or SIGTERM raises ``_Signalled`` (outside ``held()``
+    blocks; inside one, when the block ends) and later ones are only remembered, so a second
+    Ctrl-C cannot stop the save the first one started. Signals that were ignored when the
+    command started (a background job's SIGINT) stay ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._holding = False
+        self._raised = False
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+        if not self._holding:
+            self.raise_if_received()
+
+    def raise_if_received(self):
+        """Raise ``_Signalled`` once for the first signal received (a handler's exception can be
+        lost when it lands in a finalizer; the training loop asks again after each update)."""
+        if self.received is not None and not self._raised:
+            self._raised = True
+            raise _Signalled(self.received)
+
+    @contextlib.contextmanager
+    def held(self):
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        self.raise_if_received()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _set_threads(n, backend):
+    """Threads of the backend that will run (the others are not loaded or touched)."""
     try:
-        set_num_threads(n)
+        module = get_backend(backend)
+    except (ValueError, BackendUnavailable):
+        return          # reported when the model is built
+    setter = getattr(module, "set_num_threads", None)
+    if setter is None:
+        return          # the reference backend: NumPy's own threads
+    try:
+        setter(n)
     except ValueError as exc:
         raise UsageError(f"--threads: {exc}") from None
 
 
-def _check_writable(path):
+def _check_out(path, text, force):
+    """--out: a file name in an existing, writable directory, not the training text, and
+    either new or a fastrnn checkpoint (unless --force)."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"--out: expected a file name, got the directory {path}")
@@ -186,19 +312,43 @@ def _check_writable(path):
         raise UsageError(f"--out: the directory {directory} does not exist")
     if not os.access(directory, os.W_OK):
         raise UsageError(f"--out: cannot write in {directory} (permission denied)")
+    if not os.path.exists(path):
+        return
+    if text and os.path.exists(text) and os.path.samefile(path, text):
+        raise UsageError(f"--out: {path} is the text to train on (--text); the checkpoint "
+                         "would replace it: choose another file name")
+    if not force and not charlm.is_checkpoint(path):
+        raise UsageError(f"--out: {path} exists and is not a fastrnn checkpoint; give another "
+                         "file name, or --force to replace it")
 
 
-def _save(path, model, vocab, info):
-    """Save with Ctrl-C held off, so that a second Ctrl-C cannot stop the checkpoint half-way."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-    try:
-        charlm.save_checkpoint(path, model, vocab, info)
-    except OSError as exc:
-        raise UsageError(f"--out: cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+def _beside(path):
+    """Where a model with non-finite parameters goes instead of ``path``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.nonfinite{ext or '.npz'}"
+
+
+def _training_memory(options, vocab_size):
+    """Bytes that training this model needs, roughly: weights, gradients and Adam's two
+    moments, and one update's activations."""
+    itemsize = np.dtype(options["dtype"]).itemsize
+    params = charlm.num_params(vocab_size, options["embed"], options["hidden"],
+                               options["layers"], options["cell"])
+    steps = (options["bptt"] or options["window"]) * options["batch"]
+    per_step = (options["embed"] + options["layers"] * options["hidden"] * 8 + 3 * vocab_size)
+    return params, (4 * params + steps * per_step) * itemsize
+
+
+def _check_memory(options, vocab_size):
+    params, need = _training_memory(options, vocab_size)
+    have = charlm.physical_memory()
+    if have is not None and need > have:
+        raise UsageError(
+            f"--hidden {options['hidden']}, --embed {options['embed']}, --layers "
+            f"{options['layers']}: a model of {params:,} parameters; training it needs about "
+            f"{charlm.format_bytes(need)} (weights, gradients, Adam's two moments and the "
+            f"activations of an update, {options['dtype']}), more than this machine's "
+            f"{charlm.format_bytes(have)} of memory")
 
 
 def _duration(seconds):
@@ -206,84 +356,205 @@ def _duration(seconds):
     return f"{int(minutes)}m{seconds:04.1f}s" if minutes else f"{seconds:.1f}s"
 
 
+def _text_digest(corpus):
+    return hashlib.sha256((corpus.train + "\0" + corpus.heldout).encode("utf-8")).hexdigest()
+
+
+def _run_options(args):
+    """The run's options: from the command line with the defaults, or (with --resume) from the
+    checkpoint, where giving one again is refused."""
+    given = {k: getattr(args, k) for k in RUN_DEFAULTS if hasattr(args, k)}
+    if not args.resume:
+        return {**RUN_DEFAULTS, **given}, None
+    if given:
+        name = next(iter(given))
+        raise UsageError(f"--{name}: the run's options come from the checkpoint with "
+                         f"--resume; leave --{name} out")
+    model, vocab, config = charlm.load_checkpoint(args.resume, backend=args.backend)
+    training = charlm.load_training_state(args.resume)
+    if training is None or "options" not in config:
+        raise charlm.CheckpointError(
+            f"checkpoint {args.resume}: holds no training state (saved by an older fastrnn or "
+            "without it); it can be sampled but not resumed")
+    return dict(config["options"]), (model, vocab, config, training)
+
+
 def _train(args):
     from tqdm import tqdm
 
     started = time.perf_counter()
-    if args.bptt is not None and args.bptt < args.window:
-        raise UsageError(f"--bptt: expected a number >= --window ({args.window}), "
-                         f"got {args.bptt}")
-    _check_writable(args.out)
-    corpus = charlm.text_corpus(args.text) if args.text else charlm.stdlib_corpus()
-    need = 2 * args.batch + 1
+    options, resumed = _run_options(args)
+    if options["bptt"] is not None and options["bptt"] < options["window"]:
+        raise UsageError(f"--bptt: expected a number >= --window ({options['window']}), "
+                         f"got {options['bptt']}")
+    if options["dropout"] > 0 and options["layers"] == 1:
+        raise UsageError(f"--dropout {options['dropout']:g}: dropout acts between recurrent "
+                         "layers, so with --layers 1 it would do nothing; use --layers 2 or "
+                         "more, or leave --dropout out")
+    text_path = args.text or (options["text"] if resumed else None)
+    _check_out(args.out, text_path, args.force)
+    corpus = charlm.text_corpus(text_path) if text_path else charlm.stdlib_corpus()
+    need = 2 * options["batch"] + 1
     if len(corpus.train) < need or len(corpus.heldout) < 2:
-        where = f"--text: {args.text}" if args.text else "the corpus"
-        raise UsageError(f"{where} has {len(corpus.train) + len(corpus.heldout):,} characters; "
-                         f"--batch {args.batch} needs at least {math.ceil(need / 0.9) + 2:,} "
-                         f"(90% for training, 10% held out)")
-    vocab = charlm.Vocabulary.from_text(corpus.train + corpus.heldout)
+        where = f"--text: {text_path}" if text_path else "the corpus"
+        raise charlm.CorpusError(
+            f"{where} has {len(corpus.train) + len(corpus.heldout):,} characters; --batch "
+            f"{options['batch']} needs at least {math.ceil(need / 0.9) + 2:,} (90% for "
+            "training, 10% held out)")
+    digest = _text_digest(corpus)
+    if resumed:
+        model, vocab, config, training = resumed
+        if digest != config.get("text_sha256"):
+            raise charlm.CorpusError(
+                f"{'--text: ' + text_path if text_path else 'the corpus'} is not the text the "
+                f"checkpoint {args.resume} was trained on ({config.get('corpus')})")
+    else:
+        vocab = charlm.Vocabulary.from_text(corpus.train + corpus.heldout)
+        _check_memory(options, len(vocab))
+        model = charlm.CharLM(len(vocab), embed=options["embed"], hidden=options["hidden"],
+                              layers=options["layers"], cell=options["cell"],
+                              dropout=options["dropout"], dtype=options["dtype"],
+                              backend=args.backend, seed=options["seed"])
     train_ids = vocab.encode(corpus.train)
     heldout_ids = vocab.encode(corpus.heldout)
-    model = charlm.CharLM(len(vocab), embed=args.embed, hidden=args.hidden, layers=args.layers,
-                          cell=args.cell, dropout=args.dropout, dtype=args.dtype,
-                          backend=args.backend, seed=args.seed)
-    trainer = charlm.Trainer(model, train_ids, heldout_ids, batch=args.batch,
-                             window=args.window, k2=args.bptt, lr=args.lr, clip=args.clip)
+    trainer = charlm.Trainer(model, train_ids, heldout_ids, batch=options["batch"],
+                             window=options["window"], k2=options["bptt"], lr=options["lr"],
+                             clip=options["clip"], max_skipped=args.max_skipped)
+    if resumed:
+        try:
+            trainer.load_state_dict(training)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise charlm.CheckpointError(f"checkpoint {args.resume}: damaged training state "
+                                         f"({type(exc).__name__}: {exc})") from None
+    first = trainer.updates
     print(f"corpus: {corpus.description}")
     print(f"        {len(train_ids):,} characters for training, {len(heldout_ids):,} held out, "
           f"vocabulary of {len(vocab)}")
-    print(f"model:  {args.layers}-layer {args.cell.upper()}, hidden {args.hidden}, embedding "
-          f"{args.embed}, {model.num_params():,} parameters, {args.dtype}, "
-          f"backend {model.backend}")
-    print(f"train:  {args.steps} updates of {args.batch} streams x {args.window} steps"
-          + (f" (back-propagating {args.bptt})" if args.bptt else "")
-          + f", Adam lr {args.lr:g}, clip {args.clip:g}", flush=True)
+    print(f"model:  {options['layers']}-layer {options['cell'].upper()}, hidden "
+          f"{options['hidden']}, embedding {options['embed']}, {model.num_params():,} "
+          f"parameters, {options['dtype']}, backend {model.backend}"
+          + (f", dropout {options['dropout']:g}" if options["dropout"] else ""))
+    print(("resume: " if resumed else "train:  ")
+          + (f"from update {first} of {args.resume}, " if resumed else "")
+          + f"{args.steps} updates of {options['batch']} streams x {options['window']} steps"
+          + (f" (back-propagating {options['bptt']})" if options["bptt"] else "")
+          + f", Adam lr {options['lr']:g}, clip {options['clip']:g}", flush=True)
 
-    info = {"steps": 0, "batch": args.batch, "window": args.window, "bptt": args.bptt,
-            "lr": args.lr, "clip": args.clip, "seed": args.seed,
-            "corpus": corpus.description, "heldout_bpc": None}
+    info = {"steps": first, "batch": options["batch"], "window": options["window"],
+            "bptt": options["bptt"], "lr": options["lr"], "clip": options["clip"],
+            "seed": options["seed"], "corpus": corpus.description,
+            "heldout_bpc": resumed[2].get("heldout_bpc") if resumed else None,
+            "options": {**options, "text": os.path.abspath(text_path) if text_path else None},
+            "text_sha256": digest}
+    signals = _StopSignals()
+    signals.install()
+    try:
+        return _train_loop(args, trainer, vocab, info, signals, started, tqdm)
+    finally:
+        signals.restore()
+
+
+def _save(args, trainer, vocab, info, signals):
+    """Save the checkpoint with its training state (signals held off); a model whose
+    parameters are not finite goes beside --out. Returns ``(path, finite)``."""
+    model = trainer.model
+    with signals.held():
+        try:
+            charlm.save_checkpoint(args.out, model, vocab, info, trainer.state_dict())
+            return args.out, True
+        except charlm.NonFiniteParameters:
+            beside = _beside(args.out)
+            charlm.save_checkpoint(beside, model, vocab, info, trainer.state_dict(),
+                                   allow_nonfinite=True)
+            return beside, False
+
+
+def _nonfinite_message(args, info, path):
+    return (f"the model's parameters are not finite (NaN or infinity) after {info['steps']} "
+            f"updates (--lr too large?): saved to {path}; {args.out} is left as it was")
+
+
+def _train_loop(args, trainer, vocab, info, signals, started, tqdm):
+    first = trainer.updates
     heldout = math.nan
     train_seconds, chars = 0.0, 0
-    interrupted = False
     bar = tqdm(total=args.steps, desc="training", unit="update", file=sys.stderr,
                mininterval=0.5, dynamic_ncols=True)
     try:
-        for i in range(args.steps):
+        for _ in range(args.steps):
             t0 = time.perf_counter()
             update = trainer.update()
             train_seconds += time.perf_counter() - t0
-            chars += update.steps * args.batch
-            info["steps"] = i + 1
-            if (i + 1) % args.eval_every == 0:
+            chars += update.steps * trainer.batch
+            info["steps"] = trainer.updates
+            if trainer.updates % args.eval_every == 0:
                 heldout = trainer.heldout_bpc(max_chars=EVAL_CHARS)
                 info["heldout_bpc"] = heldout
             shown = "--" if math.isnan(heldout) else f"{heldout:.3f}"
+            skipped = f", skipped {trainer.skipped}" if trainer.skipped else ""
             bar.set_postfix_str(f"loss {update.loss / math.log(2):.3f}, held-out {shown} "
-                                f"bits/char, {chars / train_seconds:,.0f} chars/s",
+                                f"bits/char, {chars / train_seconds:,.0f} chars/s{skipped}",
                                 refresh=False)
             bar.update()
-        bar.close()
+            if args.save_every and trainer.updates % args.save_every == 0:
+                path, finite = _save(args, trainer, vocab, info, signals)
+                if not finite:
+                    raise TrainingStopped(_nonfinite_message(args, info, path))
+            signals.raise_if_received()
+        with signals.held():
+            bar.close()
         heldout = trainer.heldout_bpc()                   # all of the held-out text
         info["heldout_bpc"] = heldout
-        info["heldout_chars"] = len(heldout_ids)
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.close()
+        info["heldout_chars"] = len(trainer.heldout_ids)
+    except TrainingStopped:
+        raise
+    except BaseException as exc:
+        with signals.held():
+            bar.close()
+        info["seconds"] = round(time.perf_counter() - started, 1)
+        if trainer.updates == first:
+            print("stopped before the first update; nothing saved", file=sys.stderr)
+            raise
+        path, finite = _save(args, trainer, vocab, info, signals)
+        done = f"after {trainer.updates} updates"
+        if isinstance(exc, NonFiniteGradientError):
+            raise TrainingStopped(f"stopped {done}: {exc}; checkpoint saved to {path}") \
+                from None
+        if not finite:
+            print(f"stopped {done}; " + _nonfinite_message(args, info, path), file=sys.stderr)
+        elif isinstance(exc, KeyboardInterrupt):
+            name = exc.name if isinstance(exc, _Signalled) else "interrupted"
+            print(f"{name} {done}; checkpoint saved to {path}", file=sys.stderr)
+        else:
+            print(f"error {done} ({type(exc).__name__}); checkpoint saved to {path}",
+                  file=sys.stderr)
+        raise
     info["seconds"] = round(time.perf_counter() - started, 1)
-    _save(args.out, model, vocab, info)
-    if interrupted:
-        print(f"interrupted after {info['steps']} updates; checkpoint saved to {args.out}",
-              file=sys.stderr)
-        return 130
+    path, finite = _save(args, trainer, vocab, info, signals)
+    if not finite:
+        raise TrainingStopped(_nonfinite_message(args, info, path))
+    options = info["options"]
     print(f"done:   {args.steps} updates, {chars:,} characters in {_duration(train_seconds)} of "
           f"training ({chars / train_seconds:,.0f} chars/s), "
-          f"{_duration(time.perf_counter() - started)} in all")
-    print(f"held-out: {heldout:.3f} bits per character ({len(heldout_ids):,} characters)")
-    print(f"checkpoint: {args.out}")
-    print(f"sample (temperature {args.temperature:g}, seed {args.seed}):")
-    text = charlm.sample(model, vocab, args.sample_length, args.temperature, seed=args.seed)
+          f"{_duration(time.perf_counter() - started)} in all"
+          + (f"; {trainer.skipped} skipped (gradient not finite)" if trainer.skipped else ""))
+    print(f"held-out: {heldout:.3f} bits per character ({len(trainer.heldout_ids):,} characters)")
+    print(f"checkpoint: {path}")
+    print(f"sample (temperature {args.temperature:g}, seed {options['seed']}):")
+    text = _draw(trainer.model, vocab, args.sample_length, args.temperature,
+                 seed=options["seed"])
     print(text, flush=True)
     return 0
+
+
+def _draw(model, vocab, length, temperature, prime="", seed=None):
+    """charlm.sample with its complaints about --temperature as usage errors."""
+    try:
+        return charlm.sample(model, vocab, length, temperature, prime=prime, seed=seed)
+    except ValueError as exc:
+        if str(exc).startswith("temperature:"):
+            raise UsageError(f"--{exc}") from None
+        raise charlm.CheckpointError(str(exc)) from None
 
 
 def _sample(args):
@@ -292,8 +563,7 @@ def _sample(args):
         vocab.encode(args.prime, name="--prime")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    text = charlm.sample(model, vocab, args.length, args.temperature, prime=args.prime,
-                         seed=args.seed)
+    text = _draw(model, vocab, args.length, args.temperature, prime=args.prime, seed=args.seed)
     sys.stdout.write(args.prime + text + "\n")
     sys.stdout.flush()
     return 0
