@@ -42,8 +42,9 @@ exit status:
   0    done
   1    a file that cannot be used (missing, unreadable, not UTF-8, empty or too short
        for --batch; a damaged checkpoint), a checkpoint that could not be written, or
-       training stopped because the gradient was not finite --max-skipped times in a row
-       or the model's parameters became NaN or infinite (saved beside --out, not over it)
+       training stopped: the gradient was not finite in more than --max-skipped updates
+       in a row, or the model's parameters became NaN or infinite (then saved beside
+       --out, not over it)
   2    a bad option
   130  interrupted by Ctrl-C (SIGINT); the checkpoint is saved first
   143  terminated by SIGTERM (kill, timeout, job schedulers); the checkpoint is saved first
@@ -506,8 +507,8 @@ def _train_loop(args, trainer, vocab, info, signals, started, tqdm):
         heldout = trainer.heldout_bpc()                   # all of the held-out text
         info["heldout_bpc"] = heldout
         info["heldout_chars"] = len(trainer.heldout_ids)
-    except TrainingStopped:
-        raise
+    except (TrainingStopped, charlm.CheckpointSaveError):
+        raise                                   # saved (or tried to) already
     except BaseException as exc:
         with signals.held():
             bar.close()
