@@ -381,8 +381,6 @@ def _run_options(args):
 
 
 def _train(args):
-    from tqdm import tqdm
-
     started = time.perf_counter()
     options, resumed = _run_options(args)
     if options["bptt"] is not None and options["bptt"] < options["window"]:
@@ -450,7 +448,7 @@ def _train(args):
     signals = _StopSignals()
     signals.install()
     try:
-        return _train_loop(args, trainer, vocab, info, signals, started, tqdm)
+        return _train_loop(args, trainer, vocab, info, signals, started)
     finally:
         signals.restore()
 
@@ -475,7 +473,11 @@ def _nonfinite_message(args, info, path):
             f"updates (--lr too large?): saved to {path}; {args.out} is left as it was")
 
 
-def _train_loop(args, trainer, vocab, info, signals, started, tqdm):
+def _train_loop(args, trainer, vocab, info, signals, started):
+    """The updates with their progress bar, the final evaluation, the saves, the final sample;
+    on any exception what was trained is saved first."""
+    from tqdm import tqdm
+
     first = trainer.updates
     heldout = math.nan
     train_seconds, chars = 0.0, 0
