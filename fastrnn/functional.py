@@ -7,18 +7,26 @@
 Arrays follow the kernel contract in ``fastrnn.cells`` (x (T, B, I), states (B, H), PyTorch's
 weight shapes and gate orders). Output buffers given with ``out=``, ``h_n=``, ``c_n=`` are
 written in place (``out`` may be a strided view, e.g. one direction's half of a wider array);
-the inputs are never written. Inputs are checked once per call, then the backend's kernel runs.
+they must not overlap an input or each other. The inputs are never written. Inputs are checked
+once per call, then the backend's kernel runs.
 """
+import numbers
+
 import numpy as np
 
 from . import dispatch as _backends
 from .cells import CELLS
+from .layers import _flag, _kept_copy
 
 __all__ = ["forward", "backward", "FunctionalCache"]
 
+_GRAD_NAMES = ("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dpeephole")
+
 
 class FunctionalCache:
-    """The inputs of a training forward, kept for ``backward``."""
+    """The inputs of a training forward, kept for ``backward``: copies where they would
+    otherwise be the caller's arrays (x, the weights, lengths), so that backward
+    differentiates the forward that ran whatever the caller writes in between."""
 
     def __init__(self, cell, backend, arrays, lengths, reverse, kernel_cache):
         self.cell, self.backend = cell, backend
@@ -55,12 +63,39 @@ def _out(name, value, dtype, shape):
     return value
 
 
+def _overlap(a, b):
+    """Whether two arrays share memory; a case too hard to decide counts as shared."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return np.shares_memory(a, b, max_work=1 << 16)
+    except np.exceptions.TooHardError:
+        return True
+
+
+def _refuse_overlaps(outputs, inputs):
+    """Raise naming the first output that overlaps an input or an output before it.
+    outputs, inputs: (name, array or None) pairs; the outputs are written, the inputs read."""
+    seen = [(name, a) for name, a in inputs if isinstance(a, np.ndarray)]
+    for name, out in outputs:
+        if out is None:
+            continue
+        for other, a in seen:
+            if _overlap(out, a):
+                raise ValueError(f"{name}: expected an array that overlaps no input or other "
+                                 f"output, got one that overlaps {other}")
+        seen.append((name, out))
+
+
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, peephole=None, *,
             lengths=None, reverse=False, train=False, out=None, h_n=None, c_n=None,
             backend="auto"):
     """Run one layer in one direction. Returns ``y, h_n, c_n, cache`` (cache None unless
     ``train``; c_n None unless the cell is an LSTM). The dtype is that of ``w_ih``."""
     cell = _cell(cell)
+    reverse, train = _flag("reverse", reverse), _flag("train", train)
+    given = (("x", x), ("h0", h0), ("c0", c0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih),
+             ("b_hh", b_hh), ("peephole", peephole), ("lengths", lengths))
     dtype = np.asarray(w_ih).dtype
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"w_ih: expected float32 or float64, got dtype {dtype}")
@@ -68,7 +103,11 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, peephole=None, *,
     if x.ndim != 3:
         raise ValueError(f"x: expected 3 dimensions (T, B, I), got shape {x.shape}")
     T, B, I = x.shape
+    if np.ndim(w_hh) != 2:
+        raise ValueError(f"w_hh: expected 2 dimensions ({cell.num_gates}*H, H), got shape "
+                         f"{np.shape(w_hh)}")
     GH, H = cell.num_gates * np.shape(w_hh)[1], np.shape(w_hh)[1]
+    x_given = x
     x = _array("x", x, dtype, (T, B, I))
     h0 = _array("h0", h0, dtype, (B, H))
     c0 = _array("c0", c0, dtype, (B, H)) if cell.has_cell_state else None
@@ -77,30 +116,37 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, peephole=None, *,
     b_ih = np.zeros(GH, dtype) if b_ih is None else _array("b_ih", b_ih, dtype, (GH,))
     b_hh = np.zeros(GH, dtype) if b_hh is None else _array("b_hh", b_hh, dtype, (GH,))
     peephole = _array("peephole", peephole, dtype, (3, H)) if cell.peephole else None
+    padding = None
     if lengths is None:
         lengths = np.full(B, T, np.int64)
     else:
         lengths = np.asarray(lengths)
         if lengths.dtype.kind not in "iu" or lengths.shape != (B,) \
-                or lengths.min() < 0 or lengths.max() > T:
+                or (B and (lengths.min() < 0 or lengths.max() > T)):
             raise ValueError(f"lengths: expected ({B},) integers in [0, {T}], got "
                              f"{lengths.dtype} {lengths.shape}")
-        lengths = np.ascontiguousarray(lengths, np.int64)
+        lengths = np.array(lengths, np.int64)             # a copy: the cache keeps it
         padding = np.arange(T)[:, None] >= lengths[None, :]
-        if padding.any():  # as the layers do: nothing in the padding (NaN included) is used
-            x = x.copy()
-            x[padding] = 0
+        if not padding.any():
+            padding = None
+    if (train or padding is not None) and np.may_share_memory(x, x_given):
+        x = _kept_copy(x)      # the caller's x: neither kept for backward nor zeroed in place
+    if padding is not None:    # as the layers do: nothing in the padding (NaN included) is used
+        x[padding] = 0
+    if out is not None or h_n is not None or c_n is not None:
+        _refuse_overlaps((("out", out), ("h_n", h_n), ("c_n", c_n)), given)
     y = _out("out", out, dtype, (T, B, H))
     h_n = _out("h_n", h_n, dtype, (B, H))
     if cell.has_cell_state:
         c_n = _out("c_n", c_n, dtype, (B, H))
     kernels = _backends.get_backend(backend)
     kernel_cache = kernels.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                                         lengths, bool(reverse), bool(train), y, h_n, c_n)
+                                         lengths, reverse, train, y, h_n, c_n)
     cache = None
     if train:
-        cache = FunctionalCache(cell, kernels, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole),
-                                lengths, bool(reverse), kernel_cache)
+        weights = [_kept_copy(w) for w in (w_ih, w_hh, b_ih, b_hh, peephole)]
+        cache = FunctionalCache(cell, kernels, (x, h0, c0, *weights), lengths, reverse,
+                                kernel_cache)
     return y, h_n, (c_n if cell.has_cell_state else None), cache
 
 
@@ -114,14 +160,25 @@ def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None)
     if not isinstance(cache, FunctionalCache):
         raise TypeError(f"cache: expected the cache of functional.forward(..., train=True), "
                         f"got {type(cache).__name__}")
-    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int)
-                                 or truncate < 1):
+    if truncate is not None and (isinstance(truncate, (bool, np.bool_))
+                                 or not isinstance(truncate, numbers.Integral) or truncate < 1):
         raise ValueError(f"truncate: expected None or an int >= 1, got {truncate!r}")
     cell = cache.cell
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole = cache.arrays
     dtype = x.dtype
     T, B, _ = x.shape
     H = h0.shape[1]
+    if truncate is not None:   # k >= T cuts nothing; any int reaches the kernels as a small one
+        truncate = int(truncate) if truncate < T else None
+    grads = {} if grads is None else grads
+    if not isinstance(grads, dict):
+        raise TypeError(f"grads: expected a dict of gradient arrays, got {type(grads).__name__}")
+    names = [name for name in _GRAD_NAMES if (name != "dc0" or cell.has_cell_state)
+             and (name != "dpeephole" or cell.peephole)]
+    unknown = [key for key in grads if key not in names]
+    if unknown:
+        raise ValueError(f"grads: unexpected key(s) {unknown} for cell {cell.name!r}; "
+                         f"expected some of {names}")
     if dy is not None:
         dy = np.asarray(dy)
         if dy.shape != (T, B, H) or dy.dtype.kind != "f":
@@ -138,9 +195,12 @@ def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None)
     for name, like in targets.items():
         if like is None:
             continue
-        given = (grads or {}).get(name)
+        given = grads.get(name)
         out[name] = np.zeros_like(like) if given is None else _out(name, given, dtype,
                                                                    like.shape)
+    if grads:
+        _refuse_overlaps([(f"grads[{name!r}]", grads.get(name)) for name in names],
+                         (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)))
     cache.backend.layer_backward(
         cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, cache.lengths, cache.reverse,
         cache.kernel_cache, dy, dh_n, dc_n, truncate,

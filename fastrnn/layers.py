@@ -71,12 +71,55 @@ def _aligned_zeros(shape, dtype):
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def _kept_copy(arr):
+    """A copy of ``arr`` (None stays None) for a training cache: backward then reads what
+    forward read, whatever the caller does with its arrays in between. Big ones come from the
+    workspace pool (no page faults per call). Backward does not gain from 64-byte aligned
+    weights as the forward's small-batch products do (LSTM B=1..32: the same time)."""
+    if arr is None or arr.nbytes < _scratch.MIN_BYTES:
+        return None if arr is None else arr.copy()
+    out = _scratch.empty(arr.shape, arr.dtype)
+    np.copyto(out, arr)
+    return out
+
+
 def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """``value`` as a Python int >= 1; NumPy integers are ints, bools are not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int >= 1, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {value}")
     return int(value)
+
+
+def _flag(name, value):
+    """``value`` as a bool: True, False, NumPy bools, and 0 or 1. Anything else (``"no"``,
+    None, 0.5) is refused rather than read by its truth value."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
+                                               and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+
+
+def _truncation(truncate, T):
+    """``truncate`` of backward for T steps: None or an int k >= 1; None also when k >= T,
+    where nothing is cut (so any int, beyond int64 too, reaches the kernels as a small one)."""
+    if truncate is None:
+        return None
+    truncate = _positive_int("truncate", truncate)
+    return truncate if truncate < T else None
+
+
+def _seed_sequence(seed):
+    """``np.random.SeedSequence(seed)``, with an error that names ``seed``."""
+    if isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"seed: expected None or an int >= 0, got bool {seed!r}")
+    try:
+        return np.random.SeedSequence(seed)
+    except (TypeError, ValueError):
+        raise (ValueError if isinstance(seed, numbers.Integral) else TypeError)(
+            f"seed: expected None or an int >= 0 (or a sequence of them), got "
+            f"{type(seed).__name__} {seed!r}") from None
 
 
 def _float_array(name, value, dtype, shape):
@@ -104,18 +147,25 @@ def _lengths(value, T, B):
     if arr.size and (arr.min() < 0 or arr.max() > T):
         raise ValueError(f"lengths: expected values in [0, {T}] (T = {T}), "
                          f"got min {arr.min()} and max {arr.max()}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    return np.array(arr, dtype=np.int64)   # a copy: a training cache keeps it until backward
 
 
 class Cache:
-    """What ``forward(train=True)`` keeps for ``backward``: one entry per layer and direction."""
+    """What ``forward(train=True)`` keeps for ``backward``: one entry per layer and direction.
 
-    def __init__(self, T, B, lengths, batch_first):
+    Nothing in it is the caller's: the input and the parameters are copies (if the caller
+    changes x or ``params`` before backward, backward still differentiates the forward that
+    ran), so is ``lengths``."""
+
+    def __init__(self, made_by, T, B, lengths, batch_first):
+        self.made_by = made_by          # the layer's _identity: backward checks it is its own
         self.T, self.B = T, B
         self.lengths = lengths          # (B,) int64
         self.batch_first = batch_first
         self.inputs = []                # per layer: its input (T, B, I_k), after dropout
         self.masks = []                 # per layer k >= 1: dropout mask applied to its input
+        self.weights = []               # per layer and direction: the (w_ih, w_hh, b_ih, b_hh,
+                                        # peephole) forward read, copied
         self.states = []                # per layer and direction: (h0, c0) given to the kernel
         self.kernel_caches = []         # per layer and direction: the backend's own cache
 
@@ -138,15 +188,15 @@ class _RNNBase:
             raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}") from None
         if self.dtype not in _DTYPES:
             raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
+        self.bias = _flag("bias", bias)
+        self.batch_first = _flag("batch_first", batch_first)
         self.dropout = float(dropout)
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = _flag("bidirectional", bidirectional)
         self.num_directions = 2 if self.bidirectional else 1
         self.cell = cell_for(self.mode, **(_cell_options or {}))
         self.backend = _backends.resolve(backend)
         self._kernels = _backends.get_backend(self.backend)
-        seed_seq = np.random.SeedSequence(seed)
+        seed_seq = _seed_sequence(seed)
         init_seed, dropout_seed = seed_seq.spawn(2)
         # the dropout masks come from this generator; set it to replay the same masks
         self.rng = np.random.default_rng(dropout_seed)
@@ -166,6 +216,11 @@ class _RNNBase:
                     "peephole" + suffix if self.cell.peephole else None)
         self._zero_bias = np.zeros(self.cell.num_gates * self.hidden_size, self.dtype)
         self._zero_bias.flags.writeable = False
+        # what a cache records of the layer that made it, for backward to compare
+        self._identity = {"cell": self.cell.name, "input_size": self.input_size,
+                          "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                          "num_directions": self.num_directions, "bias": self.bias,
+                          "dtype": self.dtype.name, "backend": self.backend}
         self._has_cell_state = self.cell.has_cell_state        # read on every one-step call
         self._num_rows = self.num_layers * self.num_directions  # state rows, L*D
         # a backend's whole one-step call (layer_call_step) and what it takes of the layer
@@ -284,6 +339,11 @@ class _RNNBase:
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError(f"state: expected a tuple (h0, c0) of arrays of shape {shape}, "
                                 f"got {type(state).__name__}")
+            for name, part in zip(names, state):
+                if part is None:
+                    raise TypeError(f"state: expected a tuple (h0, c0) of arrays of shape "
+                                    f"{shape}, got {name} None (state=None starts both "
+                                    f"from zeros)")
             parts = state
         else:
             if isinstance(state, (tuple, list)):
@@ -410,15 +470,23 @@ class _RNNBase:
             lengths_arr = np.full(B, T, dtype=np.int64)
         else:
             lengths_arr = _lengths(lengths, T, B)
+        train = _flag("train", train)
         layer_input = np.ascontiguousarray(x_tbi, dtype=self.dtype)
-        padded = lengths_arr < T
-        if padded.any():
+        padded = (lengths_arr < T).any()
+        if (train or padded) and np.may_share_memory(layer_input, x_tbi):
+            # the caller's own x: neither kept for backward nor zeroed in place
+            layer_input = _kept_copy(layer_input)
+        if padded:
             # zero the padding so that nothing there (NaN included) reaches the weight GEMMs
-            if np.shares_memory(layer_input, np.asarray(x)):
-                layer_input = layer_input.copy()
             layer_input[np.arange(T)[:, None] >= lengths_arr[None, :]] = 0
         final = tuple(np.empty_like(s) for s in initial)
-        cache = Cache(T, B, lengths_arr, self.batch_first) if train else None
+        # per row (layer * D + direction): (w_ih, w_hh, b_ih, b_hh, peephole)
+        weights = [self._layer_params(self.params, layer, direction)
+                   for layer in range(L) for direction in range(D)]
+        cache = None
+        if train:
+            cache = Cache(self._identity, T, B, lengths_arr, self.batch_first)
+            cache.weights = [tuple(_kept_copy(w) for w in row) for row in weights]
         for layer in range(L):
             if layer > 0 and train and self.dropout > 0:
                 keep = self.rng.random(layer_input.shape) >= self.dropout
@@ -440,8 +508,7 @@ class _RNNBase:
                 return self._kernels.layer_forward(
                     self.cell, layer_input, initial[0][row],
                     initial[1][row] if self.cell.has_cell_state else None,
-                    *self._layer_params(self.params, layer, direction),
-                    lengths_arr, bool(direction), train,
+                    *weights[row], lengths_arr, bool(direction), train,
                     out[:, :, direction * H:(direction + 1) * H], final[0][row],
                     final[1][row] if self.cell.has_cell_state else None, threads=threads)
             work = T * B * self.cell.num_gates * H * (layer_input.shape[2] + H)
@@ -466,13 +533,19 @@ class _RNNBase:
         dy: gradient of y (same shape as y) or None; dstate: gradient of the final state (same
         structure as the state) or None; truncate: None or k >= 1 (see DESIGN.md).
         """
-        if not isinstance(cache, Cache) or len(cache.inputs) != self.num_layers:
+        if not isinstance(cache, Cache):
             raise TypeError("cache: expected the cache returned by forward(..., train=True) "
                             f"of this layer, got {type(cache).__name__}")
-        if truncate is not None:
-            truncate = _positive_int("truncate", truncate)
-        self._check_params()
+        if cache.made_by != self._identity:
+            made, mine = cache.made_by, self._identity
+            differ = [key for key in mine if made.get(key) != mine[key]]
+            raise ValueError(
+                "cache: made by forward of another layer, with "
+                + ", ".join(f"{key}={made.get(key)!r}" for key in differ) + "; this layer has "
+                + ", ".join(f"{key}={mine[key]!r}" for key in differ))
         T, B = cache.T, cache.B
+        truncate = _truncation(truncate, T)
+        self._check_params()    # backward reads the cache's copies, but a broken layer is named
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
         if dy is not None:
             y_shape = (B, T, D * H) if cache.batch_first else (T, B, D * H)
@@ -503,9 +576,8 @@ class _RNNBase:
                 if not self.bias:
                     grads[2], grads[3] = scratch_bias[layer, direction]
                 self._kernels.layer_backward(
-                    self.cell, layer_input, h0, c0,
-                    *self._layer_params(self.params, layer, direction),
-                    cache.lengths, bool(direction), cache.kernel_caches[row],
+                    self.cell, layer_input, h0, c0, *cache.weights[row], cache.lengths,
+                    bool(direction), cache.kernel_caches[row],
                     None if dy is None else dy[:, :, direction * H:(direction + 1) * H],
                     None if d_final[0] is None else d_final[0][row],
                     None if not self.cell.has_cell_state or d_final[1] is None
@@ -593,7 +665,7 @@ class LSTM(_RNNBase):
     mode = "LSTM"
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, peephole=False, **options):
-        self.peephole = bool(peephole)
+        self.peephole = _flag("peephole", peephole)
         super().__init__(input_size, hidden_size, num_layers,
                          _cell_options={"peephole": self.peephole}, **options)
 
@@ -604,6 +676,6 @@ class GRU(_RNNBase):
     mode = "GRU"
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, reset_after=True, **options):
-        self.reset_after = bool(reset_after)
+        self.reset_after = _flag("reset_after", reset_after)
         super().__init__(input_size, hidden_size, num_layers,
                          _cell_options={"reset_after": self.reset_after}, **options)
