@@ -40,6 +40,7 @@ def test_layer_gradients_are_those_of_the_forward_whatever_the_caller_writes(bac
     m.params["weight_hh_l0"][0, 0] = 5.0          # e.g. an optimizer step before backward
     m.params["weight_ih_l1_reverse"] += 1.0
     m.params["bias_hh_l1"][...] = 0.0
+    m.params["weight_hh_l1"] = 2 * m.params["weight_hh_l1"]     # replaced by a usable array
     m.zero_grad()
     dx, dstate0 = m.backward(dy, cache)
     got = {"y": y, "dx": dx}
