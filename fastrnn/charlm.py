@@ -308,14 +308,28 @@ class CharLM:
         logits, head_cache = self.head.forward(y, train)           # (T, B, V)
         return logits, state, ((emb_cache, rnn_cache, head_cache) if train else None)
 
-    def backward(self, dlogits, cache, dstate=None, truncate=None):
+    def backward(self, dlogits, cache, dstate=None, truncate=None, grads_ready=None):
         """``dlogits`` None: no loss on the outputs (only ``dstate``), as a history window of
-        ``TruncatedBPTT`` with k2 > k1 has."""
+        ``TruncatedBPTT`` with k2 > k1 has. ``grads_ready(i)``, if given, is called as soon
+        as the gradients of ``grad_buckets()[i]`` are final (this is the last backward of
+        the update), so a distributed driver can start reducing them."""
         emb_cache, rnn_cache, head_cache = cache
         dy = None if dlogits is None else self.head.backward(dlogits, head_cache)
+        if grads_ready is not None:
+            grads_ready(0)
         dx, dstate0 = self.rnn.backward(dy, rnn_cache, dstate, truncate=truncate)
+        if grads_ready is not None:
+            grads_ready(1)
         self.embedding.backward(dx, emb_cache)
+        if grads_ready is not None:
+            grads_ready(2)
         return None, dstate0
+
+    def grad_buckets(self):
+        """The keys of ``grads`` in the order ``backward`` finishes them: the head's, the
+        recurrent stack's, the embedding's."""
+        return [[k for k in self.grads if k.startswith(part + ".")]
+                for part in ("head", "rnn", "embedding")]
 
     def zero_grad(self):
         for m in self._parts.values():
@@ -381,17 +395,33 @@ class Trainer:
     ``state_dict()`` / ``load_state_dict()``: with the model's parameters, everything needed to
     continue the run exactly (the optimizer's moments, the streams' position, the carried state,
     the dropout generator).
+
+    ``comm`` (mpi4py communicator, ``fastrnn.distributed``): this rank trains on its even share
+    of the ``batch`` streams (``batch_share``) after taking rank 0's parameters, and every
+    update is the whole batch's (``TruncatedBPTT(comm=)``). ``state_dict()`` is then collective:
+    rank 0 gets the whole batch's carried state (the same checkpoint one process writes, so a
+    run resumes on any number of ranks), the others None. Dropout masks cannot be those of one
+    process; each rank draws its own from rank 0's generator jumped ``rank`` times.
     """
 
     def __init__(self, model, train_ids, heldout_ids, *, batch=32, window=100, k2=None,
-                 lr=2e-3, clip=5.0, max_skipped=10):
+                 lr=2e-3, clip=5.0, max_skipped=10, comm=None):
         self.model = model
         self.inputs, self.targets = streams(train_ids, batch)
+        self.comm = comm
+        self.rows = slice(None)                     # this rank's streams
+        if comm is not None:
+            from .distributed import batch_share, broadcast_parameters
+            self.rows = batch_share(batch, comm.size, comm.rank)
+            self.inputs = np.ascontiguousarray(self.inputs[:, self.rows])
+            self.targets = np.ascontiguousarray(self.targets[:, self.rows])
+            broadcast_parameters(comm, model.params)
+            self._own_dropout_stream()
         self.heldout_ids = np.asarray(heldout_ids)
         self.batch, self.window = batch, window
         self.optimizer = Adam(model.params, lr=lr)
         self.driver = TruncatedBPTT(model, softmax_cross_entropy, self.optimizer, window, k2,
-                                    clip_norm=clip, max_skipped=max_skipped)
+                                    clip_norm=clip, max_skipped=max_skipped, comm=comm)
         self.position = 0       # next time step of the streams
         self.epoch = 0
         self.updates = 0
@@ -416,11 +446,27 @@ class Trainer:
     def heldout_bpc(self, max_chars=None):
         return evaluate(self.model, self.heldout_ids, self.batch, self.window, max_chars)
 
+    def _own_dropout_stream(self):
+        rank = self.comm.rank
+        if rank:
+            self.model.rnn.rng = np.random.Generator(self.model.rnn.rng.bit_generator
+                                                     .jumped(rank))
+
     def state_dict(self):
-        """The run's state besides the model's parameters (copies)."""
+        """The run's state besides the model's parameters (copies). With ``comm``: collective;
+        rank 0 gets the whole batch's state, the other ranks None."""
+        driver = self.driver.state_dict()
+        rng = self.model.rnn.rng.bit_generator.state
+        if self.comm is not None:
+            from .distributed import gather_batch
+            for key in ("state", "span_state", "span_x"):
+                driver[key] = _map_arrays(driver[key],
+                                          lambda a: gather_batch(self.comm, a, axis=1))
+            rng = self.comm.bcast(rng, root=0)
+            if self.comm.rank:
+                return None
         return {"position": self.position, "epoch": self.epoch, "updates": self.updates,
-                "driver": self.driver.state_dict(),
-                "dropout_rng": self.model.rnn.rng.bit_generator.state}
+                "driver": driver, "dropout_rng": rng}
 
     def load_state_dict(self, state):
         """Continue from ``state_dict()``; the model's parameters are loaded separately."""
@@ -438,10 +484,27 @@ class Trainer:
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"state['dropout_rng']: expected a generator state, got "
                              f"{state['dropout_rng']!r} ({exc})") from None
-        self.driver.load_state_dict(state["driver"])
+        driver = state["driver"]
+        if self.comm is not None and isinstance(driver, dict):     # the whole batch's: ours
+            driver = dict(driver)
+            for key in ("state", "span_state", "span_x"):
+                if key in driver:
+                    driver[key] = _map_arrays(driver[key], lambda a: a[:, self.rows])
+        self.driver.load_state_dict(driver)
         self.model.rnn.rng.bit_generator.state = state["dropout_rng"]
+        if self.comm is not None:
+            self._own_dropout_stream()
         self.position, self.epoch, self.updates = (counts["position"], counts["epoch"],
                                                    counts["updates"])
+
+
+def _map_arrays(tree, f):
+    """``f`` applied to the array, or to each array of a tuple (LSTM's (h, c)); None stays."""
+    if tree is None:
+        return None
+    if isinstance(tree, tuple):
+        return tuple(f(a) for a in tree)
+    return f(tree)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 
-from . import charlm
+from . import charlm, distributed
 from .dispatch import BackendUnavailable, get_backend
 from .train import NonFiniteGradientError
 
@@ -200,29 +201,111 @@ def main(argv=None):
     """Run the command; returns the exit status (see ``EXIT_STATUSES``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.comm = None
+    status, alone = _run(args)
+    if alone:
+        # the other ranks wait in a collective for this one: only MPI_Abort ends them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        args.comm.Abort(status)
+    return status
+
+
+def _run(args):
+    """The exit status, and whether this rank stops while the others go on (distributed
+    training only: then the job must be aborted)."""
     try:
+        if args.command == "train" and distributed.launched_by_mpiexec():
+            _join_ranks(args)
         if args.threads is not None:
             _set_threads(args.threads, args.backend)
         if args.command == "train":
-            return _train(args)
-        return _sample(args)
+            return _train(args), False
+        return _sample(args), False
     except UsageError as exc:
-        print(f"fastrnn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, exc, 2, f"fastrnn {args.command}: error: {exc}")
     except (charlm.CorpusError, charlm.CheckpointError, charlm.CheckpointSaveError,
-            BackendUnavailable, TrainingStopped, MemoryError) as exc:
-        print(f"fastrnn {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+            BackendUnavailable, TrainingStopped, MemoryError, distributed.MPIUnavailable,
+            distributed.PeerTimeout) as exc:
+        return _fail(args, exc, 1, f"fastrnn {args.command}: error: {exc}")
+    except _PeerFailed as exc:
+        return exc.status, False
     except _Signalled as exc:
-        print(f"\nfastrnn: {exc.name}", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("\nfastrnn: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, exc, 128 + exc.signum, f"\nfastrnn: {exc.name}")
+    except KeyboardInterrupt as exc:
+        return _fail(args, exc, 130, "\nfastrnn: interrupted")
     except BrokenPipeError:  # e.g. `fastrnn sample ... | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        return 0, False
+    except Exception:
+        if args.comm is None:
+            raise
+        traceback.print_exc()
+        return _fail(args, None, 1, f"fastrnn train: rank {args.comm.rank} failed (above)")
+
+
+def _fail(args, exc, status, message):
+    """Print ``message`` (under MPI: rank 0 for what all ranks met, any rank for its own
+    trouble, named); returns ``(status, alone)``."""
+    comm = args.comm
+    agreed = exc is not None and (isinstance(exc, (_Signalled, TrainingStopped))
+                                  or getattr(exc, "fastrnn_agreed", False))
+    if comm is None or comm.rank == 0 or not agreed or getattr(exc, "fastrnn_rank0_ok", False):
+        if comm is not None and comm.rank > 0:
+            message = f"rank {comm.rank}: {message.lstrip()}"
+        print(message, file=sys.stderr)
+    return status, comm is not None and comm.size > 1 and not agreed
+
+
+class _PeerFailed(Exception):
+    """Another rank could not start training (it says why); this one stops with its status."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+def _status_of(exc):
+    if isinstance(exc, UsageError):
+        return 2
+    if isinstance(exc, _Signalled):
+        return 128 + exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return 1
+
+
+def _join_ranks(args):
+    """Under mpiexec: the communicator, and --threads by default the cores of this machine
+    shared among the ranks on it (the backend's default would give each rank all of them)."""
+    MPI = distributed.mpi()
+    comm = MPI.COMM_WORLD
+    args.comm = comm
+    if args.threads is None:
+        on_this_machine = comm.Split_type(MPI.COMM_TYPE_SHARED).size
+        if on_this_machine > 1:
+            args.threads = max(1, (os.cpu_count() or 1) // on_this_machine)
+
+
+def _agree_setup(comm, exc, digest=None):
+    """Every rank learns whether every rank is ready to train (and read the same text): if
+    one is not, each raises, the failing ranks their own error, the others ``_PeerFailed``;
+    so all stop together before the first collective of training."""
+    status = 0 if exc is None else _status_of(exc)
+    reports = comm.allgather((status, digest))
+    root_status, root_digest = reports[0]
+    other_text = [r for r, (st, d) in enumerate(reports) if st == 0 and d != root_digest]
+    if not any(st for st, _ in reports) and not other_text:
+        return
+    if exc is None and comm.rank in other_text and root_status == 0:
+        exc = charlm.CorpusError("the text to train on differs from rank 0's (every rank "
+                                 "must read the same --text)")
+    if exc is None:
+        raise _PeerFailed(max(max(st for st, _ in reports), 1))
+    exc.fastrnn_agreed = True
+    exc.fastrnn_rank0_ok = root_status == 0
+    raise exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +328,9 @@ class _StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, comm=None):
         self.received = None
+        self.comm = comm            # under MPI: raised only when the ranks agree (``agree``)
         self._holding = False
         self._raised = False
         self._previous = {}
@@ -272,9 +356,23 @@ class _StopSignals:
     def raise_if_received(self):
         """Raise ``_Signalled`` once for the first signal received (a handler's exception can be
         lost when it lands in a finalizer; the training loop asks again after each update)."""
-        if self.received is not None and not self._raised:
+        if self.received is not None and not self._raised and self.comm is None:
             self._raised = True
             raise _Signalled(self.received)
+
+    def agree(self):
+        """Under MPI, after an update: if any rank received a signal, every rank raises
+        ``_Signalled`` here, at the same update, so none is left waiting in a collective
+        (mpiexec passes Ctrl-C and SIGTERM on to every rank)."""
+        if self.comm is None:
+            return self.raise_if_received()
+        mine = np.array([self.received or 0], dtype=np.int64)
+        request = self.comm.Iallreduce(distributed.mpi().IN_PLACE, mine,
+                                       op=distributed.mpi().MAX)
+        distributed.wait_all([request], what="the ranks' stop signals")
+        if mine[0] and not self._raised:
+            self._raised = True
+            raise _Signalled(int(mine[0]))
 
     @contextlib.contextmanager
     def held(self):
@@ -382,6 +480,40 @@ def _run_options(args):
 
 def _train(args):
     started = time.perf_counter()
+    comm = args.comm
+    try:
+        prepared = _prepare(args)
+    except Exception as exc:
+        if comm is not None:
+            _agree_setup(comm, exc)
+        raise
+    options, resumed, corpus, text_path, digest, vocab, model = prepared
+    if comm is not None:
+        _agree_setup(comm, None, digest)
+    train_ids = vocab.encode(corpus.train)
+    heldout_ids = vocab.encode(corpus.heldout)
+    trainer = charlm.Trainer(model, train_ids, heldout_ids, batch=options["batch"],
+                             window=options["window"], k2=options["bptt"], lr=options["lr"],
+                             clip=options["clip"], max_skipped=args.max_skipped, comm=comm)
+    problem = None
+    if resumed:
+        try:
+            trainer.load_state_dict(resumed[3])
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = charlm.CheckpointError(f"checkpoint {args.resume}: damaged training "
+                                             f"state ({type(exc).__name__}: {exc})")
+    if comm is not None:
+        _agree_setup(comm, problem, digest)
+    if problem is not None:
+        raise problem
+    with (contextlib.redirect_stdout(open(os.devnull, "w")) if comm is not None and comm.rank
+          else contextlib.nullcontext()):
+        return _train_prepared(args, started, options, resumed, corpus, text_path, digest,
+                               vocab, trainer)
+
+
+def _prepare(args):
+    """Everything each rank does alone before training: options, text, model."""
     options, resumed = _run_options(args)
     if options["bptt"] is not None and options["bptt"] < options["window"]:
         raise UsageError(f"--bptt: expected a number >= --window ({options['window']}), "
@@ -391,7 +523,13 @@ def _train(args):
                          "layers, so with --layers 1 it would do nothing; use --layers 2 or "
                          "more, or leave --dropout out")
     text_path = args.text or (options["text"] if resumed else None)
-    _check_out(args.out, text_path, args.force)
+    if args.comm is None or args.comm.rank == 0:          # rank 0 alone writes it
+        _check_out(args.out, text_path, args.force)
+    if args.comm is not None:
+        try:
+            distributed.batch_share(options["batch"], args.comm.size, args.comm.rank)
+        except ValueError as exc:
+            raise UsageError(f"{exc} (mpiexec -n {args.comm.size})") from None
     corpus = charlm.text_corpus(text_path) if text_path else charlm.stdlib_corpus()
     need = 2 * options["batch"] + 1
     if len(corpus.train) < need or len(corpus.heldout) < 2:
@@ -402,7 +540,7 @@ def _train(args):
             "training, 10% held out)")
     digest = _text_digest(corpus)
     if resumed:
-        model, vocab, config, training = resumed
+        model, vocab, config, _ = resumed
         if digest != config.get("text_sha256"):
             raise charlm.CorpusError(
                 f"{'--text: ' + text_path if text_path else 'the corpus'} is not the text the "
@@ -414,20 +552,16 @@ def _train(args):
                               layers=options["layers"], cell=options["cell"],
                               dropout=options["dropout"], dtype=options["dtype"],
                               backend=args.backend, seed=options["seed"])
-    train_ids = vocab.encode(corpus.train)
-    heldout_ids = vocab.encode(corpus.heldout)
-    trainer = charlm.Trainer(model, train_ids, heldout_ids, batch=options["batch"],
-                             window=options["window"], k2=options["bptt"], lr=options["lr"],
-                             clip=options["clip"], max_skipped=args.max_skipped)
-    if resumed:
-        try:
-            trainer.load_state_dict(training)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise charlm.CheckpointError(f"checkpoint {args.resume}: damaged training state "
-                                         f"({type(exc).__name__}: {exc})") from None
+    return options, resumed, corpus, text_path, digest, vocab, model
+
+
+def _train_prepared(args, started, options, resumed, corpus, text_path, digest, vocab,
+                    trainer):
+    model, comm = trainer.model, args.comm
+    heldout_ids = trainer.heldout_ids
     first = trainer.updates
     print(f"corpus: {corpus.description}")
-    print(f"        {len(train_ids):,} characters for training, {len(heldout_ids):,} held out, "
+    print(f"        {len(corpus.train):,} characters for training, {len(heldout_ids):,} held out, "
           f"vocabulary of {len(vocab)}")
     print(f"model:  {options['layers']}-layer {options['cell'].upper()}, hidden "
           f"{options['hidden']}, embedding {options['embed']}, {model.num_params():,} "
@@ -438,6 +572,9 @@ def _train(args):
           + f"{args.steps} updates of {options['batch']} streams x {options['window']} steps"
           + (f" (back-propagating {options['bptt']})" if options["bptt"] else "")
           + f", Adam lr {options['lr']:g}, clip {options['clip']:g}", flush=True)
+    if comm is not None:
+        print(f"ranks:  {comm.size} (MPI), {options['batch'] // comm.size} streams each"
+              + (f", --threads {args.threads}" if args.threads else ""), flush=True)
 
     info = {"steps": first, "batch": options["batch"], "window": options["window"],
             "bptt": options["bptt"], "lr": options["lr"], "clip": options["clip"],
@@ -445,7 +582,9 @@ def _train(args):
             "heldout_bpc": resumed[2].get("heldout_bpc") if resumed else None,
             "options": {**options, "text": os.path.abspath(text_path) if text_path else None},
             "text_sha256": digest}
-    signals = _StopSignals()
+    if comm is not None:
+        info["ranks"] = comm.size
+    signals = _StopSignals(comm)
     signals.install()
     try:
         return _train_loop(args, trainer, vocab, info, signals, started)
@@ -455,17 +594,30 @@ def _train(args):
 
 def _save(args, trainer, vocab, info, signals):
     """Save the checkpoint with its training state (signals held off); a model whose
-    parameters are not finite goes beside --out. Returns ``(path, finite)``."""
+    parameters are not finite goes beside --out. Returns ``(path, finite)``. Under MPI every
+    rank calls it (the carried states are gathered) and rank 0 writes."""
     model = trainer.model
     with signals.held():
+        training = trainer.state_dict()
+        if not _is_root(args):
+            return args.out, not any(not np.isfinite(p).all() for p in model.params.values())
         try:
-            charlm.save_checkpoint(args.out, model, vocab, info, trainer.state_dict())
+            charlm.save_checkpoint(args.out, model, vocab, info, training)
             return args.out, True
         except charlm.NonFiniteParameters:
             beside = _beside(args.out)
-            charlm.save_checkpoint(beside, model, vocab, info, trainer.state_dict(),
-                                   allow_nonfinite=True)
+            charlm.save_checkpoint(beside, model, vocab, info, training, allow_nonfinite=True)
             return beside, False
+
+
+def _is_root(args):
+    return args.comm is None or args.comm.rank == 0
+
+
+def _tell(args, text):
+    """A line on stderr, from rank 0 alone under MPI."""
+    if _is_root(args):
+        print(text, file=sys.stderr)
 
 
 def _nonfinite_message(args, info, path):
@@ -481,8 +633,9 @@ def _train_loop(args, trainer, vocab, info, signals, started):
     first = trainer.updates
     heldout = math.nan
     train_seconds, chars = 0.0, 0
+    root = _is_root(args)
     bar = tqdm(total=args.steps, desc="training", unit="update", file=sys.stderr,
-               mininterval=0.5, dynamic_ncols=True)
+               mininterval=0.5, dynamic_ncols=True, disable=not root)
     try:
         for _ in range(args.steps):
             t0 = time.perf_counter()
@@ -490,7 +643,7 @@ def _train_loop(args, trainer, vocab, info, signals, started):
             train_seconds += time.perf_counter() - t0
             chars += update.steps * trainer.batch
             info["steps"] = trainer.updates
-            if trainer.updates % args.eval_every == 0:
+            if root and trainer.updates % args.eval_every == 0:
                 heldout = trainer.heldout_bpc(max_chars=EVAL_CHARS)
                 info["heldout_bpc"] = heldout
             shown = "--" if math.isnan(heldout) else f"{heldout:.3f}"
@@ -503,12 +656,13 @@ def _train_loop(args, trainer, vocab, info, signals, started):
                 path, finite = _save(args, trainer, vocab, info, signals)
                 if not finite:
                     raise TrainingStopped(_nonfinite_message(args, info, path))
-            signals.raise_if_received()
+            signals.agree()
         with signals.held():
             bar.close()
-        heldout = trainer.heldout_bpc()                   # all of the held-out text
-        info["heldout_bpc"] = heldout
-        info["heldout_chars"] = len(trainer.heldout_ids)
+        if root:
+            heldout = trainer.heldout_bpc()                   # all of the held-out text
+            info["heldout_bpc"] = heldout
+            info["heldout_chars"] = len(trainer.heldout_ids)
     except (TrainingStopped, charlm.CheckpointSaveError):
         raise                                   # saved (or tried to) already
     except BaseException as exc:
@@ -516,26 +670,29 @@ def _train_loop(args, trainer, vocab, info, signals, started):
             bar.close()
         info["seconds"] = round(time.perf_counter() - started, 1)
         if trainer.updates == first:
-            print("stopped before the first update; nothing saved", file=sys.stderr)
+            _tell(args, "stopped before the first update; nothing saved")
             raise
+        if args.comm is not None and not isinstance(exc, (_Signalled, NonFiniteGradientError)):
+            raise       # this rank's alone: the others cannot join a save; the job is aborted
         path, finite = _save(args, trainer, vocab, info, signals)
         done = f"after {trainer.updates} updates"
         if isinstance(exc, NonFiniteGradientError):
             raise TrainingStopped(f"stopped {done}: {exc}; checkpoint saved to {path}") \
                 from None
         if not finite:
-            print(f"stopped {done}; " + _nonfinite_message(args, info, path), file=sys.stderr)
+            _tell(args, f"stopped {done}; " + _nonfinite_message(args, info, path))
         elif isinstance(exc, KeyboardInterrupt):
             name = exc.name if isinstance(exc, _Signalled) else "interrupted"
-            print(f"{name} {done}; checkpoint saved to {path}", file=sys.stderr)
+            _tell(args, f"{name} {done}; checkpoint saved to {path}")
         else:
-            print(f"error {done} ({type(exc).__name__}); checkpoint saved to {path}",
-                  file=sys.stderr)
+            _tell(args, f"error {done} ({type(exc).__name__}); checkpoint saved to {path}")
         raise
     info["seconds"] = round(time.perf_counter() - started, 1)
     path, finite = _save(args, trainer, vocab, info, signals)
     if not finite:
         raise TrainingStopped(_nonfinite_message(args, info, path))
+    if not root:
+        return 0
     options = info["options"]
     print(f"done:   {args.steps} updates, {chars:,} characters in {_duration(train_seconds)} of "
           f"training ({chars / train_seconds:,.0f} chars/s), "

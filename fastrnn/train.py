@@ -586,10 +586,17 @@ class TruncatedBPTT:
     and ``optimizer`` has ``step(grads)`` (``SGD``, ``Adam``) and was built on ``model.params``.
     ``state_dict()`` / ``load_state_dict()`` save and restore the driver's place in the stream,
     the carried state and the optimizer's state, so a run continues exactly.
+
+    ``comm`` (an mpi4py communicator; see ``fastrnn.distributed``): data-parallel training.
+    Each rank passes its share of the batch; the gradients are averaged over the ranks before
+    clipping and the step (``GradientAllreduce``), the loss of an ``Update`` is the ranks'
+    mean and an update is skipped on every rank when any rank's gradient is not finite, so all
+    ranks keep the same parameters. A model with ``grad_buckets()`` (``CharLM``) takes
+    ``grads_ready=`` in ``backward`` and its buckets are reduced while backward runs on.
     """
 
     def __init__(self, model, loss, optimizer, k1, k2=None, *, clip_norm=None, clip_value=None,
-                 max_skipped=10):
+                 max_skipped=10, comm=None):
         self.model = model
         self.loss = loss
         self.optimizer = optimizer
@@ -604,6 +611,11 @@ class TruncatedBPTT:
         self.time_axis = 1 if getattr(model, "batch_first", False) else 0
         self.skipped = 0                # updates skipped for a non-finite gradient, in all
         self.skipped_in_a_row = 0
+        self.grad_sync = None
+        if comm is not None:
+            from .distributed import GradientAllreduce
+            buckets = model.grad_buckets() if hasattr(model, "grad_buckets") else None
+            self.grad_sync = GradientAllreduce(comm, model.grads, buckets)
         self.reset()
 
     def reset(self, state=None):
@@ -653,14 +665,28 @@ class TruncatedBPTT:
         loss, dy_window = self.loss(y_window, target)
 
         self.model.zero_grad()
+        sync = self.grad_sync
+        if sync is not None:
+            sync.begin()
         dstate = None
         for lo, hi, cache in reversed(pieces):
             dy = None
             if lo >= s - b:
                 dy = _time_slice(dy_window, lo - (s - b), hi - (s - b), ax)
-            _, dstate = self.model.backward(dy, cache, dstate=dstate)
+            hook = {}
+            if sync is not None and lo == 0 and hasattr(self.model, "grad_buckets"):
+                hook = {"grads_ready": sync.ready}      # the last backward: gradients final
+            _, dstate = self.model.backward(dy, cache, dstate=dstate, **hook)
         grads = self.model.grads
+        if sync is not None:
+            sync.finish()
         norm = global_norm(grads)
+        if sync is not None:
+            # every rank must skip alike; the loss reported is the whole batch's
+            loss_sum, nonfinite = sync.agree([loss, not math.isfinite(norm)])
+            loss = float(loss_sum) / sync.comm.size
+            if nonfinite and math.isfinite(norm):
+                norm = math.inf
         if not math.isfinite(norm):
             return self._skip(loss, norm, L, state, e)
         self.skipped_in_a_row = 0
