@@ -155,7 +155,7 @@ def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None)
 
     Returns a dict with ``dx``, ``dh0`` (``dc0``), ``dw_ih``, ``dw_hh``, ``db_ih``, ``db_hh``
     (``dpeephole``). Pass ``grads`` (a dict with some of these keys) to ADD into your own
-    arrays instead; missing keys are allocated.
+    arrays instead; missing keys are allocated, other keys refused.
     """
     if not isinstance(cache, FunctionalCache):
         raise TypeError(f"cache: expected the cache of functional.forward(..., train=True), "

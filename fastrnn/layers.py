@@ -216,11 +216,7 @@ class _RNNBase:
                     "peephole" + suffix if self.cell.peephole else None)
         self._zero_bias = np.zeros(self.cell.num_gates * self.hidden_size, self.dtype)
         self._zero_bias.flags.writeable = False
-        # what a cache records of the layer that made it, for backward to compare
-        self._identity = {"cell": self.cell.name, "input_size": self.input_size,
-                          "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                          "num_directions": self.num_directions, "bias": self.bias,
-                          "dtype": self.dtype.name, "backend": self.backend}
+        self._identity = self._describe()
         self._has_cell_state = self.cell.has_cell_state        # read on every one-step call
         self._num_rows = self.num_layers * self.num_directions  # state rows, L*D
         # a backend's whole one-step call (layer_call_step) and what it takes of the layer
@@ -247,6 +243,14 @@ class _RNNBase:
                     store[name][...] = p
         self._kernels = _backends.get_backend(self.backend)
         self._call_step = getattr(self._kernels, "layer_call_step", None)
+        self._identity = self._describe()
+
+    def _describe(self):
+        """What a cache records of the layer that made it, for backward to compare."""
+        return {"cell": self.cell.name, "input_size": self.input_size,
+                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "num_directions": self.num_directions, "bias": self.bias,
+                "dtype": self.dtype.name, "backend": self.backend}
 
     # -- parameters ------------------------------------------------------------------------
     def _param_shapes(self):

@@ -2,6 +2,8 @@
 depend on arrays the caller may reuse, outputs that overlap inputs, caches given to another
 layer, and arguments of the wrong kind (NumPy integers accepted as ints, bools refused where
 they make no sense)."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -214,9 +216,14 @@ def test_a_cache_given_to_another_layer_is_named(backend, other, named):
     with pytest.raises(ValueError, match=r"cache: made by forward of another layer, with "
                                          + named.replace("(", r"\(")):
         taker.backward(None, cache)
-    # a layer like the one that made it takes it
-    twin = make_layer("lstm", I, H, backend=backend)
-    twin.backward(None, cache)
+    # a layer like the one that made it takes it, a copy too, also one pickled by a version
+    # that recorded no description
+    state = copy.deepcopy(made).__getstate__()
+    del state["_identity"]
+    unpickled = object.__new__(type(made))
+    unpickled.__setstate__(state)
+    for twin in (make_layer("lstm", I, H, backend=backend), copy.deepcopy(made), unpickled):
+        twin.backward(None, cache)
 
 
 @pytest.mark.parametrize("huge", [2**63, 2**70, np.uint64(2**64 - 1)])
