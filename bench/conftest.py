@@ -16,7 +16,8 @@ The package ``bench`` imports the installed fastrnn, not this checkout's source 
 (``bench/installed.py``). Before the first test the run prints which fastrnn it times, the
 implementations it times and every one it does not with the reason, then builds and calls every
 selected case once (the warm-up: Numba compiles or loads its cache here) and says how long that
-took, so the benchmarks time warm code.
+took, so the benchmarks time warm code. ``--benchmark-disable`` skips the warm-up: every case
+is then built and called once, untimed (CI's smoke run).
 
 This directory is not in pyproject's testpaths, so a plain ``pytest`` never collects it.
 """
@@ -40,8 +41,8 @@ IMPLS, NOT_TIMED = choose(
     [n.strip() for n in os.environ.get("FASTRNN_BENCH_BACKENDS", "").split(",") if n.strip()],
     "FASTRNN_BENCH_BACKENDS", torch_by_default=False)
 
-# (case name, impl) -> its prepared callable, or the exception its warm-up raised
-_prepared = {}
+# (case name, impl) -> the exception its warm-up raised
+_warm_up_failures = {}
 
 
 def pytest_collection_finish(session):
@@ -51,33 +52,38 @@ def pytest_collection_finish(session):
     def say(line):
         if reporter is not None:
             reporter.write_line("bench: " + line)
+            reporter.flush()        # the warm-up can take minutes: show each line as it comes
         else:
-            print("bench: " + line)
+            print("bench: " + line, flush=True)
 
     for line in installed.summary():
         say(line)
-    say(f"timing {', '.join(IMPLS)} on {THREADS} threads, {len(CASES)} cases"
-        + (" (FASTRNN_BENCH_QUICK: 3 calls a benchmark)" if QUICK else ""))
+    untimed = session.config.getoption("benchmark_disable", False)
+    say(f"{'running' if untimed else 'timing'} {', '.join(IMPLS)} on {THREADS} threads, "
+        f"{len(CASES)} cases" + (" once each, untimed (--benchmark-disable)" if untimed else
+                                 " (FASTRNN_BENCH_QUICK: 3 calls a benchmark)" if QUICK else ""))
     for name, why in NOT_TIMED:
         say(f"not timed: {name}: {why}")
     if session.config.option.collectonly:
+        return
+    if untimed:
+        say("no warm-up: with --benchmark-disable every case runs once, untimed")
         return
     pairs = [(item.callspec.params["case"], item.callspec.params["impl"])
              for item in session.items if hasattr(item, "callspec")]
     if pairs:
         for impl in IMPLS:
             set_threads(impl, THREADS)
-        _prepared.update(warm_up(pairs, say))
+        _warm_up_failures.update(warm_up(pairs, say))
 
 
-def prepared_run(case, impl):
-    """The callable the warm-up prepared for ``case`` on ``impl`` (built now if there was none);
-    raises what the warm-up raised."""
-    run = _prepared.pop((case.name, impl), None)
-    if run is None:
-        run, _ = prepare(case, impl, warm=1)
-    if isinstance(run, Exception):
-        raise run
+def case_run(case, impl, disabled):
+    """The callable of one timed call of ``case`` on ``impl``, called once already (warm: its
+    kernels were compiled in the warm-up) unless the benchmark is ``disabled`` (it then runs just
+    once, in the benchmark). Raises what the warm-up raised for this case."""
+    if (case.name, impl) in _warm_up_failures:
+        raise _warm_up_failures[case.name, impl]
+    run, _ = prepare(case, impl, warm=0 if disabled else 1)
     return run
 
 

@@ -101,27 +101,25 @@ def numba_cache_place():
 
 def warm_up(pairs, say):
     """Build every ``(case, impl)`` of ``pairs`` and call it once, before any timing: Numba
-    compiles its kernels here (or loads them from its cache), memory is touched, libraries
-    start their threads. ``say`` gets one line per implementation with the seconds it took.
-    Returns ``{(case name, impl): run}``, or the exception in place of ``run`` if the case
-    failed (its benchmark then raises it)."""
+    compiles its kernels here (or loads them from its cache), libraries start their threads.
+    ``say`` gets one line per implementation, as each is done, with the seconds it took. The
+    cases are dropped again (the benchmarks build their own: no memory held for all at once).
+    Returns ``{(case name, impl): exception}`` for the cases that failed."""
     say("warm-up before any timing: every case built and called once on each implementation "
         f"(Numba compiles its kernels here, or loads them from its cache in {numba_cache_place()})")
-    prepared, seconds = {}, {}
-    for case, impl in pairs:
+    failures = {}
+    for impl in dict.fromkeys(i for _, i in pairs):     # one implementation after another
+        cases = [case for case, i in pairs if i == impl]
         start = time.perf_counter()
-        try:
-            prepared[case.name, impl], _ = prepare(case, impl, warm=1)
-        except Exception as exc:
-            prepared[case.name, impl] = exc
-        seconds[impl] = seconds.get(impl, 0.0) + time.perf_counter() - start
-    for impl, spent in seconds.items():
-        cases = sum(1 for _, i in pairs if i == impl)
-        failed = sum(1 for (_, i), run in prepared.items()
-                     if i == impl and isinstance(run, Exception))
-        say(f"  {impl}: {cases} cases in {spent:.1f} s"
+        for case in cases:
+            try:
+                prepare(case, impl, warm=1)
+            except Exception as exc:
+                failures[case.name, impl] = exc
+        failed = sum(1 for _, i in failures if i == impl)
+        say(f"  {impl}: {len(cases)} cases in {time.perf_counter() - start:.1f} s"
             + (f", {failed} FAILED (their benchmarks show why)" if failed else ""))
-    return prepared
+    return failures
 
 
 def _data(case, seed):

@@ -6,8 +6,8 @@
     pytest bench/ --benchmark-only --benchmark-compare      # compare with the last saved run
     pytest bench/ --benchmark-disable                       # every case once: a smoke run
 
-Each benchmark times one call of ``bench.runners.prepare(case, impl)``'s callable, built and
-called once in the warm-up before the first benchmark (``conftest.py``). Benchmarks are grouped
+Each benchmark times one call of ``bench.runners.prepare(case, impl)``'s callable, called once
+before its timing, after the warm-up that compiled every case's kernels (``conftest.py``). Benchmarks are grouped
 by case, so a fastrnn backend and PyTorch appear side by side; ``extra_info`` carries the case's
 matmul GFLOP (see ``bench.cases.flops``) for GFLOP/s = gflop / mean seconds. For the comparison
 against PyTorch in separate processes, with medians over alternating rounds, use
@@ -16,13 +16,13 @@ against PyTorch in separate processes, with medians over alternating rounds, use
 import pytest
 
 from bench.cases import flops
-from bench.conftest import CASES, IMPLS, QUICK, prepared_run
+from bench.conftest import CASES, IMPLS, QUICK, case_run
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_case(benchmark, case, impl, threads):
-    run = prepared_run(case, impl)
+    run = case_run(case, impl, benchmark.disabled)
     benchmark.group = case.name
     benchmark.extra_info.update(impl=impl, kind=case.kind, threads=threads,
                                 gflop=flops(case) / 1e9)
