@@ -462,7 +462,6 @@ class Trainer:
             for key in ("state", "span_state", "span_x"):
                 driver[key] = _map_arrays(driver[key],
                                           lambda a: gather_batch(self.comm, a, axis=1))
-            rng = self.comm.bcast(rng, root=0)
             if self.comm.rank:
                 return None
         return {"position": self.position, "epoch": self.epoch, "updates": self.updates,

@@ -207,6 +207,7 @@ def main(argv=None):
         # the other ranks wait in a collective for this one: only MPI_Abort ends them
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(0.5)     # mpiexec relays output through a proxy; Abort at once can drop it
         args.comm.Abort(status)
     return status
 

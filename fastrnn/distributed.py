@@ -254,8 +254,14 @@ class GradientAllreduce:
         return buffer
 
 
-def gather_batch(comm, array, axis, root=0):
-    """On ``root``, the ranks' ``array``s joined along ``axis`` in rank order (their batch
-    shares back into the whole batch); None elsewhere. Every rank must call it."""
-    parts = comm.gather(np.ascontiguousarray(array), root=root)
-    return np.concatenate(parts, axis=axis) if comm.rank == root else None
+def gather_batch(comm, array, axis, root=0, timeout=None):
+    """On ``root``, the ranks' ``array``s (same shape and dtype on every rank: their even
+    batch shares) joined along ``axis`` in rank order; None elsewhere. Every rank must call
+    it; the wait has the timeout, as the gradients' has."""
+    mine = np.ascontiguousarray(array)
+    parts = np.empty((comm.size,) + mine.shape, mine.dtype) if comm.rank == root else None
+    request = comm.Igather(mine, parts, root=root)
+    wait_all([request], timeout, "the carried states for the checkpoint")
+    if comm.rank != root:
+        return None
+    return np.concatenate(list(parts), axis=axis)

@@ -3,6 +3,7 @@ mpiexec, in one process as the oracle): a tiny character model trained for a few
 
     python tests/mpi_worker.py train OUT.npz --dtype float64 --steps 3 [--k2 K] [--seed-by-rank]
     python tests/mpi_worker.py die --steps 100       # rank 1 kills itself after 2 updates
+    python tests/mpi_worker.py nonfinite OUT.npz     # rank 1's 2nd gradient is NaN
 
 ``train`` writes on rank 0: the parameters, the losses of the updates and the largest
 difference between any rank's parameters and rank 0's.
@@ -39,7 +40,7 @@ def train(comm, dtype="float64", steps=3, k2=None, seed=0, backend="reference", 
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("train", "die"))
+    parser.add_argument("mode", choices=("train", "die", "nonfinite"))
     parser.add_argument("out", nargs="?")
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--steps", type=int, default=3)
@@ -51,13 +52,24 @@ def main(argv=None):
     from fastrnn import distributed
     comm = distributed.world()
 
-    def die(trainer):
-        if comm.rank == 1 and trainer.updates == 2:
+    skipped = []
+
+    def after_update(trainer):
+        skipped.append(trainer.skipped)
+        if args.mode == "die" and comm.rank == 1 and trainer.updates == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.mode == "nonfinite" and comm.rank == 1 and trainer.updates == 1:
+            loss = trainer.driver.loss
+
+            def nan_once(y, target):          # this rank alone sees a NaN gradient, once
+                trainer.driver.loss = loss
+                value, dy = loss(y, target)
+                return value, dy * np.nan
+            trainer.driver.loss = nan_once
 
     model, trainer, losses = train(
         comm, args.dtype, args.steps, args.k2, seed=comm.rank if args.seed_by_rank else 0,
-        backend=args.backend, clip=args.clip, after_update=die if args.mode == "die" else None)
+        backend=args.backend, clip=args.clip, after_update=after_update)
     flat = np.concatenate([p.ravel() for p in model.params.values()]).astype(np.float64)
     spread = comm.allreduce(float(np.max(np.abs(flat - comm.bcast(flat, root=0)))),
                             op=distributed.mpi().MAX)
@@ -65,6 +77,7 @@ def main(argv=None):
     if comm.rank == 0:
         h, c = state["driver"]["state"]
         np.savez(args.out, losses=losses, spread=spread, state_h=h, state_c=c,
+                 skipped=np.array(skipped),
                  **{"param/" + k: v for k, v in model.params.items()})
     return 0
 
