@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from bench import cases as case_table
-from bench import runners
+from bench import installed, runners
 
 
 def _products(case):
@@ -83,6 +83,8 @@ def main(argv=None):
     impls = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.no_torch:
         impls.append(runners.TORCH)
+    for line in installed.summary():
+        print(line)
     for impl in impls:
         runners.set_threads(impl, args.threads)
     for case in case_table.select(args.cases):
