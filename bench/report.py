@@ -13,8 +13,9 @@ FASTRNN_BENCH_CASES (case names) and FASTRNN_BENCH_QUICK=1 (as ``--quick``) are 
 How it measures. Every implementation (PyTorch, each fastrnn backend, and a BLAS-only process for
 the sgemm peak) runs in its own worker process (``bench.worker``) with the same thread count set
 before any import. The workers build every case and call it once (JIT compiled, memory touched)
-before any timing (the warm-up, whose time is printed per implementation). Then, for ``--rounds`` rounds, each case is timed on each implementation in
-turn, the order rotated from case to case and round to round; only one worker runs at a time.
+before any timing (the warm-up, whose time is printed per implementation). Then, for
+``--rounds`` rounds, each case is timed on each implementation in turn, the order rotated from
+case to case and round to round; only one worker runs at a time.
 Before each sample the report waits until the machine is quiet (at least ``--pause`` seconds, so
 that the previous worker's spinning BLAS/OpenMP threads have gone to sleep, and while other
 processes keep it busy, up to ``--settle`` seconds). A sample is the median time of the calls

@@ -7,11 +7,11 @@
     pytest bench/ --benchmark-disable                       # every case once: a smoke run
 
 Each benchmark times one call of ``bench.runners.prepare(case, impl)``'s callable, called once
-before its timing, after the warm-up that compiled every case's kernels (``conftest.py``). Benchmarks are grouped
-by case, so a fastrnn backend and PyTorch appear side by side; ``extra_info`` carries the case's
-matmul GFLOP (see ``bench.cases.flops``) for GFLOP/s = gflop / mean seconds. For the comparison
-against PyTorch in separate processes, with medians over alternating rounds, use
-``python -m bench.report``.
+before its timing, after the warm-up that compiled every case's kernels (``conftest.py``).
+Benchmarks are grouped by case, so a fastrnn backend and PyTorch appear side by side;
+``extra_info`` carries the case's matmul GFLOP (see ``bench.cases.flops``) for GFLOP/s = gflop /
+mean seconds. For the comparison against PyTorch in separate processes, with medians over
+alternating rounds, use ``python -m bench.report``.
 """
 import pytest
 
