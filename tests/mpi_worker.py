@@ -4,6 +4,7 @@ mpiexec, in one process as the oracle): a tiny character model trained for a few
     python tests/mpi_worker.py train OUT.npz --dtype float64 --steps 3 [--k2 K] [--seed-by-rank]
     python tests/mpi_worker.py die --steps 100       # rank 1 kills itself after 2 updates
     python tests/mpi_worker.py nonfinite OUT.npz     # rank 1's 2nd gradient is NaN
+    python tests/mpi_worker.py layer OUT.npz         # TruncatedBPTT(comm=) on a bare GRU
 
 ``train`` writes on rank 0: the parameters, the losses of the updates and the largest
 difference between any rank's parameters and rank 0's.
@@ -38,9 +39,37 @@ def train(comm, dtype="float64", steps=3, k2=None, seed=0, backend="reference", 
     return model, trainer, np.array(losses)
 
 
+def train_layer(comm, dtype="float64", steps=3, seed=0):
+    """A 2-layer GRU regressing random targets with ``TruncatedBPTT(comm=)`` and Adam: the
+    driver on a model without buckets (one bucket of everything)."""
+    import fastrnn
+    from fastrnn import distributed
+    from fastrnn.train import Adam, TruncatedBPTT, mse_loss
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4 * steps, BATCH, 3))
+    target = rng.standard_normal((4 * steps, BATCH, 4))
+    model = fastrnn.GRU(3, 4, 2, dtype=dtype, backend="reference", seed=seed)
+    rows = slice(None)
+    if comm is not None:
+        distributed.broadcast_parameters(comm, model.params)
+        rows = distributed.batch_share(BATCH, comm.size, comm.rank)
+    driver = TruncatedBPTT(model, mse_loss, Adam(model.params, lr=0.01), 4, 6, clip_norm=1.0,
+                           comm=comm)
+    losses = [u.loss for u in driver.run(x[:, rows], target[:, rows])]
+    return model, np.array(losses)
+
+
+def largest_difference_from_rank_0(comm, params):
+    """The largest difference between any rank's parameters and rank 0's (0: all agree)."""
+    from fastrnn import distributed
+    flat = np.concatenate([p.ravel() for p in params.values()]).astype(np.float64)
+    return comm.allreduce(float(np.max(np.abs(flat - comm.bcast(flat, root=0)))),
+                          op=distributed.mpi().MAX)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("train", "die", "nonfinite"))
+    parser.add_argument("mode", choices=("train", "die", "nonfinite", "layer"))
     parser.add_argument("out", nargs="?")
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--steps", type=int, default=3)
@@ -52,6 +81,14 @@ def main(argv=None):
     from fastrnn import distributed
     comm = distributed.world()
 
+    if args.mode == "layer":
+        model, losses = train_layer(comm, args.dtype, args.steps,
+                                    seed=comm.rank if args.seed_by_rank else 0)
+        spread = largest_difference_from_rank_0(comm, model.params)
+        if comm.rank == 0:
+            np.savez(args.out, losses=losses, spread=spread,
+                     **{"param/" + k: v for k, v in model.params.items()})
+        return 0
     skipped = []
 
     def after_update(trainer):
@@ -70,9 +107,7 @@ def main(argv=None):
     model, trainer, losses = train(
         comm, args.dtype, args.steps, args.k2, seed=comm.rank if args.seed_by_rank else 0,
         backend=args.backend, clip=args.clip, after_update=after_update)
-    flat = np.concatenate([p.ravel() for p in model.params.values()]).astype(np.float64)
-    spread = comm.allreduce(float(np.max(np.abs(flat - comm.bcast(flat, root=0)))),
-                            op=distributed.mpi().MAX)
+    spread = largest_difference_from_rank_0(comm, model.params)
     state = trainer.state_dict()                 # collective: the whole batch's on rank 0
     if comm.rank == 0:
         h, c = state["driver"]["state"]

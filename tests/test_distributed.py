@@ -60,6 +60,16 @@ def test_two_ranks_make_the_updates_of_one_process(tmp_path, dtype, k2):
     np.testing.assert_allclose(got["state_c"], c, atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_driver_on_a_plain_layer_makes_the_updates_of_one_process(tmp_path, dtype):
+    out = tmp_path / "ranks.npz"
+    worker(2, "layer", str(out), "--dtype", dtype, "--steps", "3", "--seed-by-rank")
+    model, _ = mpi_worker.train_layer(None, dtype, 3, seed=0)
+    got = np.load(out)
+    assert float(got["spread"]) == 0.0
+    assert max_relative_difference(model.params, got) < TOLERANCE[dtype]
+
+
 def test_a_nonfinite_gradient_on_one_rank_skips_the_update_on_every_rank(tmp_path):
     out = tmp_path / "ranks.npz"
     worker(2, "nonfinite", str(out), "--steps", "3")
@@ -146,6 +156,13 @@ def test_mpiexec_fastrnn_train_writes_the_checkpoint_of_one_process(tmp_path, te
                     "--backend", "reference", "--sample-length", "0")
     run_one_process("train", "--text", text, "--steps", "5", "--out", longer, *CLI_OPTIONS)
     assert_same_checkpoints(resumed, longer)
+    # and the other way: 2 ranks resume one process's checkpoint, each taking its streams' state
+    resumed_on_ranks = str(tmp_path / "resumed_on_ranks.npz")
+    done = mpiexec(2, *fastrnn_command("train", "--resume", one, "--steps", "2", "--out",
+                                       resumed_on_ranks, "--backend", "reference",
+                                       "--sample-length", "0"))
+    assert done.returncode == 0, done.stderr
+    assert_same_checkpoints(resumed_on_ranks, longer)
 
 
 def test_mpiexec_fastrnn_train_refuses_an_uneven_split_on_every_rank(tmp_path, text):
