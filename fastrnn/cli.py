@@ -102,7 +102,9 @@ def build_parser():
                     "Python standard library's own sources. Shows the training loss, held-out "
                     "bits per character and speed; saves a checkpoint (also on Ctrl-C, SIGTERM "
                     "or an error) and prints a sample. An update whose gradient is not finite "
-                    "is skipped, never applied.",
+                    "is skipped, never applied. Under `mpiexec -n N` it trains on N processes, "
+                    "each on its share of --batch (data-parallel; needs fastrnn[mpi]; see "
+                    "docs/distributed.md).",
         epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the run's options have no argparse default, so that --resume can tell which were given
     run = argparse.SUPPRESS
@@ -243,7 +245,7 @@ def _run(args):
         if args.comm is None:
             raise
         traceback.print_exc()
-        return _fail(args, None, 1, f"fastrnn train: rank {args.comm.rank} failed (above)")
+        return _fail(args, None, 1, "fastrnn train: error: failed (the traceback is above)")
 
 
 def _fail(args, exc, status, message):

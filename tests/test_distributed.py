@@ -103,6 +103,14 @@ def test_without_mpi4py_the_error_names_the_extra(monkeypatch):
         distributed.mpi()
 
 
+def test_fastrnn_and_its_command_do_not_import_mpi4py():
+    check = ("import sys, fastrnn, fastrnn.cli, fastrnn.charlm, fastrnn.distributed; "
+             "assert 'mpi4py' not in sys.modules, 'imported'")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=TIMEOUT, **child_python())
+    assert done.returncode == 0, done.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # the command
 
@@ -147,7 +155,9 @@ def test_mpiexec_fastrnn_train_writes_the_checkpoint_of_one_process(tmp_path, te
     done = mpiexec(2, *fastrnn_command("train", "--text", text, "--steps", "3", "--out", ranks,
                                        *CLI_OPTIONS))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("corpus:") == 1 and "ranks:  2 (MPI), 2 streams each" in done.stdout
+    assert done.stdout.count("corpus:") == 1         # rank 0 alone prints
+    threads = max(1, os.cpu_count() // 2)           # the cores shared by the 2 ranks
+    assert f"ranks:  2 (MPI), 2 streams each, --threads {threads}" in done.stdout
     run_one_process("train", "--text", text, "--steps", "3", "--out", one, *CLI_OPTIONS)
     assert_same_checkpoints(ranks, one)
     # the checkpoint is the whole batch's: one process resumes it as if it had made it
@@ -270,3 +280,12 @@ def test_a_stuck_rank_ends_the_job_after_the_timeout(tmp_path, text, monkeypatch
     assert status == 1, stderr
     assert "no answer from the other ranks in 3 s" in stderr, (stdout, stderr)
     _assert_complete_checkpoint(out)
+
+
+def test_an_error_of_rank_0_alone_before_training_ends_every_rank_with_its_status(tmp_path,
+                                                                                   text):
+    # --out is checked on rank 0 only: the other rank must not go on to wait for it
+    done = mpiexec(2, *fastrnn_command("train", "--text", text, "--steps", "3", "--out",
+                                       str(tmp_path), *CLI_OPTIONS))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("--out: expected a file name, got the directory") == 1
