@@ -12,12 +12,10 @@ chance, while a bidirectional LSTM read at each sentence's own last step gets th
 Model: embedding -> bidirectional LSTM -> ``fastrnn.sequence.last_step`` (the forward direction
 at the sentence's last word, the reverse direction at its first) -> linear -> softmax.
 """
-import sys
-
 import numpy as np
 
 import fastrnn
-from fastrnn.sequence import last_step, last_step_backward, pad
+from fastrnn.sequence import last_step, last_step_backward, length_mask, pad
 from fastrnn.train import Adam, Embedding, Linear, softmax_cross_entropy
 
 from ._common import Model, parse_args, train
@@ -74,10 +72,10 @@ def bag_of_tokens_accuracy(train_ids, train_lengths, train_labels, test_ids, tes
                            test_labels, vocab_size, seed):
     """Logistic regression on word counts: the classifier that sees content but not order."""
     def counts(ids, lengths):
-        c = np.zeros((ids.shape[1], vocab_size), np.float32)              # (B, V)
-        for t in range(ids.shape[0]):
-            live = t < lengths
-            np.add.at(c, (np.flatnonzero(live), ids[t, live]), 1)
+        real = length_mask(lengths, len(ids))                              # (T, B)
+        sentence_of = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)  # (T, B)
+        c = np.zeros((ids.shape[1], vocab_size), np.float32)               # (B, V)
+        np.add.at(c, (sentence_of[real], ids[real]), 1)
         return c
 
     x_train, x_test = counts(train_ids, train_lengths), counts(test_ids, test_lengths)
@@ -153,4 +151,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -102,8 +102,10 @@ def predict(model, modules):
 
 
 def main(argv=None):
-    # Two threads: the two directions of each layer run at once, one a thread.
-    args = parse_args("tag", __doc__.splitlines()[0], steps=1000, threads=2, argv=argv)
+    # One thread for the layers' kernels: NumPy's BLAS (the dense layer's products) keeps its
+    # own threads, and on two cores the layers' second thread and BLAS's fight for the core
+    # (150 updates: 17 s with one, 23 s with two).
+    args = parse_args("tag", __doc__.splitlines()[0], steps=800, threads=1, argv=argv)
     train_modules = modules(STDLIB_TRAIN_MODULES)
     test_modules = modules(STDLIB_HELDOUT_MODULES)
     train_ids = np.concatenate([ids for ids, _ in train_modules])
