@@ -18,11 +18,16 @@ def parse_args(name, description, steps, threads, argv=None):
                         choices=["auto", "reference", "numba", "cython"],
                         help="kernels of the recurrent layers (default auto: the fastest here)")
     parser.add_argument("--threads", type=int, default=threads,
-                        help=f"threads of the kernels and BLAS (default {threads})")
+                        help=f"threads of fastrnn's kernels, fastrnn.set_num_threads "
+                             f"(default {threads})")
     args = parser.parse_args(argv)
     for option in ("steps", "threads"):
         if getattr(args, option) < 1:
             parser.error(f"--{option}: expected an integer >= 1, got {getattr(args, option)}")
+    try:
+        fastrnn.get_backend(args.backend)
+    except fastrnn.BackendUnavailable as exc:
+        parser.error(f"--backend: {exc}")
     fastrnn.set_num_threads(args.threads)
     return args
 

@@ -55,6 +55,7 @@ def label(source):
 
 
 def encode(source):
+    """The characters' ids: their code points, all above 127 as one."""
     return np.minimum(np.frombuffer(source.encode("utf-32-le"), np.uint32), ALPHABET - 1) \
         .astype(np.int64)
 
@@ -65,7 +66,7 @@ def modules(names):
     for name in names:
         spec = importlib.util.find_spec(name)
         # a frozen module (os, abc, ...) names its source file in loader_state
-        path = getattr(spec.loader_state, "filename", None) or spec.origin if spec else None
+        path = (getattr(spec.loader_state, "filename", None) or spec.origin) if spec else None
         if path is None or not path.endswith(".py"):
             continue
         with open(path, encoding="utf-8") as f:
@@ -87,10 +88,10 @@ def forward_state(state):
     return h, c
 
 
-def predict(model, modules):
-    """The class of each character of each module: all modules read at once, one a batch
-    column, WINDOW characters at a time, carrying the forward state (as in training)."""
-    ids, lengths = pad(modules)                                     # (T, B)
+def predict(model, sources):
+    """The class of each character of each source (an array of ids): all read at once, one a
+    batch column, WINDOW characters at a time, carrying the forward state (as in training)."""
+    ids, lengths = pad(sources)                                     # (T, B)
     classes = np.empty(ids.shape, dtype=np.int64)
     state = None
     for t in range(0, len(ids), WINDOW):
