@@ -103,7 +103,7 @@ def build_parser():
                     "bits per character and speed; saves a checkpoint (also on Ctrl-C, SIGTERM "
                     "or an error) and prints a sample. An update whose gradient is not finite "
                     "is skipped, never applied. Under `mpiexec -n N` it trains on N processes, "
-                    "each on its share of --batch (data-parallel; needs fastrnn[mpi]; see "
+                    "each on its share of --batch (data-parallel; needs the mpi extra; see "
                     "docs/distributed.md).",
         epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     # the run's options have no argparse default, so that --resume can tell which were given

@@ -3,7 +3,7 @@ DistributedDataParallel do it: every rank holds the whole model, computes the gr
 share of the batch, and the gradients are averaged by allreduce before every optimizer step.
 
     from fastrnn import distributed
-    comm = distributed.world()                       # MPI.COMM_WORLD; needs fastrnn[mpi]
+    comm = distributed.world()                       # MPI.COMM_WORLD; needs the mpi extra
     model = fastrnn.charlm.CharLM(V, seed=comm.rank)  # any seed: rank 0's weights win
     distributed.broadcast_parameters(comm, model.params)
     opt = fastrnn.train.Adam(model.params)
@@ -30,7 +30,7 @@ __all__ = [
     "broadcast_parameters", "GradientAllreduce", "wait_all", "gather_batch", "timeout_seconds",
 ]
 
-INSTALL_HINT = 'pip install "fastrnn[mpi]"'
+INSTALL_HINT = 'pip install mpi4py mpich (the "mpi" extra: pip install ".[mpi]" in a clone)'
 # Seconds a rank waits for the others in a collective before it aborts the whole job: long
 # enough for rank 0's evaluations and saves, short enough that a stuck rank is noticed.
 DEFAULT_TIMEOUT = 600.0

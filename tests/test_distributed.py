@@ -14,7 +14,7 @@ import pytest
 
 from conftest import child_python
 
-pytest.importorskip("mpi4py", reason='needs the mpi extra: pip install "fastrnn[mpi]"')
+pytest.importorskip("mpi4py", reason='needs the mpi extra: pip install mpi4py mpich')
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH")
 
@@ -99,7 +99,7 @@ def test_batch_share_refuses_an_uneven_split():
 def test_without_mpi4py_the_error_names_the_extra(monkeypatch):
     from fastrnn import distributed
     monkeypatch.setitem(sys.modules, "mpi4py", None)
-    with pytest.raises(distributed.MPIUnavailable, match=r'pip install "fastrnn\[mpi\]"'):
+    with pytest.raises(distributed.MPIUnavailable, match=r'pip install mpi4py mpich'):
         distributed.mpi()
 
 
