@@ -21,6 +21,7 @@ finalizer, where Python prints and drops it (measured: 17 of 200 interrupts lost
 ``empty``; the training command then ran on). So a buffer whose arrays are gone stays held
 until the next pooled ``empty`` or ``clear``.
 """
+import os
 import threading
 import weakref
 
@@ -39,6 +40,15 @@ _free = []                # free raw buffers (uint8 arrays), most recently retur
 _out = {}                 # weak reference to a live (or just dead) lease -> its raw buffer
 _dead = []                # weak references of dead leases, appended by the weakref machinery
 _lock = threading.Lock()
+
+
+def _after_fork_in_child():
+    # a thread that held the lock when another forked does not exist in the child
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Lease:

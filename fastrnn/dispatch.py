@@ -85,10 +85,33 @@ def get_backend(name="auto"):
 
 
 def set_num_threads(n):
-    """Threads for the compiled kernels' elementwise passes and for BLAS, in every backend."""
+    """Threads for the compiled kernels' elementwise passes and for BLAS, in every backend.
+
+    A forked child process (``os.fork``, multiprocessing's "fork" start method) starts on one
+    thread, as if it had called ``set_num_threads(1)``; calling it there gives the child a pool
+    of its own (see ``_after_fork_in_child``)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     for name in backends():
-        setter = getattr(_loaded[name], "set_num_threads", None)
-        if setter is not None:
-            setter(n)
+        _set_backend_threads(_loaded[name], n)
+
+
+def _set_backend_threads(module, n):
+    setter = getattr(module, "set_num_threads", None)
+    if setter is not None:
+        setter(n)
+
+
+def _after_fork_in_child():
+    # Workers of a process pool are usually as many as the cores: each with the parent's thread
+    # count, their threads would outnumber the cores, and the kernels' threads meet at every
+    # time step, so a thread the scheduler parks stalls the others (measured, cython, a fork
+    # Pool(2) on 2 cores, LSTM training T=100 B=32 H=256: 63-66 ms a call with one thread a
+    # worker, 230-249 ms with two). The backends themselves make their thread pools usable in
+    # the child (GNU OpenMP's does not survive fork: see their fork handlers); this sets the
+    # count.
+    for module in list(_loaded.values()):
+        _set_backend_threads(module, 1)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -51,6 +51,11 @@ cimport numpy as cnp
 
 cimport openmp
 
+cdef extern from "omp.h" nogil:
+    ctypedef enum omp_pause_resource_t:
+        omp_pause_soft
+    int omp_pause_resource_all(omp_pause_resource_t kind)
+
 cdef extern from "rowdot.h" nogil:
     void fr_rowdot_f32(const float* w, Py_ssize_t ldw, Py_ssize_t rows, Py_ssize_t k,
                        const float* x, Py_ssize_t ldx, Py_ssize_t nx, float* out, Py_ssize_t ldo)
@@ -170,6 +175,20 @@ def effective_num_threads():
 
 
 _update_pass_threads()
+
+
+# Fork. GNU OpenMP's thread pool does not survive fork: the child's copy of the pool names
+# threads that do not exist, and its first parallel region of more than one thread waits for
+# them for ever. So before a fork the forking thread's pool is shut down (OpenMP 5's
+# omp_pause_resource_all; the parent's next parallel region makes a new one, a few tens of
+# microseconds once per fork) and the child starts with none: it makes its own when it runs
+# threads (fastrnn.dispatch starts it on one, until set_num_threads).
+def _before_fork():
+    with nogil:
+        omp_pause_resource_all(omp_pause_soft)
+
+
+os.register_at_fork(before=_before_fork)
 cnp.import_array()
 
 

@@ -705,6 +705,58 @@ _blas_set_num_threads, _blas_get_num_threads = _find_blas_threads_functions()
 _num_threads = numba.config.NUMBA_NUM_THREADS
 
 
+# Fork. Numba's omp threading layer (the one picked here when TBB is absent) runs on GNU
+# OpenMP, whose thread pool does not survive fork: the child's copy of the pool names threads
+# that do not exist, and a parallel region waits for them for ever. Numba guards against that
+# by killing a forked child's first parallel launch ("Terminating: fork() called from a process
+# already using GNU OpenMP"), whatever its thread count. So, around a fork:
+# - before it, in the parent: the forking thread's OpenMP pool is shut down (OpenMP 5's
+#   omp_pause_resource_all; the next parallel region makes a new one, a few tens of
+#   microseconds once per fork), so the child starts with none and makes its own;
+# - in the child: Numba's guard is told the child is the process that owns OpenMP now (the
+#   guard kills a process whose parent is the process recorded by the layer's launch_threads;
+#   called again in the child, it records the child), and the locks of this module, which a
+#   thread that does not exist in the child may have held, are made afresh.
+# fastrnn.dispatch sets the child's thread count (one, until set_num_threads).
+
+def _gnu_openmp_layer():
+    """Numba's omppool module when the threading layer in use is GNU OpenMP, else None."""
+    from numba.np.ufunc import parallel
+    if parallel._threading_layer != "omp":      # not started yet, or tbb / workqueue
+        return None
+    from numba.np.ufunc import omppool
+    return omppool if getattr(omppool, "openmp_vendor", None) == "GNU" else None
+
+
+_openmp_pause = []      # omp_pause_resource_all of the OpenMP runtime omppool loaded, or None
+
+
+def _before_fork():
+    layer = _gnu_openmp_layer()
+    if layer is None:
+        return
+    if not _openmp_pause:
+        # the runtime omppool is linked with (a symbol lookup through its handle finds it)
+        _openmp_pause.append(getattr(ctypes.CDLL(layer.__file__), "omp_pause_resource_all",
+                                     None))
+        if _openmp_pause[0] is not None:
+            _openmp_pause[0].argtypes, _openmp_pause[0].restype = [ctypes.c_int], ctypes.c_int
+    if _openmp_pause[0] is not None:
+        _openmp_pause[0](1)     # omp_pause_soft
+
+
+def _after_fork_in_child():
+    global _compile_lock, _launch_lock
+    _compile_lock, _launch_lock = threading.Lock(), threading.Lock()
+    layer = _gnu_openmp_layer()
+    if layer is not None:
+        from numba.np.ufunc import parallel
+        ctypes.CFUNCTYPE(None, ctypes.c_int)(layer.launch_threads)(parallel.NUM_THREADS)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
 def set_num_threads(n):
     """Threads for the elementwise passes (Numba) and for BLAS (scipy's OpenBLAS).
 
