@@ -63,3 +63,13 @@ def test_bad_arguments_are_named():
                             capture_output=True, text=True, timeout=120, **child_python())
     assert result.returncode == 2
     assert "--steps: expected an integer >= 1, got 0" in result.stderr
+
+
+def test_tag_labels_follow_tokenize_by_hand():
+    """The tagger's data: every character of a snippet labelled as tokenize reads it."""
+    from fastrnn.examples.tag import CLASSES, label
+    source = 'if x1 == "if":  # no\n    y = 0x1F\n'
+    short = {"whitespace": "_", "name": "n", "keyword": "k", "number": "0", "string": "s",
+             "comment": "c", "operator": "o"}
+    got = "".join(short[CLASSES[c]] for c in label(source))
+    assert got == "kk_nn_oo_sssso__cccc_" + "____n_o_0000_"
