@@ -5,6 +5,7 @@ Every backend is a module with ``layer_forward`` and ``layer_backward`` (the con
 ``BackendUnavailable`` with the reason; nothing falls back silently.
 """
 import importlib
+import numbers
 import os
 
 __all__ = ["BackendUnavailable", "backends", "get_backend", "resolve", "set_num_threads",
@@ -90,10 +91,10 @@ def set_num_threads(n):
     A forked child process (``os.fork``, multiprocessing's "fork" start method) starts on one
     thread, as if it had called ``set_num_threads(1)``; calling it there gives the child a pool
     of its own (see ``_after_fork_in_child``)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     for name in backends():
-        _set_backend_threads(_loaded[name], n)
+        _set_backend_threads(_loaded[name], int(n))
 
 
 def _set_backend_threads(module, n):

@@ -30,6 +30,8 @@ _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _CONCURRENT_MIN_WORK = 1 << 21   # multiply-adds of one direction's call: ~20 us on one core
 _helper = [None, None]           # (executor, pid): a forked child makes its own
 _helper_lock = threading.Lock()
+# A thread that held the lock at a fork does not exist in the child: give the child a free one.
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_helper_lock", threading.Lock()))
 
 
 def _helper_thread():

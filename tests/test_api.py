@@ -361,3 +361,18 @@ def test_a_replaced_parameter_is_named_by_every_backend(backend, step):
             m.params[name] = value
         with pytest.raises(error, match=rf"params\['{name}'\]"):
             m.backward(np.ones_like(y), cache)
+
+
+def test_set_num_threads_takes_numpy_integers_and_refuses_bools():
+    before = {name: fastrnn.get_backend(name).get_num_threads()
+              for name in fastrnn.backends() if name != "reference"}
+    try:
+        fastrnn.set_num_threads(np.int64(1))
+        for name in before:
+            assert fastrnn.get_backend(name).get_num_threads() == 1
+        for bad in (True, np.bool_(True), 0, 1.0, "2"):
+            with pytest.raises(ValueError, match=r"n: expected an int >= 1"):
+                fastrnn.set_num_threads(bad)
+    finally:
+        for name, n in before.items():
+            fastrnn.get_backend(name).set_num_threads(n)
