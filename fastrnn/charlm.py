@@ -314,22 +314,30 @@ class CharLM:
         as the gradients of ``grad_buckets()[i]`` are final (this is the last backward of
         the update), so a distributed driver can start reducing them."""
         emb_cache, rnn_cache, head_cache = cache
+        L = self.rnn.num_layers
         dy = None if dlogits is None else self.head.backward(dlogits, head_cache)
         if grads_ready is not None:
             grads_ready(0)
-        dx, dstate0 = self.rnn.backward(dy, rnn_cache, dstate, truncate=truncate)
-        if grads_ready is not None:
-            grads_ready(1)
+        # recurrent layer k is bucket L - k: the top layer's gradients are final first
+        layer_ready = None if grads_ready is None else (lambda k: grads_ready(L - k))
+        dx, dstate0 = self.rnn.backward(dy, rnn_cache, dstate, truncate=truncate,
+                                        grads_ready=layer_ready)
         self.embedding.backward(dx, emb_cache)
         if grads_ready is not None:
-            grads_ready(2)
+            grads_ready(L + 1)
         return None, dstate0
 
     def grad_buckets(self):
-        """The keys of ``grads`` in the order ``backward`` finishes them: the head's, the
-        recurrent stack's, the embedding's."""
-        return [[k for k in self.grads if k.startswith(part + ".")]
-                for part in ("head", "rnn", "embedding")]
+        """The keys of ``grads`` in the order ``backward`` finishes them: the head's, each
+        recurrent layer's from the top one down, the embedding's."""
+        def of_layer(key, k):
+            name = key[len("rnn."):]
+            return name.endswith(f"_l{k}") or name.endswith(f"_l{k}_reverse")
+        rnn = [k for k in self.grads if k.startswith("rnn.")]
+        return ([[k for k in self.grads if k.startswith("head.")]]
+                + [[key for key in rnn if of_layer(key, k)]
+                   for k in reversed(range(self.rnn.num_layers))]
+                + [[k for k in self.grads if k.startswith("embedding.")]])
 
     def zero_grad(self):
         for m in self._parts.values():

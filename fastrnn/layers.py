@@ -532,13 +532,19 @@ class _RNNBase:
         y = out_btd if self.batch_first else out
         return y, self._state_out(final), cache
 
-    def backward(self, dy, cache, dstate=None, truncate=None):
+    def backward(self, dy, cache, dstate=None, truncate=None, grads_ready=None):
         """``dx, dstate0``: gradients of the input and the initial state; ADDS the parameter
         gradients into ``self.grads``.
 
         dy: gradient of y (same shape as y) or None; dstate: gradient of the final state (same
-        structure as the state) or None; truncate: None or k >= 1 (see DESIGN.md).
+        structure as the state) or None; truncate: None or k >= 1 (see DESIGN.md);
+        grads_ready: None or a function called with k as soon as layer k's gradients (both
+        directions) are final, top layer first, so that a distributed driver can reduce them
+        while the layers below run (``fastrnn.distributed``).
         """
+        if grads_ready is not None and not callable(grads_ready):
+            raise TypeError(f"grads_ready: expected a function of the layer index or None, "
+                            f"got {type(grads_ready).__name__}")
         if not isinstance(cache, Cache):
             raise TypeError("cache: expected the cache returned by forward(..., train=True) "
                             f"of this layer, got {type(cache).__name__}")
@@ -597,6 +603,8 @@ class _RNNBase:
             else:
                 for direction in range(D):
                     run(direction)
+            if grads_ready is not None:
+                grads_ready(layer)
             if layer > 0:
                 mask = cache.masks[layer - 1]
                 dy = d_input if mask is None else d_input * mask

@@ -448,3 +448,29 @@ def test_a_non_finite_model_is_not_saved_over_a_checkpoint(tmp_path):
                                                          r"\(head.bias\)"):
         charlm.save_checkpoint(str(path), m, vocab)
     assert path.read_bytes() == good
+
+
+def test_grads_ready_reports_each_bucket_when_its_gradients_are_final(backend):
+    # A distributed driver starts reducing bucket i at grads_ready(i): the gradients it sees then
+    # must be the ones backward ends with, and the buckets must come head, top layer .. layer 0,
+    # embedding, each key in exactly one
+    model = CharLM(11, embed=5, hidden=6, layers=3, dtype=np.float64, backend=backend, seed=0)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, 11, (7, 3))
+    logits, _, cache = model.forward(idx, train=True)
+    buckets = model.grad_buckets()
+    assert sorted(k for keys in buckets for k in keys) == sorted(model.grads)
+    assert [keys[0].split(".")[0] for keys in buckets] == ["head", "rnn", "rnn", "rnn",
+                                                           "embedding"]
+    assert all(k.endswith(("_l2", "_l2_reverse")) for k in buckets[1])
+    assert all(k.endswith(("_l0", "_l0_reverse")) for k in buckets[3])
+    seen = []
+    model.zero_grad()
+    model.backward(rng.standard_normal(logits.shape), cache,
+                   grads_ready=lambda i: seen.append((i, {k: model.grads[k].copy()
+                                                          for k in buckets[i]})))
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    for i, at_ready in seen:
+        for key, value in at_ready.items():
+            assert np.array_equal(value, model.grads[key]), (i, key)
+            assert np.any(value != 0), key
