@@ -22,7 +22,8 @@ import traceback
 import numpy as np
 
 from . import charlm, distributed
-from .dispatch import BackendUnavailable, get_backend
+from .dispatch import (BackendUnavailable, _openblas_setter, get_backend,
+                       limit_numpy_blas_threads, resolve)
 from .train import NonFiniteGradientError
 
 __all__ = ["main", "build_parser", "DEFAULT_STEPS"]
@@ -222,6 +223,7 @@ def _run(args):
             _join_ranks(args)
         if args.threads is not None:
             _set_threads(args.threads, args.backend)
+        _quiet_numpy_blas(args.backend)
         if args.command == "train":
             return _train(args), False
         return _sample(args), False
@@ -402,6 +404,25 @@ def _set_threads(n, backend):
         setter(n)
     except ValueError as exc:
         raise UsageError(f"--threads: {exc}") from None
+    # SciPy's BLAS too (the numba backend's setter does so itself): under mpiexec each rank's
+    # BLAS threads otherwise spin on the cores of the other ranks (2 ranks x 1 thread, main
+    # job, AMD EPYC 2 cores: 13,000 chars/s with SciPy's BLAS on 2 threads, 27,000 on 1)
+    blas = _openblas_setter("scipy")
+    if blas is not None:
+        blas(n)
+
+
+def _quiet_numpy_blas(backend):
+    """The model's dense products (embedding, head) are small: NumPy's BLAS on one thread, so
+    that its spinning threads do not take the cores from the recurrent kernels' (see
+    fastrnn.dispatch.limit_numpy_blas_threads). The reference backend runs on NumPy's BLAS:
+    left as it is."""
+    try:
+        name = resolve(backend)
+    except (TypeError, ValueError, BackendUnavailable):
+        return          # reported when the model is built
+    if name != "reference":
+        limit_numpy_blas_threads(1)
 
 
 def _check_out(path, text, force):

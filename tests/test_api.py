@@ -376,3 +376,59 @@ def test_set_num_threads_takes_numpy_integers_and_refuses_bools():
     finally:
         for name, n in before.items():
             fastrnn.get_backend(name).set_num_threads(n)
+
+
+def _openblas_threads(package):
+    """Threads of the OpenBLAS bundled in package's wheels (None where it has none)."""
+    import ctypes
+    import glob
+    import importlib
+    root = os.path.dirname(os.path.dirname(importlib.import_module(package).__file__))
+    for path in glob.glob(os.path.join(root, f"{package}.libs", "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                       "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            getter = getattr(lib, symbol, None)
+            if getter is not None:
+                getter.restype = ctypes.c_int
+                return getter()
+    return None
+
+
+def test_limit_numpy_blas_threads_sets_numpys_own_blas():
+    before = _openblas_threads("numpy")
+    if before is None:
+        pytest.skip("this NumPy has no bundled OpenBLAS")
+    try:
+        assert fastrnn.limit_numpy_blas_threads(np.int64(1)) is True
+        assert _openblas_threads("numpy") == 1
+        with pytest.raises(ValueError, match=r"n: expected an int >= 1, got 0"):
+            fastrnn.limit_numpy_blas_threads(0)
+    finally:
+        fastrnn.limit_numpy_blas_threads(before)
+
+
+def test_cli_threads_set_scipys_blas_and_quiet_numpys():
+    from fastrnn import cli
+    if _openblas_threads("numpy") is None or _openblas_threads("scipy") is None:
+        pytest.skip("NumPy or SciPy without a bundled OpenBLAS")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: BLAS keeps one thread whatever is asked")
+    backend = "cython" if "cython" in fastrnn.backends() else fastrnn.backends()[-1]
+    if backend == "reference":
+        pytest.skip("no compiled backend")
+    kernels = fastrnn.get_backend(backend)
+    saved = (_openblas_threads("numpy"), _openblas_threads("scipy"), kernels.get_num_threads())
+    try:
+        fastrnn.limit_numpy_blas_threads(2)
+        cli._set_threads(1, backend)
+        cli._quiet_numpy_blas(backend)
+        assert (_openblas_threads("numpy"), _openblas_threads("scipy")) == (1, 1)
+        fastrnn.limit_numpy_blas_threads(2)
+        cli._quiet_numpy_blas("reference")          # NumPy's BLAS is that backend's engine
+        assert _openblas_threads("numpy") == 2
+    finally:
+        fastrnn.limit_numpy_blas_threads(saved[0])
+        from fastrnn.dispatch import _openblas_setter
+        _openblas_setter("scipy")(saved[1])
+        kernels.set_num_threads(saved[2])

@@ -29,6 +29,7 @@ def parse_args(name, description, steps, threads, argv=None):
     except fastrnn.BackendUnavailable as exc:
         parser.error(f"--backend: {exc}")
     fastrnn.set_num_threads(args.threads)
+    fastrnn.limit_numpy_blas_threads(1)     # the dense layers are small; see its docstring
     return args
 
 
