@@ -22,7 +22,7 @@ import traceback
 import numpy as np
 
 from . import charlm, distributed
-from .dispatch import (BackendUnavailable, _openblas_setter, get_backend,
+from .dispatch import (BackendUnavailable, _openblas_threads_functions, get_backend,
                        limit_numpy_blas_threads, resolve)
 from .train import NonFiniteGradientError
 
@@ -407,7 +407,7 @@ def _set_threads(n, backend):
     # SciPy's BLAS too (the numba backend's setter does so itself): under mpiexec each rank's
     # BLAS threads otherwise spin on the cores of the other ranks (2 ranks x 1 thread, main
     # job, AMD EPYC 2 cores: 13,000 chars/s with SciPy's BLAS on 2 threads, 27,000 on 1)
-    blas = _openblas_setter("scipy")
+    blas, _ = _openblas_threads_functions("scipy")
     if blas is not None:
         blas(n)
 

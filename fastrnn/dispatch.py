@@ -105,28 +105,33 @@ def _set_backend_threads(module, n):
         setter(n)
 
 
-def _openblas_setter(package):
-    """The thread-count setter of the OpenBLAS bundled in ``package``'s wheels ("numpy" or
-    "scipy": two libraries, each with its own threads), or None where it links another BLAS."""
+def _openblas_threads_functions(package):
+    """``(set, get)`` of the thread count of the OpenBLAS bundled in ``package``'s wheels
+    ("numpy" or "scipy": two libraries, each with its own threads), or ``(None, None)`` where
+    it links another BLAS."""
     import ctypes
     import glob
     import importlib.util
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        return None
-    root = os.path.dirname(os.path.dirname(spec.origin))
-    for path in glob.glob(os.path.join(root, f"{package}.libs", "*openblas*")):
+        return None, None
+    package_dir = os.path.dirname(spec.origin)
+    for path in (glob.glob(os.path.join(os.path.dirname(package_dir), f"{package}.libs",
+                                        "*openblas*"))                       # Linux, Windows
+                 + glob.glob(os.path.join(package_dir, ".dylibs", "*openblas*"))):   # macOS
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""),
+                               ("openblas", "64_"), ("openblas", "")):
+            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            if setter is not None and getter is not None:
                 setter.argtypes, setter.restype = [ctypes.c_int], None
-                return setter
-    return None
+                getter.argtypes, getter.restype = [], ctypes.c_int
+                return setter, getter
+    return None, None
 
 
 def limit_numpy_blas_threads(n):
@@ -137,7 +142,7 @@ def limit_numpy_blas_threads(n):
     cores). ``OPENBLAS_NUM_THREADS=1`` in the environment does the same for NumPy and SciPy."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
-    setter = _openblas_setter("numpy")
+    setter, _ = _openblas_threads_functions("numpy")
     if setter is None:
         return False
     setter(int(n))

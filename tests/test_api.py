@@ -380,19 +380,8 @@ def test_set_num_threads_takes_numpy_integers_and_refuses_bools():
 
 def _openblas_threads(package):
     """Threads of the OpenBLAS bundled in package's wheels (None where it has none)."""
-    import ctypes
-    import glob
-    import importlib
-    root = os.path.dirname(os.path.dirname(importlib.import_module(package).__file__))
-    for path in glob.glob(os.path.join(root, f"{package}.libs", "*openblas*")):
-        lib = ctypes.CDLL(path)
-        for symbol in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                       "openblas_get_num_threads64_", "openblas_get_num_threads"):
-            getter = getattr(lib, symbol, None)
-            if getter is not None:
-                getter.restype = ctypes.c_int
-                return getter()
-    return None
+    _, getter = dispatch._openblas_threads_functions(package)
+    return None if getter is None else getter()
 
 
 def test_limit_numpy_blas_threads_sets_numpys_own_blas():
@@ -429,6 +418,5 @@ def test_cli_threads_set_scipys_blas_and_quiet_numpys():
         assert _openblas_threads("numpy") == 2
     finally:
         fastrnn.limit_numpy_blas_threads(saved[0])
-        from fastrnn.dispatch import _openblas_setter
-        _openblas_setter("scipy")(saved[1])
+        dispatch._openblas_threads_functions("scipy")[0](saved[1])
         kernels.set_num_threads(saved[2])

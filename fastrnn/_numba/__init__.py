@@ -20,7 +20,6 @@ Each loop is compiled with one explicit signature per dtype, on the first call i
 as strided ('A' layout), so C-ordered or strided, writable or read-only arguments all run the
 same machine code instead of compiling a variant for each combination.
 """
-import glob
 import os
 import threading
 import ctypes
@@ -668,25 +667,13 @@ def _find_blas_threads_functions():
     """(set, get) of the OpenBLAS that scipy.linalg.cython_blas calls, or (None, None).
 
     The OpenBLAS bundled in scipy's wheels is already loaded by the time this runs (the kernels
-    import cython_blas); CDLL on its path returns that same loaded library. Its symbols carry
-    scipy's prefix (scipy_openblas_set_num_threads). Otherwise fall back on threadpoolctl.
+    import cython_blas); CDLL on its path returns that same loaded library. Otherwise fall back
+    on threadpoolctl.
     """
-    import scipy
-    root = os.path.dirname(scipy.__file__)
-    candidates = (glob.glob(os.path.join(os.path.dirname(root), "scipy.libs", "*openblas*"))
-                  + glob.glob(os.path.join(root, ".dylibs", "*openblas*")))
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            setter = getattr(lib, prefix + "_set_num_threads", None)
-            getter = getattr(lib, prefix + "_get_num_threads", None)
-            if setter is not None and getter is not None:
-                setter.argtypes, setter.restype = [ctypes.c_int], None
-                getter.argtypes, getter.restype = [], ctypes.c_int
-                return setter, getter
+    from ..dispatch import _openblas_threads_functions
+    setter, getter = _openblas_threads_functions("scipy")
+    if setter is not None:
+        return setter, getter
     try:
         import threadpoolctl
     except ImportError:
