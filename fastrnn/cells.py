@@ -1,110 +1,202 @@
-"""One record per cell type, and the contract every backend's kernels follow.
+"""One record per cell type: every fact about a cell that the layers and the kernels need.
 
 A *cell* is one time step. A *layer kernel* runs one cell over all T steps of one layer in one
 direction. The layer classes (``fastrnn.layers``) build stacks, directions, dropout and batch-first
-handling on top of the layer kernels; each backend provides these three functions with this
-argument order (the same in the reference, the Numba and the Cython backend)::
+handling on top of the layer kernels. Parameter shapes, the state, the kernels' workspace and
+cache, and which products a step makes all follow from the record; a backend adds only its
+step pair per cell (forward and backward of one batch row), chosen by ``code`` in one place.
 
-    cache = layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                          lengths, reverse, train, y, h_n, c_n, threads=None)
+Each backend provides these functions with this argument order (the same in the reference, the
+Numba and the Cython backend)::
 
-    layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                   lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None)
+    cache = layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n,
+                          threads=None)
+    layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None)
 
-    layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n)
+    concurrent_directions(T, B, train)                       (compiled backends only)
+    layer_call_step(spec, params, batch_first, x, state)     (compiled backends only)
 
-    concurrent_directions(T, B, train)      (compiled backends only)
-
-    layer_call_step(spec, params, batch_first, x, state)   (optional; both compiled backends)
-
-``layer_step`` is the lean path for single steps of inference (a layer called on one time
-step): ONE step, x (B, I), no lengths, no cache; it writes h_n (and c_n) and returns None.
-Every array must already be C-contiguous, aligned and of one float dtype, and h_n, c_n must not
-overlap the inputs: it checks that (cheaply) and nothing else, and allocates nothing that
-grows with the sizes. The layers call it only for arguments they have validated.
-``layer_call_step``, where a backend has it, is a layer's whole one-step call (every layer and
-direction, the checks, the result arrays) in compiled code: it returns ``y, state`` as the
-layer's call would, or None for anything it does not take (the layer's general path then
-converts or says what is wrong); ``spec`` is the layer's fixed description
-(``fastrnn.layers._RNNBase._step_spec``).
-
-Arguments (H hidden size, G gates, I input size; every array has the layer's dtype):
+Arguments (H hidden size, G = cell.num_gates, I input size; every array has the layer's dtype):
 
     cell        a ``Cell`` record below
     x           (T, B, I)  layer input, C-contiguous
-    h0, c0      (B, H)     initial state, C-contiguous; c0 is None unless the cell has a cell state
-    w_ih        (G*H, I)   w_hh (G*H, H); b_ih, b_hh (G*H,): always arrays (zeros when bias=False)
-    peephole    (3, H)     rows i, f, o; None unless ``cell.peephole``
+    state0      tuple, one (B, H) C-contiguous array per ``cell.state_names``: the initial state
+    params      tuple, one array per ``cell.param_names`` with the shapes ``cell.param_shapes``:
+                w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh (G*H,) (always arrays: zeros when the
+                layer has no bias), then the cell's extra parameters (peephole (3, H))
     lengths     (B,) int64 every value in [0, T]; steps t >= lengths[b] are padding for row b
     reverse     bool       process t = T-1 .. 0 instead of 0 .. T-1
     train       bool       keep what backward needs and return it as the cache; else return None
     y           (T, B, H)  output, written whole (zeros at padding); may be a strided view into
                            the (T, B, D*H) layer output (unit stride along H)
-    h_n, c_n    (B, H)     final state, written; c_n None unless the cell has a cell state
+    state_n     tuple like state0: the final state, written
 
-    cache       what layer_forward returned with train=True (opaque to the caller)
+    cache       what layer_forward returned with train=True; it refers to x, state0, params,
+                lengths and reverse of that call, which backward reads again: the caller keeps
+                them unchanged until its last backward (the layers pass copies)
     dy          (T, B, H)  gradient of y (may be a strided view), or None for no loss on y
-    dh_n, dc_n  (B, H)     gradient of the final state, or None
+    dstate_n    tuple like state0, each entry an array or None: gradient of the final state
     truncate    None or k >= 1: the gradient carried through the recurrent state between time
                 indices m*k - 1 and m*k (m = 1, 2, ...) is dropped. For the forward direction this
                 equals running the windows [0, k), [k, 2k), ... one after another, each with its
                 own backward; the reverse direction is cut at the same time boundaries.
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole
-                gradients, same shapes as the arrays they belong to; backward ADDS into them
-                (the caller zeroes). dc0 and dpeephole are None when the cell has no such thing.
-
-Padding (t >= lengths[b]): the output is zero, the state passes through unchanged, no gradient
-reaches the parameters or the input from that position. The reverse direction therefore starts
-at each row's own last step, and the final state is each row's state after its own last step.
-
+    dx, dstate0, dparams
+                gradients, shaped like x, state0 and params; backward ADDS into them (the caller
+                zeroes)
     threads     None: the backend's thread count (set_num_threads); n >= 1: at most n threads
                 for this call. The layers run the two directions of a bidirectional layer at
                 once, one thread each, with threads=1, when the backend's
                 ``concurrent_directions(T, B, train)`` says such a call makes no BLAS call
                 (BLAS has its own threads) and there are threads to spare.
 
-The kernels never write x, the states, the weights, lengths or dy.
-"""
-from dataclasses import dataclass
+Padding (t >= lengths[b]): the output is zero, the state passes through unchanged, no gradient
+reaches the parameters or the input from that position. The reverse direction therefore starts
+at each row's own last step, and the final state is each row's state after its own last step.
 
-__all__ = ["Cell", "CELLS", "cell_for"]
+The kernels check nothing that the layers (``fastrnn.layers``) and ``fastrnn.functional``, the
+two public boundaries, have checked: shapes, dtypes, contiguity, lengths in range, outputs that
+do not overlap inputs. They never write x, the states, the parameters, lengths or dy.
+
+``layer_call_step`` is a layer's whole one-step call (every layer and direction, the checks, the
+result arrays) in compiled code: it returns ``y, state`` as the layer's call would, or None for
+anything it does not take (the layer's general path then converts or says what is wrong);
+``spec`` is the layer's fixed description (``fastrnn.layers._RNNBase._step_spec``).
+"""
+from dataclasses import dataclass, field
+
+__all__ = ["Cell", "Param", "Product", "CELLS", "cell_for"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter of one layer and direction: the kernels' name, the stem of its key in a
+    layer's ``params`` (``weight_ih`` -> ``weight_ih_l0``, ``weight_ih_l0_reverse``), and its
+    shape in the symbols "G*H", "H", "I" and integers."""
+    name: str
+    key: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class Product:
+    """One recurrent product of a step: ``source @ w_hh[rows of blocks].T``, the hidden side of
+    those gate blocks. ``source`` is "h", the state entering the step, or a buffer the step
+    made in an earlier phase (GRU reset-before: "rh" = r * h). A step has one phase per
+    product: phase k runs after product k."""
+    source: str
+    blocks: tuple
+
+
+# the parameters every cell has, in this order
+WEIGHTS = (Param("w_ih", "weight_ih", ("G*H", "I")), Param("w_hh", "weight_hh", ("G*H", "H")),
+           Param("b_ih", "bias_ih", ("G*H",)), Param("b_hh", "bias_hh", ("G*H",)))
 
 
 @dataclass(frozen=True)
 class Cell:
-    """What a cell type is, for validation, parameter shapes, dispatch and the kernels' cache.
+    """What a cell type is.
 
-    ``code`` is the integer the compiled kernels switch on; ``cache_buffers`` names the per-step
-    buffers (besides the activated gates) that the compiled backends keep for backward, each of
-    shape (T, B, width*H) where width is the number given.
+    ``saved`` names the per-step buffers the compiled kernels keep for backward besides the
+    activated gates (T, B, G*H) and the state before each step (one slot per state name), each
+    (name, width) of shape (T, B, width*H). ``hidden_side`` lists the gate blocks whose gradient
+    on the hidden side (what w_hh, b_hh see) differs from the input side (what w_ih, b_ih, x
+    see); the kernels keep that hidden side apart, (T, B, len(hidden_side)*H).
     """
 
     name: str               # key in CELLS
-    code: int               # integer id used by the compiled kernels
+    code: int               # the integer each backend's step switch reads
     mode: str               # "RNN", "LSTM" or "GRU": the layer class it belongs to
-    num_gates: int          # G: rows of w_ih and w_hh are G*H
-    gate_names: tuple       # gate order in the weight rows (PyTorch's order)
-    state_names: tuple      # ("h",) or ("h", "c")
-    peephole: bool = False  # LSTM with peephole connections, peephole_l{k} of shape (3, H)
-    cache_buffers: tuple = ()  # ((name, width), ...) kept per step besides gates and h_prev
+    gate_names: tuple       # gate blocks in the weight rows (PyTorch's order); G = their number
+    state_names: tuple = ("h",)   # ("h",) or ("h", "c"), each (B, H)
+    products: tuple = None  # the step's recurrent products; default one, of h, over all blocks
+    saved: tuple = ()       # ((name, width), ...): see above
+    hidden_side: tuple = ()  # gate blocks with a hidden-side gradient of their own
+    extra_params: tuple = ()  # Param records beyond WEIGHTS
+    activation: str = "tanh"  # RNN's activation ("tanh" or "relu"); the gates' for others
+    params: tuple = field(init=False)
+
+    def __post_init__(self):
+        G = len(self.gate_names)
+        if self.products is None:
+            object.__setattr__(self, "products", (Product("h", tuple(range(G))),))
+        object.__setattr__(self, "params", WEIGHTS + tuple(self.extra_params))
+        covered = [b for p in self.products for b in p.blocks]
+        if sorted(covered) != list(range(G)) or any(
+                list(p.blocks) != list(range(p.blocks[0], p.blocks[-1] + 1))
+                for p in self.products):
+            raise ValueError(f"cell {self.name}: the products' blocks {covered} must cover the "
+                             f"{G} gate blocks once each, every product a contiguous run")
+        if self.products[0].source != "h":
+            raise ValueError(f"cell {self.name}: the first product must be of h")
+        later_sources = {p.source for p in self.products[1:]}
+        if not later_sources <= {name for name, _ in self.saved}:
+            raise ValueError(f"cell {self.name}: a later product's source must be a saved "
+                             f"buffer, got {sorted(later_sources)}")
+        if not set(self.hidden_side) <= set(range(G)):
+            raise ValueError(f"cell {self.name}: hidden_side {self.hidden_side} is not a set of "
+                             f"gate blocks 0..{G - 1}")
+        for name, width in self.saved:
+            if not (isinstance(width, int) and width >= 1):
+                raise ValueError(f"cell {self.name}: saved buffer {name!r} needs a width >= 1, "
+                                 f"got {width!r}")
+        if self.state_names not in (("h",), ("h", "c")):
+            raise ValueError(f"cell {self.name}: state_names must be ('h',) or ('h', 'c')")
+
+    @property
+    def num_gates(self):
+        return len(self.gate_names)
 
     @property
     def has_cell_state(self):
         return len(self.state_names) == 2
 
+    @property
+    def phases(self):
+        return len(self.products)
 
-RNN_TANH = Cell("rnn_tanh", 0, "RNN", 1, ("h",), ("h",))
-RNN_RELU = Cell("rnn_relu", 1, "RNN", 1, ("h",), ("h",))
-LSTM = Cell("lstm", 2, "LSTM", 4, ("i", "f", "g", "o"), ("h", "c"),
-            cache_buffers=(("c_prev", 1),))
-LSTM_PEEPHOLE = Cell("lstm_peephole", 3, "LSTM", 4, ("i", "f", "g", "o"), ("h", "c"),
-                     peephole=True, cache_buffers=(("c_prev", 1),))
-# reset_after=True: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); keeps W_hn h + b_hn per step.
-GRU = Cell("gru", 4, "GRU", 3, ("r", "z", "n"), ("h",), cache_buffers=(("hn", 1),))
-# reset_after=False: n = tanh(W_in x + b_in + W_hn (r * h) + b_hn); keeps r * h per step.
-GRU_RESET_BEFORE = Cell("gru_reset_before", 5, "GRU", 3, ("r", "z", "n"), ("h",),
-                        cache_buffers=(("rh", 1),))
+    @property
+    def peephole(self):
+        return any(p.name == "peephole" for p in self.extra_params)
+
+    @property
+    def param_names(self):
+        return tuple(p.name for p in self.params)
+
+    def param_shapes(self, input_size, hidden_size):
+        """{name: shape} of one layer and direction's parameters, in ``param_names`` order."""
+        sizes = {"G*H": self.num_gates * hidden_size, "H": hidden_size, "I": input_size}
+        return {p.name: tuple(sizes.get(d, d) for d in p.shape) for p in self.params}
+
+    @property
+    def saved_width(self):
+        """Width, in units of H, of all saved buffers together."""
+        return sum(width for _, width in self.saved)
+
+    def kernel_spec(self):
+        """The record as the compiled backends read it, a tuple of ints: (code, G, states,
+        saved width, block where the second product starts (G: no second product),
+        hidden-side blocks, first hidden-side block)."""
+        second = self.products[1].blocks[0] if self.phases > 1 else self.num_gates
+        first_hidden = self.hidden_side[0] if self.hidden_side else self.num_gates
+        return (self.code, self.num_gates, len(self.state_names), self.saved_width, second,
+                len(self.hidden_side), first_hidden)
+
+
+_PEEPHOLE = Param("peephole", "peephole", (3, "H"))   # rows i, f, o
+
+RNN_TANH = Cell("rnn_tanh", 0, "RNN", ("h",))
+RNN_RELU = Cell("rnn_relu", 1, "RNN", ("h",), activation="relu")
+LSTM = Cell("lstm", 2, "LSTM", ("i", "f", "g", "o"), ("h", "c"))
+LSTM_PEEPHOLE = Cell("lstm_peephole", 3, "LSTM", ("i", "f", "g", "o"), ("h", "c"),
+                     extra_params=(_PEEPHOLE,))
+# reset_after=True: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); keeps hn = W_hn h + b_hn per
+# step; the n block's hidden-side gradient is da_n * r, its input side da_n.
+GRU = Cell("gru", 4, "GRU", ("r", "z", "n"), saved=(("hn", 1),), hidden_side=(2,))
+# reset_after=False: n = tanh(W_in x + b_in + W_hn (r * h) + b_hn): a second product, of r * h,
+# for the n block, after the phase that makes r; keeps rh = r * h per step.
+GRU_RESET_BEFORE = Cell("gru_reset_before", 5, "GRU", ("r", "z", "n"),
+                        products=(Product("h", (0, 1)), Product("rh", (2,))),
+                        saved=(("rh", 1),))
 
 CELLS = {c.name: c for c in (RNN_TANH, RNN_RELU, LSTM, LSTM_PEEPHOLE, GRU, GRU_RESET_BEFORE)}
 

@@ -20,19 +20,15 @@ from .layers import _flag, _kept_copy
 
 __all__ = ["forward", "backward", "FunctionalCache"]
 
-_GRAD_NAMES = ("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dpeephole")
-
-
 class FunctionalCache:
     """The inputs of a training forward, kept for ``backward``: copies where they would
     otherwise be the caller's arrays (x, the weights, lengths), so that backward
     differentiates the forward that ran whatever the caller writes in between."""
 
-    def __init__(self, cell, backend, arrays, lengths, reverse, kernel_cache):
+    def __init__(self, cell, backend, arrays, kernel_cache):
         self.cell, self.backend = cell, backend
-        self.arrays = arrays            # (x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole)
-        self.lengths, self.reverse = lengths, reverse
-        self.kernel_cache = kernel_cache
+        self.arrays = arrays            # x, the state, the parameters (cell.param_names)
+        self.kernel_cache = kernel_cache    # the backend's: it refers to the same arrays
 
 
 def _cell(name):
@@ -106,16 +102,16 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, peephole=None, *,
     if np.ndim(w_hh) != 2:
         raise ValueError(f"w_hh: expected 2 dimensions ({cell.num_gates}*H, H), got shape "
                          f"{np.shape(w_hh)}")
-    GH, H = cell.num_gates * np.shape(w_hh)[1], np.shape(w_hh)[1]
+    H = np.shape(w_hh)[1]
     x_given = x
     x = _array("x", x, dtype, (T, B, I))
     h0 = _array("h0", h0, dtype, (B, H))
     c0 = _array("c0", c0, dtype, (B, H)) if cell.has_cell_state else None
-    w_ih = _array("w_ih", w_ih, dtype, (GH, I))
-    w_hh = _array("w_hh", w_hh, dtype, (GH, H))
-    b_ih = np.zeros(GH, dtype) if b_ih is None else _array("b_ih", b_ih, dtype, (GH,))
-    b_hh = np.zeros(GH, dtype) if b_hh is None else _array("b_hh", b_hh, dtype, (GH,))
-    peephole = _array("peephole", peephole, dtype, (3, H)) if cell.peephole else None
+    shapes = cell.param_shapes(I, H)
+    given_params = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "peephole": peephole}
+    params = tuple(np.zeros(shapes[name], dtype) if name in ("b_ih", "b_hh") and value is None
+                   else _array(name, value, dtype, shapes[name])
+                   for name, value in ((n, given_params[n]) for n in cell.param_names))
     padding = None
     if lengths is None:
         lengths = np.full(B, T, np.int64)
@@ -140,13 +136,15 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, peephole=None, *,
     if cell.has_cell_state:
         c_n = _out("c_n", c_n, dtype, (B, H))
     kernels = _backends.get_backend(backend)
-    kernel_cache = kernels.layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                                         lengths, reverse, train, y, h_n, c_n)
+    state0 = (h0, c0) if cell.has_cell_state else (h0,)
+    state_n = (h_n, c_n) if cell.has_cell_state else (h_n,)
+    if train:   # the kernel cache keeps them for backward
+        params = tuple(_kept_copy(w) for w in params)
+    kernel_cache = kernels.layer_forward(cell, x, state0, params, lengths, reverse, train, y,
+                                         state_n)
     cache = None
     if train:
-        weights = [_kept_copy(w) for w in (w_ih, w_hh, b_ih, b_hh, peephole)]
-        cache = FunctionalCache(cell, kernels, (x, h0, c0, *weights), lengths, reverse,
-                                kernel_cache)
+        cache = FunctionalCache(cell, kernels, (x, *state0, *params), kernel_cache)
     return y, h_n, (c_n if cell.has_cell_state else None), cache
 
 
@@ -164,7 +162,9 @@ def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None)
                                  or not isinstance(truncate, numbers.Integral) or truncate < 1):
         raise ValueError(f"truncate: expected None or an int >= 1, got {truncate!r}")
     cell = cache.cell
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole = cache.arrays
+    S = len(cell.state_names)
+    x, state0, params = cache.arrays[0], cache.arrays[1:1 + S], cache.arrays[1 + S:]
+    h0 = state0[0]
     dtype = x.dtype
     T, B, _ = x.shape
     H = h0.shape[1]
@@ -173,8 +173,8 @@ def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None)
     grads = {} if grads is None else grads
     if not isinstance(grads, dict):
         raise TypeError(f"grads: expected a dict of gradient arrays, got {type(grads).__name__}")
-    names = [name for name in _GRAD_NAMES if (name != "dc0" or cell.has_cell_state)
-             and (name != "dpeephole" or cell.peephole)]
+    names = ["dx", *("d" + s + "0" for s in cell.state_names),
+             *("d" + p for p in cell.param_names)]
     unknown = [key for key in grads if key not in names]
     if unknown:
         raise ValueError(f"grads: unexpected key(s) {unknown} for cell {cell.name!r}; "
@@ -189,12 +189,10 @@ def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None)
     dh_n = None if dh_n is None else _array("dh_n", dh_n, dtype, (B, H))
     dc_n = None if dc_n is None or not cell.has_cell_state else _array("dc_n", dc_n, dtype,
                                                                         (B, H))
-    targets = {"dx": x, "dh0": h0, "dc0": c0, "dw_ih": w_ih, "dw_hh": w_hh, "db_ih": b_ih,
-               "db_hh": b_hh, "dpeephole": peephole}
+    targets = {"dx": x, **{"d" + s + "0": a for s, a in zip(cell.state_names, state0)},
+               **{"d" + p: a for p, a in zip(cell.param_names, params)}}
     out = {}
     for name, like in targets.items():
-        if like is None:
-            continue
         given = grads.get(name)
         out[name] = np.zeros_like(like) if given is None else _out(name, given, dtype,
                                                                    like.shape)
@@ -202,8 +200,7 @@ def backward(cache, dy=None, dh_n=None, dc_n=None, *, truncate=None, grads=None)
         _refuse_overlaps([(f"grads[{name!r}]", grads.get(name)) for name in names],
                          (("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)))
     cache.backend.layer_backward(
-        cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, cache.lengths, cache.reverse,
-        cache.kernel_cache, dy, dh_n, dc_n, truncate,
-        out["dx"], out["dh0"], out.get("dc0"), out["dw_ih"], out["dw_hh"], out["db_ih"],
-        out["db_hh"], out.get("dpeephole"))
+        cell, cache.kernel_cache, dy, (dh_n, dc_n)[:S], truncate, out["dx"],
+        tuple(out["d" + s + "0"] for s in cell.state_names),
+        tuple(out["d" + p] for p in cell.param_names))
     return out

@@ -18,6 +18,7 @@ from .cells import cell_for
 __all__ = ["RNN", "LSTM", "GRU", "Cache"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_BIASES = ("b_ih", "b_hh")      # the parameters a layer with bias=False has not
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +167,8 @@ class Cache:
         self.batch_first = batch_first
         self.inputs = []                # per layer: its input (T, B, I_k), after dropout
         self.masks = []                 # per layer k >= 1: dropout mask applied to its input
-        self.weights = []               # per layer and direction: the (w_ih, w_hh, b_ih, b_hh,
-                                        # peephole) forward read, copied
-        self.states = []                # per layer and direction: (h0, c0) given to the kernel
-        self.kernel_caches = []         # per layer and direction: the backend's own cache
+        self.kernel_caches = []         # per layer and direction: the backend's own cache, which
+                                        # holds the layer input, state and parameter copies
 
 
 class _RNNBase:
@@ -204,30 +203,27 @@ class _RNNBase:
         self.rng = np.random.default_rng(dropout_seed)
         self.params = self._init_params(np.random.default_rng(init_seed))
         self.grads = {name: _aligned_zeros(p.shape, p.dtype) for name, p in self.params.items()}
-        # per (layer, direction): the names of w_ih, w_hh, b_ih, b_hh, peephole (None: absent),
-        # and zero biases for bias=False (the kernels always take biases)
-        self._param_names = {}
+        # per (layer, direction): the keys of the cell's parameters (cell.param_names order;
+        # None: a bias of a layer without biases), and zero biases for bias=False (the kernels
+        # always take biases)
+        self._param_keys = {}
         self._param_shape = self._param_shapes()                 # name -> shape
         for layer in range(self.num_layers):
             for direction in range(self.num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                self._param_names[layer, direction] = (
-                    "weight_ih" + suffix, "weight_hh" + suffix,
-                    "bias_ih" + suffix if self.bias else None,
-                    "bias_hh" + suffix if self.bias else None,
-                    "peephole" + suffix if self.cell.peephole else None)
+                self._param_keys[layer, direction] = tuple(
+                    None if p.name in _BIASES and not self.bias else p.key + suffix
+                    for p in self.cell.params)
         self._zero_bias = np.zeros(self.cell.num_gates * self.hidden_size, self.dtype)
         self._zero_bias.flags.writeable = False
         self._identity = self._describe()
-        self._has_cell_state = self.cell.has_cell_state        # read on every one-step call
-        self._num_rows = self.num_layers * self.num_directions  # state rows, L*D
         # a backend's whole one-step call (layer_call_step) and what it takes of the layer
         self._call_step = getattr(self._kernels, "layer_call_step", None)
+        # names per layer and direction: (w_ih, w_hh, b_ih, b_hh, peephole), None: absent
         self._step_spec = (self.cell.code, self.dtype == np.float64, self.input_size,
                            self.hidden_size, self.num_layers, self.num_directions,
-                           tuple(self._param_names[layer, direction]
-                                 for layer in range(self.num_layers)
-                                 for direction in range(self.num_directions)),
+                           tuple(self._param_keys[row] + (None,) * (5 - len(self._param_keys[row]))
+                                 for row in sorted(self._param_keys)),
                            self._zero_bias)
 
     # copy.deepcopy and pickle: the backend (a module) is not copied but looked up again
@@ -256,20 +252,17 @@ class _RNNBase:
 
     # -- parameters ------------------------------------------------------------------------
     def _param_shapes(self):
-        """Parameter names and shapes in PyTorch's order."""
-        G, H = self.cell.num_gates, self.hidden_size
+        """Parameter names and shapes in PyTorch's order (the cell record's, layer by layer)."""
+        H = self.hidden_size
         shapes = {}
         for layer in range(self.num_layers):
             layer_input = self.input_size if layer == 0 else H * self.num_directions
+            cell_shapes = self.cell.param_shapes(layer_input, H)
             for direction in range(self.num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                shapes["weight_ih" + suffix] = (G * H, layer_input)
-                shapes["weight_hh" + suffix] = (G * H, H)
-                if self.bias:
-                    shapes["bias_ih" + suffix] = (G * H,)
-                    shapes["bias_hh" + suffix] = (G * H,)
-                if self.cell.peephole:
-                    shapes["peephole" + suffix] = (3, H)
+                for p in self.cell.params:
+                    if self.bias or p.name not in _BIASES:
+                        shapes[p.key + suffix] = cell_shapes[p.name]
         return shapes
 
     def _init_params(self, rng):
@@ -299,15 +292,12 @@ class _RNNBase:
             raise ValueError(f"{where}: expected shape {shape}, got {value.shape}")
 
     def _layer_params(self, store, layer, direction):
-        """(w_ih, w_hh, b_ih, b_hh, peephole) of one layer and direction from ``store``."""
-        w_ih, w_hh, b_ih, b_hh, peephole = self._param_names[layer, direction]
-        if b_ih is not None:
-            bias = (store[b_ih], store[b_hh])
-        elif store is self.params:  # bias=False: the kernels always take biases, zeros in
-            bias = (self._zero_bias, self._zero_bias)
-        else:                       # a gradient store: two arrays the kernels may write
-            bias = (np.zeros_like(self._zero_bias), np.zeros_like(self._zero_bias))
-        return (store[w_ih], store[w_hh], *bias, None if peephole is None else store[peephole])
+        """One layer and direction's parameters from ``store``, in ``cell.param_names`` order;
+        for bias=False, zero biases (from a gradient store: arrays the kernels may write)."""
+        return tuple(store[key] if key is not None
+                     else self._zero_bias if store is self.params
+                     else np.zeros_like(self._zero_bias)
+                     for key in self._param_keys[layer, direction])
 
     def zero_grad(self):
         for g in self.grads.values():
@@ -380,86 +370,15 @@ class _RNNBase:
         """Inference: ``y, state``; keeps nothing for backward and applies no dropout.
 
         A call on ONE time step whose arrays are already what the kernels take (the layer's
-        dtype, C-contiguous) goes through the backend's ``layer_call_step`` (the whole call in
-        compiled code) or, where there is none, ``_one_step``: nothing is checked twice or
-        copied. Anything else takes the general path, which validates and converts."""
-        if lengths is None:
-            call_step = self._call_step
-            result = call_step(self._step_spec, self.params, self.batch_first, x, state) \
-                if call_step is not None else self._one_step(x, state)
+        dtype, C-contiguous) goes through the backend's ``layer_call_step``, the whole call in
+        compiled code, when the backend has one: nothing is checked twice or copied. Anything
+        else takes the general path, which validates and converts."""
+        if lengths is None and self._call_step is not None:
+            result = self._call_step(self._step_spec, self.params, self.batch_first, x, state)
             if result is not None:
                 return result
         y, state, _ = self.forward(x, state, lengths, train=False)
         return y, state
-
-    def _one_step(self, x, state):
-        """``y, state`` of a one-step call, or None when the call needs the general path.
-
-        Per-call cost matters here (a few microseconds in all): no helper calls, one
-        allocation per result array."""
-        dtype = self.dtype
-        if type(x) is not np.ndarray or x.dtype is not dtype or x.ndim != 3:
-            return None
-        if self.batch_first:
-            B, T, I = x.shape
-        else:
-            T, B, I = x.shape
-        flags = x.flags
-        if T != 1 or B == 0 or I != self.input_size or not flags.c_contiguous \
-                or not flags.aligned:
-            return None
-        has_c = self._has_cell_state
-        shape = (self._num_rows, B, self.hidden_size)
-        if state is None:
-            initial = (np.zeros(shape, dtype), np.zeros(shape, dtype)) if has_c \
-                else (np.zeros(shape, dtype),)
-        else:
-            initial = state if has_c else (state,)
-            if type(initial) is not tuple or len(initial) != 1 + has_c:
-                return None
-            for part in initial:
-                if type(part) is not np.ndarray or part.dtype is not dtype \
-                        or part.shape != shape or not part.flags.c_contiguous:
-                    return None
-                if not part.flags.aligned:
-                    return None
-        # here, where the call is taken: the reference backend's layer_step checks no parameter
-        self._check_params()
-        try:
-            if shape[0] > 1:
-                return self._stacked_step(x.reshape(B, I), initial, shape)
-            # one layer, one direction: y is a copy of h_n
-            h_n = np.empty(shape, dtype)
-            c_n = np.empty(shape, dtype) if has_c else None
-            self._kernels.layer_step(
-                self.cell, x.reshape(B, I), initial[0][0], initial[1][0] if has_c else None,
-                *self._layer_params(self.params, 0, 0), h_n[0], c_n[0] if has_c else None)
-        except (TypeError, ValueError):
-            # a parameter replaced by an unusable array: the general path checks the layer's
-            # arrays and names the one at fault (layer_step judges x by the weights)
-            return None
-        y = h_n.copy() if not self.batch_first else h_n.reshape(B, 1, shape[2]).copy()
-        return y, ((h_n, c_n) if has_c else h_n)
-
-    def _stacked_step(self, layer_input, initial, shape):
-        """``_one_step`` for several layers or directions."""
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
-        B = shape[1]
-        has_c = self._has_cell_state
-        final = tuple(np.empty(shape, self.dtype) for _ in initial)
-        for layer in range(L):
-            out = np.empty((B, D * H), self.dtype)
-            for direction in range(D):
-                row = layer * D + direction
-                self._kernels.layer_step(
-                    self.cell, layer_input, initial[0][row],
-                    initial[1][row] if has_c else None,
-                    *self._layer_params(self.params, layer, direction),
-                    final[0][row], final[1][row] if has_c else None)
-                out[:, direction * H:(direction + 1) * H] = final[0][row]
-            layer_input = out
-        y = out.reshape((B, 1, D * H) if self.batch_first else (1, B, D * H))
-        return y, (final if has_c else final[0])
 
     def forward(self, x, state=None, lengths=None, train=True):
         """``y, state, cache``; ``cache`` is None when ``train`` is False.
@@ -486,13 +405,14 @@ class _RNNBase:
             # zero the padding so that nothing there (NaN included) reaches the weight GEMMs
             layer_input[np.arange(T)[:, None] >= lengths_arr[None, :]] = 0
         final = tuple(np.empty_like(s) for s in initial)
-        # per row (layer * D + direction): (w_ih, w_hh, b_ih, b_hh, peephole)
+        # per row (layer * D + direction), in cell.param_names order; copies for a training
+        # call, whose kernel caches keep them for backward
         weights = [self._layer_params(self.params, layer, direction)
                    for layer in range(L) for direction in range(D)]
         cache = None
         if train:
             cache = Cache(self._identity, T, B, lengths_arr, self.batch_first)
-            cache.weights = [tuple(_kept_copy(w) for w in row) for row in weights]
+            weights = [tuple(_kept_copy(w) for w in row) for row in weights]
         for layer in range(L):
             if layer > 0 and train and self.dropout > 0:
                 keep = self.rng.random(layer_input.shape) >= self.dropout
@@ -512,22 +432,17 @@ class _RNNBase:
             def run(direction, threads=None, layer=layer, layer_input=layer_input, out=out):
                 row = layer * D + direction
                 return self._kernels.layer_forward(
-                    self.cell, layer_input, initial[0][row],
-                    initial[1][row] if self.cell.has_cell_state else None,
-                    *weights[row], lengths_arr, bool(direction), train,
-                    out[:, :, direction * H:(direction + 1) * H], final[0][row],
-                    final[1][row] if self.cell.has_cell_state else None, threads=threads)
+                    self.cell, layer_input, tuple(s[row] for s in initial), weights[row],
+                    lengths_arr, bool(direction), train,
+                    out[:, :, direction * H:(direction + 1) * H],
+                    tuple(s[row] for s in final), threads=threads)
             work = T * B * self.cell.num_gates * H * (layer_input.shape[2] + H)
             if D == 2 and _at_once(self._kernels, T, B, train, work):
                 kernel_caches = _both_directions(run)
             else:
                 kernel_caches = [run(direction) for direction in range(D)]
             if train:
-                for direction in range(D):
-                    row = layer * D + direction
-                    cache.states.append((initial[0][row], initial[1][row]
-                                         if self.cell.has_cell_state else None))
-                    cache.kernel_caches.append(kernel_caches[direction])
+                cache.kernel_caches.extend(kernel_caches)
             layer_input = out
         y = out_btd if self.batch_first else out
         return y, self._state_out(final), cache
@@ -581,21 +496,16 @@ class _RNNBase:
                     scratch_bias.setdefault((layer, direction), (np.zeros_like(grads[2]),
                                                                  np.zeros_like(grads[3])))
 
-            def run(direction, threads=None, layer=layer, layer_input=layer_input, dy=dy):
+            def run(direction, threads=None, layer=layer, dy=dy):
                 row = layer * D + direction
-                h0, c0 = cache.states[row]
                 grads = list(self._layer_params(self.grads, layer, direction))
                 if not self.bias:
                     grads[2], grads[3] = scratch_bias[layer, direction]
                 self._kernels.layer_backward(
-                    self.cell, layer_input, h0, c0, *cache.weights[row], cache.lengths,
-                    bool(direction), cache.kernel_caches[row],
+                    self.cell, cache.kernel_caches[row],
                     None if dy is None else dy[:, :, direction * H:(direction + 1) * H],
-                    None if d_final[0] is None else d_final[0][row],
-                    None if not self.cell.has_cell_state or d_final[1] is None
-                    else d_final[1][row],
-                    truncate, d_inputs[direction], d_initial[0][row],
-                    d_initial[1][row] if self.cell.has_cell_state else None, *grads,
+                    tuple(None if d is None else d[row] for d in d_final), truncate,
+                    d_inputs[direction], tuple(d[row] for d in d_initial), tuple(grads),
                     threads=threads)
             if at_once:
                 _both_directions(run)

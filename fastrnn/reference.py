@@ -7,51 +7,61 @@ Notation (one time step, B rows of the batch, H hidden units):
     a_*      a gate's pre-activation; i, f, g, o, r, z, n the activated gates
     d*       the gradient of the loss with respect to *
 
-Each cell is a pair ``*_step_forward`` / ``*_step_backward``. A forward step returns the new state
-and what its backward needs (``saved``); a backward step takes the gradient of the new state,
-ADDS the gradients of ``w_hh``, ``b_hh`` and ``peephole`` into ``grads`` and returns the gradient
-of ``x_proj`` and of the old state. ``layer_forward`` / ``layer_backward`` run a step pair over
+Each cell is a pair ``*_step_forward`` / ``*_step_backward``, both given the cell record and ``p``,
+the layer's parameters by name (``cell.param_names``). A forward step returns the new state and
+what its backward needs (``saved``, a dict: it holds, under their names, the buffers the record
+says the compiled kernels keep, ``cell.saved``); a backward step takes the gradient of the new
+state, ADDS the gradients of the hidden-side parameters (``w_hh``, ``b_hh``, the cell's extra
+ones) into ``grads`` and returns the gradient of ``x_proj`` and of the old state. ``layer_forward`` / ``layer_backward`` run a step pair over
 time with the contract of ``fastrnn.cells`` (lengths, reverse, truncation), exactly like the
 compiled backends, so the same tests drive all of them.
 """
 import numpy as np
 from scipy.special import expit as sigmoid
 
-from . import cells
 
 
-def _split(a, parts):
-    return np.split(a, parts, axis=1)
+def _blocks(a, count, H):
+    """The gate blocks of pre-activations a (B, count*H); a record whose gate count is not the
+    step's is refused here rather than split wrongly."""
+    if a.shape[1] != count * H:
+        raise ValueError(f"gate pre-activations: the step has {count} gate blocks of {H} units, "
+                         f"got width {a.shape[1]}: the cell record's gate count is wrong")
+    return np.split(a, count, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
 # RNN:  h_new = act(W_ih x + b_ih + W_hh h + b_hh)
 
-def rnn_step_forward(x_proj, state, w_hh, b_hh, peephole, relu):
+def rnn_step_forward(cell, x_proj, state, p):
     (h,) = state
-    a = x_proj + h @ w_hh.T + b_hh
-    h_new = np.maximum(a, 0) if relu else np.tanh(a)  # np.maximum keeps NaN
-    return (h_new,), (h, h_new)
+    (a,) = _blocks(x_proj + h @ p["w_hh"].T + p["b_hh"], 1, h.shape[1])
+    h_new = np.maximum(a, 0) if cell.activation == "relu" else np.tanh(a)  # maximum keeps NaN
+    return (h_new,), {"h": h, "h_new": h_new}
 
 
-def rnn_step_backward(d_state_new, saved, w_hh, peephole, grads, relu):
+def rnn_step_backward(cell, d_state_new, saved, p, grads):
     (dh_new,) = d_state_new
-    h, h_new = saved
+    h, h_new = saved["h"], saved["h_new"]
     # relu: the slope is 1 where h_new > 0, else 0; h_new itself is 0 there, or NaN from a NaN
     # input, which must reach the gradients too
-    da = np.where(h_new > 0, dh_new, h_new) if relu else dh_new * (1 - h_new**2)
+    if cell.activation == "relu":
+        da = np.where(h_new > 0, dh_new, h_new)
+    else:
+        da = dh_new * (1 - h_new**2)
     grads["w_hh"] += da.T @ h
     grads["b_hh"] += da.sum(axis=0)
-    dh = da @ w_hh
+    dh = da @ p["w_hh"]
     return da, (dh,)
 
 
 # ---------------------------------------------------------------------------------------------
 # LSTM (gate order i, f, g, o; peepholes p_i, p_f see the old cell, p_o the new one)
 
-def lstm_step_forward(x_proj, state, w_hh, b_hh, peephole, _unused=None):
+def lstm_step_forward(cell, x_proj, state, p):
     h, c = state
-    a_i, a_f, a_g, a_o = _split(x_proj + h @ w_hh.T + b_hh, 4)
+    peephole = p.get("peephole")
+    a_i, a_f, a_g, a_o = _blocks(x_proj + h @ p["w_hh"].T + p["b_hh"], 4, h.shape[1])
     if peephole is not None:
         p_i, p_f, p_o = peephole
         a_i = a_i + p_i * c
@@ -64,12 +74,13 @@ def lstm_step_forward(x_proj, state, w_hh, b_hh, peephole, _unused=None):
         a_o = a_o + p_o * c_new
     o = sigmoid(a_o)
     h_new = o * np.tanh(c_new)
-    return (h_new, c_new), (h, c, i, f, g, o, c_new)
+    return (h_new, c_new), {"h": h, "c": c, "i": i, "f": f, "g": g, "o": o, "c_new": c_new}
 
 
-def lstm_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
+def lstm_step_backward(cell, d_state_new, saved, p, grads):
     dh_new, dc_new = d_state_new
-    h, c, i, f, g, o, c_new = saved
+    h, c, i, f, g, o, c_new = (saved[k] for k in ("h", "c", "i", "f", "g", "o", "c_new"))
+    peephole = p.get("peephole")
     tanh_c = np.tanh(c_new)
     # h_new = o * tanh(c_new)
     do = dh_new * tanh_c
@@ -95,41 +106,42 @@ def lstm_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
     da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
     grads["w_hh"] += da.T @ h
     grads["b_hh"] += da.sum(axis=0)
-    dh_prev = da @ w_hh
+    dh_prev = da @ p["w_hh"]
     return da, (dh_prev, dc_prev)
 
 
 # ---------------------------------------------------------------------------------------------
 # GRU, reset after the recurrent matmul (PyTorch):  n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
 
-def gru_step_forward(x_proj, state, w_hh, b_hh, peephole, _unused=None):
+def gru_step_forward(cell, x_proj, state, p):
     (h,) = state
-    x_r, x_z, x_n = _split(x_proj, 3)
-    h_r, h_z, h_n = _split(h @ w_hh.T + b_hh, 3)
+    H = h.shape[1]
+    x_r, x_z, x_n = _blocks(x_proj, 3, H)
+    h_r, h_z, hn = _blocks(h @ p["w_hh"].T + p["b_hh"], 3, H)
     r = sigmoid(x_r + h_r)
     z = sigmoid(x_z + h_z)
-    n = np.tanh(x_n + r * h_n)
+    n = np.tanh(x_n + r * hn)
     h_new = (1 - z) * n + z * h
-    return (h_new,), (h, r, z, n, h_n)
+    return (h_new,), {"h": h, "r": r, "z": z, "n": n, "hn": hn}
 
 
-def gru_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
+def gru_step_backward(cell, d_state_new, saved, p, grads):
     (dh_new,) = d_state_new
-    h, r, z, n, h_n = saved
+    h, r, z, n, hn = (saved[k] for k in ("h", "r", "z", "n", "hn"))
     # h_new = (1 - z) * n + z * h
     dn = dh_new * (1 - z)
     dz = dh_new * (h - n)
     dh_prev = dh_new * z
-    # n = tanh(x_n + r * h_n)
+    # n = tanh(x_n + r * hn)
     da_n = dn * (1 - n**2)
-    dr = da_n * h_n
-    dh_n = da_n * r
+    dr = da_n * hn
+    dhn = da_n * r
     da_r = dr * r * (1 - r)
     da_z = dz * z * (1 - z)
-    d_hidden = np.concatenate([da_r, da_z, dh_n], axis=1)  # gradient of W_hh h + b_hh
+    d_hidden = np.concatenate([da_r, da_z, dhn], axis=1)  # gradient of W_hh h + b_hh
     grads["w_hh"] += d_hidden.T @ h
     grads["b_hh"] += d_hidden.sum(axis=0)
-    dh_prev = dh_prev + d_hidden @ w_hh
+    dh_prev = dh_prev + d_hidden @ p["w_hh"]
     return np.concatenate([da_r, da_z, da_n], axis=1), (dh_prev,)
 
 
@@ -137,22 +149,24 @@ def gru_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
 # GRU, reset before the recurrent matmul (original GRU, ONNX default):
 #     n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)
 
-def gru_reset_before_step_forward(x_proj, state, w_hh, b_hh, peephole, _unused=None):
+def gru_reset_before_step_forward(cell, x_proj, state, p):
     (h,) = state
     H = h.shape[1]
-    x_r, x_z, x_n = _split(x_proj, 3)
-    h_r, h_z = _split(h @ w_hh[: 2 * H].T + b_hh[: 2 * H], 2)
+    w_hh, b_hh = p["w_hh"], p["b_hh"]
+    x_r, x_z, x_n = _blocks(x_proj, 3, H)
+    h_r, h_z = _blocks(h @ w_hh[: 2 * H].T + b_hh[: 2 * H], 2, H)
     r = sigmoid(x_r + h_r)
     z = sigmoid(x_z + h_z)
     rh = r * h
     n = np.tanh(x_n + rh @ w_hh[2 * H:].T + b_hh[2 * H:])
     h_new = (1 - z) * n + z * h
-    return (h_new,), (h, r, z, n, rh)
+    return (h_new,), {"h": h, "r": r, "z": z, "n": n, "rh": rh}
 
 
-def gru_reset_before_step_backward(d_state_new, saved, w_hh, peephole, grads, _unused=None):
+def gru_reset_before_step_backward(cell, d_state_new, saved, p, grads):
     (dh_new,) = d_state_new
-    h, r, z, n, rh = saved
+    h, r, z, n, rh = (saved[k] for k in ("h", "r", "z", "n", "rh"))
+    w_hh = p["w_hh"]
     H = h.shape[1]
     # h_new = (1 - z) * n + z * h
     dn = dh_new * (1 - z)
@@ -175,91 +189,82 @@ def gru_reset_before_step_backward(d_state_new, saved, w_hh, peephole, grads, _u
     return np.concatenate([da_rz, da_n], axis=1), (dh_prev,)
 
 
-# cell name -> (step forward, step backward, extra argument)
+# the step pair of each cell: the one place the reference chooses by cell
 STEPS = {
-    "rnn_tanh": (rnn_step_forward, rnn_step_backward, False),
-    "rnn_relu": (rnn_step_forward, rnn_step_backward, True),
-    "lstm": (lstm_step_forward, lstm_step_backward, None),
-    "lstm_peephole": (lstm_step_forward, lstm_step_backward, None),
-    "gru": (gru_step_forward, gru_step_backward, None),
-    "gru_reset_before": (gru_reset_before_step_forward, gru_reset_before_step_backward, None),
+    "rnn_tanh": (rnn_step_forward, rnn_step_backward),
+    "rnn_relu": (rnn_step_forward, rnn_step_backward),
+    "lstm": (lstm_step_forward, lstm_step_backward),
+    "lstm_peephole": (lstm_step_forward, lstm_step_backward),
+    "gru": (gru_step_forward, gru_step_backward),
+    "gru_reset_before": (gru_reset_before_step_forward, gru_reset_before_step_backward),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # One layer, one direction, over time (the contract in fastrnn.cells)
 
+class Cache:
+    """What layer_forward keeps for backward: the call's arguments and each step's saved."""
+
+    def __init__(self, cell, x, state0, p, lengths, reverse, steps):
+        self.cell, self.x, self.state0, self.p = cell, x, state0, p
+        self.lengths, self.reverse, self.steps = lengths, reverse, steps
+
+
 def _time_order(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                  lengths, reverse, train, y, h_n, c_n, threads=None):
+def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None):
     # threads: accepted for the contract; the reference runs on the calling thread
-    step_forward, _, extra = STEPS[cell.name]
+    step_forward, _ = STEPS[cell.name]
+    p = dict(zip(cell.param_names, params))
     T = x.shape[0]
-    x_proj = x @ w_ih.T + b_ih                               # (T, B, G*H)
-    state = (h0.copy(), c0.copy()) if cell.has_cell_state else (h0.copy(),)
+    x_proj = x @ p["w_ih"].T + p["b_ih"]                      # (T, B, G*H)
+    state = tuple(s.copy() for s in state0)
     steps = []                                                # (t, rows, saved) in time order
     for t in _time_order(T, reverse):
         rows = np.flatnonzero(t < lengths)                    # rows still inside their sequence
         y[t] = 0
         if rows.size == 0:
             continue
-        new, saved = step_forward(x_proj[t, rows], tuple(s[rows] for s in state),
-                                  w_hh, b_hh, peephole, extra)
+        new, saved = step_forward(cell, x_proj[t, rows], tuple(s[rows] for s in state), p)
         for s, s_new in zip(state, new):
             s[rows] = s_new                                   # padded rows keep their state
         y[t, rows] = new[0]
         if train:
             steps.append((t, rows, saved))
-    h_n[...] = state[0]
-    if cell.has_cell_state:
-        c_n[...] = state[1]
-    return steps if train else None
+    for s_n, s in zip(state_n, state):
+        s_n[...] = s
+    return Cache(cell, x, state0, p, lengths, reverse, steps) if train else None
 
 
-
-def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                   lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None):
-    _, step_backward, extra = STEPS[cell.name]
+def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None):
+    _, step_backward = STEPS[cell.name]
+    x, p, lengths, reverse = cache.x, cache.p, cache.lengths, cache.reverse
     T = x.shape[0]
-    grads = {"w_hh": dw_hh, "b_hh": db_hh, "peephole": dpeephole}
-    d_state = [np.zeros_like(h0) if dh_n is None else np.array(dh_n, copy=True)]
-    if cell.has_cell_state:
-        d_state.append(np.zeros_like(c0) if dc_n is None else np.array(dc_n, copy=True))
-    saved_at = {t: (rows, saved) for t, rows, saved in cache}
+    grads = dict(zip(cell.param_names, dparams))
+    d_state = [np.zeros_like(s) if d is None else np.array(d, copy=True)
+               for s, d in zip(cache.state0, dstate_n)]
+    saved_at = {t: (rows, saved) for t, rows, saved in cache.steps}
     for t in reversed(_time_order(T, reverse)):
         if t in saved_at:
             rows, saved = saved_at[t]
             d_new = [d[rows] for d in d_state]
             if dy is not None:
                 d_new[0] = d_new[0] + dy[t, rows]
-            dx_proj, d_old = step_backward(tuple(d_new), saved, w_hh, peephole, grads, extra)
+            dx_proj, d_old = step_backward(cell, tuple(d_new), saved, p, grads)
             for d, d_o in zip(d_state, d_old):
                 d[rows] = d_o
             # x_proj = W_ih x + b_ih
-            dw_ih += dx_proj.T @ x[t, rows]
-            db_ih += dx_proj.sum(axis=0)
-            dx[t, rows] += dx_proj @ w_ih
+            grads["w_ih"] += dx_proj.T @ x[t, rows]
+            grads["b_ih"] += dx_proj.sum(axis=0)
+            dx[t, rows] += dx_proj @ p["w_ih"]
         # the state gradient leaving step t crosses the boundary to the step before it in time
         # order (t - 1 forward, t + 1 reverse); truncation cuts boundaries at multiples of k
         boundary = t + 1 if reverse else t
         if truncate is not None and 0 < boundary < T and boundary % truncate == 0:
             for d in d_state:
                 d[...] = 0
-    dh0 += d_state[0]
-    if cell.has_cell_state:
-        dc0 += d_state[1]
-
-
-def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
-    """One inference step of one layer and direction (see ``fastrnn.cells``): x (B, I)."""
-    step_forward, _, extra = STEPS[cell.name]
-    x_proj = x @ w_ih.T + b_ih                               # (B, G*H)
-    state = (h0, c0) if cell.has_cell_state else (h0,)
-    new, _ = step_forward(x_proj, state, w_hh, b_hh, peephole, extra)
-    h_n[...] = new[0]
-    if cell.has_cell_state:
-        c_n[...] = new[1]
+    for d0, d in zip(dstate0, d_state):
+        d0 += d
