@@ -82,7 +82,7 @@ def test_a_failure_on_either_thread_reaches_the_caller(backend, failing, counted
     original = kernels.layer_forward
 
     def layer_forward(*args, **kwargs):
-        if args[10] == bool(failing):               # reverse: the direction
+        if args[5] == bool(failing):                # reverse: the direction
             raise RuntimeError(f"direction {failing} failed")
         return original(*args, **kwargs)
     monkeypatch.setattr(m, "_kernels", type("K", (), {
@@ -100,9 +100,9 @@ def test_bad_threads_argument_names_it(backend, threads):
     x = np.ones((2, 1, 3), np.float32)
     z = np.zeros((1, 4), np.float32)
     with pytest.raises(ValueError, match="threads"):
-        m._kernels.layer_forward(m.cell, x, z, z, *m._layer_params(m.params, 0, 0),
+        m._kernels.layer_forward(m.cell, x, (z, z), m._layer_params(m.params, 0, 0),
                                  np.full(1, 2), False, False, np.empty((2, 1, 4), np.float32),
-                                 np.empty((1, 4), np.float32), np.empty((1, 4), np.float32),
+                                 (np.empty((1, 4), np.float32), np.empty((1, 4), np.float32)),
                                  threads=threads)
 
 

@@ -9,9 +9,9 @@ forced on and off) and compares with the NumPy reference, with hidden sizes larg
 the units to be split over several threads and odd enough to leave ragged ends (partial
 panels), and batches that leave every remainder of the packed product's row groups.
 
-``layer_step`` (one step of inference, the lean entry the layers use for one-step calls) is
-compared with the reference's, and a layer called on one step must give what the general path
-gives, through ``layer_step`` when the arrays are already in the kernel's form.
+A layer called on one step (the backend's ``layer_call_step``, the whole call in compiled code,
+when the arrays are already in the kernel's form) must give what the reference and the general
+path give.
 """
 import contextlib
 import zlib
@@ -111,86 +111,37 @@ def test_both_forward_loops_keep_nan(backend_name, path):
         assert np.isnan(y[1:, 1]).any(), cell
 
 
-def _step_args(cell, B, I, H, dtype, rng):
-    m = make_layer(cell, I, H, dtype=dtype)
-    w_ih, w_hh, b_ih, b_hh, peephole = m._layer_params(m.params, 0, 0)
-    has_c = m.cell.has_cell_state
-    x = rng.standard_normal((B, I)).astype(dtype)
-    h0 = rng.standard_normal((B, H)).astype(dtype)
-    c0 = rng.standard_normal((B, H)).astype(dtype) if has_c else None
-    return m.cell, [x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole]
-
-
-def _run_step(kernels, cell, args, dtype):
-    B, H = args[1].shape
-    h_n = np.full((B, H), np.nan, dtype)
-    c_n = np.full((B, H), np.nan, dtype) if cell.has_cell_state else None
-    kernels.layer_step(cell, *args, h_n, c_n)
-    return {"h_n": h_n} if c_n is None else {"h_n": h_n, "c_n": c_n}
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
-def test_layer_step_matches_reference(backend_name, cell, dtype):
+def test_one_step_call_matches_reference(backend_name, cell, dtype):
+    """A layer's one-step call (the backend's whole call in compiled code) against the
+    reference layer with the same parameters, on shapes that split the units over threads and
+    leave ragged ends; nothing the call reads is written."""
     rng = _rng("step", cell, np.dtype(dtype).name)
-    kernels = get_backend(backend_name)
     # (4, 100, 160): units split over threads in every cell (both backends' step thresholds)
     for B, I, H in [(1, 128, 128), (4, 100, 160), (1, 3, 1), (2, 5, 33), (7, 64, 50), (40, 9, 24)]:
-        cell_record, args = _step_args(cell, B, I, H, dtype, rng)
-        before = [None if a is None else a.copy() for a in args]
-        got = _run_step(kernels, cell_record, args, dtype)
-        expected = _run_step(reference, cell_record, args, dtype)
-        assert_all_close(got, expected, dtype, f"layer_step B={B} I={I} H={H}")
-        for a, b in zip(args, before):           # nothing the kernel reads is written
-            if a is not None:
-                np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
-def test_layer_step_refuses_what_it_cannot_take(backend_name):
-    kernels = get_backend(backend_name)
-    cell, args = _step_args("lstm", 2, 3, 4, np.float32, _rng("step errors"))
-    x, h0, c0 = args[:3]
-    h_n, c_n = np.empty((2, 4), np.float32), np.empty((2, 4), np.float32)
-
-    def call(**change):
-        names = ["x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peephole", "h_n", "c_n"]
-        values = dict(zip(names, args + [h_n, c_n]))
-        values.update(change)
-        kernels.layer_step(cell, *(values[n] for n in names))
-
-    call()                                                       # the valid call runs
-    bad = {
-        "x": np.zeros((2, 5), np.float32),                       # wrong input size
-        "h0": h0.astype(np.float64),                             # wrong dtype
-        "c0": np.zeros((2, 8), np.float32)[:, ::2],              # not C-contiguous
-        "w_hh": args[4][:, :3],                                  # wrong shape
-        "h_n": np.empty((3, 4), np.float32),                     # wrong shape
-        "c_n": None,                                             # missing for an LSTM
-    }
-    for name, value in bad.items():
-        with pytest.raises((ValueError, TypeError), match=name):
-            call(**{name: value})
-    with pytest.raises((ValueError, TypeError), match="h_n"):
-        call(h_n=h0)                                             # output aliases an input
+        m = make_layer(cell, I, H, dtype=dtype, backend=backend_name, seed=B)
+        oracle = make_layer(cell, I, H, dtype=dtype, backend="reference", seed=B)
+        x = rng.standard_normal((1, B, I)).astype(dtype)
+        state = random_state(m, B, rng)
+        before = [a.copy() for a in (x, *state_parts(state), *m.params.values())]
+        calls = _call_counter(m)
+        y, final = m(x, state)
+        assert calls, "the one-step path was not taken"
+        want_y, want_state = oracle(x, state)
+        assert_all_close({"y": y, **{f"s{i}": p for i, p in enumerate(state_parts(final))}},
+                         {"y": want_y,
+                          **{f"s{i}": p for i, p in enumerate(state_parts(want_state))}},
+                         dtype, f"one step B={B} I={I} H={H}")
+        for a, b in zip((x, *state_parts(state), *m.params.values()), before):
+            np.testing.assert_array_equal(a, b)
 
 
 def _call_counter(m):
-    """Count the one-step kernel calls of the layer: one per layer and direction, whether they
-    go through layer_step or a whole-call layer_call_step that took the call."""
+    """Count the layers and directions run by the backend's whole one-step call
+    (layer_call_step) when it takes a call."""
     calls = []
-    real = m._kernels
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def layer_step(self, *args):
-            calls.append(1)
-            return real.layer_step(*args)
-
-    m._kernels = Counting()
     if m._call_step is not None:
         real_call_step = m._call_step
 
@@ -212,7 +163,7 @@ STEP_STACKS = [(1, False, False), (1, False, True), (2, True, False), (3, False,
                          ids=lambda s: f"L{s[0]}{'bi' if s[1] else ''}{'bf' if s[2] else ''}")
 @pytest.mark.parametrize("cell", sorted(CELLS))
 def test_one_step_call_equals_general_path(backend, cell, stack, dtype):
-    """``m(x_t, state)`` on one step takes layer_step and matches ``forward(train=False)``;
+    """``m(x_t, state)`` on one step takes layer_call_step and matches ``forward(train=False)``;
     with arrays not in the kernel's form (other dtype, strided) it takes the general path."""
     num_layers, bidirectional, batch_first = stack
     rng = _rng("one step", cell, stack)
