@@ -1,0 +1,388 @@
+"""ONNX's LSTM, GRU and RNN operators read and written as fastrnn layers, and the few tensor
+operators that exporters put around them, evaluated in NumPy.
+
+ONNX layout of one node (D directions, G gate blocks, H hidden size, I input size):
+
+    W (D, G*H, I)   R (D, G*H, H)   B (D, 2*G*H) = [W biases, R biases]   P (D, 3*H)
+    gate blocks     LSTM i, o, f, c (fastrnn i, f, g, o);  GRU z, r, h (fastrnn r, z, n)
+    peepholes P     i, o, f  (fastrnn's peephole_l{k} rows i, f, o)
+    Y (T, D, B, H)  Y_h, Y_c (D, B, H);  layout=1: X (B, T, I), Y (B, T, D, H), Y_h (B, D, H)
+
+GRU ``linear_before_reset=1`` is fastrnn's ``reset_after=True``.
+"""
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..layers import GRU, LSTM, RNN
+
+RNN_OPS = ("LSTM", "GRU", "RNN")
+LAYER_CLASSES = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN}
+
+# position in fastrnn's gate order of each ONNX gate block, and the inverse
+ONNX_FROM_OURS = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
+OURS_FROM_ONNX = {op: list(np.argsort(order)) for op, order in ONNX_FROM_OURS.items()}
+# ONNX P rows i, o, f <-> our peephole rows i, f, o (the permutation is its own inverse)
+PEEPHOLE_ORDER = [0, 2, 1]
+
+# the activations fastrnn computes, by ONNX name in lower case, per direction
+DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
+RNN_ACTIVATIONS = {"tanh": "tanh", "relu": "relu"}
+
+FLOAT_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT,
+               np.dtype(np.float64): onnx.TensorProto.DOUBLE}
+
+
+class OnnxModelError(ValueError):
+    """A model, node or input that fastrnn cannot represent or that does not follow ONNX."""
+
+
+def describe(node):
+    """How an error names a node: its name if it has one, its op and outputs in any case."""
+    name = f"{node.name!r} " if node.name else ""
+    return f"node {name}({node.op_type}, outputs {list(node.output)})"
+
+
+def attributes(node):
+    """The node's attributes as Python values, strings decoded."""
+    values = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        values[attr.name] = value
+    return values
+
+
+def gate_blocks(w, order):
+    """``w`` with its gate blocks (along axis 0) in ``order``."""
+    blocks = np.split(np.asarray(w), len(order), axis=0)
+    return np.concatenate([blocks[i] for i in order], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# One node's options
+
+def node_options(node):
+    """What an LSTM, GRU or RNN node asks for, checked against what a fastrnn layer computes.
+
+    Returns a dict: op, hidden_size (None when the attribute is absent), direction, num_directions,
+    layout, cell (the layer class's keyword options). Attributes fastrnn cannot represent raise
+    ``OnnxModelError`` naming the node and the attribute."""
+    op = node.op_type
+    if op not in RNN_OPS:
+        raise OnnxModelError(f"{describe(node)}: expected an LSTM, GRU or RNN node")
+    attrs = attributes(node)
+    known = {"hidden_size", "direction", "layout", "activations", "activation_alpha",
+             "activation_beta", "clip", "input_forget", "linear_before_reset"}
+    if op != "LSTM":
+        known.discard("input_forget")
+    if op != "GRU":
+        known.discard("linear_before_reset")
+    unknown = sorted(set(attrs) - known)
+    if unknown:
+        raise OnnxModelError(f"{describe(node)}: attribute {unknown[0]!r} is not one of "
+                             f"{op}'s attributes {sorted(known)}")
+    direction = attrs.get("direction", "forward")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise OnnxModelError(f"{describe(node)}: attribute 'direction' must be 'forward', "
+                             f"'reverse' or 'bidirectional', got {direction!r}")
+    num_directions = 2 if direction == "bidirectional" else 1
+    layout = attrs.get("layout", 0)
+    if layout not in (0, 1):
+        raise OnnxModelError(f"{describe(node)}: attribute 'layout' must be 0 or 1, got {layout}")
+    hidden_size = attrs.get("hidden_size")
+    if hidden_size is not None and hidden_size < 1:
+        raise OnnxModelError(f"{describe(node)}: attribute 'hidden_size' must be >= 1, "
+                             f"got {hidden_size}")
+    # issue 20 adds clip, input_forget and other activations to the layers
+    if "clip" in attrs:
+        raise OnnxModelError(f"{describe(node)}: attribute 'clip' ({attrs['clip']}) is not "
+                             f"supported: fastrnn layers do not clip the gate inputs")
+    if attrs.get("input_forget", 0):
+        raise OnnxModelError(f"{describe(node)}: attribute 'input_forget'="
+                             f"{attrs['input_forget']} is not supported: fastrnn layers "
+                             f"have separate input and forget gates")
+    for name in ("activation_alpha", "activation_beta"):
+        if attrs.get(name):
+            raise OnnxModelError(f"{describe(node)}: attribute {name!r} ({attrs[name]}) is not "
+                                 f"supported: fastrnn's activations take no parameters")
+    activations = [a.lower() for a in attrs.get("activations", [])]
+    cell = {}
+    if op == "RNN":
+        activations = activations or ["tanh"] * num_directions
+        if len(activations) != num_directions:
+            raise OnnxModelError(f"{describe(node)}: attribute 'activations' must name one "
+                                 f"function per direction ({num_directions}), got "
+                                 f"{attrs['activations']}")
+        if any(a not in RNN_ACTIVATIONS for a in activations) or len(set(activations)) > 1:
+            raise OnnxModelError(f"{describe(node)}: attribute 'activations' "
+                                 f"{attrs['activations']} is not supported: fastrnn's RNN "
+                                 f"applies Tanh or Relu, the same in both directions")
+        cell["nonlinearity"] = RNN_ACTIVATIONS[activations[0]]
+    else:
+        default = list(DEFAULT_ACTIVATIONS[op]) * num_directions
+        if activations and activations != default:
+            raise OnnxModelError(f"{describe(node)}: attribute 'activations' "
+                                 f"{attrs['activations']} is not supported: fastrnn's {op} "
+                                 f"computes {[a.capitalize() for a in default]}")
+    if op == "GRU":
+        reset = attrs.get("linear_before_reset", 0)
+        if reset not in (0, 1):
+            raise OnnxModelError(f"{describe(node)}: attribute 'linear_before_reset' must be "
+                                 f"0 or 1, got {reset}")
+        cell["reset_after"] = bool(reset)
+    return {"op": op, "hidden_size": hidden_size, "direction": direction,
+            "num_directions": num_directions, "layout": layout, "cell": cell}
+
+
+def check_weights(node, options, W, R, B, P):
+    """Shapes of a node's weights: (input_size, hidden_size); errors name node and input."""
+    op, D = options["op"], options["num_directions"]
+    G = len(ONNX_FROM_OURS[op])
+    for name, value, ndim in (("W", W, 3), ("R", R, 3)):
+        if value is None:
+            raise OnnxModelError(f"{describe(node)}: input {name} is required")
+        if value.ndim != ndim or value.shape[0] != D:
+            raise OnnxModelError(f"{describe(node)}: input {name} must have shape "
+                                 f"({D}, {G}*hidden_size, ...) for direction "
+                                 f"{options['direction']!r}, got {value.shape}")
+    H = R.shape[2]
+    if options["hidden_size"] is not None and options["hidden_size"] != H:
+        raise OnnxModelError(f"{describe(node)}: attribute 'hidden_size' is "
+                             f"{options['hidden_size']} but input R has shape {R.shape}")
+    I = W.shape[2]
+    expected = {"W": (D, G * H, I), "R": (D, G * H, H), "B": (D, 2 * G * H), "P": (D, 3 * H)}
+    for name, value in (("W", W), ("R", R), ("B", B), ("P", P)):
+        if value is not None and value.shape != expected[name]:
+            raise OnnxModelError(f"{describe(node)}: input {name} must have shape "
+                                 f"{expected[name]} (hidden_size {H}), got {value.shape}")
+    for name, value in (("W", W), ("R", R), ("B", B), ("P", P)):
+        if value is not None and value.dtype.kind != "f":
+            raise OnnxModelError(f"{describe(node)}: input {name} must be floating-point, "
+                                 f"got {value.dtype}")
+    return I, H
+
+
+def params_from_onnx(op, W, R, B, P, layer, directions):
+    """fastrnn parameters of layer ``layer`` from one node's weights. ``directions`` maps our
+    direction (0 forward, 1 reverse) to the ONNX direction index it takes."""
+    order = OURS_FROM_ONNX[op]
+    GH = W.shape[1]
+    params = {}
+    for ours, theirs in directions.items():
+        suffix = f"_l{layer}" + ("_reverse" if ours else "")
+        params["weight_ih" + suffix] = gate_blocks(W[theirs], order)
+        params["weight_hh" + suffix] = gate_blocks(R[theirs], order)
+        if B is not None:
+            params["bias_ih" + suffix] = gate_blocks(B[theirs, :GH], order)
+            params["bias_hh" + suffix] = gate_blocks(B[theirs, GH:], order)
+        if P is not None:
+            params["peephole" + suffix] = P[theirs].reshape(3, -1)[PEEPHOLE_ORDER]
+    return params
+
+
+def onnx_from_params(layer, k):
+    """W, R, B (None without bias) and P (None without peepholes) of layer ``k`` of a fastrnn
+    layer, in ONNX's layout."""
+    op = layer.mode
+    order = ONNX_FROM_OURS[op]
+    suffixes = [f"_l{k}", f"_l{k}_reverse"][:layer.num_directions]
+    p = layer.params
+    W = np.stack([gate_blocks(p["weight_ih" + s], order) for s in suffixes])
+    R = np.stack([gate_blocks(p["weight_hh" + s], order) for s in suffixes])
+    B = P = None
+    if layer.bias:
+        B = np.stack([np.concatenate([gate_blocks(p["bias_ih" + s], order),
+                                      gate_blocks(p["bias_hh" + s], order)])
+                      for s in suffixes])
+    if getattr(layer, "peephole", False):
+        P = np.stack([p["peephole" + s][PEEPHOLE_ORDER].reshape(-1) for s in suffixes])
+    return W, R, B, P
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one node
+
+def run_rnn_node(node, inputs, backend="reference"):
+    """Outputs (Y, Y_h[, Y_c]) of an LSTM, GRU or RNN node on input arrays given by ONNX's input
+    names (X, W, R, B, sequence_lens, initial_h, initial_c, P; None or absent: not given), by a
+    one-layer fastrnn layer of ``backend``.
+
+    direction="reverse" runs a bidirectional layer whose forward half has zero weights and
+    returns its reverse half (fastrnn has no reverse-only layer; it costs the forward half)."""
+    options = node_options(node)
+    op, D, layout = options["op"], options["num_directions"], options["layout"]
+    X = inputs.get("X")
+    if X is None:
+        raise OnnxModelError(f"{describe(node)}: input X is required")
+    X = np.asarray(X)
+    if X.dtype not in FLOAT_TYPES:
+        raise OnnxModelError(f"{describe(node)}: input X must be float32 or float64, "
+                             f"got {X.dtype}")
+    if X.ndim != 3:
+        raise OnnxModelError(f"{describe(node)}: input X must have 3 dimensions "
+                             f"({'(batch, seq, input)' if layout else '(seq, batch, input)'}), "
+                             f"got shape {X.shape}")
+    W, R, B, P = (None if inputs.get(n) is None else np.asarray(inputs[n])
+                  for n in ("W", "R", "B", "P"))
+    I, H = check_weights(node, options, W, R, B, P)
+    T, Bsz = (X.shape[1], X.shape[0]) if layout else X.shape[:2]
+    if X.shape[2] != I:
+        raise OnnxModelError(f"{describe(node)}: input X has {X.shape[2]} features, input W "
+                             f"{I}")
+    reverse_only = options["direction"] == "reverse"
+    layer_directions = 2 if reverse_only else D
+    m = LAYER_CLASSES[op](I, H, 1, bidirectional=layer_directions == 2, bias=B is not None,
+                          batch_first=bool(layout), dtype=X.dtype, backend=backend,
+                          **options["cell"], **({"peephole": True} if P is not None else {}))
+    directions = {1: 0} if reverse_only else {d: d for d in range(D)}
+    params = params_from_onnx(op, W, R, B, P, 0, directions)
+    if reverse_only:
+        for name in m.params:
+            params.setdefault(name, np.zeros_like(m.params[name]))
+    m.load_state_dict(params)
+
+    lengths = inputs.get("sequence_lens")
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if lengths.shape != (Bsz,) or lengths.dtype.kind not in "iu":
+            raise OnnxModelError(f"{describe(node)}: input sequence_lens must be ({Bsz},) "
+                                 f"integers, got {lengths.dtype} {lengths.shape}")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > T):
+            raise OnnxModelError(f"{describe(node)}: input sequence_lens must lie in "
+                                 f"[0, {T}], got {lengths.tolist()}")
+    state_names = ("initial_h", "initial_c") if op == "LSTM" else ("initial_h",)
+    state_shape = (Bsz, D, H) if layout else (D, Bsz, H)
+    parts = []
+    for name in state_names:
+        value = inputs.get(name)
+        if value is None:
+            value = np.zeros(state_shape, X.dtype)
+        value = np.asarray(value)
+        if value.shape != state_shape:
+            raise OnnxModelError(f"{describe(node)}: input {name} must have shape "
+                                 f"{state_shape}, got {value.shape}")
+        value = value.transpose(1, 0, 2) if layout else value     # (D, B, H)
+        if reverse_only:
+            value = np.concatenate([np.zeros_like(value), value])
+        parts.append(value)
+    state = tuple(parts) if op == "LSTM" else parts[0]
+
+    y, final = m(X, state, lengths)              # (T, B, D'*H) or (B, T, D'*H)
+    finals = list(final) if op == "LSTM" else [final]
+    keep = slice(1, 2) if reverse_only else slice(0, D)
+    y = y.reshape(y.shape[:2] + (-1, H))[:, :, keep]     # (T, B, D, H) or (B, T, D, H)
+    Y = y if layout else y.transpose(0, 2, 1, 3)
+    states = [s[keep].transpose(1, 0, 2) if layout else s[keep] for s in finals]
+    return [np.ascontiguousarray(a) for a in [Y] + states]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor operators around the recurrent nodes, in NumPy (both for constant folding in
+# ``load`` and for running a graph in the backend)
+
+def _axes(node, values, attrs, position):
+    """The ``axes`` of Squeeze/Unsqueeze/Slice: an input from opset 13 (10 for Slice), an
+    attribute before."""
+    if len(node.input) > position and node.input[position]:
+        return [int(a) for a in values[position]]
+    return attrs.get("axes")
+
+
+def _constant(node, values, attrs):
+    if "value" in attrs:
+        return numpy_helper.to_array(attrs["value"])
+    for name, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                        ("value_int", np.int64), ("value_ints", np.int64)):
+        if name in attrs:
+            return np.array(attrs[name], dtype=dtype)
+    raise OnnxModelError(f"{describe(node)}: only tensor, float and int values are supported, "
+                         f"got attributes {sorted(attrs)}")
+
+
+def _squeeze(node, values, attrs):
+    x = values[0]
+    axes = _axes(node, values, attrs, 1)
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
+
+
+def _unsqueeze(node, values, attrs):
+    x = values[0]
+    axes = sorted(a % (x.ndim + len(_axes(node, values, attrs, 1)))
+                  for a in _axes(node, values, attrs, 1))
+    for a in axes:
+        x = np.expand_dims(x, a)
+    return x
+
+
+def _reshape(node, values, attrs):
+    x, shape = values[0], [int(s) for s in values[1]]
+    if not attrs.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _slice(node, values, attrs):
+    x = values[0]
+    if len(node.input) > 1:       # opset >= 10: starts, ends, axes, steps are inputs
+        starts, ends = values[1], values[2]
+        axes = values[3] if len(values) > 3 and values[3] is not None else range(len(starts))
+        steps = values[4] if len(values) > 4 and values[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = attrs["starts"], attrs["ends"]
+        axes = attrs.get("axes", range(len(starts)))
+        steps = [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis)] = slice(int(start), int(end), int(step))
+    return x[tuple(index)]
+
+
+def _shape(node, values, attrs):
+    shape = np.array(values[0].shape, dtype=np.int64)
+    return shape[attrs.get("start", 0):attrs.get("end", None)]
+
+
+def _constant_of_shape(node, values, attrs):
+    value = numpy_helper.to_array(attrs["value"]) if "value" in attrs \
+        else np.zeros(1, np.float32)
+    return np.full([int(s) for s in values[0]], value.reshape(-1)[0], dtype=value.dtype)
+
+
+def _cast(node, values, attrs):
+    return values[0].astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
+
+
+TENSOR_OPS = {
+    "Constant": _constant,
+    "Identity": lambda node, values, attrs: values[0],
+    "Cast": _cast,
+    "Transpose": lambda node, values, attrs: np.transpose(values[0], attrs.get("perm")),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Reshape": _reshape,
+    "Concat": lambda node, values, attrs: np.concatenate(values, axis=attrs["axis"]),
+    "Slice": _slice,
+    "Gather": lambda node, values, attrs: np.take(values[0], values[1], axis=attrs.get("axis", 0)),
+    "Shape": _shape,
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": lambda node, values, attrs: np.array(np.broadcast_to(
+        values[0], np.broadcast_shapes(values[0].shape, tuple(int(s) for s in values[1])))),
+}
+
+
+def run_tensor_op(node, values):
+    """Outputs of one of the TENSOR_OPS on its input arrays (None for an absent input)."""
+    try:
+        return [TENSOR_OPS[node.op_type](node, values, attributes(node))]
+    except OnnxModelError:
+        raise
+    except Exception as err:      # a malformed node: say which
+        raise OnnxModelError(f"{describe(node)}: cannot be evaluated on inputs of shapes "
+                             f"{[None if v is None else v.shape for v in values]}: "
+                             f"{err}") from err
