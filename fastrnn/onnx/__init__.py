@@ -471,6 +471,10 @@ def _check_output(graph, name, order, sizes, batch_first):
                              f"{want + ['directions*hidden']}")
     # a final state: Y_h (or Y_c) of the one layer, or the layers' concatenated along axis 0
     node = graph.producer.get(name)
+    if node is None or (node.op_type != "Concat" and node not in order):
+        raise OnnxModelError(f"load: graph output {name!r} comes from {graph.where(name)}, "
+                             f"which is not part of a fastrnn layer: expected the output "
+                             f"sequence or the final states")
     parts = [name]
     if L > 1 or (node is not None and node.op_type == "Concat"):
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"),

@@ -1,0 +1,105 @@
+"""fastrnn.onnx.backend under ONNX's own backend test suite (onnx.backend.test.BackendTest): its
+LSTM, GRU and RNN node tests, whose expected outputs ONNX computes with its NumPy helpers, run
+through fastrnn's reference layers. Plus the backend's refusals. Skipped without onnx.
+
+Building BackendTest generates every node test case of ONNX (about 6 s); only the recurrent
+ones are kept. None of them needs an exclusion with onnx 1.23: the node tests use the default
+activations, no clip and no input_forget. A later onnx with a node test that does (issue 20
+adds activations, clip and input_forget to the layers) would add it here, with an exclude
+naming the attribute.
+"""
+import re
+import unittest
+import warnings
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+import onnx.backend.test  # noqa: E402
+from onnx import helper  # noqa: E402
+
+from fastrnn.onnx import OnnxModelError  # noqa: E402
+from fastrnn.onnx.backend import FastrnnBackend  # noqa: E402
+
+RECURRENT_NODE_TEST = re.compile(r"^test_(lstm|gru|rnn|simple_rnn)_\w+_cpu$")
+# the node tests of onnx 1.23.2 that this must run (a newer onnx may add more)
+EXPECTED = {f"test_{name}_cpu" for name in (
+    "lstm_defaults", "lstm_with_initial_bias", "lstm_with_peepholes", "lstm_batchwise",
+    "lstm_reverse", "lstm_bidirectional",
+    "gru_defaults", "gru_with_initial_bias", "gru_seq_length", "gru_batchwise", "gru_reverse",
+    "gru_bidirectional",
+    "simple_rnn_defaults", "simple_rnn_with_initial_bias", "rnn_seq_length",
+    "simple_rnn_batchwise", "simple_rnn_reverse", "simple_rnn_bidirectional")}
+
+
+class ReferenceBackend(FastrnnBackend):
+    """The layers on NumPy: this checks the ONNX conversion, not the kernels."""
+    layer_backend = "reference"
+
+
+def _recurrent_node_tests():
+    with warnings.catch_warnings():     # ONNX's generators of other operators' cases warn
+        warnings.simplefilter("ignore")
+        node_tests = onnx.backend.test.BackendTest(ReferenceBackend, __name__) \
+            .test_cases["OnnxBackendNodeModelTest"]
+    return {name: getattr(node_tests, name) for name in dir(node_tests)
+            if RECURRENT_NODE_TEST.match(name)}
+
+
+_SELECTED = _recurrent_node_tests()
+# only these, not ONNX's thousands of other node tests (pytest collects unittest classes)
+OnnxBackendRecurrentNodeTest = type("OnnxBackendRecurrentNodeTest", (unittest.TestCase,),
+                                    _SELECTED)
+
+
+def test_the_recurrent_node_tests_are_all_there():
+    assert EXPECTED <= set(_SELECTED), sorted(EXPECTED - set(_SELECTED))
+
+
+def test_run_node_with_empty_inputs_and_outputs():
+    """run_node takes one array per input name (None for ''); returns the named outputs."""
+    rng = np.random.default_rng(0)
+    H, I = 3, 2
+    W = rng.standard_normal((1, 3 * H, I)).astype(np.float32)
+    R = rng.standard_normal((1, 3 * H, H)).astype(np.float32)
+    x = rng.standard_normal((4, 2, I)).astype(np.float32)
+    h0 = rng.standard_normal((1, 2, H)).astype(np.float32)
+    node = helper.make_node("GRU", ["X", "W", "R", "", "", "initial_h"], ["", "Y_h"],
+                            hidden_size=H, linear_before_reset=1)
+    (y_h,) = ReferenceBackend.run_node(node, [x, W, R, None, None, h0])
+    # the same through a one-step loop of the equations in ONNX's order z, r, h
+    h = h0[0]
+    for x_t in x:
+        gx, gh = x_t @ W[0].T, h @ R[0].T
+        z = 1 / (1 + np.exp(-(gx[:, :H] + gh[:, :H])))
+        r = 1 / (1 + np.exp(-(gx[:, H:2 * H] + gh[:, H:2 * H])))
+        n = np.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+        h = (1 - z) * n + z * h
+    np.testing.assert_allclose(y_h[0], h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attrs,message", [
+    ({"clip": 1.0}, r"'g'.*attribute 'clip'"),
+    ({"activations": ["HardSigmoid", "Tanh"]}, r"'g'.*attribute 'activations'"),
+    ({"linear_before_reset": 2}, r"'g'.*attribute 'linear_before_reset' must be 0 or 1, got 2"),
+])
+def test_run_node_refuses_what_fastrnn_cannot_compute(attrs, message):
+    node = helper.make_node("GRU", ["X", "W", "R"], ["Y"], name="g", hidden_size=1, **attrs)
+    x, W, R = np.zeros((1, 1, 1), np.float32), np.zeros((1, 3, 1), np.float32), \
+        np.zeros((1, 3, 1), np.float32)
+    with pytest.raises(OnnxModelError, match=message):
+        ReferenceBackend.run_node(node, [x, W, R])
+
+
+def test_prepare_refuses_other_operators_and_devices():
+    graph = helper.make_graph([helper.make_node("Relu", ["X"], ["Y"], name="act")], "g",
+                              [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    with pytest.raises(OnnxModelError, match=r"node 'act' \(Relu.*operator 'Relu' is not "
+                                             r"supported"):
+        ReferenceBackend.prepare(model)
+    with pytest.raises(ValueError, match=r"device: fastrnn runs on 'CPU' only, got 'CUDA'"):
+        ReferenceBackend.prepare(model, "CUDA")
+    assert ReferenceBackend.supports_device("CPU") and not ReferenceBackend.supports_device("CUDA")

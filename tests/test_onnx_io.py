@@ -1,0 +1,246 @@
+"""fastrnn.onnx: export -> ONNX Runtime equals the layer; load inverts export and reads
+torch.onnx.export's graphs; what fastrnn cannot represent is refused with the node and the
+attribute named. Skipped without onnx and onnxruntime (torch: only its tests)."""
+import io
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import make_layer, max_rel_error, random_state, state_parts
+from fastrnn.cells import CELLS
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+import fastrnn.onnx  # noqa: E402
+from fastrnn.onnx import OnnxModelError  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+
+
+def run_onnxruntime(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def feeds_for(m, x, state, lengths):
+    feeds = {"x": x, "lengths": np.asarray(lengths, np.int32)}
+    for name, part in zip(["h0", "c0"], state_parts(state)):
+        feeds[name] = part
+    return feeds
+
+
+@pytest.mark.parametrize("layout", ["time-major", "batch-first"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_export_runs_in_onnxruntime_as_the_layer(backend, cell, bidirectional, layout):
+    """float32 (ONNX Runtime 1.32 runs these operators in float only), at the issue's 1e-5."""
+    rng = np.random.default_rng(5)
+    T, B, I, H = 7, 4, 3, 5
+    batch_first = layout == "batch-first"
+    m = make_layer(cell, I, H, 2, bidirectional=bidirectional, batch_first=batch_first,
+                   backend=backend, dtype=np.float32)
+    for p in m.params.values():     # larger than the default: saturating gates too
+        p *= 3
+    x = rng.standard_normal((B, T, I) if batch_first else (T, B, I)).astype(np.float32)
+    state = random_state(m, B, rng)
+    lengths = np.array([7, 2, 1, 5])
+    y, final = m(x, state, lengths)
+    got = run_onnxruntime(fastrnn.onnx.export(m), feeds_for(m, x, state, lengths))
+    for name, onnx_value, ours in zip(["y", "h_n", "c_n"], got, [y] + state_parts(final)):
+        assert onnx_value.dtype == np.float32
+        err = max_rel_error(onnx_value, ours)
+        assert err <= 1e-5, f"{name}: relative error {err:.3g}"
+
+
+# ONNX's own NumPy evaluator knows neither sequence_lens nor Relu, but runs float64
+@pytest.mark.parametrize("cell", sorted(c for c in CELLS if c != "rnn_relu"))
+def test_export_in_float64_matches_onnx_reference_evaluator(cell):
+    rng = np.random.default_rng(7)
+    m = make_layer(cell, 3, 4, 2, bidirectional=True, dtype=np.float64)
+    x = rng.standard_normal((5, 3, 3))
+    state = random_state(m, 3, rng)
+    y, final = m(x, state)
+    got = ReferenceEvaluator(fastrnn.onnx.export(m)).run(None, feeds_for(m, x, state, [5] * 3))
+    for name, onnx_value, ours in zip(["y", "h_n", "c_n"], got, [y] + state_parts(final)):
+        assert onnx_value.dtype == np.float64
+        err = max_rel_error(onnx_value, ours)
+        assert err <= 1e-10, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before", "rnn_relu"])
+def test_export_options(cell):
+    """No bias, the other layout than the layer's, no lengths and no state inputs."""
+    rng = np.random.default_rng(6)
+    m = make_layer(cell, 3, 4, 3, bias=False, dtype=np.float32)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    y, final = m(x)
+    model = fastrnn.onnx.export(m, batch_first=True, lengths=False, initial_state=False)
+    assert [i.name for i in model.graph.input] == ["x"]
+    got = run_onnxruntime(model, {"x": x.transpose(1, 0, 2)})
+    assert max_rel_error(got[0], y.transpose(1, 0, 2)) <= 1e-5
+    for onnx_value, ours in zip(got[1:], state_parts(final)):
+        assert max_rel_error(onnx_value, ours) <= 1e-5
+
+
+def test_export_writes_a_path_and_a_file(tmp_path):
+    m = make_layer("gru", 3, 4, dtype=np.float32)
+    path = tmp_path / "gru.onnx"
+    model = fastrnn.onnx.export(m, str(path))
+    buffer = io.BytesIO()
+    fastrnn.onnx.export(m, buffer)
+    assert onnx.load(str(path)) == model
+    assert onnx.load_model_from_string(buffer.getvalue()) == model
+    with pytest.raises(TypeError, match="layer: expected a fastrnn LSTM, GRU or RNN, got dict"):
+        fastrnn.onnx.export({}, buffer)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_load_inverts_export(cell):
+    m = make_layer(cell, 3, 5, 2, bidirectional=True, batch_first=True, dtype=np.float64)
+    back = fastrnn.onnx.load(fastrnn.onnx.export(m).SerializeToString(), backend="reference")
+    assert (back.cell, back.batch_first, back.bias, back.num_layers, back.num_directions,
+            back.dtype) == (m.cell, True, True, 2, 2, np.float64)
+    assert back.params.keys() == m.params.keys()
+    for name, p in m.params.items():
+        np.testing.assert_array_equal(back.params[name], p, err_msg=name)
+
+
+def test_load_without_bias_lengths_and_states(tmp_path):
+    m = make_layer("lstm", 3, 4, 2, bias=False, dtype=np.float32)
+    path = tmp_path / "m.onnx"
+    fastrnn.onnx.export(m, path, lengths=False, initial_state=False)
+    back = fastrnn.onnx.load(path, backend="reference", dtype=np.float64)
+    assert not back.bias and back.dtype == np.float64 and not back.batch_first
+    assert back.params.keys() == m.params.keys()
+    for name, p in m.params.items():
+        np.testing.assert_array_equal(back.params[name], p, err_msg=name)
+
+
+TORCH_CASES = [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}),
+               ("RNN", {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "state-input"])
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first",
+                         [(1, False, False), (2, True, True), (2, False, False)],
+                         ids=["1-uni", "2-bi-batch-first", "2-uni"])
+@pytest.mark.parametrize("name,options", TORCH_CASES, ids=["lstm", "gru", "rnn-tanh", "rnn-relu"])
+def test_load_reads_torch_onnx_export(name, options, num_layers, bidirectional, batch_first,
+                                      with_state):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = getattr(torch.nn, name)(3, 4, num_layers, bidirectional=bidirectional,
+                                  batch_first=batch_first, **options)
+    B, T, D = 2, 6, 2 if bidirectional else 1
+    x = torch.randn((B, T, 3) if batch_first else (T, B, 3))
+    h0 = torch.randn(num_layers * D, B, 4)
+    state = (h0, 0.5 * h0) if name == "LSTM" else h0
+    args = (x, state) if with_state else (x,)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the legacy exporter's deprecation and batch warnings
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, args, buffer, dynamo=False,
+                          input_names=["x", "h0", "c0"][:1 + len(state_parts(state))])
+    m = fastrnn.onnx.load(buffer.getvalue(), backend="reference")
+    assert m.batch_first == batch_first and m.num_layers == num_layers
+    with torch.no_grad():
+        y_torch, final_torch = net(*args)
+    ours_state = tuple(s.numpy() for s in state_parts(state)) if with_state else None
+    if ours_state is not None and name != "LSTM":
+        ours_state = ours_state[0]
+    y, final = m(x.numpy(), ours_state)
+    assert max_rel_error(y, y_torch.numpy()) <= 1e-5
+    for ours, theirs in zip(state_parts(final), state_parts(final_torch)):
+        assert max_rel_error(ours, theirs.numpy()) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: each names the node and the attribute (or input, or operator)
+
+def lstm_model(attrs=None, extra_nodes=(), outputs=("Y",), weights_as_inputs=False, H=3, I=2,
+               D=1):
+    """One ONNX LSTM node on graph input X (T, B, I), with ``attrs`` and ``extra_nodes``."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((D, 4 * H, I)).astype(np.float32)
+    R = rng.standard_normal((D, 4 * H, H)).astype(np.float32)
+    direction = {"direction": "bidirectional"} if D == 2 else {}
+    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y", "Y_h"], name="lstm0",
+                            **{"hidden_size": H, **direction, **(attrs or {})})
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])]
+    initializers = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")]
+    if weights_as_inputs:
+        inputs += [helper.make_tensor_value_info("W", TensorProto.FLOAT, W.shape)]
+        initializers = initializers[1:]
+    graph = helper.make_graph([node, *extra_nodes], "g", inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                               for o in outputs], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+REFUSALS = {
+    "clip": (dict(attrs={"clip": 3.0}), r"'lstm0'.*attribute 'clip'"),
+    "input_forget": (dict(attrs={"input_forget": 1}), r"'lstm0'.*attribute 'input_forget'"),
+    "activations": (dict(attrs={"activations": ["Sigmoid", "Relu", "Tanh"]}),
+                    r"'lstm0'.*attribute 'activations'.*Relu"),
+    "activation_alpha": (dict(attrs={"activation_alpha": [0.5]}),
+                         r"'lstm0'.*attribute 'activation_alpha'"),
+    "layout": (dict(attrs={"layout": 1}), r"'lstm0'.*attribute 'layout'=1"),
+    "reverse": (dict(attrs={"direction": "reverse"}), r"'lstm0'.*attribute 'direction'"),
+    "unknown attribute": (dict(attrs={"linear_before_reset": 1}),
+                          r"'lstm0'.*attribute 'linear_before_reset' is not one of LSTM's"),
+    "hidden_size": (dict(attrs={"hidden_size": 5}),
+                    r"'lstm0'.*attribute 'hidden_size' is 5 but input R has shape \(1, 12, 3\)"),
+    "weights not constant": (dict(weights_as_inputs=True),
+                             r"'lstm0'.*input W \(graph input 'W'\) is not a constant"),
+    "operator after": (dict(extra_nodes=[helper.make_node("Relu", ["Y"], ["Z"], name="act")],
+                            outputs=("Z",)),
+                       r"graph output 'Z' comes from output 'Z' of node 'act' \(Relu.*not part of"),
+    "D not squeezable": (dict(D=2, extra_nodes=[helper.make_node(
+        "Squeeze", ["Y", "axes"], ["Z"], name="sq")], outputs=("Z",)),
+        r"'sq' \(Squeeze.*only a direction axis of size 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_load_refuses_what_a_layer_cannot_be(case):
+    kwargs, message = REFUSALS[case]
+    model = lstm_model(**kwargs)
+    if case == "D not squeezable":
+        model.graph.initializer.append(numpy_helper.from_array(np.array([1]), "axes"))
+    with pytest.raises(OnnxModelError, match=message):
+        fastrnn.onnx.load(model, backend="reference")
+
+
+def test_load_refuses_malformed_weights_and_foreign_graphs():
+    model = lstm_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((1, 10, 2),
+                                                                         np.float32), "W"))
+    with pytest.raises(OnnxModelError, match=r"'lstm0'.*input W must have shape \(1, 12, 2\) "
+                                             r"\(hidden_size 3\), got \(1, 10, 2\)"):
+        fastrnn.onnx.load(model)
+    relu_only = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["X"], ["Y"])], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1])]))
+    with pytest.raises(OnnxModelError, match=r"no LSTM, GRU or RNN node.*\['Relu'\]"):
+        fastrnn.onnx.load(relu_only)
+
+
+def test_load_refuses_states_from_the_wrong_rows():
+    """Layer 1 of an exported 2-layer LSTM sliced from row 0 of h0 (its own row is 1)."""
+    m = make_layer("lstm", 3, 4, 2, dtype=np.float32)
+    model = fastrnn.onnx.export(m)
+    start = next(t for t in model.graph.initializer if t.name == "h0_l1_start")
+    start.CopyFrom(numpy_helper.from_array(np.array([0]), "h0_l1_start"))
+    with pytest.raises(OnnxModelError, match=r"'LSTM_l1'.*rows \(0, 2\); expected rows 1\.\.1"):
+        fastrnn.onnx.load(model)
+
+
+def test_missing_onnx_names_the_extra(monkeypatch):
+    for name in [n for n in sys.modules if n == "fastrnn.onnx" or n.startswith("fastrnn.onnx.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ImportError, match=r"pip install 'fastrnn\[onnx\]'"):
+        import fastrnn.onnx  # noqa: F401, F811
