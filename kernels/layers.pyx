@@ -1,45 +1,69 @@
 """The Cython layer kernels: one generic time loop, forward and backward, for every cell.
 
-``layer_forward`` / ``layer_backward`` follow the contract in ``fastrnn.cells`` (argument order,
-lengths, reverse, truncation, gradients added into). Per call:
+``layer_forward``, ``layer_backward`` and ``layer_call_step`` follow the contract in
+``fastrnn.cells``. The Numba backend (fastrnn/_numba) is the same design with the same names;
+where the two differ, the difference is named under its heading here.
 
-    forward   x_proj = x W_ih^T for all T steps in one GEMM, into the gate buffer of the workspace;
-              per step one GEMM h W_hh^T (B, H) x (H, G*H) into a scratch buffer (GRU reset-before:
-              a second one, (r*h) W_hn^T) and one fused pass over the batch rows (steps.pxd) that
-              adds both biases, applies the activations, updates the state, writes y[t] and keeps
-              the activated gates in place for backward. (The biases are added in the pass, not
-              before the loop: that saves a write of the whole (T, B, G*H) buffer.)
-    backward  per step one fused pass (dgates, stored in time order) and one GEMM for the state
-              gradient; then dW_ih, dW_hh and dx are single GEMMs over all T*B rows and the bias
-              gradients are GEMV reductions.
+Cells
+    A call reads ``cell.kernel_spec()`` once into a ``CellSpec`` struct: the gate count G, the
+    states (h; h and c), the width of the saved buffers, where the second product starts and
+    the hidden-side blocks. The workspace layouts, the phases, the products and the padding
+    rows all follow from these numbers. The cell's code is read in one place: the switches of
+    ``forward_row`` and ``backward_row``, which call the cell's step pair (steps.pxd). The
+    parameters travel as a ``Params`` struct, the gradients as ``Grads``, the sizes as
+    ``Sizes``, all of a call in one ``Call``. Cython structs cannot be fused over float and
+    double, so their array pointers are untyped and cast to ``floating*`` where used (the Numba
+    backend passes tuples of arrays instead).
 
-Small batches (B <= small_batch_max) take the unit-split forward loop instead (_units_loop: the
-hidden units split over threads, each thread multiplying by its own rows of the weights, which
-stay in its core's cache; same workspace and cache). ``layer_step`` is one step of inference
-for a layer called on one time step: the same loop with T = 1, and for B <= small_batch_max
-with x W_ih^T done the same way (no BLAS call at all).
+Loops
+    Forward: x W_ih^T for all T steps in one product into the gate buffer; then per step, per
+    phase, the recurrent product of the phase's gate blocks (phase 0: of h; phase 1, when the
+    cell has a second product: of the step's saved buffer) into ``hh``, and one fused pass
+    over the batch rows (``forward_pass``) that adds the biases, applies the activations,
+    updates the state, writes y[t] and keeps the activated gates in place for backward. A call
+    runs one of two loops (``Plan.loop``):
+    ROWS, ``forward_rows_loop``: the batch rows of a pass split over threads, a GEMM (or a
+    packed product) per product;
+    UNITS, ``forward_units_loop`` (B <= small_batch_max): the hidden units split over threads,
+    each multiplying by its own rows of the weights, which stay in its core's cache; one
+    parallel region for the whole call, the threads meeting at a barrier after each phase.
+    Backward (``backward_loop``): per step the passes in reverse phase order
+    (``backward_pass``), each followed by the transposed product of its phase's blocks into the
+    gradient of the product's source (phase 1: dsaved; phase 0: dh); after the loop dx, dW_ih,
+    dW_hh and the bias gradients are products over all T*B rows. ``layer_call_step`` runs the
+    forward loops with T = 1, the UNITS loop doing x W_ih^T in its region too (no BLAS call).
 
-Packed weights (panel.h). When a call has enough rows to pay for it (T*B >= _PACK_MIN_ROWS),
-the per-step products multiply by a copy of w_hh packed once per call into panels that a
-register-blocked kernel streams: about twice the speed of BLAS or of dot products at a few to a
-few dozen rows (BLAS repacks w_hh for every small GEMM). The unit-split loop packs each
-thread's own rows (and w_ih's for its input projection); the GEMM loops, for B <=
-_PACKED_B_MAX, pack w_hh for the forward products h w_hh^T and its columns for backward's dh
-w_hh, and do the input projection and the gradient products after backward's loop as packed
-products too. Such a call makes no BLAS call, so its products (split by panels) and passes
-(split by rows) use every thread: the two thread pools never wait on each other (see the
-thread note below). Otherwise the loops fall back to dot products (rowdot.h) or BLAS.
+Products
+    BLAS (scipy.linalg.cython_blas, blas.pxd); products over weights packed once per call into
+    panels that a register-blocked kernel streams (panel.h; at a few to a few dozen rows BLAS
+    repacks w_hh for every small GEMM), for float32 on the AMX tile unit when there is one
+    (amx.h); dot products (rowdot.h) in the UNITS loop of calls too short to pay for packing.
+    A ROWS call packs when it has the rows to pay for it (``_packs``); with a pool of threads
+    (``Plan.pool``) its input projection and gradient products are packed products too, so the
+    call makes no BLAS call.
 
-The workspace (the cache) is one allocation per forward call, the backward workspace one per
-backward call; the loops run without the GIL, passes split batch rows over OpenMP threads (see
-the thread note below), and BLAS is only called outside parallel regions. Backward only reads
-the cache, so one cache can serve several backward calls. Nothing is kept between calls.
+Threads
+    OpenMP (prange and parallel regions; the Numba backend uses Numba's threading layer), with
+    ``threads`` for thread counts. BLAS is called only outside parallel regions. Its threads
+    and OpenMP's both spin a while after their work, so passes beside BLAS calls use at most
+    CPUs - BLAS threads + 1 threads (``effective_num_threads``); a call without BLAS calls (the
+    UNITS loop, a pooled ROWS call) uses all it may.
+
+Cache
+    One workspace allocation per forward call, kept as the cache when training (``Layout``):
+    gates (T, B, G*H), h_slots and c_slots (T+1, B, H: slot t the state before step t, the
+    final state at slot T; inference: 2 slots in turn), saved (T, B, saved_width*H) and the
+    scratch hh (B, G*H). One per backward call (``BackLayout``): dgates (T, B, G*H), the input
+    side; dgates_hh (T, B, hidden_blocks*H), the hidden side of the hidden-side blocks; the
+    scratch dhh, dh, dc, dsaved, dpeep. Backward only reads the cache, so one cache serves
+    several backward calls; the cache refers to the forward's x, parameters and lengths.
 """
 import os
 
 import numpy as np
 
 from fastrnn import _scratch
+from fastrnn.cells import CELLS
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
@@ -95,12 +119,11 @@ cdef extern from "amx.h" nogil:
 
 from blas cimport gemm, gemv
 from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TANH,
-                    gru_backward_row, gru_forward_row, gru_rb_backward_row_r,
-                    gru_rb_backward_row_zn, gru_rb_forward_row_n, gru_rb_forward_row_rz,
-                    lstm_backward_row, lstm_forward_row, rnn_backward_row, rnn_forward_row)
+                    gru_backward_row, gru_forward_row, gru_reset_before_backward_row,
+                    gru_reset_before_forward_row, lstm_backward_row, lstm_forward_row,
+                    rnn_backward_row, rnn_forward_row)
 
-__all__ = ["layer_forward", "layer_backward", "layer_step", "layer_call_step",
-           "concurrent_directions",
+__all__ = ["layer_forward", "layer_backward", "layer_call_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
            "effective_num_threads", "set_small_batch_max", "get_small_batch_max",
            "amx_available", "set_amx", "get_amx"]
@@ -160,9 +183,6 @@ def set_num_threads(int n):
         raise ValueError(f"n: expected a number of threads >= 1, got {n}")
     _num_threads = n
     _update_pass_threads()
-
-_GATES = {RNN_TANH: 1, RNN_RELU: 1, LSTM: 4, LSTM_PEEPHOLE: 4, GRU: 3, GRU_RESET_BEFORE: 3}
-
 
 def get_num_threads():
     """The number given to set_num_threads (by default OpenMP's, e.g. OMP_NUM_THREADS)."""
@@ -224,7 +244,7 @@ def get_amx():
 
 
 # Small batches. B <= _small_batch_max takes the unit-split forward loop (no BLAS in the time
-# loop: it may use all _num_threads threads, see _units_loop); 0 turns it off. Inference: the
+# loop: it may use all _num_threads threads, see forward_units_loop); 0 turns it off. Inference: the
 # default is the largest B for which it was measured faster than the GEMM loop (float32, 2
 # threads, LSTM and GRU with H = 128..1024, issue 7): 2-10x at B <= 4, 1.1-1.4x at B = 8 and 16
 # (H <= 256; about even at H = 512), slower from B = 32 on, where a GEMM uses the cores better.
@@ -235,10 +255,10 @@ cdef Py_ssize_t _small_batch_max = 16
 cdef Py_ssize_t _small_batch_max_train = 0
 # A second thread for the unit-split loops only pays for its barrier (and wake-up) when a step
 # has enough weights to read: G*H*K*B multiply-adds per step (K = H in a forward call, I + H in
-# layer_step). layer_step enters a parallel region per call (about 1 us with a barrier here), so
-# it needs more: measured, whole one-step layer calls, weights 64-byte aligned, one thread vs
-# two: LSTM I=H=128 (131K) 8.2 vs 9.0 us, I=H=144 (166K) 9.3 vs 8.9; GRU I=H=144 (124K) 7.1 vs
-# 7.3, I=H=160 (154K) 8.0 vs 7.2.
+# a one-step call). A one-step call enters a parallel region per layer (about 1 us with a
+# barrier here), so it needs more: measured, whole one-step layer calls, weights 64-byte
+# aligned, one thread vs two: LSTM I=H=128 (131K) 8.2 vs 9.0 us, I=H=144 (166K) 9.3 vs 8.9;
+# GRU I=H=144 (124K) 7.1 vs 7.3, I=H=160 (154K) 8.0 vs 7.2.
 cdef Py_ssize_t _UNIT_PARALLEL_MIN = 100000
 cdef Py_ssize_t _STEP_PARALLEL_MIN = 150000
 
@@ -363,7 +383,7 @@ def _set_pack_limits(min_rows, max_bytes):
 
 def _set_unit_parallel_min(n, step=None):
     """Tuning hook (benchmarks): the step size from which the unit-split loops use threads, and
-    layer_step's (step; None: unchanged). Returns the previous (n, step)."""
+    that of one-step calls (step; None: unchanged). Returns the previous (n, step)."""
     global _UNIT_PARALLEL_MIN, _STEP_PARALLEL_MIN
     previous = (int(_UNIT_PARALLEL_MIN), int(_STEP_PARALLEL_MIN))
     _UNIT_PARALLEL_MIN = int(n)
@@ -382,81 +402,161 @@ cdef int _unit_threads(Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, Py_ssize_t B,
     return <int>max(1, min(p, H // 16))
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# Workspace layouts: offsets in elements into one flat array of the layer's dtype
+# A call's description, filled once per call: the cell, the sizes, the parameters, the
+# workspace layouts. Array pointers are untyped (Cython structs cannot be fused over float and
+# double) and cast to floating* where used; offsets and strides count elements.
+
+cdef enum:
+    # Plan.loop
+    ROWS = 0                    # forward_rows_loop
+    UNITS = 1                   # forward_units_loop
+
+
+cdef struct CellSpec:
+    # cells.Cell.kernel_spec() (_cell_spec)
+    int code
+    Py_ssize_t G                # gate blocks
+    Py_ssize_t states           # 1: h; 2: h and c
+    Py_ssize_t saved_width      # the saved buffers' width, in units of H
+    Py_ssize_t second_block     # product 1 covers blocks [second_block, G); G: no product 1
+    Py_ssize_t hidden_blocks    # hidden-side blocks, [first_hidden, first_hidden + hidden_blocks)
+    Py_ssize_t first_hidden
+    int phases                  # 1, or 2 with a product 1
+    bint peephole               # a peephole parameter (3, H)
+
+
+cdef struct Sizes:
+    Py_ssize_t T, B, H
+    Py_ssize_t I "I_"           # in C not I, which complex.h defines
+
+
+cdef struct Params:
+    # cells.Cell.param_names
+    const void* w_ih            # (G*H, I), rows ld_ih apart
+    const void* w_hh            # (G*H, H), rows ld_hh apart
+    const void* b_ih            # (G*H,)
+    const void* b_hh            # (G*H,)
+    const void* peephole        # (3, H); NULL for cells without one
+    int ld_ih, ld_hh
+
+
+cdef struct Grads:
+    # what backward adds into, laid out so that BLAS can (_blas_ready); dpeephole and the state
+    # gradients are added at Python level
+    void* dx                    # (T, B, I), steps dx_step and rows dx_row apart
+    void* dw_ih                 # like w_ih, rows ld_dw_ih apart
+    void* dw_hh
+    void* db_ih                 # entries inc_db_ih apart
+    void* db_hh
+    Py_ssize_t dx_step, dx_row
+    int ld_dw_ih, ld_dw_hh, inc_db_ih, inc_db_hh
+
 
 cdef struct Layout:
-    # forward workspace, kept as the cache when train
-    Py_ssize_t gates    # (T, B, G*H)   x W_ih^T, then the activated gates (in place)
-    Py_ssize_t h        # (T+1, B, H)   train: h before step t at slot t, the final h at slot T
-                        # (2, B, H)     inference: the state, two slots used in turn
-    Py_ssize_t c        # like h, LSTM only (-1 otherwise)
-    Py_ssize_t extra    # (T, B, H) GRU: W_hn h + b_hn (reset after) or r*h (reset before);
-                        # inference: (B, H) r*h scratch (reset before); -1 when not needed
-    Py_ssize_t hh       # (B, G*H)      scratch: h W_hh^T of the current step (the GRU step
-                        #               turns its n block into W_hn h + b_hn in place)
+    # the forward workspace, kept as the cache when training: offsets, -1 for what a cell lacks
+    Py_ssize_t gates            # (T, B, G*H)  x W_ih^T, then the activated gates (in place)
+    Py_ssize_t h_slots          # (T+1, B, H)  train: h before step t at slot t, the final h at
+                                #              slot T; (2, B, H) inference: two slots in turn
+    Py_ssize_t c_slots          # like h_slots, cells with states == 2
+    Py_ssize_t saved            # (T, B, saved_width*H) train: the cell's saved buffers;
+                                # inference: (B, saved_width*H) when product 1 reads it
+    Py_ssize_t hh               # (B, G*H)     scratch: the step's recurrent products
     Py_ssize_t size
 
 
 cdef struct BackLayout:
-    Py_ssize_t dgates   # (T, B, G*H)   dL/d(x W_ih^T + b_ih), time order
-    Py_ssize_t dhn      # (T, B, H)     GRU reset after: dL/d(W_hn h + b_hn) = da_n * r; else -1
-    Py_ssize_t dhidden  # (B, 3H)       GRU reset after: dL/d(W_hh h + b_hh) of the current step
-    Py_ssize_t dh       # (B, H)        dL/dh of the state the loop has reached
-    Py_ssize_t dc       # (B, H)        dL/dc, LSTM only
-    Py_ssize_t drh      # (B, H)        GRU reset before: dL/d(r*h) of the current step
-    Py_ssize_t dpeep    # (B, 3H)       peephole: per-row sums of da_i*c, da_f*c, da_o*c'
-    Py_ssize_t ones     # (T*B,)        ones, for the bias reductions as GEMV
+    # the backward workspace: offsets, -1 for what a cell lacks
+    Py_ssize_t dgates           # (T, B, G*H)  dL/d(x W_ih^T + b_ih), the input side
+    Py_ssize_t dgates_hh        # (T, B, hidden_blocks*H)  the hidden side of those blocks
+    Py_ssize_t dhh              # (B, G*H)     the step's hidden side, when hidden_blocks > 0
+    Py_ssize_t dh               # (B, H)       dL/dh of the state the loop has reached
+    Py_ssize_t dc               # (B, H)       dL/dc, states == 2
+    Py_ssize_t dsaved           # (B, H)       the gradient of product 1's source
+    Py_ssize_t dpeep            # (B, 3H)      per-row sums of da_i*c, da_f*c, da_o*c'
+    Py_ssize_t ones             # (T*B,)       ones, for the bias gradients as GEMV
     Py_ssize_t size
 
 
-cdef inline bint _has_c(int code) noexcept nogil:
-    return code == LSTM or code == LSTM_PEEPHOLE
+cdef struct Call:
+    # one layer_forward, layer_backward or one-step call: what its loops read
+    CellSpec cell
+    Sizes sizes
+    Params p
+    Layout L                    # the forward workspace (backward: the cache's)
+    const int64_t* lengths      # (B,); NULL: no padding (one-step calls)
+    bint reverse, train
+    const void* x               # (T, B, I) C-contiguous
+    void* y                     # forward: (T, B, H), steps y_step and rows y_row apart
+    Py_ssize_t y_step, y_row
+    BackLayout K                # backward only from here
+    Grads d
+    const void* dy              # like y; NULL: no dy
+    Py_ssize_t dy_step, dy_row
+    Py_ssize_t truncate         # 0: none
 
 
-cdef Layout _layout(int code, Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t G,
-                    bint train) noexcept:
+cdef struct Plan:
+    # how a forward call runs, chosen per call
+    int loop                    # ROWS or UNITS
+    int threads                 # ROWS: threads of the passes; UNITS: of the unit split
+    int pool                    # ROWS: threads of a packed call's pool (_pool_threads), 0: none
+    bint input_dots             # UNITS: x W_ih^T in the loop's region too (no BLAS call)
+
+
+cdef CellSpec _cell_spec(cell) except *:
+    cdef CellSpec spec
+    (spec.code, spec.G, spec.states, spec.saved_width, spec.second_block, spec.hidden_blocks,
+     spec.first_hidden) = cell.kernel_spec()
+    if not RNN_TANH <= spec.code <= GRU_RESET_BEFORE:
+        raise ValueError(f"cell: {cell.name!r} (code {spec.code}) has no step pair in the "
+                         f"Cython backend (kernels/steps.pxd)")
+    spec.phases = 2 if spec.second_block < spec.G else 1
+    spec.peephole = cell.peephole
+    return spec
+
+
+# every cell's spec by code, for layer_call_step (whose spec names the cell by its code)
+cdef CellSpec _specs_by_code[GRU_RESET_BEFORE + 1]
+for _cell in CELLS.values():
+    _specs_by_code[_cell.code] = _cell_spec(_cell)
+
+
+cdef Layout _layout(const CellSpec* cell, Sizes n, bint train) noexcept:
     cdef Layout L
-    cdef Py_ssize_t slots = T + 1 if train else 2
-    cdef Py_ssize_t n = 0
-    L.gates = n; n += T * B * G * H
-    L.h = n; n += slots * B * H
-    L.c = -1
-    if _has_c(code):
-        L.c = n; n += slots * B * H
-    L.extra = -1
-    if train and (code == GRU or code == GRU_RESET_BEFORE):
-        L.extra = n; n += T * B * H
-    elif code == GRU_RESET_BEFORE:
-        L.extra = n; n += B * H
-    L.hh = n; n += B * G * H
-    L.size = n
+    cdef Py_ssize_t slots = n.T + 1 if train else 2, BH = n.B * n.H, at = 0
+    L.gates = at; at += n.T * n.B * cell.G * n.H
+    L.h_slots = at; at += slots * BH
+    L.c_slots = L.saved = -1
+    if cell.states == 2:
+        L.c_slots = at; at += slots * BH
+    if cell.saved_width > 0 and (train or cell.phases > 1):
+        L.saved = at; at += (n.T if train else 1) * BH * cell.saved_width
+    L.hh = at; at += n.B * cell.G * n.H
+    L.size = at
     return L
 
 
-cdef BackLayout _back_layout(int code, Py_ssize_t T, Py_ssize_t B, Py_ssize_t H,
-                             Py_ssize_t G) noexcept:
-    cdef BackLayout L
-    cdef Py_ssize_t n = 0
-    L.dgates = n; n += T * B * G * H
-    L.dhn = L.dhidden = L.dc = L.drh = L.dpeep = -1
-    if code == GRU:
-        L.dhn = n; n += T * B * H
-        L.dhidden = n; n += B * G * H
-    L.dh = n; n += B * H
-    if _has_c(code):
-        L.dc = n; n += B * H
-    if code == GRU_RESET_BEFORE:
-        L.drh = n; n += B * H
-    if code == LSTM_PEEPHOLE:
-        L.dpeep = n; n += B * 3 * H
-    L.ones = n; n += T * B
-    L.size = n
-    return L
-
-
-cdef inline floating* _at(floating* ws, Py_ssize_t offset) noexcept nogil:
-    return ws + offset if offset >= 0 else NULL
+cdef BackLayout _back_layout(const CellSpec* cell, Sizes n) noexcept:
+    cdef BackLayout K
+    cdef Py_ssize_t BH = n.B * n.H, at = 0
+    K.dgates = at; at += n.T * n.B * cell.G * n.H
+    K.dgates_hh = K.dhh = K.dc = K.dsaved = K.dpeep = -1
+    if cell.hidden_blocks > 0:
+        K.dgates_hh = at; at += n.T * BH * cell.hidden_blocks
+        K.dhh = at; at += n.B * cell.G * n.H
+    K.dh = at; at += BH
+    if cell.states == 2:
+        K.dc = at; at += BH
+    if cell.phases > 1:
+        K.dsaved = at; at += BH
+    if cell.peephole:
+        K.dpeep = at; at += 3 * BH
+    K.ones = at; at += n.T * n.B
+    K.size = at
+    return K
 
 
 cdef inline bint _any_active(const int64_t* lengths, Py_ssize_t t, Py_ssize_t B) noexcept nogil:
@@ -469,193 +569,194 @@ cdef inline bint _any_active(const int64_t* lengths, Py_ssize_t t, Py_ssize_t B)
     return False
 
 
+cdef inline Py_ssize_t _state_slot(Py_ssize_t s, Py_ssize_t t, Py_ssize_t T, bint reverse,
+                                   bint train, bint after) noexcept nogil:
+    # the slot of h_slots / c_slots holding the state before (after=False) or after step t, the
+    # s-th step in processing order. train: slot t holds the state before step t (the cache
+    # backward reads) and T the final one; inference: two slots used in turn
+    if not train:
+        return (s + 1) & 1 if after else s & 1
+    if not after:
+        return t
+    if reverse:
+        return t - 1 if t > 0 else T
+    return t + 1
+
+
+cdef inline Py_ssize_t _first_slot(Py_ssize_t T, bint reverse, bint train) noexcept nogil:
+    # slot of the initial state: train, the state before the first step in processing order
+    return T - 1 if train and reverse and T > 0 else 0
+
+
+cdef inline Py_ssize_t _final_slot(Py_ssize_t T, bint train) noexcept nogil:
+    return T if train else T & 1
+
+
 # ---------------------------------------------------------------------------------------------
-# Forward: one fused pass over the batch rows of step t, and the time loop
+# Forward: the row step (the switch on the cell's code), the pass over a step's rows, the loops
 
-cdef void _forward_row(int code, bint second, Py_ssize_t b, Py_ssize_t t,
-                       Py_ssize_t j0, Py_ssize_t n,
-                       floating* gates, floating* h_new, floating* c_new,
-                       floating* extra, floating* y, Py_ssize_t y_row,
-                       floating* hh, const floating* h, const floating* c,
-                       const floating* b_ih, const floating* b_hh,
-                       const floating* peephole, const int64_t* lengths,
-                       Py_ssize_t G, Py_ssize_t H) noexcept nogil:
-    # row b of step t, units [j0, j0 + n) (the whole row: 0, H); every pointer is the step's
-    # (B, ...) block, the row and the units are picked here. lengths NULL: no padding.
-    # Not inline: as a function of its own its pointers are plain arguments, not loads from the
+cdef void forward_row(const Call* call, floating* ws, int phase, Py_ssize_t t, Py_ssize_t cur,
+                      Py_ssize_t nxt, Py_ssize_t b, Py_ssize_t j0, Py_ssize_t n) noexcept nogil:
+    # row b of step t, units [j0, j0 + n) (the whole row: 0, H), the pass after product
+    # `phase`; the state before the step is in slot cur, the one after it goes to slot nxt.
+    # Not inline: as a function of its own its pointers are plain locals, not loads from the
     # OpenMP region's shared data, which lets the compiler vectorise the loops of the steps.
-    cdef floating* g = gates + b * G * H + j0
-    cdef floating* yb = y + b * y_row + j0
-    cdef floating* eb = extra + b * H + j0 if extra != NULL else NULL
-    cdef floating* hhb = hh + b * G * H + j0
-    cdef floating* hb_new = h_new + b * H + j0
-    cdef floating* cb_new = c_new + b * H + j0 if c_new != NULL else NULL
-    cdef const floating* hb = h + b * H + j0
-    cdef const floating* cb = c + b * H + j0 if c != NULL else NULL
-    cdef const floating* pb = peephole + j0 if peephole != NULL else NULL
-    cdef Py_ssize_t j
-    if n <= 0:
-        return
-    if lengths != NULL and t >= lengths[b]:
-        # padding: the state passes through, the output is zero
-        if code == GRU_RESET_BEFORE and not second:
-            memset(eb, 0, n * sizeof(floating))            # r*h of a padded row: zero, not stale
-            return
-        memcpy(hb_new, hb, n * sizeof(floating))
-        if c != NULL:
-            memcpy(cb_new, cb, n * sizeof(floating))
-        for j in range(n):
-            yb[j] = 0
-        return
-    if code == RNN_TANH or code == RNN_RELU:
-        rnn_forward_row(g, hb_new, yb, hhb, b_ih + j0, b_hh + j0, n, H, code == RNN_RELU)
-    elif code == LSTM or code == LSTM_PEEPHOLE:
-        lstm_forward_row(g, hb_new, cb_new, yb, hhb, b_ih + j0, b_hh + j0, cb, pb, n, H)
-    elif code == GRU:
-        gru_forward_row(g, eb, hb_new, yb, hhb, b_ih + j0, b_hh + j0, hb, n, H)
-    elif not second:
-        gru_rb_forward_row_rz(g, eb, hhb, b_ih + j0, b_hh + j0, hb, n, H)
-    else:
-        gru_rb_forward_row_n(g, hb_new, yb, hhb, b_ih + j0, b_hh + j0, hb, n, H)
-
-
-cdef void _forward_pass(int code, bint second, Py_ssize_t t,
-                        floating* gates, floating* h_new, floating* c_new,
-                        floating* extra, floating* y, Py_ssize_t y_row,
-                        floating* hh, const floating* h, const floating* c,
-                        const floating* b_ih, const floating* b_hh, const floating* peephole,
-                        const int64_t* lengths, Py_ssize_t B, Py_ssize_t G, Py_ssize_t H,
-                        int nthreads) noexcept nogil:
-    cdef Py_ssize_t b
-    if nthreads > 1 and B > 1:
-        for b in prange(B, schedule="static", num_threads=nthreads):
-            _forward_row(code, second, b, t, 0, H, gates, h_new, c_new, extra, y, y_row, hh,
-                         h, c, b_ih, b_hh, peephole, lengths, G, H)
-    else:
-        for b in range(B):
-            _forward_row(code, second, b, t, 0, H, gates, h_new, c_new, extra, y, y_row, hh,
-                         h, c, b_ih, b_hh, peephole, lengths, G, H)
-
-
-cdef void _forward_loop(int code, bint reverse, bint train, int nthreads, int pool,
-                        floating* ws, Layout L,
-                        floating* y, Py_ssize_t y_step, Py_ssize_t y_row,
-                        const floating* x, const floating* w_ih, int ld_ih,
-                        const floating* w_hh, int ld_hh,
-                        const floating* b_ih, const floating* b_hh, const floating* peephole,
-                        const int64_t* lengths,
-                        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
-                        Py_ssize_t G, int units, bint input_dots) noexcept nogil:
-    # the state before the first step is in slot first_slot(...) of L.h / L.c (the caller put it)
-    # units > 0: the unit-split loop on that many threads (input_dots: x W_ih^T by dot products
-    # too, inside the loop's region: no BLAS call at all); else the batch-row-split loop with a
-    # GEMM per step; pool: threads of the packed GEMM loop's pool (_pool_threads), 0: none
-    cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H
-    cdef floating* gates = ws + L.gates
-    cdef floating* hs = ws + L.h
-    cdef floating* cs = _at(ws, L.c)
-    cdef floating* extra = _at(ws, L.extra)
-    cdef floating* hh = ws + L.hh
-    cdef floating* h
-    cdef floating* h_new
-    cdef floating* gates_t
-    cdef floating* extra_t
+    cdef Py_ssize_t H = call.sizes.H, B = call.sizes.B, GH = call.cell.G * H, k
+    cdef int code = call.cell.code
+    cdef floating* gates = ws + call.L.gates + (t * B + b) * GH + j0
+    cdef floating* hh = ws + call.L.hh + b * GH + j0
+    cdef floating* h = ws + call.L.h_slots + (cur * B + b) * H + j0
+    cdef floating* h_new = ws + call.L.h_slots + (nxt * B + b) * H + j0
     cdef floating* c = NULL
     cdef floating* c_new = NULL
-    cdef Py_ssize_t s, t, cur, nxt
+    cdef floating* saved = NULL
+    cdef floating* y = <floating*>call.y + t * call.y_step + b * call.y_row + j0
+    cdef const floating* b_ih = <const floating*>call.p.b_ih + j0
+    cdef const floating* b_hh = <const floating*>call.p.b_hh + j0
+    cdef const floating* peephole = NULL
+    if n <= 0:
+        return
+    if call.L.c_slots >= 0:
+        c = ws + call.L.c_slots + (cur * B + b) * H + j0
+        c_new = ws + call.L.c_slots + (nxt * B + b) * H + j0
+    if call.L.saved >= 0:
+        saved = ws + call.L.saved + ((t * B if call.train else 0) + b) * call.cell.saved_width * H \
+            + j0
+    if call.p.peephole != NULL:
+        peephole = <const floating*>call.p.peephole + j0
+    if call.lengths != NULL and t >= call.lengths[b]:
+        # padding: the state passes through, the output is zero; before the last phase the
+        # saved row, a later product's source, is zeroed (never stale)
+        if phase + 1 < call.cell.phases:
+            for k in range(call.cell.saved_width):
+                memset(saved + k * H, 0, n * sizeof(floating))
+            return
+        memcpy(h_new, h, n * sizeof(floating))
+        if c != NULL:
+            memcpy(c_new, c, n * sizeof(floating))
+        memset(y, 0, n * sizeof(floating))
+        return
+    if code == RNN_TANH or code == RNN_RELU:
+        rnn_forward_row(gates, h_new, y, hh, b_ih, b_hh, n, H, code == RNN_RELU)
+    elif code == LSTM or code == LSTM_PEEPHOLE:
+        lstm_forward_row(gates, h_new, c_new, y, hh, b_ih, b_hh, c, peephole, n, H)
+    elif code == GRU:
+        gru_forward_row(gates, saved, h_new, y, hh, b_ih, b_hh, h, n, H)
+    elif code == GRU_RESET_BEFORE:
+        gru_reset_before_forward_row(phase, gates, saved, h_new, y, hh, b_ih, b_hh, h, n, H)
+
+
+cdef void forward_pass(const Call* call, floating* ws, int phase, Py_ssize_t t, Py_ssize_t cur,
+                       Py_ssize_t nxt, int threads) noexcept nogil:
+    cdef Py_ssize_t b, B = call.sizes.B, H = call.sizes.H
+    if threads > 1 and B > 1:
+        for b in prange(B, schedule="static", num_threads=threads):
+            forward_row(call, ws, phase, t, cur, nxt, b, 0, H)
+    else:
+        for b in range(B):
+            forward_row(call, ws, phase, t, cur, nxt, b, 0, H)
+
+
+cdef inline void _phase_blocks(const CellSpec* cell, int phase, Py_ssize_t* g0,
+                               Py_ssize_t* g1) noexcept nogil:
+    # the gate blocks [g0, g1) of product `phase`
+    g0[0] = 0 if phase == 0 else cell.second_block
+    g1[0] = cell.second_block if phase == 0 else cell.G
+
+
+cdef inline const floating* _source(const Call* call, floating* ws, int phase, Py_ssize_t t,
+                                    Py_ssize_t cur, Py_ssize_t* ld) noexcept nogil:
+    # the source of product `phase` of step t, (B, *ld): h (in slot cur), or the step's saved
+    # buffer
+    cdef Py_ssize_t B = call.sizes.B, H = call.sizes.H
+    if phase == 0:
+        ld[0] = H
+        return ws + call.L.h_slots + cur * B * H
+    ld[0] = call.cell.saved_width * H
+    return ws + call.L.saved + (t * B * ld[0] if call.train else 0)
+
+
+cdef void forward_loop(const Call* call, floating* ws, Plan plan) noexcept nogil:
+    # the whole forward call; the state before the first step is in its slot (_first_slot)
+    if plan.loop == ROWS:
+        forward_rows_loop(call, ws, plan.threads, plan.pool)
+        return
+    if not plan.input_dots:
+        _input_projection(call, ws)
+    if plan.threads > 1:
+        with parallel(num_threads=plan.threads):
+            forward_units_loop(call, ws, plan.input_dots, openmp.omp_get_thread_num(),
+                               openmp.omp_get_num_threads())
+    else:
+        forward_units_loop(call, ws, plan.input_dots, 0, 1)
+
+
+cdef inline void _input_projection(const Call* call, floating* ws) noexcept nogil:
+    # gates = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
+    cdef Py_ssize_t GH = call.cell.G * call.sizes.H, I = call.sizes.I
+    gemm(False, True, <int>(call.sizes.T * call.sizes.B), <int>GH, <int>I, 1,
+         <const floating*>call.x, <int>I, <const floating*>call.p.w_ih, call.p.ld_ih, 0,
+         ws + call.L.gates, <int>GH)
+
+
+cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int pool) noexcept nogil:
+    # the batch-row loop: per step and phase one product for all rows, then the pass (rows
+    # split over `threads`). pool: threads of the packed loop's pool (_pool_threads), 0: none.
+    # When the call has the rows to pay for it (_packs) the products run over weights packed
+    # once; then with a pool the input projection is a packed product too, and with no BLAS
+    # call in the call every product and pass uses the pool's threads
+    cdef Py_ssize_t T = call.sizes.T, B = call.sizes.B, I = call.sizes.I, H = call.sizes.H
+    cdef Py_ssize_t G = call.cell.G, GH = G * H, k0 = call.cell.second_block * H
+    cdef const floating* w_hh = <const floating*>call.p.w_hh
+    cdef Py_ssize_t s, t, cur, nxt, g0, g1, ld
+    cdef const floating* source
+    cdef int phase
     cdef bint active
-    # the GEMM loop over packed weights (module notes) for calls with the rows to pay for
-    # packing; then the input projection too is a packed product, and with no BLAS call in the
-    # call every product and pass uses all the threads (_pool_threads). Packed w_hh: GRU
-    # reset-before's r, z blocks (2H rows) apart from its n block (H rows, at n_at)
+    # packed w_hh: product 0's rows, then product 1's at n_at
     cdef bint amx_in = _amx(ws, T * B), amx_h = _amx(ws, B)
-    cdef Py_ssize_t n_at = _packed_size(ws, H2 if code == GRU_RESET_BEFORE else GH, H, amx_h)
+    cdef Py_ssize_t n_at = _packed_size(ws, k0, H, amx_h)
     cdef floating* packed = NULL
-    cdef int threads = 0
-    if units == 0 and _packs(T, B):
+    cdef int pool_threads = 0
+    if _packs(T, B):
         # one buffer: the input projection's packed w_ih first, then w_hh for the steps
-        packed = <floating*>malloc(max(n_at + _packed_size(ws, H, H, amx_h),
+        packed = <floating*>malloc(max(n_at + _packed_size(ws, GH - k0, H, amx_h),
                                        _packed_size(ws, GH, I, amx_in)) * sizeof(floating))
-        threads = pool if packed != NULL else 0
-    if threads > 0:
-        _pack_and_multiply_mt(w_ih, ld_ih, 1, GH, I, x, I, 1, T * B, gates, GH, False, packed,
-                              threads, amx_in)
-    elif not input_dots:
-        # x_proj = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
-        gemm(False, True, <int>(T * B), <int>GH, <int>I, 1, x, <int>I, w_ih, ld_ih, 0, gates,
-             <int>GH)
-    if units > 1:
-        with parallel(num_threads=units):
-            _units_loop(code, reverse, train, input_dots, openmp.omp_get_thread_num(),
-                        openmp.omp_get_num_threads(),
-                        ws, L, y, y_step, y_row, x, w_ih, ld_ih, w_hh, ld_hh, b_ih, b_hh,
-                        peephole, lengths, T, B, I, H, G)
-        return
-    if units == 1:
-        _units_loop(code, reverse, train, input_dots, 0, 1, ws, L, y, y_step, y_row, x, w_ih,
-                    ld_ih, w_hh, ld_hh, b_ih, b_hh, peephole, lengths, T, B, I, H, G)
-        return
+        pool_threads = pool if packed != NULL else 0
+    if pool_threads > 0:
+        _pack_and_multiply_mt(<const floating*>call.p.w_ih, call.p.ld_ih, 1, GH, I,
+                              <const floating*>call.x, I, 1, T * B, ws + call.L.gates, GH, False,
+                              packed, pool_threads, amx_in)
+    else:
+        _input_projection(call, ws)
     if packed != NULL:
-        if code == GRU_RESET_BEFORE:
-            _pack_mt(w_hh, ld_hh, 1, H2, H, packed, max(threads, 1), amx_h)
-            _pack_mt(w_hh + H2 * ld_hh, ld_hh, 1, H, H, packed + n_at, max(threads, 1), amx_h)
-        else:
-            _pack_mt(w_hh, ld_hh, 1, GH, H, packed, max(threads, 1), amx_h)
-        nthreads = max(threads, 1)
+        threads = max(pool_threads, 1)
+        _pack_mt(w_hh, call.p.ld_hh, 1, k0, H, packed, threads, amx_h)
+        if k0 < GH:
+            _pack_mt(w_hh + k0 * call.p.ld_hh, call.p.ld_hh, 1, GH - k0, H, packed + n_at,
+                     threads, amx_h)
     for s in range(T):
-        t = T - 1 - s if reverse else s
-        cur = _state_slot(s, t, T, reverse, train, False) * BH
-        nxt = _state_slot(s, t, T, reverse, train, True) * BH
-        h, h_new = hs + cur, hs + nxt
-        if cs != NULL:
-            c, c_new = cs + cur, cs + nxt
-        extra_t = extra + t * BH if train and extra != NULL else extra
-        gates_t = gates + t * B * GH
-        active = _any_active(lengths, t, B)      # else every row is padding: no GEMM needed
-        if code == GRU_RESET_BEFORE:
+        t = T - 1 - s if call.reverse else s
+        cur = _state_slot(s, t, T, call.reverse, call.train, False)
+        nxt = _state_slot(s, t, T, call.reverse, call.train, True)
+        active = _any_active(call.lengths, t, B)     # else every row is padding: no product
+        for phase in range(call.cell.phases):
             if active:
-                # hh[:, :2H] = h @ w_hh[:2H].T
-                _hidden_product(w_hh, ld_hh, packed, 0, 2, h, B, H, hh, GH, nthreads, amx_h)
-            _forward_pass(code, False, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
-                          hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
-            if active:
-                # hh[:, 2H:] = (r * h) @ w_hh[2H:].T
-                _hidden_product(w_hh, ld_hh, packed + n_at if packed != NULL else NULL, 2, 3,
-                                extra_t, B, H, hh, GH, nthreads, amx_h)
-        elif active:
-            # hh = h @ w_hh.T:  (B, H) x (H, G*H)
-            _hidden_product(w_hh, ld_hh, packed, 0, G, h, B, H, hh, GH, nthreads, amx_h)
-        _forward_pass(code, True, t, gates_t, h_new, c_new, extra_t, y + t * y_step, y_row,
-                      hh, h, c, b_ih, b_hh, peephole, lengths, B, G, H, nthreads)
+                # hh[:, blocks] = source @ w_hh[blocks].T:  (B, H) x (H, blocks*H)
+                _phase_blocks(&call.cell, phase, &g0, &g1)
+                source = _source(call, ws, phase, t, cur, &ld)
+                if packed != NULL:
+                    _packed_product_mt(packed + phase * n_at, (g1 - g0) * H, H, source, ld, B,
+                                       ws + call.L.hh + g0 * H, GH, False, threads, amx_h)
+                else:
+                    gemm(False, True, <int>B, <int>((g1 - g0) * H), <int>H, 1, source, <int>ld,
+                         w_hh + g0 * H * call.p.ld_hh, call.p.ld_hh, 0,
+                         ws + call.L.hh + g0 * H, <int>GH)
+            forward_pass(call, ws, phase, t, cur, nxt, threads)
     free(packed)
 
 
-cdef inline void _hidden_product(const floating* w_hh, int ld_hh, const floating* packed,
-                                 Py_ssize_t g0, Py_ssize_t g1, const floating* v, Py_ssize_t B,
-                                 Py_ssize_t H, floating* hh, Py_ssize_t GH, int nthreads,
-                                 bint amx) noexcept nogil:
-    # hh[:, blocks g0 .. g1-1] = v @ w_hh[blocks g0 .. g1-1].T, v (B, H): over the packed copy
-    # of those blocks when there is one, else one GEMM
-    if packed != NULL:
-        _packed_product_mt(packed, (g1 - g0) * H, H, v, H, B, hh + g0 * H, GH, False,
-                           nthreads, amx)
-    else:
-        gemm(False, True, <int>B, <int>((g1 - g0) * H), <int>H, 1, v, <int>H,
-             w_hh + g0 * H * ld_hh, ld_hh, 0, hh + g0 * H, <int>GH)
-
-
 # ---------------------------------------------------------------------------------------------
-# Forward, small batches: the unit-split loop
-#
-# For B <= small_batch_max the recurrent product of a step, (B, H) x (H, G*H), is too thin for a
-# GEMM (BLAS packs the whole weight matrix for a few rows; measured 10-20x slower than reading
-# it once). Instead the hidden units [0, H) are split into one contiguous range per thread;
-# thread p computes, for its units only, the G gate rows of h W_hh^T as dot products of rows of
-# w_hh with the B rows of h (each weight read once per step for all rows, rowdot.h), then runs
-# the cell's step on its units of every row (_forward_row with a unit range). Its weight rows
-# are the same every step, so they stay in its own cache. The state is double-buffered (the
-# layouts' slots), so one barrier per step suffices: nobody reads h_new before every thread has
-# written its part; the GRU reset-before step needs all of r*h before its n block: two barriers.
+# Products: dot products (rowdot.h), packed weights (panel.h; amx.h for float32 on the tile unit)
 
 cdef inline void _rowdot(const floating* w, Py_ssize_t ldw, Py_ssize_t rows, Py_ssize_t k,
                          const floating* x, Py_ssize_t ldx, Py_ssize_t nx,
@@ -735,28 +836,28 @@ cdef inline void _packed_product(const floating* packed, Py_ssize_t rows, Py_ssi
         fr_packed_product_f64(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate)
 
 
-cdef inline int _panel_parts(Py_ssize_t rows, Py_ssize_t nr, int nthreads,
+cdef inline int _panel_parts(Py_ssize_t rows, Py_ssize_t nr, int threads,
                              Py_ssize_t* per) noexcept nogil:
     # rows in panels of nr split over threads by whole panels: the threads to use (1 ..
-    # nthreads, no more than there are panels) and in *per the rows of each part; part p has
+    # threads, no more than there are panels) and in *per the rows of each part; part p has
     # rows [p * per, min(rows, (p + 1) * per))
     cdef Py_ssize_t panels = (rows + nr - 1) // nr
-    if nthreads > panels:
-        nthreads = <int>max(1, panels)
-    per[0] = (panels + nthreads - 1) // nthreads * nr
-    return nthreads
+    if threads > panels:
+        threads = <int>max(1, panels)
+    per[0] = (panels + threads - 1) // threads * nr
+    return threads
 
 
 cdef void _pack_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t rows,
-                   Py_ssize_t k, floating* packed, int nthreads, bint amx) noexcept nogil:
-    # _pack with the panels split over nthreads threads (a once-per-call packing of 1-4 MB took
+                   Py_ssize_t k, floating* packed, int threads, bint amx) noexcept nogil:
+    # _pack with the panels split over `threads` threads (a once-per-call packing of 1-4 MB took
     # 0.3-0.4 ms on one thread while the other waited)
     cdef Py_ssize_t per, part, r0, r1
-    nthreads = _panel_parts(rows, _panel_width(w, amx), nthreads, &per)
-    if nthreads <= 1:
+    threads = _panel_parts(rows, _panel_width(w, amx), threads, &per)
+    if threads <= 1:
         _pack(w, rs, cs, rows, k, packed, amx)
         return
-    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+    for part in prange(threads, num_threads=threads, schedule="static"):
         r0 = part * per
         r1 = min(rows, r0 + per)
         if r0 < r1:
@@ -766,14 +867,14 @@ cdef void _pack_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t r
 cdef void _packed_product_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
                              const floating* x, Py_ssize_t ldx, Py_ssize_t nx,
                              floating* out, Py_ssize_t ldo, bint accumulate,
-                             int nthreads, bint amx) noexcept nogil:
-    # _packed_product with the rows (whole panels) split over nthreads threads
+                             int threads, bint amx) noexcept nogil:
+    # _packed_product with the rows (whole panels) split over `threads` threads
     cdef Py_ssize_t per, part, r0, r1
-    nthreads = _panel_parts(rows, _panel_width(packed, amx), nthreads, &per)
-    if nthreads <= 1:
+    threads = _panel_parts(rows, _panel_width(packed, amx), threads, &per)
+    if threads <= 1:
         _packed_product(packed, rows, k, x, ldx, 1, nx, out, ldo, accumulate, amx)
         return
-    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+    for part in prange(threads, num_threads=threads, schedule="static"):
         r0 = part * per
         r1 = min(rows, r0 + per)
         if r0 < r1:
@@ -783,16 +884,16 @@ cdef void _packed_product_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t
 
 cdef void _product_by_rows_mt(const floating* packed, Py_ssize_t rows, Py_ssize_t k,
                               const floating* x, Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx,
-                              floating* out, Py_ssize_t ldo, bint accumulate, int nthreads,
+                              floating* out, Py_ssize_t ldo, bint accumulate, int threads,
                               bint amx) noexcept nogil:
-    # _packed_product with the rows of x (and of out) split over nthreads threads, in parts of
+    # _packed_product with the rows of x (and of out) split over `threads` threads, in parts of
     # whole 16-row tiles; every thread reads all of the packed weights
     cdef Py_ssize_t per, part, b0, b1
-    nthreads = _panel_parts(nx, 16, nthreads, &per)
-    if nthreads <= 1:
+    threads = _panel_parts(nx, 16, threads, &per)
+    if threads <= 1:
         _packed_product(packed, rows, k, x, ldx, incx, nx, out, ldo, accumulate, amx)
         return
-    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+    for part in prange(threads, num_threads=threads, schedule="static"):
         b0 = part * per
         b1 = min(nx, b0 + per)
         if b0 < b1:
@@ -803,7 +904,7 @@ cdef void _product_by_rows_mt(const floating* packed, Py_ssize_t rows, Py_ssize_
 cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
                                 Py_ssize_t rows, Py_ssize_t k, const floating* x, Py_ssize_t ldx,
                                 Py_ssize_t incx, Py_ssize_t nx, floating* out, Py_ssize_t ldo,
-                                bint accumulate, floating* packed, int nthreads,
+                                bint accumulate, floating* packed, int threads,
                                 bint amx) noexcept nogil:
     # a one-off product (the input projection of all steps, dx, weight gradients):
     # out[b*ldo + r] (+)= x[b, :] . W[r, :] with W[r, i] = w[r*rs + i*cs] and x[b, i] =
@@ -811,8 +912,8 @@ cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
     # own into its part of `packed` (_packed_size(rows, k, amx) elements)
     cdef Py_ssize_t per, part, r0, r1
     cdef floating* mine
-    nthreads = _panel_parts(rows, _panel_width(w, amx), nthreads, &per)
-    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+    threads = _panel_parts(rows, _panel_width(w, amx), threads, &per)
+    for part in prange(threads, num_threads=threads, schedule="static"):
         r0 = part * per
         r1 = min(rows, r0 + per)
         if r0 < r1:
@@ -822,7 +923,7 @@ cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
 
 
 def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accumulate,
-                       int nthreads, bint amx=False):
+                       int threads, bint amx=False):
     """Test hook: out (+)= v @ w.T by _pack_and_multiply_mt. w (n, K) and v (B, K) each
     C-contiguous or the transpose of a C-contiguous array (w: packed from its columns; v: read
     with its column stride, as the weight gradients read d^T); out (B, n) C-contiguous.
@@ -852,57 +953,59 @@ def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accum
         _pack_and_multiply_mt(<float*>cnp.PyArray_DATA(w), rs, cs, n, K,
                               <float*>cnp.PyArray_DATA(v), ldx, incx, B,
                               <float*>cnp.PyArray_DATA(out), n, accumulate,
-                              <float*>cnp.PyArray_DATA(packed), nthreads, amx)
+                              <float*>cnp.PyArray_DATA(packed), threads, amx)
     else:
         _pack_and_multiply_mt(<double*>cnp.PyArray_DATA(w), rs, cs, n, K,
                               <double*>cnp.PyArray_DATA(v), ldx, incx, B,
                               <double*>cnp.PyArray_DATA(out), n, accumulate,
-                              <double*>cnp.PyArray_DATA(packed), nthreads, False)
+                              <double*>cnp.PyArray_DATA(packed), threads, False)
 
 
-cdef inline void _unit_range(Py_ssize_t H, int tid, int nthreads, Py_ssize_t* j0,
+
+# ---------------------------------------------------------------------------------------------
+# Forward, small batches: the unit-split loop
+#
+# For B <= small_batch_max the recurrent product of a step, (B, H) x (H, G*H), is too thin for a
+# GEMM (BLAS packs the whole weight matrix for a few rows; measured 10-20x slower than reading
+# it once). Instead the hidden units [0, H) are split into one contiguous range per thread;
+# thread p computes, for its units only, the gate rows of each product as dot products of rows
+# of w_hh with the B rows of the source (each weight read once per step for all rows,
+# rowdot.h), then runs the cell's step on its units of every row (forward_row with a unit
+# range). Its weight rows are the same every step, so they stay in its own cache. The state is
+# double-buffered (the layouts' slots), so one barrier per phase suffices: nobody reads h_new
+# (or the saved source of product 1) before every thread has written its part.
+
+cdef inline void _unit_range(Py_ssize_t H, int tid, int threads, Py_ssize_t* j0,
                              Py_ssize_t* j1) noexcept nogil:
     # contiguous ranges, a multiple of 16 units long when they are longer than 16
-    cdef Py_ssize_t chunk = (H + nthreads - 1) // nthreads
+    cdef Py_ssize_t chunk = (H + threads - 1) // threads
     if chunk > 16:
         chunk = (chunk + 15) // 16 * 16
     j0[0] = min(H, tid * chunk)
     j1[0] = min(H, j0[0] + chunk)
 
 
-cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int tid, int nthreads,
-                      floating* ws, Layout L,
-                      floating* y, Py_ssize_t y_step, Py_ssize_t y_row,
-                      const floating* x, const floating* w_ih, int ld_ih,
-                      const floating* w_hh, int ld_hh,
-                      const floating* b_ih, const floating* b_hh, const floating* peephole,
-                      const int64_t* lengths,
-                      Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
-                      Py_ssize_t G) noexcept nogil:
-    # thread tid of nthreads (every thread of the region runs this, with the same barriers);
-    # the same slots and buffers as the GEMM loop, so the cache is the same
-    cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H
-    cdef floating* gates = ws + L.gates
-    cdef floating* hs = ws + L.h
-    cdef floating* cs = _at(ws, L.c)
-    cdef floating* extra = _at(ws, L.extra)
-    cdef floating* hh = ws + L.hh
-    cdef floating* h
-    cdef floating* h_new
-    cdef floating* gates_t
-    cdef floating* extra_t
-    cdef floating* y_t
-    cdef floating* c = NULL
-    cdef floating* c_new = NULL
-    cdef Py_ssize_t s, t, t_next, cur, nxt, j0, j1, n, g, b, block_size = 0
-    cdef Py_ssize_t blocks = 2 if code == GRU_RESET_BEFORE else G
+cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, int tid,
+                             int threads) noexcept nogil:
+    # thread tid of `threads` (every thread of the region runs this, with the same barriers);
+    # the same slots and buffers as the batch-row loop, so the cache is the same. input_dots:
+    # x W_ih^T by this thread for its units too
+    cdef Py_ssize_t T = call.sizes.T, B = call.sizes.B, I = call.sizes.I, H = call.sizes.H
+    cdef Py_ssize_t G = call.cell.G, GH = G * H
+    cdef const floating* w_ih = <const floating*>call.p.w_ih
+    cdef const floating* w_hh = <const floating*>call.p.w_hh
+    cdef floating* gates = ws + call.L.gates
+    cdef floating* hh = ws + call.L.hh
+    cdef const floating* source
+    cdef Py_ssize_t s, t, t_next, cur, nxt, j0, j1, n, g, g0, g1, b, ld, block_size = 0
     cdef floating* packed = NULL        # this thread's rows of w_hh, packed; NULL: dot products
     cdef bint active, zigzag
+    cdef int phase
     # the tile unit for the input projection only: a step's products here are 4-8 small ones a
     # thread (its units of each gate block), and each would split h and set up the tiles
     # again (measured: bilstm-infer 95 ms on the tile unit, 53 without)
     cdef bint amx_in = _amx(ws, T * B)
-    _unit_range(H, tid, nthreads, &j0, &j1)
+    _unit_range(H, tid, threads, &j0, &j1)
     n = j1 - j0
     if n > 0 and T * B >= _PACK_MIN_ROWS \
             and G * _packed_size(ws, n, H, False) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
@@ -918,348 +1021,303 @@ cdef void _units_loop(int code, bint reverse, bint train, bint input_dots, int t
         # GEMM take the cores these threads need: measured 1.7x slower per step)
         for g in range(G):
             if packed != NULL:
-                _pack(w_ih + (g * H + j0) * ld_ih, ld_ih, 1, n, I, packed, amx_in)
-                _packed_product(packed, n, I, x, I, 1, T * B, gates + g * H + j0, GH, False,
-                                amx_in)
+                _pack(w_ih + (g * H + j0) * call.p.ld_ih, call.p.ld_ih, 1, n, I, packed, amx_in)
+                _packed_product(packed, n, I, <const floating*>call.x, I, 1, T * B,
+                                gates + g * H + j0, GH, False, amx_in)
             else:
-                _rowdot(w_ih + (g * H + j0) * ld_ih, ld_ih, n, I, x, I, T * B,
-                        gates + g * H + j0, GH)
+                _rowdot(w_ih + (g * H + j0) * call.p.ld_ih, call.p.ld_ih, n, I,
+                        <const floating*>call.x, I, T * B, gates + g * H + j0, GH)
     if packed != NULL:
         for g in range(G):
-            _pack(w_hh + (g * H + j0) * ld_hh, ld_hh, 1, n, H, packed + g * block_size, False)
+            _pack(w_hh + (g * H + j0) * call.p.ld_hh, call.p.ld_hh, 1, n, H,
+                  packed + g * block_size, False)
     for s in range(T):
-        t = T - 1 - s if reverse else s
-        cur = _state_slot(s, t, T, reverse, train, False) * BH
-        nxt = _state_slot(s, t, T, reverse, train, True) * BH
-        h, h_new = hs + cur, hs + nxt
-        if cs != NULL:
-            c, c_new = cs + cur, cs + nxt
-        extra_t = extra + t * BH if train and extra != NULL else extra
-        gates_t = gates + t * B * GH
-        y_t = y + t * y_step
-        active = _any_active(lengths, t, B)
+        t = T - 1 - s if call.reverse else s
+        cur = _state_slot(s, t, T, call.reverse, call.train, False)
+        nxt = _state_slot(s, t, T, call.reverse, call.train, True)
+        active = _any_active(call.lengths, t, B)
         if s + 1 < T and 0 < n < H:
             # the next step's rows of x W_ih^T, computed before the loop and long out of L1/L2:
             # fetched while this step multiplies (read cold, they were a fifth of the call).
             # Only when the thread has part of the units: else a row is one contiguous run the
             # hardware prefetcher follows, and these hints only fill the line-fill buffers
-            t_next = T - 2 - s if reverse else s + 1
+            t_next = T - 2 - s if call.reverse else s + 1
             for b in range(B):
                 for g in range(G):
                     fr_prefetch(gates + (t_next * B + b) * GH + g * H + j0, n * sizeof(floating))
-        if active and n > 0:
-            # hh[:, block g, units] = h @ w_hh[block g, units].T. Every other step reads the
-            # thread's weight rows last to first: the rows read last are still in L2 then, where
-            # the same order every step would evict each row just before it is read again
-            zigzag = _zigzag and (s & 1) == 1
-            for g in range(blocks):
-                _units_product(w_hh, ld_hh, packed, block_size,
-                               blocks - 1 - g if zigzag else g, j0, n, H, h, B, hh, GH, zigzag)
-        if code == GRU_RESET_BEFORE:
-            for b in range(B):
-                _forward_row(code, False, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t,
-                             y_row, hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
-            fr_barrier()                        # all of r*h is written
+        for phase in range(call.cell.phases):
+            if phase > 0:
+                fr_barrier()                    # all of product 1's source is written
             if active and n > 0:
-                # hh[:, n block, units] = (r*h) @ w_hh[n block, units].T
-                _units_product(w_hh, ld_hh, packed, block_size, 2, j0, n, H, extra_t, B, hh, GH,
-                               False)
-        for b in range(B):
-            _forward_row(code, True, b, t, j0, n, gates_t, h_new, c_new, extra_t, y_t, y_row,
-                         hh, h, c, b_ih, b_hh, peephole, lengths, G, H)
+                # hh[:, block g, units] = source @ w_hh[block g, units].T. Every other step
+                # reads product 0's weight rows last to first: the rows read last are still in
+                # L2 then, where the same order every step would evict each row just before it
+                # is read again
+                source = _source(call, ws, phase, t, cur, &ld)
+                zigzag = _zigzag and (s & 1) == 1 and phase == 0
+                _phase_blocks(&call.cell, phase, &g0, &g1)
+                for g in range(g0, g1):
+                    _units_product(call, packed, block_size, g1 - 1 - (g - g0) if zigzag else g,
+                                   j0, n, source, ld, hh, zigzag)
+            for b in range(B):
+                forward_row(call, ws, phase, t, cur, nxt, b, j0, n)
         fr_barrier()                            # the new state is complete
     free(packed)
 
 
-cdef inline void _units_product(const floating* w_hh, int ld_hh, const floating* packed,
-                                Py_ssize_t block_size, Py_ssize_t g, Py_ssize_t j0,
-                                Py_ssize_t n, Py_ssize_t H, const floating* v, Py_ssize_t B,
-                                floating* hh, Py_ssize_t GH, bint backwards) noexcept nogil:
-    # hh[:, block g, units j0 .. j0+n] = v @ w_hh[block g, units].T, v (B, H): from the packed
-    # copy of the thread's rows when there is one. backwards: the dot products' rows last to
-    # first, in runs of _ZIGZAG_ROWS from the block's start (so the kernel groups its rows as
-    # it does forwards, and every sum is the same to the last bit; see _units_loop)
-    cdef Py_ssize_t r1, r0
+cdef inline void _units_product(const Call* call, const floating* packed, Py_ssize_t block_size,
+                                Py_ssize_t g, Py_ssize_t j0, Py_ssize_t n,
+                                const floating* v, Py_ssize_t ldv, floating* hh,
+                                bint backwards) noexcept nogil:
+    # hh[:, block g, units j0 .. j0+n] = v @ w_hh[block g, units].T, v (B, H) with rows ldv
+    # apart: from the packed copy of the thread's rows when there is one. backwards: the dot
+    # products' rows last to first, in runs of _ZIGZAG_ROWS from the block's start (so the
+    # kernel groups its rows as it does forwards, and every sum is the same to the last bit;
+    # see forward_units_loop)
+    cdef Py_ssize_t H = call.sizes.H, B = call.sizes.B, GH = call.cell.G * H, r1, r0
+    cdef int ld_hh = call.p.ld_hh
+    cdef const floating* w_hh = <const floating*>call.p.w_hh
     if packed != NULL:
-        _packed_product(packed + g * block_size, n, H, v, H, 1, B, hh + g * H + j0, GH, False,
+        _packed_product(packed + g * block_size, n, H, v, ldv, 1, B, hh + g * H + j0, GH, False,
                         False)
     elif not backwards:
-        _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, v, H, B, hh + g * H + j0, GH)
+        _rowdot(w_hh + (g * H + j0) * ld_hh, ld_hh, n, H, v, ldv, B, hh + g * H + j0, GH)
     else:
         r1 = n
         while r1 > 0:
             r0 = (r1 - 1) // _ZIGZAG_ROWS * _ZIGZAG_ROWS
-            _rowdot(w_hh + (g * H + j0 + r0) * ld_hh, ld_hh, r1 - r0, H, v, H, B,
+            _rowdot(w_hh + (g * H + j0 + r0) * ld_hh, ld_hh, r1 - r0, H, v, ldv, B,
                     hh + g * H + j0 + r0, GH)
             r1 = r0
 
 
-cdef inline Py_ssize_t _state_slot(Py_ssize_t s, Py_ssize_t t, Py_ssize_t T, bint reverse,
-                                   bint train, bint after) noexcept nogil:
-    # the slot of L.h / L.c holding the state before (after=False) or after step t, the s-th
-    # step in processing order. train: slot t holds the state before step t (the cache
-    # backward reads) and T the final one; inference: two slots used in turn
-    if not train:
-        return (s + 1) & 1 if after else s & 1
-    if not after:
-        return t
-    if reverse:
-        return t - 1 if t > 0 else T
-    return t + 1
-
-
-cdef inline Py_ssize_t _first_slot(Py_ssize_t T, bint reverse, bint train) noexcept nogil:
-    # slot of the initial state: train, the state before the first step in processing order
-    return T - 1 if train and reverse and T > 0 else 0
-
-
-cdef inline Py_ssize_t _final_slot(Py_ssize_t T, bint train) noexcept nogil:
-    return T if train else T & 1
-
-
 # ---------------------------------------------------------------------------------------------
-# Backward: one fused pass over the batch rows of step t, and the time loop
+# Backward: the row step (the switch on the cell's code), the pass over a step's rows, the loop
 
-cdef void _backward_row(int code, bint second, Py_ssize_t b, Py_ssize_t t,
-                        floating* dgates, floating* dhidden, floating* dhn,
-                        floating* dh, floating* dc, floating* dpeep,
-                        const floating* dy, Py_ssize_t dy_row, const floating* drh,
-                        const floating* gates, const floating* h, const floating* c,
-                        const floating* c_new, const floating* extra,
-                        const floating* peephole, const int64_t* lengths,
-                        Py_ssize_t G, Py_ssize_t H) noexcept nogil:
-    # not inline, for the same reason as _forward_row
-    cdef floating* dg = dgates + b * G * H
-    cdef floating* dhb = dh + b * H
-    cdef const floating* dyb
-    cdef Py_ssize_t j
-    if t >= lengths[b]:
-        # padding: no gradient to the parameters or x, the state gradient passes through
-        if not second:
-            memset(dg, 0, G * H * sizeof(floating))
-            if dhidden != NULL:
-                memset(dhidden + b * G * H, 0, G * H * sizeof(floating))
-                memset(dhn + b * H, 0, H * sizeof(floating))
-        return
-    if not second and dy != NULL:
-        dyb = dy + b * dy_row
-        for j in range(H):
-            dhb[j] = dhb[j] + dyb[j]                      # dL/dh' = from later steps + from y
-    if code == RNN_TANH or code == RNN_RELU:
-        rnn_backward_row(dg, dhb, gates + b * G * H, H, code == RNN_RELU)
-    elif code == LSTM or code == LSTM_PEEPHOLE:
-        lstm_backward_row(dg, dhb, dc + b * H, dpeep + b * 3 * H if dpeep != NULL else NULL,
-                          gates + b * G * H, c + b * H, c_new + b * H, peephole, H)
-    elif code == GRU:
-        gru_backward_row(dg, dhidden + b * G * H, dhn + b * H, dhb, gates + b * G * H,
-                         h + b * H, extra + b * H, H)
-    elif not second:
-        gru_rb_backward_row_zn(dg, dhb, gates + b * G * H, h + b * H, H)
-    else:
-        gru_rb_backward_row_r(dg, dhb, drh + b * H, gates + b * G * H, h + b * H, H)
-
-
-cdef void _backward_pass(int code, bint second, Py_ssize_t t,
-                         floating* dgates, floating* dhidden, floating* dhn,
-                         floating* dh, floating* dc, floating* dpeep,
-                         const floating* dy, Py_ssize_t dy_row, const floating* drh,
-                         const floating* gates, const floating* h, const floating* c,
-                         const floating* c_new, const floating* extra,
-                         const floating* peephole, const int64_t* lengths,
-                         Py_ssize_t B, Py_ssize_t G, Py_ssize_t H, int nthreads) noexcept nogil:
-    cdef Py_ssize_t b
-    if nthreads > 1 and B > 1:
-        for b in prange(B, schedule="static", num_threads=nthreads):
-            _backward_row(code, second, b, t, dgates, dhidden, dhn, dh, dc, dpeep, dy, dy_row,
-                          drh, gates, h, c, c_new, extra, peephole, lengths, G, H)
-    else:
-        for b in range(B):
-            _backward_row(code, second, b, t, dgates, dhidden, dhn, dh, dc, dpeep, dy, dy_row,
-                          drh, gates, h, c, c_new, extra, peephole, lengths, G, H)
-
-
-cdef void _backward_loop(int code, bint reverse, Py_ssize_t truncate, int nthreads, int pool,
-                         const floating* ws, Layout L, floating* bws, BackLayout K,
-                         const floating* dy, Py_ssize_t dy_step, Py_ssize_t dy_row,
-                         const floating* x, const floating* w_ih, int ld_ih,
-                         const floating* w_hh, int ld_hh, const floating* peephole,
-                         const int64_t* lengths,
-                         floating* dx, Py_ssize_t dx_step, Py_ssize_t dx_row,
-                         floating* dw_ih, int ld_dw_ih, floating* dw_hh, int ld_dw_hh,
-                         floating* db_ih, int inc_db_ih, floating* db_hh, int inc_db_hh,
-                         Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
-                         Py_ssize_t G) noexcept nogil:
-    # on entry K.dh / K.dc hold dL/dh_n, dL/dc_n; on exit dL/dh0, dL/dc0 (the caller adds them)
-    cdef Py_ssize_t GH = G * H, BH = B * H, H2 = 2 * H, TB = T * B
-    cdef const floating* gates = ws + L.gates
-    cdef const floating* hs = ws + L.h               # slots 0..T-1: h before step t, (T*B, H)
-    cdef const floating* cs = _at(<floating*>ws, L.c)
-    cdef const floating* extra = _at(<floating*>ws, L.extra)
-    cdef floating* dgates = bws + K.dgates
-    cdef floating* dhn = _at(bws, K.dhn)
-    cdef floating* dhidden = _at(bws, K.dhidden)
-    cdef floating* dh = bws + K.dh
-    cdef floating* dc = _at(bws, K.dc)
-    cdef floating* drh = _at(bws, K.drh)
-    cdef floating* dpeep = _at(bws, K.dpeep)
-    cdef floating* ones = bws + K.ones
-    cdef floating* dgates_t
+cdef void backward_row(const Call* call, const floating* ws, floating* bws, int phase,
+                       Py_ssize_t t, Py_ssize_t b) noexcept nogil:
+    # row b of step t, the pass that undoes forward phase `phase`; not inline, for the same
+    # reason as forward_row
+    cdef Py_ssize_t H = call.sizes.H, B = call.sizes.B, GH = call.cell.G * H, j
+    cdef Py_ssize_t HB = call.cell.hidden_blocks * H, row = t * B + b
+    cdef int code = call.cell.code
+    cdef floating* dgates = bws + call.K.dgates + row * GH
+    cdef floating* dh = bws + call.K.dh + b * H
+    cdef floating* dc = NULL
+    cdef floating* dhh = NULL
+    cdef floating* dgates_hh = NULL
+    cdef floating* dsaved = NULL
+    cdef floating* dpeep = NULL
+    cdef const floating* gates = ws + call.L.gates + row * GH
+    cdef const floating* h = ws + call.L.h_slots + row * H      # slot t: h before step t
     cdef const floating* c = NULL
     cdef const floating* c_new = NULL
-    cdef Py_ssize_t s, t, i, boundary
+    cdef const floating* saved = NULL
+    cdef const floating* dy
+    if call.K.dhh >= 0:
+        dhh = bws + call.K.dhh + b * GH
+        dgates_hh = bws + call.K.dgates_hh + row * HB
+    if t >= call.lengths[b]:
+        # padding: no gradient to the parameters or x, the state gradient passes through
+        if phase + 1 == call.cell.phases:
+            memset(dgates, 0, GH * sizeof(floating))
+            if dhh != NULL:
+                memset(dhh, 0, GH * sizeof(floating))
+                memset(dgates_hh, 0, HB * sizeof(floating))
+        return
+    if call.K.dc >= 0:
+        dc = bws + call.K.dc + b * H
+        c = ws + call.L.c_slots + row * H
+        c_new = ws + call.L.c_slots + \
+            (_state_slot(0, t, call.sizes.T, call.reverse, True, True) * B + b) * H
+    if call.K.dsaved >= 0:
+        dsaved = bws + call.K.dsaved + b * H
+    if call.K.dpeep >= 0:
+        dpeep = bws + call.K.dpeep + b * 3 * H
+    if call.L.saved >= 0:
+        saved = ws + call.L.saved + row * call.cell.saved_width * H
+    if phase + 1 == call.cell.phases and call.dy != NULL:
+        dy = <const floating*>call.dy + t * call.dy_step + b * call.dy_row
+        for j in range(H):
+            dh[j] = dh[j] + dy[j]                         # dL/dh' = from later steps + from y
+    if code == RNN_TANH or code == RNN_RELU:
+        rnn_backward_row(dgates, dh, gates, H, code == RNN_RELU)
+    elif code == LSTM or code == LSTM_PEEPHOLE:
+        lstm_backward_row(dgates, dh, dc, dpeep, gates, c, c_new,
+                          <const floating*>call.p.peephole, H)
+    elif code == GRU:
+        gru_backward_row(dgates, dhh, dgates_hh, dh, gates, h, saved, H)
+    elif code == GRU_RESET_BEFORE:
+        gru_reset_before_backward_row(phase, dgates, dh, dsaved, gates, h, H)
+
+
+cdef void backward_pass(const Call* call, const floating* ws, floating* bws, int phase,
+                        Py_ssize_t t, int threads) noexcept nogil:
+    cdef Py_ssize_t b, B = call.sizes.B
+    if threads > 1 and B > 1:
+        for b in prange(B, schedule="static", num_threads=threads):
+            backward_row(call, ws, bws, phase, t, b)
+    else:
+        for b in range(B):
+            backward_row(call, ws, bws, phase, t, b)
+
+
+cdef void backward_loop(const Call* call, const floating* ws, floating* bws, int threads,
+                        int pool) noexcept nogil:
+    # on entry dh / dc hold dL/dh_n, dL/dc_n; on exit dL/dh0, dL/dc0 (the caller adds them)
+    cdef Py_ssize_t T = call.sizes.T, B = call.sizes.B, I = call.sizes.I, H = call.sizes.H
+    cdef Py_ssize_t GH = call.cell.G * H, BH = B * H, k0 = call.cell.second_block * H
+    cdef const floating* w_hh = <const floating*>call.p.w_hh
+    cdef int ld_hh = call.p.ld_hh
+    cdef floating* dh = bws + call.K.dh
+    # the step's hidden side: dhh when some blocks have their own, else dgates[t]
+    cdef floating* d_hidden
+    cdef Py_ssize_t s, t, boundary
     cdef bint active, cut
-    # the per-step products on this thread over w_hh packed once, as in _forward_loop; packed
-    # columns of w_hh: W[u, g] = w_hh[g, u]. GRU reset-before: the r, z blocks (k = 2H) apart
-    # from the n block (k = H), at n_at
-    cdef Py_ssize_t k_main = H2 if code == GRU_RESET_BEFORE else GH
+    cdef int phase
+    # the per-step products over w_hh packed once, as in forward_rows_loop; packed columns of
+    # w_hh: W[u, g] = w_hh[g, u], product 0's blocks, then product 1's at n_at
     cdef bint amx_h = _amx(bws, B)
-    cdef Py_ssize_t n_at = _packed_size(bws, H, k_main, amx_h)
+    cdef Py_ssize_t n_at = _packed_size(bws, H, k0, amx_h)
     cdef floating* packed = NULL
-    cdef bint pooled = False               # no BLAS call at all (see _forward_loop)
+    cdef bint pooled = False               # no BLAS call at all (see forward_rows_loop)
     cdef Py_ssize_t grad_rows = min(T * B, _GRAD_CHUNK)
     if _packs(T, B):
-        # one buffer: w_hh's columns for the steps, then the operands of _pool_gradients
-        packed = <floating*>malloc(max(n_at + _packed_size(bws, H, H, amx_h),
+        # one buffer: w_hh's columns for the steps, then the operands of the products after
+        # the loop (_parameter_gradients)
+        packed = <floating*>malloc(max(n_at + _packed_size(bws, H, GH - k0, amx_h),
                                        _packed_size_any(bws, I, GH),
                                        _packed_size_any(bws, max(I, H), grad_rows))
                                    * sizeof(floating))
         if packed != NULL:
-            _pack_mt(w_hh, 1, ld_hh, H, k_main, packed, max(pool, 1), amx_h)
-            if code == GRU_RESET_BEFORE:
-                _pack_mt(w_hh + H2 * ld_hh, 1, ld_hh, H, H, packed + n_at, max(pool, 1), amx_h)
-            nthreads = max(pool, 1)
+            threads = max(pool, 1)
+            _pack_mt(w_hh, 1, ld_hh, H, k0, packed, threads, amx_h)
+            if k0 < GH:
+                _pack_mt(w_hh + k0 * ld_hh, 1, ld_hh, H, GH - k0, packed + n_at, threads, amx_h)
             pooled = pool > 0
     for s in range(T):
-        t = s if reverse else T - 1 - s
-        dgates_t = dgates + t * B * GH
-        if cs != NULL:
-            c = cs + t * BH
-            c_new = cs + _state_slot(s, t, T, reverse, True, True) * BH
-        active = _any_active(lengths, t, B)
+        t = s if call.reverse else T - 1 - s
+        d_hidden = bws + (call.K.dhh if call.K.dhh >= 0 else call.K.dgates + t * B * GH)
+        active = _any_active(call.lengths, t, B)
         # the state gradient leaving step t is cut at the time boundaries m*k (see cells.py)
-        boundary = t + 1 if reverse else t
-        cut = truncate > 0 and 0 < boundary < T and boundary % truncate == 0
-        _backward_pass(code, False, t, dgates_t, dhidden, dhn + t * BH if dhn != NULL else NULL,
-                       dh, dc, dpeep, dy + t * dy_step if dy != NULL else NULL, dy_row, drh,
-                       gates + t * B * GH, hs + t * BH, c, c_new,
-                       extra + t * BH if extra != NULL else NULL,
-                       peephole, lengths, B, G, H, nthreads)
-        if active and code == GRU_RESET_BEFORE:
-            # drh = da_n @ w_hh[2H:]:  (B, H) x (H, H)
-            _state_product(w_hh + H2 * ld_hh, ld_hh, packed + n_at if packed != NULL else NULL,
-                           H, dgates_t + H2, GH, B, H, drh, False, nthreads, amx_h)
-            _backward_pass(code, True, t, dgates_t, dhidden, dhn, dh, dc, dpeep, NULL, 0, drh,
-                           gates + t * B * GH, hs + t * BH, c, c_new, NULL,
-                           peephole, lengths, B, G, H, nthreads)
-            if not cut:
-                # dh += da_rz @ w_hh[:2H]:  (B, 2H) x (2H, H)
-                _state_product(w_hh, ld_hh, packed, H2, dgates_t, GH, B, H, dh, True, nthreads,
+        boundary = t + 1 if call.reverse else t
+        cut = call.truncate > 0 and 0 < boundary < T and boundary % call.truncate == 0
+        for phase in range(call.cell.phases - 1, -1, -1):
+            backward_pass(call, ws, bws, phase, t, threads)
+            if active and phase > 0:
+                # dsaved = d_hidden[:, product 1's blocks] @ w_hh[those blocks]
+                _state_product(w_hh + k0 * ld_hh, ld_hh, packed + n_at if packed != NULL else NULL,
+                               GH - k0, d_hidden + k0, GH, B, H, bws + call.K.dsaved, False,
+                               threads, amx_h)
+            elif active and not cut:
+                # dh += d_hidden[:, product 0's blocks] @ w_hh[those blocks]
+                _state_product(w_hh, ld_hh, packed, k0, d_hidden, GH, B, H, dh, True, threads,
                                amx_h)
-        elif active and not cut:
-            # dh += d(W_hh h + b_hh) @ w_hh:  (B, G*H) x (G*H, H)
-            _state_product(w_hh, ld_hh, packed, GH, dhidden if dhidden != NULL else dgates_t,
-                           GH, B, H, dh, True, nthreads, amx_h)
         if cut:
             memset(dh, 0, BH * sizeof(floating))
-            if dc != NULL:
-                memset(dc, 0, BH * sizeof(floating))
-
-    if pooled:
-        _pool_gradients(code, dgates, dhn, hs, extra, x, w_ih, ld_ih, dx, dx_step, dx_row,
-                        dw_ih, ld_dw_ih, dw_hh, ld_dw_hh, db_ih, inc_db_ih, db_hh, inc_db_hh,
-                        T, B, I, H, G, packed, nthreads)
-        free(packed)
-        return
+            if call.K.dc >= 0:
+                memset(bws + call.K.dc, 0, BH * sizeof(floating))
+    _parameter_gradients(call, ws, bws, packed if pooled else NULL, threads)
     free(packed)
-    # after the loop, over all T*B rows at once (dgates is zero at padding)
-    for i in range(TB):
-        ones[i] = 1
-    # dw_ih += dgates.T @ x:  (G*H, T*B) x (T*B, I)
-    gemm(True, False, <int>GH, <int>I, <int>TB, 1, dgates, <int>GH, x, <int>I,
-         1, dw_ih, ld_dw_ih)
-    # dx += dgates @ w_ih:  (T*B, G*H) x (G*H, I)
-    if dx_step == B * dx_row:
-        gemm(False, False, <int>TB, <int>I, <int>GH, 1, dgates, <int>GH, w_ih, ld_ih,
-             1, dx, <int>dx_row)
-    else:
-        for t in range(T):
-            gemm(False, False, <int>B, <int>I, <int>GH, 1, dgates + t * B * GH, <int>GH,
-                 w_ih, ld_ih, 1, dx + t * dx_step, <int>dx_row)
-    # db_ih += dgates.sum(axis=0)
-    gemv(True, <int>TB, <int>GH, 1, dgates, <int>GH, ones, 1, 1, db_ih, inc_db_ih)
-    if code == GRU:
-        # the hidden side differs in the n block: d(W_hn h + b_hn) = da_n * r, kept in dhn
-        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dhn.T @ h_prev
-        gemm(True, False, <int>H2, <int>H, <int>TB, 1, dgates, <int>GH, hs, <int>H,
-             1, dw_hh, ld_dw_hh)
-        gemm(True, False, <int>H, <int>H, <int>TB, 1, dhn, <int>H, hs, <int>H,
-             1, dw_hh + H2 * ld_dw_hh, ld_dw_hh)
-        # db_hh[:2H] += dgates[:, :2H].sum(axis=0);  db_hh[2H:] += dhn.sum(axis=0)
-        gemv(True, <int>TB, <int>H2, 1, dgates, <int>GH, ones, 1, 1, db_hh, inc_db_hh)
-        gemv(True, <int>TB, <int>H, 1, dhn, <int>H, ones, 1, 1, db_hh + H2 * inc_db_hh,
-             inc_db_hh)
-    elif code == GRU_RESET_BEFORE:
-        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dgates[:, 2H:].T @ (r * h)
-        gemm(True, False, <int>H2, <int>H, <int>TB, 1, dgates, <int>GH, hs, <int>H,
-             1, dw_hh, ld_dw_hh)
-        gemm(True, False, <int>H, <int>H, <int>TB, 1, dgates + H2, <int>GH, extra, <int>H,
-             1, dw_hh + H2 * ld_dw_hh, ld_dw_hh)
-        # db_hh += dgates.sum(axis=0)
-        gemv(True, <int>TB, <int>GH, 1, dgates, <int>GH, ones, 1, 1, db_hh, inc_db_hh)
-    else:
-        # dw_hh += dgates.T @ h_prev:  (G*H, T*B) x (T*B, H);  db_hh += dgates.sum(axis=0)
-        gemm(True, False, <int>GH, <int>H, <int>TB, 1, dgates, <int>GH, hs, <int>H,
-             1, dw_hh, ld_dw_hh)
-        gemv(True, <int>TB, <int>GH, 1, dgates, <int>GH, ones, 1, 1, db_hh, inc_db_hh)
 
 
-cdef void _pool_gradients(int code, const floating* dgates, const floating* dhn,
-                          const floating* hs, const floating* extra, const floating* x,
-                          const floating* w_ih, int ld_ih,
-                          floating* dx, Py_ssize_t dx_step, Py_ssize_t dx_row,
-                          floating* dw_ih, int ld_dw_ih, floating* dw_hh, int ld_dw_hh,
-                          floating* db_ih, int inc_db_ih, floating* db_hh, int inc_db_hh,
-                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G,
-                          floating* packed, int nthreads) noexcept nogil:
-    # the products after backward's loop, the same as the BLAS calls of _backward_loop, as
-    # packed products on nthreads threads (packed: room for w_ih's columns and for a chunk of
-    # the weight gradients' operand, see _backward_loop)
-    cdef Py_ssize_t GH = G * H, H2 = 2 * H, TB = T * B, t
-    cdef bint whole = dx_step == B * dx_row          # dx's rows: one (T*B, I) matrix
+cdef inline void _state_product(const floating* w, int ldw, const floating* packed,
+                                Py_ssize_t k, const floating* v, Py_ssize_t ldv, Py_ssize_t B,
+                                Py_ssize_t H, floating* out, bint accumulate,
+                                int threads, bint amx) noexcept nogil:
+    # out (+)= v @ w, v (B, k) with row stride ldv, w (k, H) with row stride ldw, out (B, H):
+    # over w packed by columns when there is a packed copy, else one GEMM
+    if packed != NULL:
+        _packed_product_mt(packed, H, k, v, ldv, B, out, H, accumulate, threads, amx)
+    else:
+        gemm(False, False, <int>B, <int>H, <int>k, 1, v, <int>ldv, w, ldw,
+             1 if accumulate else 0, out, <int>H)
+
+
+cdef void _parameter_gradients(const Call* call, const floating* ws, floating* bws,
+                               floating* packed, int threads) noexcept nogil:
+    # after backward's loop, over all T*B rows (dgates is zero at padding): dx += dgates @ w_ih,
+    # dw_ih += dgates.T @ x, db_ih += dgates.sum(0); for each product, dw_hh[its blocks] +=
+    # D.T @ its source and db_hh[its blocks] += D.sum(0), D = dgates except on the hidden-side
+    # blocks, dgates_hh. packed: room for w_ih's columns and a chunk of an operand (see
+    # backward_loop): packed products on `threads` threads; NULL: BLAS
+    cdef Py_ssize_t T = call.sizes.T, B = call.sizes.B, I = call.sizes.I, H = call.sizes.H
+    cdef Py_ssize_t G = call.cell.G, GH = G * H, TB = T * B, t, i, g, end, ld_source, ld_d
+    cdef Py_ssize_t h0 = call.cell.first_hidden, h1 = h0 + call.cell.hidden_blocks
+    cdef const floating* dgates = bws + call.K.dgates
+    cdef const floating* w_ih = <const floating*>call.p.w_ih
+    cdef const floating* x = <const floating*>call.x
+    cdef const floating* source
+    cdef const floating* d
+    cdef floating* dx = <floating*>call.d.dx
+    cdef floating* dw_hh = <floating*>call.d.dw_hh
+    cdef floating* db_hh = <floating*>call.d.db_hh
+    cdef floating* ones = NULL
+    cdef bint whole = call.d.dx_step == B * call.d.dx_row     # dx's rows: one (T*B, I) matrix
     cdef bint amx = _amx(dgates, TB if whole else B)
-    # dx += dgates @ w_ih:  (T*B, G*H) x (G*H, I); packed columns of w_ih
-    _pack_mt(w_ih, 1, ld_ih, I, GH, packed, nthreads, amx)
-    if whole:
-        _packed_product_mt(packed, I, GH, dgates, GH, TB, dx, dx_row, True, nthreads, amx)
+    cdef int phase
+    if packed == NULL:
+        ones = bws + call.K.ones                   # the bias sums as GEMV
+        for i in range(TB):
+            ones[i] = 1
     else:
-        for t in range(T):
-            _packed_product_mt(packed, I, GH, dgates + t * B * GH, GH, B, dx + t * dx_step,
-                               dx_row, True, nthreads, amx)
+        _pack_mt(w_ih, 1, call.p.ld_ih, I, GH, packed, threads, amx)   # w_ih's columns
+    # dx += dgates @ w_ih:  (T*B, G*H) x (G*H, I)
+    for t in range(1 if whole else T):
+        if packed != NULL:
+            _packed_product_mt(packed, I, GH, dgates + t * B * GH, GH, TB if whole else B,
+                               dx + t * call.d.dx_step, call.d.dx_row, True, threads, amx)
+        else:
+            gemm(False, False, <int>(TB if whole else B), <int>I, <int>GH, 1,
+                 dgates + t * B * GH, <int>GH, w_ih, call.p.ld_ih, 1, dx + t * call.d.dx_step,
+                 <int>call.d.dx_row)
     # dw_ih += dgates.T @ x:  (G*H, T*B) x (T*B, I);  db_ih += dgates.sum(axis=0)
-    _weight_gradient(dgates, GH, GH, x, I, I, TB, dw_ih, ld_dw_ih, packed, nthreads)
-    _column_sums(dgates, GH, GH, TB, db_ih, inc_db_ih, nthreads)
-    if code == GRU:
-        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dhn.T @ h_prev
-        _weight_gradient(dgates, GH, H2, hs, H, H, TB, dw_hh, ld_dw_hh, packed, nthreads)
-        _weight_gradient(dhn, H, H, hs, H, H, TB, dw_hh + H2 * ld_dw_hh, ld_dw_hh, packed,
-                         nthreads)
-        _column_sums(dgates, GH, H2, TB, db_hh, inc_db_hh, nthreads)
-        _column_sums(dhn, H, H, TB, db_hh + H2 * inc_db_hh, inc_db_hh, nthreads)
-    elif code == GRU_RESET_BEFORE:
-        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dgates[:, 2H:].T @ (r * h)
-        _weight_gradient(dgates, GH, H2, hs, H, H, TB, dw_hh, ld_dw_hh, packed, nthreads)
-        _weight_gradient(dgates + H2, GH, H, extra, H, H, TB, dw_hh + H2 * ld_dw_hh, ld_dw_hh,
-                         packed, nthreads)
-        _column_sums(dgates, GH, GH, TB, db_hh, inc_db_hh, nthreads)
+    _gradient_product(dgates, GH, GH, x, I, I, TB, <floating*>call.d.dw_ih, call.d.ld_dw_ih,
+                      packed, threads)
+    _gradient_sums(dgates, GH, GH, TB, <floating*>call.d.db_ih, call.d.inc_db_ih, ones,
+                   threads)
+    for phase in range(call.cell.phases):
+        # dw_hh[blocks] += D[:, blocks].T @ source, in runs of blocks with one D
+        _phase_blocks(&call.cell, phase, &g, &end)
+        source = _source(call, <floating*>ws, phase, 0, 0, &ld_source)   # (T*B, ld_source)
+        while g < end:
+            if h0 <= g < h1:
+                d, ld_d, i = bws + call.K.dgates_hh + (g - h0) * H, h1 * H - h0 * H, min(end, h1)
+            else:
+                d, ld_d, i = dgates + g * H, GH, min(end, h0) if g < h0 else end
+            _gradient_product(d, ld_d, (i - g) * H, source, ld_source, H, TB,
+                              dw_hh + g * H * call.d.ld_dw_hh, call.d.ld_dw_hh, packed, threads)
+            _gradient_sums(d, ld_d, (i - g) * H, TB, db_hh + g * H * call.d.inc_db_hh,
+                           call.d.inc_db_hh, ones, threads)
+            g = i
+
+
+cdef inline void _gradient_product(const floating* d, Py_ssize_t ldd, Py_ssize_t M,
+                                   const floating* v, Py_ssize_t ldv, Py_ssize_t K,
+                                   Py_ssize_t TB, floating* out, int ldo, floating* packed,
+                                   int threads) noexcept nogil:
+    # out[:M, :K] += d[:, :M].T @ v[:, :K] over TB rows: packed products (packed: room for a
+    # chunk, see _weight_gradient) or one GEMM (packed NULL)
+    if packed != NULL:
+        _weight_gradient(d, ldd, M, v, ldv, K, TB, out, ldo, packed, threads)
     else:
-        # dw_hh += dgates.T @ h_prev:  (G*H, T*B) x (T*B, H);  db_hh += dgates.sum(axis=0)
-        _weight_gradient(dgates, GH, GH, hs, H, H, TB, dw_hh, ld_dw_hh, packed, nthreads)
-        _column_sums(dgates, GH, GH, TB, db_hh, inc_db_hh, nthreads)
+        gemm(True, False, <int>M, <int>K, <int>TB, 1, d, <int>ldd, v, <int>ldv, 1, out, ldo)
+
+
+cdef inline void _gradient_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t M, Py_ssize_t TB,
+                                floating* out, int inc, const floating* ones,
+                                int threads) noexcept nogil:
+    # out[:M] += d[:, :M].sum(axis=0) over TB rows: column sums on threads, or a GEMV with
+    # `ones` (TB ones)
+    if ones == NULL:
+        _column_sums(d, ldd, M, TB, out, inc, threads)
+    else:
+        gemv(True, <int>TB, <int>M, 1, d, <int>ldd, ones, 1, 1, out, inc)
 
 
 cdef void _weight_gradient(const floating* d, Py_ssize_t ldd, Py_ssize_t M, const floating* v,
                            Py_ssize_t ldv, Py_ssize_t K, Py_ssize_t TB, floating* out,
-                           Py_ssize_t ldo, floating* packed, int nthreads) noexcept nogil:
+                           Py_ssize_t ldo, floating* packed, int threads) noexcept nogil:
     # out[m, c] += sum_r d[r*ldd + m] * v[r*ldv + c] for m < M, c < K, r < TB: d^T v, the sum
     # over all T*B rows taken in chunks of _GRAD_CHUNK rows, so that a chunk of v (packed by
     # columns, into `packed`) and of d stay in L2 while every row of out meets them
@@ -1270,19 +1328,19 @@ cdef void _weight_gradient(const floating* d, Py_ssize_t ldd, Py_ssize_t M, cons
     cdef bint amx = _amx(d, M)
     while r0 < TB:
         rows = min(_GRAD_CHUNK, TB - r0)
-        _pack_mt(v + r0 * ldv, 1, ldv, K, rows, packed, nthreads, amx)
-        _product_by_rows_mt(packed, K, rows, d + r0 * ldd, 1, ldd, M, out, ldo, True, nthreads,
+        _pack_mt(v + r0 * ldv, 1, ldv, K, rows, packed, threads, amx)
+        _product_by_rows_mt(packed, K, rows, d + r0 * ldd, 1, ldd, M, out, ldo, True, threads,
                             amx)
         r0 += rows
 
 
 cdef void _column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t M, Py_ssize_t TB,
-                       floating* out, Py_ssize_t inc, int nthreads) noexcept nogil:
+                       floating* out, Py_ssize_t inc, int threads) noexcept nogil:
     # out[m*inc] += sum_r d[r*ldd + m] for m < M, r < TB; columns split over the threads, the
     # rows read in order (a column at a time was a quarter of a training call's time)
-    cdef Py_ssize_t part, per = (M + nthreads - 1) // nthreads, m0, m1, m, r
+    cdef Py_ssize_t part, per = (M + threads - 1) // threads, m0, m1, m, r
     cdef floating* acc
-    for part in prange(nthreads, num_threads=nthreads, schedule="static"):
+    for part in prange(threads, num_threads=threads, schedule="static"):
         m0 = part * per
         m1 = min(M, m0 + per)
         if m0 < m1:
@@ -1301,67 +1359,14 @@ cdef void _column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t M, Py_ssize
                 free(acc)
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# Typed entry points: memoryviews in, pointers and sizes out, the loops run without the GIL
+# Python entry points (the contract of fastrnn.cells). The layers and fastrnn.functional have
+# checked the arguments; what is checked here picks the compiled variant or keeps memory safe.
 
-cdef inline void _state_product(const floating* w, int ldw, const floating* packed,
-                                Py_ssize_t k, const floating* v, Py_ssize_t ldv, Py_ssize_t B,
-                                Py_ssize_t H, floating* out, bint accumulate,
-                                int nthreads, bint amx) noexcept nogil:
-    # out (+)= v @ w, v (B, k) with row stride ldv, w (k, H) with row stride ldw, out (B, H):
-    # over w packed by columns when there is a packed copy, else one GEMM
-    if packed != NULL:
-        _packed_product_mt(packed, H, k, v, ldv, B, out, H, accumulate, nthreads, amx)
-    else:
-        gemm(False, False, <int>B, <int>H, <int>k, 1, v, <int>ldv, w, ldw,
-             1 if accumulate else 0, out, <int>H)
-
-
-cdef int _run_forward(int code, bint reverse, bint train, int nthreads, int pool,
-                      floating[::1] ws, Layout L,
-                      floating[:, :, :] y, const floating[:, :, ::1] x,
-                      const floating[:, :] w_ih, const floating[:, :] w_hh,
-                      const floating[::1] b_ih, const floating[::1] b_hh,
-                      const floating[::1] peephole, const int64_t[::1] lengths,
-                      Py_ssize_t H, Py_ssize_t G, int units, bint input_dots) except -1:
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t item = sizeof(floating)
-    with nogil:
-        _forward_loop(code, reverse, train, nthreads, pool, &ws[0], L,
-                      &y[0, 0, 0], y.strides[0] // item, y.strides[1] // item,
-                      &x[0, 0, 0], &w_ih[0, 0], <int>_ld(w_ih.strides[0], I, item),
-                      &w_hh[0, 0], <int>_ld(w_hh.strides[0], H, item),
-                      &b_ih[0], &b_hh[0], &peephole[0] if peephole is not None else NULL,
-                      &lengths[0], T, B, I, H, G, units, input_dots)
-    return 0
-
-
-cdef int _run_backward(int code, bint reverse, Py_ssize_t truncate, int nthreads, int pool,
-                       const floating[::1] ws, Layout L, floating[::1] bws, BackLayout K,
-                       const floating[:, :, :] dy, const floating[:, :, ::1] x,
-                       const floating[:, :] w_ih, const floating[:, :] w_hh,
-                       const floating[::1] peephole, const int64_t[::1] lengths,
-                       floating[:, :, :] dx, floating[:, :] dw_ih, floating[:, :] dw_hh,
-                       floating[:] db_ih, floating[:] db_hh,
-                       Py_ssize_t H, Py_ssize_t G) except -1:
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2]
-    cdef Py_ssize_t item = sizeof(floating)
-    cdef const floating* dy_p = &dy[0, 0, 0] if dy is not None else NULL
-    cdef Py_ssize_t dy_step = dy.strides[0] // item if dy is not None else 0
-    cdef Py_ssize_t dy_row = dy.strides[1] // item if dy is not None else 0
-    with nogil:
-        _backward_loop(code, reverse, truncate, nthreads, pool, &ws[0], L, &bws[0], K,
-                       dy_p, dy_step, dy_row,
-                       &x[0, 0, 0], &w_ih[0, 0], <int>_ld(w_ih.strides[0], I, item),
-                       &w_hh[0, 0], <int>_ld(w_hh.strides[0], H, item),
-                       &peephole[0] if peephole is not None else NULL, &lengths[0],
-                       &dx[0, 0, 0], dx.strides[0] // item, _ld(dx.strides[1], I, item),
-                       &dw_ih[0, 0], <int>_ld(dw_ih.strides[0], I, item),
-                       &dw_hh[0, 0], <int>_ld(dw_hh.strides[0], H, item),
-                       &db_ih[0], <int>(db_ih.strides[0] // item),
-                       &db_hh[0], <int>(db_hh.strides[0] // item),
-                       T, B, I, H, G)
-    return 0
+cdef inline void* _data(object a) except? NULL:
+    return cnp.PyArray_DATA(<cnp.ndarray?>a) if a is not None else NULL
 
 
 cdef inline Py_ssize_t _ld(Py_ssize_t row_stride, Py_ssize_t cols, Py_ssize_t item) noexcept nogil:
@@ -1370,44 +1375,37 @@ cdef inline Py_ssize_t _ld(Py_ssize_t row_stride, Py_ssize_t cols, Py_ssize_t it
     return ld if ld >= cols and ld >= 1 else max(1, cols)
 
 
-# ---------------------------------------------------------------------------------------------
-# Python entry points (the contract of fastrnn.cells)
+cdef bint _is_float32(object x) except -1:
+    # the dtype of the call, which picks the compiled variant
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray?>x)
+    if typenum != cnp.NPY_FLOAT and typenum != cnp.NPY_DOUBLE:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+    return typenum == cnp.NPY_FLOAT
+
+
+cdef Params _params(tuple params, Py_ssize_t item) except *:
+    # params in cells.Cell.param_names order: w_ih, w_hh, b_ih, b_hh[, peephole]
+    cdef Params p
+    cdef cnp.ndarray w_ih = params[0], w_hh = params[1]
+    p.w_ih, p.w_hh = _data(w_ih), _data(w_hh)
+    p.ld_ih = <int>_ld(w_ih.strides[0], w_ih.shape[1], item)
+    p.ld_hh = <int>_ld(w_hh.strides[0], w_hh.shape[1], item)
+    p.b_ih, p.b_hh = _data(params[2]), _data(params[3])
+    p.peephole = _data(params[4]) if len(params) > 4 else NULL
+    return p
+
 
 cdef class _Cache:
-    """What layer_forward keeps for layer_backward: the workspace and the sizes it was cut for."""
+    """What layer_forward keeps for layer_backward: the workspace, the call it was cut for and
+    the call's arrays (x, state0, params, lengths), which backward reads again."""
     cdef readonly object workspace
-    cdef readonly int code
-    cdef readonly Py_ssize_t T, B, input_size, H
-    cdef readonly bint reverse
-    cdef Layout layout
+    cdef readonly tuple arrays
+    cdef Call call
 
     def __repr__(self):
-        return (f"<fastrnn Cython cache: cell code {self.code}, T={self.T}, B={self.B}, "
-                f"I={self.input_size}, H={self.H}, {self.workspace.dtype}, {self.workspace.nbytes} bytes>")
-
-
-def _cell_code(cell):
-    code = getattr(cell, "code", None)
-    if code not in _GATES or _GATES[code] != cell.num_gates:
-        raise ValueError(f"cell: expected a fastrnn.cells.Cell record, got {cell!r}")
-    return code, _GATES[code]
-
-
-def _input(a, name, dtype, shape):
-    """A C-contiguous array of the layer's dtype and the given shape (a no-op if it is one)."""
-    if a is None:
-        raise ValueError(f"{name}: expected an array of shape {shape}, got None")
-    if a.dtype != dtype or a.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape} and dtype {np.dtype(dtype)}, got "
-                         f"shape {a.shape} and dtype {a.dtype}")
-    return np.ascontiguousarray(a)
-
-
-def _output(a, name, dtype, shape):
-    if a is None or a.dtype != dtype or a.shape != shape:
-        got = "None" if a is None else f"shape {a.shape} and dtype {a.dtype}"
-        raise ValueError(f"{name}: expected shape {shape} and dtype {np.dtype(dtype)}, got {got}")
-    return a
+        return (f"<fastrnn Cython cache: cell code {self.call.cell.code}, T={self.call.sizes.T}, "
+                f"B={self.call.sizes.B}, I={self.call.sizes.I}, H={self.call.sizes.H}, "
+                f"{self.workspace.dtype}, {self.workspace.nbytes} bytes>")
 
 
 def _blas_ready(a):
@@ -1424,321 +1422,123 @@ def _blas_ready(a):
                for n, st in zip(a.shape[:last], a.strides[:last]) if n > 1)
 
 
-def _lengths(lengths, T, B):
-    if lengths is None:
-        return np.full(B, T, dtype=np.int64)
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    if lengths.shape != (B,):
-        raise ValueError(f"lengths: expected shape ({B},), got {lengths.shape}")
-    if B and (lengths.min() < 0 or lengths.max() > T):
-        raise ValueError(f"lengths: expected values in [0, {T}], got [{lengths.min()}, "
-                         f"{lengths.max()}]")
-    return lengths
-
-
-def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                  lengths, reverse, train, y, h_n, c_n, threads=None):
+def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bint train, y,
+                  tuple state_n, threads=None):
     """One layer, one direction, all T steps; see fastrnn.cells for the contract."""
-    code, G = _cell_code(cell)
-    dtype = x.dtype
-    if dtype != np.float32 and dtype != np.float64:
-        raise ValueError(f"x: expected dtype float32 or float64, got {dtype}")
-    if x.ndim != 3:
-        raise ValueError(f"x: expected shape (T, B, I), got {x.shape}")
+    cdef Call call
+    cdef Plan plan
+    cdef bint f32 = _is_float32(x)
+    cdef Py_ssize_t item = 4 if f32 else 8, T, B, I, H, G, first, final, k, units
+    call.cell = _cell_spec(cell)
     T, B, I = x.shape
-    H = w_hh.shape[1]
-    x = np.ascontiguousarray(x)
-    h0 = _input(h0, "h0", dtype, (B, H))
-    w_ih = _input(w_ih, "w_ih", dtype, (G * H, I))
-    w_hh = _input(w_hh, "w_hh", dtype, (G * H, H))
-    b_ih = _input(b_ih, "b_ih", dtype, (G * H,))
-    b_hh = _input(b_hh, "b_hh", dtype, (G * H,))
-    has_c = _has_c(code)
-    c0 = _input(c0, "c0", dtype, (B, H)) if has_c else None
-    peephole = _input(peephole, "peephole", dtype, (3, H)).reshape(-1) \
-        if code == LSTM_PEEPHOLE else None
-    lengths = _lengths(lengths, T, B)
-    y = _output(y, "y", dtype, (T, B, H))
-    h_n = _output(h_n, "h_n", dtype, (B, H))
-    c_n = _output(c_n, "c_n", dtype, (B, H)) if has_c else None
+    H = state0[0].shape[1]
+    G = call.cell.G
     if T * B >= 2**31 or G * H * max(I, H) >= 2**31:
         raise ValueError(f"x: T*B = {T * B} rows or G*H = {G * H} columns are too many for BLAS")
-
-    train = bool(train)
-    reverse = bool(reverse)
-    cdef Layout L = _layout(code, T, B, H, G, train)
-    ws = _scratch.empty(max(1, L.size), dtype)      # kept by the cache; pooled (_scratch)
-    cdef Py_ssize_t first = _first_slot(T, reverse, train), final = _final_slot(T, train)
-    states = [(L.h, h0, h_n)] + ([(L.c, c0, c_n)] if has_c else [])
-    for offset, s0, _ in states:
-        ws[offset + first * B * H: offset + (first + 1) * B * H] = s0.reshape(-1)
+    call.sizes = Sizes(T=T, B=B, I=I, H=H)
+    call.p = _params(params, item)
+    call.L = _layout(&call.cell, call.sizes, train)
+    call.lengths = <const int64_t*>_data(lengths)
+    call.reverse, call.train = reverse, train
+    call.x = _data(x)
+    ws = _scratch.empty(max(1, call.L.size), x.dtype)   # kept by the cache; pooled (_scratch)
+    cdef void* ws_data = cnp.PyArray_DATA(<cnp.ndarray>ws)
+    first, final = _first_slot(T, reverse, train), _final_slot(T, train)
+    slots = (call.L.h_slots, call.L.c_slots)
+    for k in range(call.cell.states):
+        ws[slots[k] + first * B * H: slots[k] + (first + 1) * B * H] = state0[k].reshape(-1)
     if T and B and H:
-        y_work = y if _blas_ready(y) else np.empty((T, B, H), dtype)
+        y_work = y if _blas_ready(y) else np.empty((T, B, H), x.dtype)
+        call.y = cnp.PyArray_DATA(<cnp.ndarray?>y_work)
+        call.y_step, call.y_row = y_work.strides[0] // item, y_work.strides[1] // item
         limit = _thread_limit(threads)
         units = _unit_threads(G, H, H, B, limit, _UNIT_PARALLEL_MIN) \
             if B <= (_small_batch_max_train if train else _small_batch_max) else 0
+        plan.loop = UNITS if units else ROWS
+        plan.threads = units if units else min(_pass_threads, limit)
+        plan.pool = _pool_threads(limit, threads is not None)
         # a limited call makes no BLAS call: one thread computes x W_ih^T by itself too
-        input_dots = units > 1 or (units == 1 and threads is not None)
-        passes, pool = min(_pass_threads, limit), _pool_threads(limit, threads is not None)
-        if dtype == np.float32:
-            _run_forward[float](code, reverse, train, passes, pool, ws, L, y_work, x, w_ih,
-                                w_hh, b_ih, b_hh, peephole, lengths, H, G, units, input_dots)
-        else:
-            _run_forward[double](code, reverse, train, passes, pool, ws, L, y_work, x, w_ih,
-                                 w_hh, b_ih, b_hh, peephole, lengths, H, G, units, input_dots)
+        plan.input_dots = units > 1 or (units == 1 and threads is not None)
+        with nogil:
+            if f32:
+                forward_loop(&call, <float*>ws_data, plan)
+            else:
+                forward_loop(&call, <double*>ws_data, plan)
         if y_work is not y:
             y[...] = y_work
     else:
         final = first                                 # no step: the state stays as it was
         y[...] = 0
-    for offset, _, s_n in states:
-        s_n[...] = ws[offset + final * B * H: offset + (final + 1) * B * H].reshape(B, H)
+    for k in range(call.cell.states):
+        state_n[k][...] = ws[slots[k] + final * B * H: slots[k] + (final + 1) * B * H] \
+            .reshape(B, H)
     if not train:
         return None
     cdef _Cache cache = _Cache()
-    cache.workspace, cache.code, cache.reverse, cache.layout = ws, code, reverse, L
-    cache.T, cache.B, cache.input_size, cache.H = T, B, I, H
+    cache.workspace, cache.call = ws, call
+    cache.arrays = (x, state0, params, lengths)       # what call's pointers point into
     return cache
 
 
-def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                   lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None):
-    """Gradients of one layer_forward call, ADDED into dx ... dpeephole; see fastrnn.cells."""
-    code, G = _cell_code(cell)
-    dtype = x.dtype
+def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0, tuple dparams,
+                   threads=None):
+    """Gradients of one layer_forward call, ADDED into dx, dstate0 and dparams; see
+    fastrnn.cells."""
     if not isinstance(cache, _Cache):
-        raise ValueError(f"cache: expected what the Cython layer_forward returned with "
-                         f"train=True, got {type(cache).__name__}")
+        raise TypeError(f"cache: expected what the Cython layer_forward returned with "
+                        f"train=True, got {type(cache).__name__}")
     cdef _Cache ca = cache
-    T, B, I = x.shape
-    H = w_hh.shape[1]
-    if (ca.code, ca.T, ca.B, ca.input_size, ca.H, ca.reverse, ca.workspace.dtype) != \
-            (code, T, B, I, H, bool(reverse), dtype):
-        raise ValueError(f"cache: made for cell code {ca.code}, T={ca.T}, B={ca.B}, "
-                         f"I={ca.input_size}, "
-                         f"H={ca.H}, reverse={ca.reverse}, {ca.workspace.dtype}; got cell code "
-                         f"{code}, x {x.shape}, H={H}, reverse={bool(reverse)}, {dtype}")
-    if truncate is not None and (int(truncate) != truncate or truncate < 1):
-        raise ValueError(f"truncate: expected None or an integer >= 1, got {truncate!r}")
-    x = np.ascontiguousarray(x)
-    w_ih = _input(w_ih, "w_ih", dtype, (G * H, I))
-    w_hh = _input(w_hh, "w_hh", dtype, (G * H, H))
-    has_c = _has_c(code)
-    peephole = _input(peephole, "peephole", dtype, (3, H)).reshape(-1) \
-        if code == LSTM_PEEPHOLE else None
-    lengths = _lengths(lengths, T, B)
-    if dy is not None:
-        dy = _output(dy, "dy", dtype, (T, B, H))
-        if (dy.shape[2] > 1 and dy.strides[2] != dy.itemsize) or \
-                any(st % dy.itemsize for st in dy.strides):
-            dy = np.ascontiguousarray(dy)
-    dh_n = None if dh_n is None else _input(dh_n, "dh_n", dtype, (B, H))
-    dc_n = None if (dc_n is None or not has_c) else _input(dc_n, "dc_n", dtype, (B, H))
-    dx = _output(dx, "dx", dtype, (T, B, I))
-    dh0 = _output(dh0, "dh0", dtype, (B, H))
-    dc0 = _output(dc0, "dc0", dtype, (B, H)) if has_c else None
-    dw_ih = _output(dw_ih, "dw_ih", dtype, (G * H, I))
-    dw_hh = _output(dw_hh, "dw_hh", dtype, (G * H, H))
-    db_ih = _output(db_ih, "db_ih", dtype, (G * H,))
-    db_hh = _output(db_hh, "db_hh", dtype, (G * H,))
-    dpeephole = _output(dpeephole, "dpeephole", dtype, (3, H)) if code == LSTM_PEEPHOLE \
-        else None
-
-    cdef BackLayout K = _back_layout(code, T, B, H, G)
-    bws = _scratch.empty(max(1, K.size), dtype)
-    d_state = [(K.dh, dh_n, dh0)] + ([(K.dc, dc_n, dc0)] if has_c else [])
-    for offset, d_n, _ in d_state:
-        bws[offset: offset + B * H] = 0 if d_n is None else d_n.reshape(-1)
-    if K.dpeep >= 0:
-        bws[K.dpeep: K.dpeep + B * 3 * H] = 0
-    cdef Py_ssize_t k = 0 if truncate is None else int(truncate)
+    cdef Call call = ca.call
+    ws = ca.workspace
+    dtype = ws.dtype
+    cdef bint f32 = dtype == np.float32
+    cdef Py_ssize_t item = 4 if f32 else 8, T = call.sizes.T, B = call.sizes.B, H = call.sizes.H
+    cdef Py_ssize_t k, BH = B * H
+    cdef int passes, pool
+    call.K = _back_layout(&call.cell, call.sizes)
+    bws = _scratch.empty(max(1, call.K.size), dtype)
+    slots = (call.K.dh, call.K.dc)
+    for k in range(call.cell.states):
+        bws[slots[k]: slots[k] + BH] = 0 if dstate_n[k] is None else dstate_n[k].reshape(-1)
+    if call.K.dpeep >= 0:
+        bws[call.K.dpeep: call.K.dpeep + 3 * BH] = 0
+    call.truncate = 0 if truncate is None else truncate
+    cdef void* ws_data = cnp.PyArray_DATA(<cnp.ndarray>ws)
+    cdef void* bws_data = cnp.PyArray_DATA(<cnp.ndarray>bws)
     if T and B and H:
+        call.dy = NULL
+        if dy is not None:
+            if H > 1 and dy.strides[2] != item or any(st % item for st in dy.strides):
+                dy = np.ascontiguousarray(dy)          # rows must be unit-stride runs
+            call.dy = _data(dy)
+            call.dy_step, call.dy_row = dy.strides[0] // item, dy.strides[1] // item
         # gradients BLAS cannot add into in place are summed into zeros first, then added
-        grads = [dx, dw_ih, dw_hh, db_ih, db_hh]
+        grads = [dx, *dparams[:4]]
         work = [g if _blas_ready(g) else np.zeros(g.shape, dtype) for g in grads]
+        call.d.dx, call.d.dw_ih, call.d.dw_hh = _data(work[0]), _data(work[1]), _data(work[2])
+        call.d.db_ih, call.d.db_hh = _data(work[3]), _data(work[4])
+        call.d.dx_step = work[0].strides[0] // item
+        call.d.dx_row = _ld(work[0].strides[1], call.sizes.I, item)
+        call.d.ld_dw_ih = <int>_ld(work[1].strides[0], call.sizes.I, item)
+        call.d.ld_dw_hh = <int>_ld(work[2].strides[0], H, item)
+        call.d.inc_db_ih = <int>(work[3].strides[0] // item)
+        call.d.inc_db_hh = <int>(work[4].strides[0] // item)
         limit = _thread_limit(threads)
         passes, pool = min(_pass_threads, limit), _pool_threads(limit, threads is not None)
-        if dtype == np.float32:
-            _run_backward[float](code, ca.reverse, k, passes, pool, ca.workspace, ca.layout,
-                                 bws, K, dy, x, w_ih, w_hh, peephole, lengths, *work, H, G)
-        else:
-            _run_backward[double](code, ca.reverse, k, passes, pool, ca.workspace, ca.layout,
-                                  bws, K, dy, x, w_ih, w_hh, peephole, lengths, *work, H, G)
+        with nogil:
+            if f32:
+                backward_loop[float](&call, <float*>ws_data, <float*>bws_data, passes, pool)
+            else:
+                backward_loop[double](&call, <double*>ws_data, <double*>bws_data, passes, pool)
         for g, w in zip(grads, work):
             if w is not g:
                 g += w
-        if dpeephole is not None:
-            dpeephole += bws[K.dpeep: K.dpeep + B * 3 * H].reshape(B, 3, H).sum(axis=0)
-    for offset, _, d0 in d_state:
-        d0 += bws[offset: offset + B * H].reshape(B, H)
-
-
-# ---------------------------------------------------------------------------------------------
-# One step of inference, lean: layer_step
-#
-# Per call only cheap checks through the NumPy C API (no memoryviews, no Python-level array
-# work), one small malloc for the step's workspace, and the unit-split loop with T = 1 that also
-# does x W_ih^T by dot products (no BLAS call); batches above small_batch_max take the GEMM loop.
-
-cdef inline Py_ssize_t _need(object a, str name, int typenum, int ndim, Py_ssize_t d0,
-                             Py_ssize_t d1, bint writable) except -1:
-    # a is an aligned C-contiguous array of this dtype and shape (d1 < 0: 1-D); else raise
-    cdef cnp.ndarray arr
-    cdef int flags = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
-    cdef bint shape_ok
-    if not cnp.PyArray_Check(a):
-        expected = f"({d0},)" if ndim == 1 else f"({d0}, {d1})"
-        raise TypeError(f"{name}: expected a numpy array of shape {expected}, got "
-                        f"{type(a).__name__}")
-    arr = <cnp.ndarray>a
-    shape_ok = cnp.PyArray_NDIM(arr) == ndim and cnp.PyArray_DIMS(arr)[0] == d0 and \
-        (ndim == 1 or cnp.PyArray_DIMS(arr)[1] == d1)
-    if not shape_ok:
-        expected = f"({d0},)" if ndim == 1 else f"({d0}, {d1})"
-        raise ValueError(f"{name}: expected shape {expected}, got {a.shape}")
-    if cnp.PyArray_TYPE(arr) != typenum:
-        raise TypeError(f"{name}: expected dtype {cnp.PyArray_DescrFromType(typenum)}, got "
-                        f"{a.dtype}")
-    if writable:
-        flags |= cnp.NPY_ARRAY_WRITEABLE
-    if (cnp.PyArray_FLAGS(arr) & flags) != flags:
-        raise ValueError(f"{name}: expected an aligned C-contiguous"
-                         f"{' writable' if writable else ''} array, got flags "
-                         f"C_CONTIGUOUS={a.flags.c_contiguous}, ALIGNED={a.flags.aligned}, "
-                         f"WRITEABLE={a.flags.writeable}")
-    return 0
-
-
-cdef inline bint _overlap(object a, object b):
-    # do the memory blocks of two C-contiguous arrays overlap (None overlaps nothing)
-    if a is None or b is None:
-        return False
-    cdef char* pa = <char*>cnp.PyArray_DATA(<cnp.ndarray>a)
-    cdef char* pb = <char*>cnp.PyArray_DATA(<cnp.ndarray>b)
-    cdef Py_ssize_t na = cnp.PyArray_NBYTES(<cnp.ndarray>a)
-    cdef Py_ssize_t nb = cnp.PyArray_NBYTES(<cnp.ndarray>b)
-    return na > 0 and nb > 0 and pa < pb + nb and pb < pa + na
-
-
-def _overlap_error(x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
-    # the message for an output of layer_step that overlaps an input (or the other output)
-    inputs = {"x": x, "h0": h0, "c0": c0, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih,
-              "b_hh": b_hh, "peephole": peephole}
-    for out_name, out in (("h_n", h_n), ("c_n", c_n)):
-        for in_name, a in inputs.items():
-            if _overlap(out, a):
-                raise ValueError(f"{out_name}: expected an output array that does not overlap "
-                                 f"the inputs, got one that overlaps {in_name}")
-    raise ValueError("c_n: expected an output array that does not overlap h_n, got one that "
-                     "does")
-
-
-cdef inline void* _data(object a):
-    return cnp.PyArray_DATA(<cnp.ndarray>a) if a is not None else NULL
-
-
-cdef void _step(int code, floating* ws, Layout L, floating* h_n, floating* c_n,
-                const floating* x, const floating* h0, const floating* c0,
-                const floating* w_ih, const floating* w_hh, const floating* b_ih,
-                const floating* b_hh, const floating* peephole,
-                Py_ssize_t B, Py_ssize_t I, Py_ssize_t H, Py_ssize_t G, int units) noexcept nogil:
-    # the state goes into slot 0 of the inference layout, the step writes slot 1 and y = h_n
-    cdef Py_ssize_t BH = B * H
-    memcpy(ws + L.h, h0, BH * sizeof(floating))
-    if L.c >= 0:
-        memcpy(ws + L.c, c0, BH * sizeof(floating))
-    _forward_loop(code, False, False, _pass_threads, _pool_threads(_num_threads, False), ws, L,
-                  h_n, BH, H, x, w_ih, <int>I,
-                  w_hh, <int>H, b_ih, b_hh, peephole, NULL, 1, B, I, H, G, units, units > 0)
-    if L.c >= 0:
-        memcpy(c_n, ws + L.c + BH, BH * sizeof(floating))
-
-
-def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
-    """One step of inference of one layer, one direction; writes h_n (and c_n), returns None.
-
-    x (B, I), h0, c0 (B, H), weights as in fastrnn.cells, peephole (3, H) or None; every array
-    aligned, C-contiguous and of one float dtype (w_ih's), h_n and c_n writable and not
-    overlapping any input. c0, c_n and peephole are ignored by cells that have no such thing.
-    """
-    cdef int code = cell.code
-    cdef int G, typenum, units
-    cdef Py_ssize_t GH, I, H, B
-    if code < RNN_TANH or code > GRU_RESET_BEFORE:
-        raise ValueError(f"cell: expected a fastrnn.cells.Cell record, got {cell!r}")
-    G = 1 if code <= RNN_RELU else (4 if code <= LSTM_PEEPHOLE else 3)
-    # the sizes and the dtype come from the weights; everything else must match them
-    if not cnp.PyArray_Check(w_ih) or cnp.PyArray_NDIM(<cnp.ndarray>w_ih) != 2:
-        raise TypeError(f"w_ih: expected a 2-D numpy array (G*H, I), got "
-                        f"{getattr(w_ih, 'shape', type(w_ih).__name__)}")
-    typenum = cnp.PyArray_TYPE(<cnp.ndarray>w_ih)
-    if typenum != cnp.NPY_FLOAT and typenum != cnp.NPY_DOUBLE:
-        raise TypeError(f"w_ih: expected dtype float32 or float64, got {w_ih.dtype}")
-    GH = cnp.PyArray_DIMS(<cnp.ndarray>w_ih)[0]
-    I = cnp.PyArray_DIMS(<cnp.ndarray>w_ih)[1]
-    H = GH // G
-    if GH != G * H:
-        raise ValueError(f"w_ih: expected {G}*H rows for cell {cell.name}, got {GH}")
-    if not cnp.PyArray_Check(x) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 2:
-        raise ValueError(f"x: expected a 2-D numpy array (B, {I}), got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
-    B = cnp.PyArray_DIMS(<cnp.ndarray>x)[0]
-    _need(w_ih, "w_ih", typenum, 2, GH, I, False)
-    _need(x, "x", typenum, 2, B, I, False)
-    _need(h0, "h0", typenum, 2, B, H, False)
-    _need(w_hh, "w_hh", typenum, 2, GH, H, False)
-    _need(b_ih, "b_ih", typenum, 1, GH, -1, False)
-    _need(b_hh, "b_hh", typenum, 1, GH, -1, False)
-    _need(h_n, "h_n", typenum, 2, B, H, True)
-    if code == LSTM or code == LSTM_PEEPHOLE:
-        _need(c0, "c0", typenum, 2, B, H, False)
-        _need(c_n, "c_n", typenum, 2, B, H, True)
-    else:
-        c0 = c_n = None
-    if code == LSTM_PEEPHOLE:
-        _need(peephole, "peephole", typenum, 2, 3, H, False)
-    else:
-        peephole = None
-    if (_overlap(h_n, x) or _overlap(h_n, h0) or _overlap(h_n, c0) or _overlap(h_n, w_ih)
-            or _overlap(h_n, w_hh) or _overlap(h_n, b_ih) or _overlap(h_n, b_hh)
-            or _overlap(h_n, peephole) or _overlap(h_n, c_n)
-            or _overlap(c_n, x) or _overlap(c_n, h0) or _overlap(c_n, c0)
-            or _overlap(c_n, w_ih) or _overlap(c_n, w_hh) or _overlap(c_n, b_ih)
-            or _overlap(c_n, b_hh) or _overlap(c_n, peephole)):
-        _overlap_error(x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n)
-    if B == 0 or H == 0:
-        return None
-    if B * GH >= 2**31 or GH * max(I, H) >= 2**31:
-        raise ValueError(f"x: B = {B} rows or G*H = {GH} columns are too many for BLAS")
-    units = _unit_threads(G, H, I + H, B, _num_threads, _STEP_PARALLEL_MIN) \
-        if B <= _small_batch_max else 0
-    cdef Layout L = _layout(code, 1, B, H, G, False)
-    cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
-    cdef void* ws = malloc(max(1, L.size) * item)
-    if ws == NULL:
-        raise MemoryError()
-    cdef void* p_x = _data(x)
-    cdef void* p_h0 = _data(h0)
-    cdef void* p_c0 = _data(c0)
-    cdef void* p_w_ih = _data(w_ih)
-    cdef void* p_w_hh = _data(w_hh)
-    cdef void* p_b_ih = _data(b_ih)
-    cdef void* p_b_hh = _data(b_hh)
-    cdef void* p_peep = _data(peephole)
-    cdef void* p_h_n = _data(h_n)
-    cdef void* p_c_n = _data(c_n)
-    with nogil:
-        if item == 4:
-            _step[float](code, <float*>ws, L, <float*>p_h_n, <float*>p_c_n, <float*>p_x,
-                         <float*>p_h0, <float*>p_c0, <float*>p_w_ih, <float*>p_w_hh,
-                         <float*>p_b_ih, <float*>p_b_hh, <float*>p_peep, B, I, H, G, units)
-        else:
-            _step[double](code, <double*>ws, L, <double*>p_h_n, <double*>p_c_n, <double*>p_x,
-                          <double*>p_h0, <double*>p_c0, <double*>p_w_ih, <double*>p_w_hh,
-                          <double*>p_b_ih, <double*>p_b_hh, <double*>p_peep, B, I, H, G, units)
-        free(ws)
-    return None
+        if call.K.dpeep >= 0:
+            dpeephole = dparams[4]
+            dpeephole += bws[call.K.dpeep: call.K.dpeep + 3 * BH].reshape(B, 3, H).sum(axis=0)
+    for k in range(call.cell.states):
+        d0 = dstate0[k]
+        d0 += bws[slots[k]: slots[k] + BH].reshape(B, H)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1748,6 +1548,20 @@ def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
 # tuple per parameter, three array allocations), more than half the work of an LSTM step of
 # H = 128. Anything this path does not take (another array type or layout, an unusable
 # parameter) returns None, and the layer takes its general path, which converts or raises.
+
+cdef void _one_step(Call* call, floating* ws, floating* h_n, floating* c_n, const floating* h0,
+                    const floating* c0, Plan plan) noexcept nogil:
+    # one step of inference from h0 (c0) into h_n (c_n), y = h_n: the state goes into slot 0 of
+    # the inference layout, the step writes slot 1
+    cdef Py_ssize_t BH = call.sizes.B * call.sizes.H
+    memcpy(ws + call.L.h_slots, h0, BH * sizeof(floating))
+    if call.L.c_slots >= 0:
+        memcpy(ws + call.L.c_slots, c0, BH * sizeof(floating))
+    call.y, call.y_step, call.y_row = h_n, BH, call.sizes.H
+    forward_loop(call, ws, plan)
+    if call.L.c_slots >= 0:
+        memcpy(c_n, ws + call.L.c_slots + BH, BH * sizeof(floating))
+
 
 cdef inline bint _fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t d1,
                        Py_ssize_t d2) noexcept:
@@ -1773,6 +1587,8 @@ cdef inline object _new_array(Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2, int t
     return cnp.PyArray_EMPTY(3, dims, typenum, 0)
 
 
+
+
 def layer_call_step(spec, params, bint batch_first, x, state):
     """``y, state`` of a layer called on one time step without lengths, or None when the call
     needs the layer's general path.
@@ -1789,9 +1605,12 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     cdef int nlayers = spec[4], D = spec[5]
     cdef tuple names = spec[6]
     cdef object zero_bias = spec[7]
-    cdef int G = 1 if code <= RNN_RELU else (4 if code <= LSTM_PEEPHOLE else 3)
-    cdef bint has_c = code == LSTM or code == LSTM_PEEPHOLE
-    cdef Py_ssize_t rows = nlayers * D, GH = G * H, B, BH, I_l, layer, d, r, b, k
+    if not RNN_TANH <= code <= GRU_RESET_BEFORE:
+        return None
+    cdef Call call
+    call.cell = _specs_by_code[code]
+    cdef bint has_c = call.cell.states == 2
+    cdef Py_ssize_t rows = nlayers * D, GH = call.cell.G * H, B, BH, I_l, layer, d, r, b, k
     cdef cnp.npy_intp* dims
     if not cnp.PyArray_CheckExact(x) or cnp.PyArray_NDIM(<cnp.ndarray>x) != 3:
         return None
@@ -1824,12 +1643,16 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     cdef list held = []
     cdef tuple row_names
     cdef object name, a
-    cdef void** ptrs = <void**>malloc(rows * 5 * sizeof(void*))
-    cdef int* units = <int*>malloc(nlayers * sizeof(int))
+    cdef const void* ptrs[5]
+    cdef Params* row_params = <Params*>malloc(rows * sizeof(Params))
+    cdef Plan* plans = <Plan*>malloc(nlayers * sizeof(Plan))
     cdef char* ws = NULL
-    cdef Layout L = _layout(code, 1, B, H, G, False)
+    call.sizes.T, call.sizes.B, call.sizes.H = 1, B, H
+    call.L = _layout(&call.cell, call.sizes, False)
+    call.lengths = NULL
+    call.reverse = call.train = False
     cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
-    cdef Py_ssize_t ws_bytes = max(1, L.size) * item
+    cdef Py_ssize_t ws_bytes = max(1, call.L.size) * item
     cdef Py_ssize_t out_bytes = B * D * H * item
     cdef object h_n, c_n, y
     cdef char* p_y
@@ -1839,8 +1662,9 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     cdef char* p_c_n
     cdef char* layer_in
     cdef char* layer_out
+    cdef int units
     try:
-        if ptrs == NULL or units == NULL:
+        if row_params == NULL or plans == NULL:
             raise MemoryError()
         for r in range(rows):
             row_names = <tuple>names[r]
@@ -1858,7 +1682,8 @@ def layer_call_step(spec, params, bint batch_first, x, state):
                             _fits(a, typenum, 2, 3, H, 0)):
                         return None
                     held.append(a)
-                ptrs[r * 5 + k] = _data(a)
+                ptrs[k] = _data(a)
+            row_params[r] = Params(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], <int>I_l, <int>H)
         # the results; y is a copy of the last layer's output (never a view of the state)
         h_n = _new_array(rows, B, H, typenum, False)
         c_n = _new_array(rows, B, H, typenum, False) if has_c else None
@@ -1869,36 +1694,35 @@ def layer_call_step(spec, params, bint batch_first, x, state):
         if ws == NULL:
             raise MemoryError()
         for layer in range(nlayers):
-            units[layer] = _unit_threads(G, H, (I if layer == 0 else D * H) + H, B,
-                                         _num_threads, _STEP_PARALLEL_MIN) \
+            # the unit-split loop with x W_ih^T inside (no BLAS call), or the batch-row loop
+            units = _unit_threads(call.cell.G, H, (I if layer == 0 else D * H) + H, B,
+                                  _num_threads, _STEP_PARALLEL_MIN) \
                 if B <= _small_batch_max else 0
+            plans[layer] = Plan(UNITS if units else ROWS, units if units else _pass_threads,
+                                _pool_threads(_num_threads, False), units > 0)
         p_y, p_h0, p_c0 = <char*>_data(y), <char*>_data(h0), <char*>_data(c0)
         p_h_n, p_c_n = <char*>_data(h_n), <char*>_data(c_n)
         layer_in = <char*>_data(x)
         BH = B * H
         with nogil:
             for layer in range(nlayers):
-                I_l = I if layer == 0 else D * H
+                call.sizes.I = I if layer == 0 else D * H
+                call.x = layer_in
                 layer_out = p_y if layer == nlayers - 1 else \
                     ws + ws_bytes + (layer & 1) * out_bytes
                 for d in range(D):
                     r = layer * D + d
+                    call.p = row_params[r]
                     if item == 4:
-                        _step[float](code, <float*>ws, L, <float*>(p_h_n + r * BH * 4),
-                                     <float*>(p_c_n + r * BH * 4) if has_c else NULL,
-                                     <float*>layer_in, <float*>(p_h0 + r * BH * 4),
-                                     <float*>(p_c0 + r * BH * 4) if has_c else NULL,
-                                     <float*>ptrs[r * 5], <float*>ptrs[r * 5 + 1],
-                                     <float*>ptrs[r * 5 + 2], <float*>ptrs[r * 5 + 3],
-                                     <float*>ptrs[r * 5 + 4], B, I_l, H, G, units[layer])
+                        _one_step(&call, <float*>ws, <float*>(p_h_n + r * BH * 4),
+                                  <float*>(p_c_n + r * BH * 4) if has_c else NULL,
+                                  <float*>(p_h0 + r * BH * 4),
+                                  <float*>(p_c0 + r * BH * 4) if has_c else NULL, plans[layer])
                     else:
-                        _step[double](code, <double*>ws, L, <double*>(p_h_n + r * BH * 8),
-                                      <double*>(p_c_n + r * BH * 8) if has_c else NULL,
-                                      <double*>layer_in, <double*>(p_h0 + r * BH * 8),
-                                      <double*>(p_c0 + r * BH * 8) if has_c else NULL,
-                                      <double*>ptrs[r * 5], <double*>ptrs[r * 5 + 1],
-                                      <double*>ptrs[r * 5 + 2], <double*>ptrs[r * 5 + 3],
-                                      <double*>ptrs[r * 5 + 4], B, I_l, H, G, units[layer])
+                        _one_step(&call, <double*>ws, <double*>(p_h_n + r * BH * 8),
+                                  <double*>(p_c_n + r * BH * 8) if has_c else NULL,
+                                  <double*>(p_h0 + r * BH * 8),
+                                  <double*>(p_c0 + r * BH * 8) if has_c else NULL, plans[layer])
                     # this direction's h_n rows into its columns of the layer's output
                     for b in range(B):
                         memcpy(layer_out + (b * D + d) * H * item,
@@ -1906,6 +1730,6 @@ def layer_call_step(spec, params, bint batch_first, x, state):
                 layer_in = layer_out
     finally:
         free(ws)
-        free(units)
-        free(ptrs)
+        free(plans)
+        free(row_params)
     return y, ((h_n, c_n) if has_c else h_n)

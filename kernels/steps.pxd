@@ -1,19 +1,22 @@
-# One step of each cell, for ONE batch row: a forward/backward pair per cell (fastrnn/cells.py has
-# the records, fastrnn/reference.py the same steps in NumPy). The generic time loop in layers.pyx
-# runs the recurrent product, then calls these for every row that is inside its sequence (the
-# forward steps for a range of its units: see below).
+# One step of each cell, for ONE batch row: the step pair per cell, side by side (fastrnn/cells.py
+# has the records, fastrnn/reference.py the same steps in NumPy). The time loops of layers.pyx
+# make the recurrent products and call these, through forward_row / backward_row (the one switch
+# on the cell's code), for every row inside its sequence.
 #
 # Arguments: written buffers, read buffers, sizes. Per row, with H hidden units and G gates:
 #
 #   gates     (G*H)  forward in: x W_ih^T (this row, this step); out: the activated gates, kept
 #                    for backward (RNN: h' itself)
-#   hh        (G*H)  scratch holding h W_hh^T (GRU reset-before: r and z blocks; then (r*h) W_hn^T
-#                    in the n block); the GRU step may overwrite it
+#   hh        (G*H)  this step's recurrent products (h W_hh^T; GRU reset-before's n block:
+#                    (r*h) W_hn^T); the GRU step may overwrite it
 #   b_ih, b_hh (G*H) biases, added here: a = (x W_ih^T + b_ih) + (h W_hh^T + b_hh) as the reference
 #   h, c      (H)    the state before the step; h_new, c_new after it; y (H) the output row
+#   saved     (H)    the cell's saved buffer of this row (cells.Cell.saved): GRU hn, GRU
+#                    reset-before rh = r*h, the source of its second product
+#   phase     0, 1   forward: the pass after product `phase`; backward: the pass that undoes it
 #   dgates    (G*H)  backward out: dL/d(x W_ih^T + b_ih), the input side of every gate
 #   dh, dc    (H)    backward in: dL/dh', dL/dc' (dy already added); out: the part of dL/dh, dL/dc
-#                    that does not go through W_hh (the loop adds d(hidden) @ W_hh to dh)
+#                    that does not go through W_hh (the loop adds the products' part)
 #
 # The forward steps work on a range of n units of the row (n = H for a whole row): every pointer
 # is offset by the first unit j0, and H is the stride between the gate blocks (gates, hh, b_ih,
@@ -27,7 +30,7 @@ from cython cimport floating
 
 from activations cimport relu, relu_backward, sigmoid_inplace, tanh_inplace, tanh_into
 
-# cells.py Cell.code
+# cells.Cell.code, read only by the two switches (layers.pyx forward_row / backward_row)
 cdef enum:
     RNN_TANH = 0
     RNN_RELU = 1
@@ -68,8 +71,8 @@ cdef inline void rnn_forward_row(floating* gates, floating* h_new, floating* y,
         y[j] = gates[j]
 
 
-cdef inline void rnn_backward_row(floating* dgates, floating* dh,
-                                  const floating* gates, Py_ssize_t H, bint use_relu) noexcept nogil:
+cdef inline void rnn_backward_row(floating* dgates, floating* dh, const floating* gates,
+                                  Py_ssize_t H, bint use_relu) noexcept nogil:
     cdef Py_ssize_t j
     if use_relu:
         for j in range(H):
@@ -170,10 +173,10 @@ cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
 # ---------------------------------------------------------------------------------------------
 # GRU, reset after the recurrent matmul:  n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
 
-cdef inline void gru_forward_row(floating* gates, floating* hn_kept, floating* h_new, floating* y,
+cdef inline void gru_forward_row(floating* gates, floating* saved, floating* h_new, floating* y,
                                  floating* hh, const floating* b_ih, const floating* b_hh,
                                  const floating* h, Py_ssize_t n, Py_ssize_t H) noexcept nogil:
-    # hn_kept (H): W_hn h + b_hn for backward (NULL when nothing is kept)
+    # saved (H): hn = W_hn h + b_hn for backward (NULL when nothing is kept)
     cdef Py_ssize_t j
     cdef floating* r = gates
     cdef floating* z = gates + H
@@ -192,9 +195,9 @@ cdef inline void gru_forward_row(floating* gates, floating* hn_kept, floating* h
         y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
     for j in range(n):
         h_new[j] = y[j]
-    if hn_kept != NULL:
+    if saved != NULL:
         for j in range(n):
-            hn_kept[j] = hn[j]
+            saved[j] = hn[j]
 
 
 cdef inline void _gru_zn_backward_row(floating* dgates, floating* dh,
@@ -215,12 +218,12 @@ cdef inline void _gru_zn_backward_row(floating* dgates, floating* dh,
         dh[j] = dh[j] * z[j]
 
 
-cdef inline void gru_backward_row(floating* dgates, floating* dhidden, floating* dhn_kept,
+cdef inline void gru_backward_row(floating* dgates, floating* dhh, floating* dgates_hh,
                                   floating* dh,
                                   const floating* gates, const floating* h, const floating* hn,
                                   Py_ssize_t H) noexcept nogil:
-    # dhidden (3H): dL/d(W_hh h + b_hh); its n block, da_n * r, differs from dgates' n block and
-    # is also kept in dhn_kept (H) for dW_hn and db_hn after the loop
+    # dhh (3H): dL/d(W_hh h + b_hh), the hidden side; its n block, da_n * r, differs from dgates'
+    # n block and is also kept in dgates_hh (H) for dW_hn and db_hn after the loop
     cdef Py_ssize_t j
     cdef const floating* r = gates
     cdef floating* da_r = dgates
@@ -228,38 +231,36 @@ cdef inline void gru_backward_row(floating* dgates, floating* dhidden, floating*
     _gru_zn_backward_row(dgates, dh, gates, h, H)   # n = tanh(x_n + r * hn)
     for j in range(H):
         da_r[j] = da_n[j] * hn[j] * r[j] * (1 - r[j])
+    # a_n = x_n + r * (W_hn h + b_hn): the hidden side of the n block
     for j in range(H):
-        dhidden[2 * H + j] = da_n[j] * r[j]
+        dhh[2 * H + j] = da_n[j] * r[j]
     for j in range(2 * H):
-        dhidden[j] = dgates[j]
+        dhh[j] = dgates[j]
     for j in range(H):
-        dhn_kept[j] = dhidden[2 * H + j]
+        dgates_hh[j] = dhh[2 * H + j]
 
 
 # ---------------------------------------------------------------------------------------------
 # GRU, reset before the recurrent matmul:  n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)
-# Two passes per step around a second GEMM: r, z and r*h; then (r*h) W_hn^T; then n and h'.
+# Two phases: after product 0 (blocks r, z of h W_hh^T) r, z and r*h; after product 1
+# ((r*h) W_hn^T into the n block) n and h'.
 
-cdef inline void gru_rb_forward_row_rz(floating* gates, floating* rh,
-                                       const floating* hh, const floating* b_ih,
-                                       const floating* b_hh, const floating* h,
-                                       Py_ssize_t n, Py_ssize_t H) noexcept nogil:
-    # rh (H): r * h, the input of the W_hn GEMM (kept for backward's dW_hn)
-    cdef Py_ssize_t j
-    _preactivation(gates, hh, b_ih, b_hh, 2, n, H)
-    sigmoid_inplace(gates, n)              # r
-    sigmoid_inplace(gates + H, n)          # z
-    for j in range(n):
-        rh[j] = gates[j] * h[j]
-
-
-cdef inline void gru_rb_forward_row_n(floating* gates, floating* h_new, floating* y,
-                                      const floating* hh, const floating* b_ih,
-                                      const floating* b_hh, const floating* h,
-                                      Py_ssize_t n, Py_ssize_t H) noexcept nogil:
+cdef inline void gru_reset_before_forward_row(int phase, floating* gates, floating* saved,
+                                              floating* h_new, floating* y,
+                                              const floating* hh, const floating* b_ih,
+                                              const floating* b_hh, const floating* h,
+                                              Py_ssize_t n, Py_ssize_t H) noexcept nogil:
+    # saved (H): rh = r * h, the source of product 1 (kept for backward's dW_hn)
     cdef Py_ssize_t j
     cdef floating* z = gates + H
     cdef floating* nn = gates + 2 * H
+    if phase == 0:
+        _preactivation(gates, hh, b_ih, b_hh, 2, n, H)
+        sigmoid_inplace(gates, n)          # r
+        sigmoid_inplace(z, n)
+        for j in range(n):
+            saved[j] = gates[j] * h[j]
+        return
     for j in range(n):
         nn[j] = nn[j] + b_ih[2 * H + j] + hh[2 * H + j] + b_hh[2 * H + j]
     tanh_inplace(nn, n)
@@ -270,21 +271,18 @@ cdef inline void gru_rb_forward_row_n(floating* gates, floating* h_new, floating
         h_new[j] = y[j]
 
 
-cdef inline void gru_rb_backward_row_zn(floating* dgates, floating* dh,
-                                        const floating* gates, const floating* h,
-                                        Py_ssize_t H) noexcept nogil:
-    # first pass: the z and n blocks of dgates; the loop then runs d(rh) = da_n @ W_hn
-    _gru_zn_backward_row(dgates, dh, gates, h, H)   # n = tanh(x_n + W_hn rh + b_hn)
-
-
-cdef inline void gru_rb_backward_row_r(floating* dgates, floating* dh,
-                                       const floating* drh, const floating* gates,
-                                       const floating* h, Py_ssize_t H) noexcept nogil:
-    # second pass, drh (H) = dL/d(r*h): the r block; the loop then adds da_rz @ W_hr,hz to dh
+cdef inline void gru_reset_before_backward_row(int phase, floating* dgates, floating* dh,
+                                               const floating* dsaved, const floating* gates,
+                                               const floating* h, Py_ssize_t H) noexcept nogil:
+    # phase 1: the z and n blocks of dgates (the loop then makes dsaved = da_n @ W_hn);
+    # phase 0, dsaved (H) = dL/d(r*h): the r block (the loop then adds da_rz @ W_hr,hz to dh)
     cdef Py_ssize_t j
     cdef const floating* r = gates
+    if phase == 1:
+        _gru_zn_backward_row(dgates, dh, gates, h, H)   # n = tanh(x_n + W_hn rh + b_hn)
+        return
     # rh = r * h
     for j in range(H):
-        dgates[j] = drh[j] * h[j] * r[j] * (1 - r[j])
+        dgates[j] = dsaved[j] * h[j] * r[j] * (1 - r[j])
     for j in range(H):
-        dh[j] = dh[j] + drh[j] * r[j]
+        dh[j] = dh[j] + dsaved[j] * r[j]
