@@ -8,6 +8,7 @@ activations, no clip and no input_forget. A later onnx with a node test that doe
 adds activations, clip and input_forget to the layers) would add it here, with an exclude
 naming the attribute.
 """
+import io
 import re
 import unittest
 import warnings
@@ -19,6 +20,8 @@ onnx = pytest.importorskip("onnx")
 import onnx.backend.test  # noqa: E402
 from onnx import helper  # noqa: E402
 
+import fastrnn.onnx  # noqa: E402
+from conftest import make_layer, max_rel_error, random_state, state_parts  # noqa: E402
 from fastrnn.onnx import OnnxModelError  # noqa: E402
 from fastrnn.onnx.backend import FastrnnBackend  # noqa: E402
 
@@ -124,9 +127,7 @@ def test_run_node_equals_onnxruntime(op, attrs, direction):
     session = ort.InferenceSession(model.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     for name, ours, theirs in zip(outputs, got, session.run(None, inputs)):
-        assert ours.shape == theirs.shape, name
-        scale = max(1.0, float(np.abs(theirs).max()))
-        assert float(np.abs(ours - theirs).max()) / scale <= 1e-5, name
+        assert max_rel_error(ours, theirs) <= 1e-5, name
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
@@ -173,3 +174,37 @@ def test_prepare_refuses_other_operators_and_devices():
     with pytest.raises(ValueError, match=r"device: fastrnn runs on 'CPU' only, got 'CUDA'"):
         ReferenceBackend.prepare(model, "CUDA")
     assert ReferenceBackend.supports_device("CPU") and not ReferenceBackend.supports_device("CUDA")
+
+
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru_reset_before", "rnn_relu"])
+def test_prepare_runs_an_exported_stack(cell):
+    """A whole exported model (Transpose, Slice, Reshape, Concat between the nodes) through
+    prepare/run equals the layer; float64 on both sides."""
+    rng = np.random.default_rng(6)
+    m = make_layer(cell, 3, 4, 3, bidirectional=True, batch_first=True, dtype=np.float64)
+    x = rng.standard_normal((4, 6, 3))
+    state = random_state(m, 4, rng)
+    lengths = np.array([6, 1, 3, 5])
+    y, final = m(x, state, lengths)
+    rep = ReferenceBackend.prepare(fastrnn.onnx.export(m))
+    got = rep.run([x, lengths.astype(np.int32)] + state_parts(state))
+    for ours, theirs in zip(got, [y] + state_parts(final)):
+        assert max_rel_error(ours, theirs) <= 1e-10
+
+
+def test_prepare_runs_torch_onnx_export():
+    """torch.onnx.export's zero initial state (Shape, Gather, ConstantOfShape, Slice) too."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    net = torch.nn.LSTM(3, 4, 2, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), buffer, dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch", 1: "time"}})
+    got = ReferenceBackend.prepare(buffer.getvalue()).run([x.numpy()])
+    with torch.no_grad():
+        y, (h_n, c_n) = net(x)
+    for ours, theirs in zip(got, [y, h_n, c_n]):
+        assert max_rel_error(ours, theirs.numpy()) <= 1e-5

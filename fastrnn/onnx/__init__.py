@@ -488,7 +488,7 @@ def _check_output(graph, name, order, sizes, batch_first):
     for k, part in enumerate(parts):
         producer = graph.producer.get(part)
         positions.append(list(producer.output).index(part) if producer is not None else -1)
-        if producer is not order[k] or positions[-1] not in (1, 2):
+        if producer != order[k] or positions[-1] not in (1, 2):
             raise OnnxModelError(f"load: graph output {name!r}: part {k} comes from "
                                  f"{graph.where(part)}; expected output Y_h or Y_c of "
                                  f"{describe(order[k])}")
