@@ -520,8 +520,14 @@ cdef CellSpec _cell_spec(cell) except *:
 
 # every cell's spec by code, for layer_call_step (whose spec names the cell by its code)
 cdef CellSpec _specs_by_code[GRU_RESET_BEFORE + 1]
-for _cell in CELLS.values():
-    _specs_by_code[_cell.code] = _cell_spec(_cell)
+
+
+def _fill_specs_by_code():
+    for cell in CELLS.values():
+        _specs_by_code[cell.code] = _cell_spec(cell)
+
+
+_fill_specs_by_code()
 
 
 cdef Layout _layout(const CellSpec* cell, Sizes n, bint train) noexcept:
@@ -723,9 +729,9 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
                                        _packed_size(ws, GH, I, amx_in)) * sizeof(floating))
         pool_threads = pool if packed != NULL else 0
     if pool_threads > 0:
-        _pack_and_multiply_mt(<const floating*>call.p.w_ih, call.p.ld_ih, 1, GH, I,
-                              <const floating*>call.x, I, 1, T * B, ws + call.L.gates, GH, False,
-                              packed, pool_threads, amx_in)
+        # gates = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
+        _pack_and_multiply_mt(Strided(call.p.w_ih, call.p.ld_ih, 1), GH, I, Strided(call.x, I, 1),
+                              T * B, ws + call.L.gates, GH, False, packed, pool_threads, amx_in)
     else:
         _input_projection(call, ws)
     if packed != NULL:
@@ -901,25 +907,32 @@ cdef void _product_by_rows_mt(const floating* packed, Py_ssize_t rows, Py_ssize_
                             ldo, accumulate, amx)
 
 
-cdef void _pack_and_multiply_mt(const floating* w, Py_ssize_t rs, Py_ssize_t cs,
-                                Py_ssize_t rows, Py_ssize_t k, const floating* x, Py_ssize_t ldx,
-                                Py_ssize_t incx, Py_ssize_t nx, floating* out, Py_ssize_t ldo,
-                                bint accumulate, floating* packed, int threads,
-                                bint amx) noexcept nogil:
+cdef struct Strided:
+    # a matrix M[r, i] = data[r*rs + i*cs] (untyped, as in the structs above)
+    const void* data
+    Py_ssize_t rs, cs
+
+
+cdef void _pack_and_multiply_mt(Strided w, Py_ssize_t rows, Py_ssize_t k, Strided x,
+                                Py_ssize_t nx, floating* out, Py_ssize_t ldo, bint accumulate,
+                                floating* packed, int threads, bint amx) noexcept nogil:
     # a one-off product (the input projection of all steps, dx, weight gradients):
-    # out[b*ldo + r] (+)= x[b, :] . W[r, :] with W[r, i] = w[r*rs + i*cs] and x[b, i] =
-    # x[b*ldx + i*incx]; the rows of W (whole panels) split over the threads, each packing its
-    # own into its part of `packed` (_packed_size(rows, k, amx) elements)
+    # out[b*ldo + r] (+)= x[b, :] . W[r, :] with W = w (rows, k) and x (nx, k); the rows of W
+    # (whole panels) split over the threads, each packing its own into its part of `packed`
+    # (_packed_size(rows, k, amx) elements)
     cdef Py_ssize_t per, part, r0, r1
     cdef floating* mine
-    threads = _panel_parts(rows, _panel_width(w, amx), threads, &per)
+    cdef const floating* w_data = <const floating*>w.data
+    cdef const floating* x_data = <const floating*>x.data
+    threads = _panel_parts(rows, _panel_width(out, amx), threads, &per)
     for part in prange(threads, num_threads=threads, schedule="static"):
         r0 = part * per
         r1 = min(rows, r0 + per)
         if r0 < r1:
             mine = <floating*>_panel_at(packed, r0, k, amx)
-            _pack(w + r0 * rs, rs, cs, r1 - r0, k, mine, amx)
-            _packed_product(mine, r1 - r0, k, x, ldx, incx, nx, out + r0, ldo, accumulate, amx)
+            _pack(w_data + r0 * w.rs, w.rs, w.cs, r1 - r0, k, mine, amx)
+            _packed_product(mine, r1 - r0, k, x_data, x.rs, x.cs, nx, out + r0, ldo,
+                            accumulate, amx)
 
 
 def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accumulate,
@@ -949,15 +962,13 @@ def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accum
     else:
         size = _packed_size(<double*>NULL, n, K, False)
     cdef cnp.ndarray packed = np.empty(max(1, size), dtype)
+    cdef Strided w_op = Strided(cnp.PyArray_DATA(w), rs, cs)
+    cdef Strided v_op = Strided(cnp.PyArray_DATA(v), ldx, incx)
     if dtype == np.float32:
-        _pack_and_multiply_mt(<float*>cnp.PyArray_DATA(w), rs, cs, n, K,
-                              <float*>cnp.PyArray_DATA(v), ldx, incx, B,
-                              <float*>cnp.PyArray_DATA(out), n, accumulate,
+        _pack_and_multiply_mt(w_op, n, K, v_op, B, <float*>cnp.PyArray_DATA(out), n, accumulate,
                               <float*>cnp.PyArray_DATA(packed), threads, amx)
     else:
-        _pack_and_multiply_mt(<double*>cnp.PyArray_DATA(w), rs, cs, n, K,
-                              <double*>cnp.PyArray_DATA(v), ldx, incx, B,
-                              <double*>cnp.PyArray_DATA(out), n, accumulate,
+        _pack_and_multiply_mt(w_op, n, K, v_op, B, <double*>cnp.PyArray_DATA(out), n, accumulate,
                               <double*>cnp.PyArray_DATA(packed), threads, False)
 
 
