@@ -156,6 +156,71 @@ def test_load_reads_torch_onnx_export(name, options, num_layers, bidirectional, 
         assert max_rel_error(ours, theirs.numpy()) <= 1e-5
 
 
+def with_computed_reshapes(model, order=(0, 1, 2)):
+    """``model`` (an export) with each constant Reshape shape [0, 0, -1] between layers
+    replaced by what torch.onnx.export's dynamo exporter writes for dynamic sizes:
+    Concat(Shape(Y)[0], Shape(Y)[1], Shape(Y)[2] * Shape(Y)[3]), its parts in ``order``."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Reshape":
+            data, tag = node.input[0], node.output[0]
+            nodes.append(helper.make_node("Shape", [data], [f"{tag}_dims"]))
+            for i in range(4):
+                nodes.append(helper.make_node("Slice", [f"{tag}_dims", f"i{i}", f"i{i + 1}"],
+                                              [f"{tag}_d{i}"]))
+            nodes.append(helper.make_node("Mul", [f"{tag}_d2", f"{tag}_d3"], [f"{tag}_dh"]))
+            parts = [f"{tag}_d0", f"{tag}_d1", f"{tag}_dh"]
+            nodes.append(helper.make_node("Concat", [parts[i] for i in order], [f"{tag}_shape"],
+                                          axis=0))
+            node = helper.make_node("Reshape", [data, f"{tag}_shape"], node.output)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(numpy_helper.from_array(np.array([i]), f"i{i}")
+                                   for i in range(5))
+    return model
+
+
+def test_load_follows_reshapes_computed_from_shapes():
+    rng = np.random.default_rng(8)
+    m = make_layer("gru", 3, 4, 3, bidirectional=True, dtype=np.float32)
+    model = with_computed_reshapes(fastrnn.onnx.export(m))
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    state = random_state(m, 2, rng)
+    y, _ = m(x, state)
+    assert max_rel_error(run_onnxruntime(model, feeds_for(m, x, state, [5, 5]))[0], y) <= 1e-5
+    back = fastrnn.onnx.load(model, backend="reference")
+    for name, p in m.params.items():
+        np.testing.assert_array_equal(back.params[name], p, err_msg=name)
+    swapped = with_computed_reshapes(fastrnn.onnx.export(m), order=(1, 0, 2))
+    with pytest.raises(OnnxModelError, match=r"Reshape.*shape \[B, T, D\*H\] does not keep"):
+        fastrnn.onnx.load(swapped)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_load_reads_torch_dynamo_export(name):
+    """PyTorch's default exporter (needs onnxscript): LSTM and GRU stay ONNX nodes, with
+    reshapes computed from shapes when the sizes are dynamic. (It unrolls nn.RNN into
+    MatMuls, which load refuses: no RNN node.)"""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    net = getattr(torch.nn, name)(3, 4, 2, bidirectional=True, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("time")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (x,), dynamo=True, dynamic_shapes=(dims,))
+    m = fastrnn.onnx.load(program.model_proto, backend="reference")
+    x_other = torch.randn(3, 7, 3)                  # another batch size and length
+    with torch.no_grad():
+        y_torch, final_torch = net(x_other)
+    y, final = m(x_other.numpy())
+    assert max_rel_error(y, y_torch.numpy()) <= 1e-5
+    for ours, theirs in zip(state_parts(final), state_parts(final_torch)):
+        assert max_rel_error(ours, theirs.numpy()) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: each names the node and the attribute (or input, or operator)
 

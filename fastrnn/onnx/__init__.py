@@ -143,6 +143,10 @@ class _Graph:
         graph = model.graph
         self.initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        # the graph inputs' static sizes (None where a dimension is symbolic or unknown)
+        self.input_dims = {i.name: [d.dim_value if d.HasField("dim_value") else None
+                                    for d in i.type.tensor_type.shape.dim]
+                           for i in graph.input}
         self.outputs = [o.name for o in graph.output]
         self.producer = {name: node for node in graph.node for name in node.output if name}
         self._constants = {}
@@ -225,12 +229,8 @@ def _apply_layout(graph, chain, axes, sizes, what):
                                      f"size 1 can go")
             axes = [name for a, name in enumerate(axes) if a not in squeeze]
         else:   # Reshape: only the merge of the directions and the hidden units
-            shape = graph.constant(node.input[1])
-            if shape is None:
-                raise OnnxModelError(f"load: {describe(node)} on {what}: Reshape needs a "
-                                     f"constant shape")
-            shape = [int(s) for s in np.ravel(shape)]
-            allowzero = attrs.get("allowzero", 0)
+            shape = _reshape_target(graph, node, axes, what)
+            allowzero = attributes(node).get("allowzero", 0)
             merged = None
             if "D" in axes and axes.index("D") + 1 < len(axes) \
                     and axes[axes.index("D") + 1] == "H":
@@ -245,16 +245,91 @@ def _apply_layout(graph, chain, axes, sizes, what):
                     if s == 0 and not allowzero:
                         fits &= i < len(axes) and axes[i] == candidate[i]
                     elif s != -1:
-                        fits &= sizes.get(candidate[i]) == s
+                        fits &= _size(s, sizes) == _size((candidate[i],), sizes)
                 if fits:
                     result = candidate
                     break
             if result is None:
-                raise OnnxModelError(f"load: {describe(node)} on {what}: shape {shape} does "
-                                     f"not keep the (time, batch, features) layout of a "
-                                     f"tensor with axes {axes}")
+                raise OnnxModelError(f"load: {describe(node)} on {what}: shape "
+                                     f"{_shape_text(shape)} does not keep the (time, batch, "
+                                     f"features) layout of a tensor with axes {axes}")
             axes = result
     return axes
+
+
+# A Reshape's target shape, when it is computed from the shape of the tensor it reshapes
+# (torch.onnx.export's dynamo exporter with dynamic sizes), is followed symbolically: each
+# entry an int (0 and -1 keep their Reshape meanings) or a tuple of factors (axis names, ints)
+# whose product it is.
+
+def _reshape_target(graph, node, axes, what):
+    try:
+        return _symbolic_vector(graph, node.input[1], node.input[0], axes)
+    except _NotSymbolic as err:
+        raise OnnxModelError(f"load: {describe(node)} on {what}: its shape is neither a "
+                             f"constant nor computed from the shape of its input ({err})") \
+            from None
+
+
+class _NotSymbolic(Exception):
+    pass
+
+
+def _symbolic_vector(graph, name, data, axes):
+    """The 1-D int tensor ``name`` as a list of entries (see above), where Shape(``data``)
+    gives one factor per axis name in ``axes``."""
+    value = graph.constant(name)
+    if value is not None:
+        return [int(v) for v in np.ravel(value)]
+    node = graph.producer.get(name)
+    if node is None:
+        raise _NotSymbolic(graph.where(name))
+    op, attrs = node.op_type, attributes(node)
+
+    def operand(i):
+        return _symbolic_vector(graph, node.input[i], data, axes)
+
+    def constant_ints(i):
+        value = graph.constant(node.input[i]) if len(node.input) > i and node.input[i] else None
+        return None if value is None else [int(v) for v in np.ravel(value)]
+
+    if op == "Shape" and node.input[0] == data:
+        return [(a,) for a in axes][attrs.get("start", 0):attrs.get("end")]
+    if op in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape"):   # scalar <-> [x]
+        return operand(0)
+    if op == "Concat":
+        return [entry for i in range(len(node.input)) for entry in operand(i)]
+    if op == "Gather" and constant_ints(1) is not None:
+        vector = operand(0)
+        return [vector[i] for i in constant_ints(1)]
+    if op == "Slice" and constant_ints(1) is not None and constant_ints(2) is not None \
+            and constant_ints(3) in (None, [0]) and constant_ints(4) in (None, [1]):
+        return operand(0)[constant_ints(1)[0]:constant_ints(2)[0]]
+    if op == "Mul":
+        a, b = operand(0), operand(1)
+        if len(a) == len(b) == 1 and all(isinstance(e, tuple) or e > 0 for e in a + b):
+            factors = [f for e in a + b for f in (e if isinstance(e, tuple) else (e,))]
+            return [tuple(factors)]
+    raise _NotSymbolic(describe(node))
+
+
+def _size(entry, sizes):
+    """A Reshape entry (a positive int or a tuple of factors) as (known product, unknown axis
+    names), so that 8, ("DH",) and ("D", "H") compare equal when D*H is 8."""
+    known, unknown = 1, []
+    for factor in entry if isinstance(entry, tuple) else (entry,):
+        if isinstance(factor, (int, np.integer)):
+            known *= int(factor)
+        elif sizes.get(factor) is not None:
+            known *= sizes[factor]
+        else:
+            unknown.append(factor)
+    return known, tuple(sorted(unknown))
+
+
+def _shape_text(shape):
+    return "[" + ", ".join("*".join(map(str, e)) if isinstance(e, tuple) else str(e)
+                           for e in shape) + "]"
 
 
 def _features(axes, sizes):
@@ -371,12 +446,15 @@ def load(path_or_model, *, dtype=None, backend="auto"):
 
     # the sequence's path: graph input -> layer 0, layer k -> layer k+1, last layer -> output
     start, chain = sources[id(order[0])]
-    sizes_in = dict(sizes, F=weights[0][3])
+    static = (graph.input_dims.get(start) or []) + [None, None]
+    sizes_in = dict(sizes, F=weights[0][3], a0=static[0], a1=static[1])
     axes = _apply_layout(graph, chain, ["a0", "a1", "F"], sizes_in, f"graph input {start!r}")
     if axes not in (["a0", "a1", "F"], ["a1", "a0", "F"]):
         raise OnnxModelError(f"load: the graph input {start!r} reaches {describe(order[0])} "
                              f"with its axes in the order {axes}; expected the features last")
     batch_first = axes[0] == "a1"
+    # a graph exported for one batch size or length may reshape with those sizes
+    sizes["T"], sizes["B"] = (static[1], static[0]) if batch_first else (static[0], static[1])
     for k, node in enumerate(order[1:], start=1):
         _, chain = sources[id(node)]
         axes = _apply_layout(graph, chain, ["T", "D", "B", "H"], sizes,
