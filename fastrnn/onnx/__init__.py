@@ -1,7 +1,7 @@
 """fastrnn layers to and from ONNX (needs the ``onnx`` package: ``pip install "fastrnn[onnx]"``).
 
     fastrnn.onnx.export(layer, "model.onnx")      # one LSTM/GRU/RNN node per layer
-    layer = fastrnn.onnx.load("model.onnx")       # the inverse, also for torch.onnx.export's
+    layer = fastrnn.onnx.load("model.onnx")       # the inverse, also of torch.onnx.export
     fastrnn.onnx.backend                          # ONNX's Backend interface (prepare, run_node)
 
 An exported model has the inputs ``x`` ((T, B, I), or (B, T, I) with batch_first),
@@ -340,8 +340,8 @@ def _features(axes, sizes):
 def load(path_or_model, *, dtype=None, backend="auto"):
     """The fastrnn layer that computes an ONNX model (a ModelProto, its bytes, a path or a
     binary file) made of LSTM, GRU or RNN nodes stacked one on another (as ``export`` writes
-    them, and as ``torch.onnx.export(..., dynamo=False)`` writes an ``nn.LSTM``, ``nn.GRU`` or
-    ``nn.RNN``), with its weights.
+    them, and as ``torch.onnx.export`` writes an ``nn.LSTM`` or ``nn.GRU``, and an ``nn.RNN``
+    with ``dynamo=False``), with its weights.
 
     The graph's sequence input (and its layout: ``batch_first``), the optional
     ``sequence_lens``, the initial states (a graph input sliced per layer, or zeros), and the
