@@ -244,8 +244,8 @@ def get_amx():
 
 
 # Small batches. B <= _small_batch_max takes the unit-split forward loop (no BLAS in the time
-# loop: it may use all _num_threads threads, see forward_units_loop); 0 turns it off. Inference: the
-# default is the largest B for which it was measured faster than the GEMM loop (float32, 2
+# loop: it may use all _num_threads threads); 0 turns it off. Inference: the default is the
+# largest B for which it was measured faster than the batch-row loop (float32, 2
 # threads, LSTM and GRU with H = 128..1024, issue 7): 2-10x at B <= 4, 1.1-1.4x at B = 8 and 16
 # (H <= 256; about even at H = 512), slower from B = 32 on, where a GEMM uses the cores better.
 # Training forward calls have their own limit, 0 by default: there the loop was measured 1.1-1.6x
@@ -313,7 +313,7 @@ cdef Py_ssize_t _PACK_MAX_BYTES = 1 << 20
 # 2 MB of rows and a 2 MB L2: 67 -> 93 GB/s)
 cdef bint _zigzag = True
 cdef Py_ssize_t _ZIGZAG_ROWS = 32
-# The GEMM loops (larger batches, training) multiply over packed weights for up to this many
+# The batch-row loops (larger batches, training) multiply over packed weights for up to this many
 # rows (B), with BLAS above. Such a call makes no BLAS call at all (its input projection and
 # gradient products are packed products too), so its products and passes use every thread
 # (_num_threads). (With BLAS in the same call, packed per-step products on two threads were
@@ -329,7 +329,7 @@ cdef Py_ssize_t _GRAD_CHUNK = 256
 
 
 def _set_pool(on):
-    """Tuning and test hook: whether packed GEMM-loop calls use all the threads; returns the
+    """Tuning and test hook: whether packed batch-row calls use all the threads; returns the
     previous setting."""
     global _pool_off
     previous = not _pool_off
@@ -338,12 +338,12 @@ def _set_pool(on):
 
 
 cdef inline bint _packs(Py_ssize_t T, Py_ssize_t B) noexcept nogil:
-    # does a GEMM-loop call (forward or backward) of T steps and B rows pack its weights
+    # does a batch-row forward call or a backward call of T steps and B rows pack its weights
     return T * B >= _PACK_MIN_ROWS and B <= _PACKED_B_MAX
 
 
 cdef inline int _pool_threads(int limit, bint limited) noexcept nogil:
-    # threads of a packed GEMM-loop call's pool, 0 for none (the one-off products on BLAS):
+    # threads of a packed batch-row call's pool, 0 for none (the one-off products on BLAS):
     # every thread the call may use; one thread is a pool too when the call was limited to it
     # (a direction running beside the other: no BLAS call, whose threads would compete)
     if _pool_off:
@@ -363,7 +363,7 @@ def _thread_limit(threads):
 def concurrent_directions(T, B, train):
     """Whether fastrnn.layers should run the two directions of a bidirectional layer at once,
     one thread each (layer_forward / layer_backward with threads=1): there are threads to spare
-    and such a call makes no BLAS call (the unit-split loop, or a packed GEMM-loop call)."""
+    and such a call makes no BLAS call (the unit-split loop, or a packed batch-row call)."""
     if _num_threads < 2:
         return False
     return B <= (_small_batch_max_train if train else _small_batch_max) or \
@@ -400,8 +400,6 @@ cdef int _unit_threads(Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, Py_ssize_t B,
     if G * H * K * B < min_work:
         p = 1
     return <int>max(1, min(p, H // 16))
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,7 +970,6 @@ def _pack_and_multiply(cnp.ndarray w, cnp.ndarray v, cnp.ndarray out, bint accum
                               <double*>cnp.PyArray_DATA(packed), threads, False)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Forward, small batches: the unit-split loop
 #
@@ -1370,8 +1367,6 @@ cdef void _column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t M, Py_ssize
                 free(acc)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Python entry points (the contract of fastrnn.cells). The layers and fastrnn.functional have
 # checked the arguments; what is checked here picks the compiled variant or keeps memory safe.
@@ -1596,8 +1591,6 @@ cdef inline object _new_array(Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2, int t
     if zero:
         return cnp.PyArray_ZEROS(3, dims, typenum, 0)
     return cnp.PyArray_EMPTY(3, dims, typenum, 0)
-
-
 
 
 def layer_call_step(spec, params, bint batch_first, x, state):
