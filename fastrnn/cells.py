@@ -128,10 +128,11 @@ class Cell:
                              f"{G} gate blocks once each, every product a contiguous run")
         if self.products[0].source != "h":
             raise ValueError(f"cell {self.name}: the first product must be of h")
-        later_sources = {p.source for p in self.products[1:]}
-        if not later_sources <= {name for name, _ in self.saved}:
-            raise ValueError(f"cell {self.name}: a later product's source must be a saved "
-                             f"buffer, got {sorted(later_sources)}")
+        if len(self.products) > 2 or (len(self.products) == 2
+                                      and self.saved[:1] != ((self.products[1].source, 1),)):
+            # what the kernels take: the second product reads the first H columns of saved
+            raise ValueError(f"cell {self.name}: a second product's source must be the first "
+                             f"saved buffer, of width 1; at most two products")
         if not set(self.hidden_side) <= set(range(G)):
             raise ValueError(f"cell {self.name}: hidden_side {self.hidden_side} is not a set of "
                              f"gate blocks 0..{G - 1}")
