@@ -41,7 +41,9 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     batch_first: the layout of ``x`` and ``y`` in the model; None: the layer's own.
     lengths, initial_state: whether the model takes ``lengths`` and ``h0``/``c0`` as inputs
     (without them, every sequence has all T steps and the states start from zeros).
-    Dropout, a training-time option, is not part of the model.
+    Dropout, a training-time option, is not part of the model. One difference remains: for a
+    sequence of length 0, ONNX Runtime returns zero final states where the layer returns the
+    initial state it was given (y is zero in both).
     """
     if not isinstance(layer, (LSTM, GRU, RNN)):
         raise TypeError(f"layer: expected a fastrnn LSTM, GRU or RNN, got "
