@@ -313,9 +313,9 @@ def _squeeze(node, values, attrs):
 
 def _unsqueeze(node, values, attrs):
     x = values[0]
-    axes = sorted(a % (x.ndim + len(_axes(node, values, attrs, 1)))
-                  for a in _axes(node, values, attrs, 1))
-    for a in axes:
+    new_axes = _axes(node, values, attrs, 1)
+    ndim = x.ndim + len(new_axes)
+    for a in sorted(a % ndim for a in new_axes):
         x = np.expand_dims(x, a)
     return x
 
