@@ -81,7 +81,7 @@ static inline ptrdiff_t fr_amx_offset(ptrdiff_t r0, ptrdiff_t k)
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define FR_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+#define FR_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-bf16")))
 
 static int fr_amx_state = -1;            /* -1: not checked yet */
 
