@@ -118,7 +118,7 @@ cdef extern from "amx.h" nogil:
                         Py_ssize_t ldo, int accumulate)
 
 from blas cimport gemm, gemv
-from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, RNN_RELU, RNN_TANH,
+from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, NUM_CODES, RNN_RELU, RNN_TANH,
                     gru_backward_row, gru_forward_row, gru_reset_before_backward_row,
                     gru_reset_before_forward_row, lstm_backward_row, lstm_forward_row,
                     rnn_backward_row, rnn_forward_row)
@@ -508,7 +508,7 @@ cdef CellSpec _cell_spec(cell) except *:
     cdef CellSpec spec
     (spec.code, spec.G, spec.states, spec.saved_width, spec.second_block, spec.hidden_blocks,
      spec.first_hidden) = cell.kernel_spec()
-    if not RNN_TANH <= spec.code <= GRU_RESET_BEFORE:
+    if not 0 <= spec.code < NUM_CODES:
         raise ValueError(f"cell: {cell.name!r} (code {spec.code}) has no step pair in the "
                          f"Cython backend (kernels/steps.pxd)")
     spec.phases = 2 if spec.second_block < spec.G else 1
@@ -516,13 +516,15 @@ cdef CellSpec _cell_spec(cell) except *:
     return spec
 
 
-# every cell's spec by code, for layer_call_step (whose spec names the cell by its code)
-cdef CellSpec _specs_by_code[GRU_RESET_BEFORE + 1]
+# every cell's spec by code, for layer_call_step (whose spec names the cell by its code); G = 0
+# for a code no record has
+cdef CellSpec _specs_by_code[NUM_CODES]
 
 
 def _fill_specs_by_code():
     for cell in CELLS.values():
-        _specs_by_code[cell.code] = _cell_spec(cell)
+        if 0 <= cell.code < NUM_CODES:      # else a record without a step pair here yet
+            _specs_by_code[cell.code] = _cell_spec(cell)
 
 
 _fill_specs_by_code()
@@ -1609,8 +1611,8 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     cdef int nlayers = spec[4], D = spec[5]
     cdef tuple names = spec[6]
     cdef object zero_bias = spec[7]
-    if not RNN_TANH <= code <= GRU_RESET_BEFORE:
-        return None
+    if not 0 <= code < NUM_CODES or _specs_by_code[code].G == 0:
+        return None                     # the general path says why
     cdef Call call
     call.cell = _specs_by_code[code]
     cdef bint has_c = call.cell.states == 2

@@ -38,6 +38,7 @@ cdef enum:
     LSTM_PEEPHOLE = 3
     GRU = 4
     GRU_RESET_BEFORE = 5
+    NUM_CODES = 6               # one past the last: a new cell's code goes before it
 
 
 cdef inline void _preactivation(floating* gates, const floating* hh, const floating* b_ih,
