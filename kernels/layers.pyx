@@ -1557,18 +1557,18 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
 # H = 128. Anything this path does not take (another array type or layout, an unusable
 # parameter) returns None, and the layer takes its general path, which converts or raises.
 
-cdef void _one_step(Call* call, floating* ws, floating* h_n, floating* c_n, const floating* h0,
-                    const floating* c0, Plan plan) noexcept nogil:
-    # one step of inference from h0 (c0) into h_n (c_n), y = h_n: the state goes into slot 0 of
-    # the inference layout, the step writes slot 1
+cdef void _one_step(Call* call, floating* ws, Py_ssize_t row, char* h_n, char* c_n,
+                    const char* h0, const char* c0, Plan plan) noexcept nogil:
+    # one step of inference of state row `row` of the (rows, B, H) arrays h0 (c0) into h_n
+    # (c_n), y = h_n: the state goes into slot 0 of the inference layout, the step writes slot 1
     cdef Py_ssize_t BH = call.sizes.B * call.sizes.H
-    memcpy(ws + call.L.h_slots, h0, BH * sizeof(floating))
+    memcpy(ws + call.L.h_slots, <const floating*>h0 + row * BH, BH * sizeof(floating))
     if call.L.c_slots >= 0:
-        memcpy(ws + call.L.c_slots, c0, BH * sizeof(floating))
-    call.y, call.y_step, call.y_row = h_n, BH, call.sizes.H
+        memcpy(ws + call.L.c_slots, <const floating*>c0 + row * BH, BH * sizeof(floating))
+    call.y, call.y_step, call.y_row = <floating*>h_n + row * BH, BH, call.sizes.H
     forward_loop(call, ws, plan)
     if call.L.c_slots >= 0:
-        memcpy(c_n, ws + call.L.c_slots + BH, BH * sizeof(floating))
+        memcpy(<floating*>c_n + row * BH, ws + call.L.c_slots + BH, BH * sizeof(floating))
 
 
 cdef inline bint _fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t d1,
@@ -1720,15 +1720,9 @@ def layer_call_step(spec, params, bint batch_first, x, state):
                     r = layer * D + d
                     call.p = row_params[r]
                     if item == 4:
-                        _one_step(&call, <float*>ws, <float*>(p_h_n + r * BH * 4),
-                                  <float*>(p_c_n + r * BH * 4) if has_c else NULL,
-                                  <float*>(p_h0 + r * BH * 4),
-                                  <float*>(p_c0 + r * BH * 4) if has_c else NULL, plans[layer])
+                        _one_step(&call, <float*>ws, r, p_h_n, p_c_n, p_h0, p_c0, plans[layer])
                     else:
-                        _one_step(&call, <double*>ws, <double*>(p_h_n + r * BH * 8),
-                                  <double*>(p_c_n + r * BH * 8) if has_c else NULL,
-                                  <double*>(p_h0 + r * BH * 8),
-                                  <double*>(p_c0 + r * BH * 8) if has_c else NULL, plans[layer])
+                        _one_step(&call, <double*>ws, r, p_h_n, p_c_n, p_h0, p_c0, plans[layer])
                     # this direction's h_n rows into its columns of the layer's output
                     for b in range(B):
                         memcpy(layer_out + (b * D + d) * H * item,
