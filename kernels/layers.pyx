@@ -442,8 +442,8 @@ cdef struct Params:
 
 
 cdef struct Grads:
-    # what backward adds into, laid out so that BLAS can (_blas_ready); dpeephole and the state
-    # gradients are added at Python level
+    # what backward adds into, laid out so that BLAS can add in place (_blas_ready); dpeephole
+    # and the state gradients are added at Python level
     void* dx                    # (T, B, I), steps dx_step and rows dx_row apart
     void* dw_ih                 # like w_ih, rows ld_dw_ih apart
     void* dw_hh
