@@ -71,23 +71,27 @@ def test_one_region_loop_any_thread_count(cell, threads):
     c0 = rng.standard_normal((B, H)).astype(dtype)
     lengths = np.array([T, 4, 1], np.int64)
     forward = nb._kernels(dtype)[0]
-    empty2, empty3 = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype)
+    spec = c.kernel_spec()
+    params = nb._params(dtype, (w_ih, w_hh, b_ih, b_hh))
+    second = spec[4]
 
-    def run(units, pack, reverse):
+    def run(parts, pack, reverse):
         y = np.full((T, B, H), 5, dtype)
-        h, h2 = h0.copy(), np.zeros((B, H), dtype)
-        cs = c0.copy() if c.has_cell_state else empty2
-        rh = np.zeros((B, H), dtype) if cell == "gru_reset_before" else empty2
+        h_slots = np.stack([h0, np.full((B, H), np.nan, dtype)])
+        c_slots = (np.stack([c0, np.full((B, H), np.nan, dtype)]) if c.has_cell_state
+                   else np.empty((2, 0, 0), dtype))
+        saved = np.zeros((1, B, H) if second < G else (1, 0, 0), dtype)
         gates = np.empty((T, B, G * H), dtype)
-        gates_own, hgates_own = np.empty((0, 0, 0, 0), dtype), empty3
-        if units > 1:   # each thread's gates in its own buffer, as layer_forward gives them
-            C = nb.kernels.unit_range(0, units, H)[1]
-            gates, gates_own = empty3, np.full((units, T, B, G * C), np.nan, dtype)
-            hgates_own = np.full((units, B, G * C), np.nan, dtype)
-        forward(c.code, x, w_ih, w_hh, b_ih, b_hh, empty2, lengths, reverse, False, units,
-                pack, False, y, gates, empty3, empty3, np.empty((B, G * H), dtype), h, h2, cs, rh,
-                gates_own, hgates_own)
-        return y, h, cs
+        own = (np.empty((0, 0, 0, 0), dtype), np.empty((0, 0, 0), dtype))
+        if parts > 1:   # each thread's gates in its own buffer, as layer_forward gives them
+            C = nb.kernels.unit_range(0, parts, H)[1]
+            gates = np.empty((0, 0, 0), dtype)
+            own = (np.full((parts, T, B, G * C), np.nan, dtype),
+                   np.full((parts, B, G * C), np.nan, dtype))
+        forward(spec, x, params, lengths, reverse, False,
+                (nb.kernels.UNITS, parts, pack, False, False), y,
+                (gates, h_slots, c_slots, saved, np.empty((B, G * H), dtype)), own)
+        return y, h_slots[T % 2], c_slots[T % 2]
 
     old = numba.get_num_threads()
     numba.set_num_threads(threads)
@@ -95,8 +99,8 @@ def test_one_region_loop_any_thread_count(cell, threads):
         for reverse in (False, True):
             for pack in (False, True):
                 want = run(1, pack, reverse)
-                for units in (2, 3):
-                    got = run(units, pack, reverse)
+                for parts in (2, 3):
+                    got = run(parts, pack, reverse)
                     for a, b in zip(got, want):
                         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     finally:

@@ -1,24 +1,24 @@
-"""The Numba backend: ``layer_forward`` / ``layer_backward`` / ``layer_step`` with the contract of
-``fastrnn.cells``.
+"""The Numba backend: ``layer_forward`` / ``layer_backward`` with the contract of
+``fastrnn.cells``, and the layer's one-step call ``layer_call_step``.
 
-Inference calls with at most ``get_small_batch_max()`` batch rows run the unit-split forward loop
-(hidden units split over threads, each multiplying by its own weight rows, packed into panels
-once per call when the call is long enough, see ``_set_pack_limits``; see ``kernels``),
-larger ones and training forward calls (``get_small_batch_max(train=True)``, 0 by default) the
-batch-row loop; ``set_small_batch_max(0)`` turns the unit-split loop off. The batch-row loop
-multiplies over weights packed once per call for B <= config.PACKED_B_MAX when T*B is at least
-the pack limit (``_set_pack_limits``), and then makes no BLAS call at all: its products and
-passes use every thread (``_set_pool(False)``: the packed per-step products on the calling
-thread, BLAS for the input projection and the gradient products).
+This module does the Python side of a call: it picks the loop (``kernels``, its docstring has
+the design), cuts the one workspace of the call into the named buffers, puts the initial
+state in its slot, and runs the compiled loop of ``kernels.py`` for the array dtype:
 
-This module does the Python side of a call: it cuts the one workspace of the call into named
-buffers, turns ``None`` into empty arrays so that every call has the same argument types, and
-runs the compiled time loop of ``kernels.py`` for the array dtype.
+- inference calls with at most ``get_small_batch_max()`` batch rows (training forward calls:
+  ``get_small_batch_max(train=True)``, 0 by default) run the unit-split loop, the others the
+  batch-row loop; ``set_small_batch_max(0)`` turns the unit-split loop off;
+- the unit-split loop packs its weights into panels when the call is long enough
+  (``_set_pack_limits``); the batch-row loop packs w_hh for B <= config.PACKED_B_MAX when T*B
+  is at least the pack limit, and then, on a pool of threads (``_set_pool``), makes no BLAS
+  call at all.
 
 Each loop is compiled with one explicit signature per dtype, on the first call in that dtype
 (then loaded from Numba's cache): inputs are typed read-only and C-contiguous, ``y`` and ``dy``
 as strided ('A' layout), so C-ordered or strided, writable or read-only arguments all run the
-same machine code instead of compiling a variant for each combination.
+same machine code instead of compiling a variant for each combination. Absent arrays are
+empty ones of the same type (a cell without c: c_slots (slots, 0, 0); no dy: (T, 0, 0); no
+peephole: (0, 0)).
 """
 import os
 import threading
@@ -29,9 +29,9 @@ import numba
 from numba import njit, types
 
 from . import amx, config, kernels
-from .. import _scratch
+from .. import _scratch, cells
 
-__all__ = ["layer_forward", "layer_backward", "layer_step", "concurrent_directions",
+__all__ = ["layer_forward", "layer_backward", "layer_call_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
            "set_small_batch_max", "get_small_batch_max", "amx_available", "set_amx", "get_amx"]
 
@@ -52,49 +52,44 @@ def _signatures(dtype):
     def const(ndim, layout="C"):
         return array(ndim, layout, readonly=True)
 
-    index = types.Array(types.int64, 1, "C", readonly=True)
     i64, flag = types.int64, types.boolean
+    spec = types.UniTuple(i64, 7)
+    params = types.Tuple((const(2), const(2), const(1), const(1), const(2)))
+    plan = types.Tuple((i64, i64, flag, flag, flag))       # loop threads packed pool use_amx
+    lengths = types.Array(types.int64, 1, "C", readonly=True)
     forward = types.none(
-        i64, const(3), const(2), const(2),         # code x w_ih w_hh
-        const(1), const(1), const(2),              # b_ih b_hh peephole
-        index, flag, flag, i64, flag, flag,        # lengths reverse train units pack amx
-        array(3, "A"),                             # y
-        array(3), array(3), array(3),              # cache: gates h_prev saved
-        array(2), array(2), array(2), array(2), array(2),  # scratch: hgates h h2 c rh
-        array(4), array(3))                        # gates_own hgates_own
+        spec, const(3), params, lengths, flag, flag, plan,     # x ... reverse train plan
+        array(3, "A"),                                         # y
+        types.Tuple((array(3), array(3), array(3), array(3), array(2))),  # gates h_slots
+        types.Tuple((array(4), array(3))))                     # c_slots saved hh; own
     backward = types.none(
-        i64, const(3), const(2), const(2),         # code x w_ih w_hh
-        const(2), index, flag, i64, flag, flag,    # peephole lengths reverse truncate pack amx
-        i64,                                       # pool
-        const(3), const(3), const(3),              # cache: gates h_prev saved
-        const(3, "A"), flag,                       # dy has_dy
-        array(3), array(3), array(2), array(2),    # scratch: dgates dgates_n dh dc
-        array(2), array(2), const(1),              # drh dpeep_rows ones
-        array(3), array(2), array(2),              # dx dw_ih dw_hh
-        array(1), array(1), array(2))              # db_ih db_hh dpeephole
+        spec, const(3), params, lengths, flag, i64, plan,      # x ... reverse truncate plan
+        types.UniTuple(const(3), 4),                           # gates h_slots c_slots saved
+        const(3, "A"),                                         # dy
+        types.Tuple((array(3), array(3), array(2), array(2), array(2), array(2), array(2),
+                     const(1))),      # dgates dgates_hh dhh dh dc dsaved dpeep ones
+        types.Tuple((array(2), array(2), array(1), array(1), array(2))),  # dparams
+        array(3))                                              # dx
     step = types.int64(
-        i64, i64, i64, flag,                       # code threads min_work batch_first
-        const(3), const(3), const(3), i64,         # x h0 c0 row
-        const(2), const(2), const(1), const(1),    # w_ih w_hh b_ih b_hh
-        const(2), array(3), array(3),              # peephole h_n c_n
-        array(3), i64)                             # out col
+        spec, i64, flag, const(3), types.UniTuple(const(3), 2),  # threads batch_first x state0
+        i64, params, types.UniTuple(array(3), 2), array(3), i64)  # row params state_n out col
     return forward, backward, step
 
 
 def _kernels(dtype):
     """(forward, backward, step) compiled for this dtype; compiled or loaded from cache on first
     use."""
-    pair = _compiled.get(dtype)
-    if pair is None:
+    compiled = _compiled.get(dtype)
+    if compiled is None:
         with _compile_lock:
-            pair = _compiled.get(dtype)
-            if pair is None:
+            compiled = _compiled.get(dtype)
+            if compiled is None:
                 forward_sig, backward_sig, step_sig = _signatures(dtype)
-                pair = (njit(forward_sig, **config.KERNEL)(kernels.forward_loop),
-                        njit(backward_sig, **config.KERNEL)(kernels.backward_loop),
-                        njit(step_sig, **config.KERNEL)(kernels.step))
-                _compiled[dtype] = pair
-    return pair
+                compiled = (njit(forward_sig, **config.KERNEL)(kernels.forward_loop),
+                            njit(backward_sig, **config.KERNEL)(kernels.backward_loop),
+                            njit(step_sig, **config.KERNEL)(kernels.step))
+                _compiled[dtype] = compiled
+    return compiled
 
 
 # Numba's workqueue threading layer aborts when two threads launch parallel regions at once;
@@ -117,7 +112,7 @@ def concurrent_directions(T, B, train):
     """Whether fastrnn.layers should run the two directions of a bidirectional layer at once,
     one thread each (layer_forward / layer_backward with threads=1): there are threads to spare,
     Numba can launch from two threads at once, and such a call makes no BLAS call (the
-    unit-split loop, or a pooled packed GEMM-loop call)."""
+    unit-split loop, or a pooled packed batch-row call)."""
     if _num_threads < 2:
         return False
     if not _threadsafe_layer and not _layer_probed[0]:
@@ -186,69 +181,34 @@ def _workspace(dtype, shapes):
 _empties = {}
 
 
-def _empty(dtype, ndim):
+def _empty(dtype, shape):
     """A zero-size array standing for an absent argument (shared: nothing can be written to it)."""
-    key = (np.dtype(dtype), ndim)
+    key = (np.dtype(dtype), shape)
     if key not in _empties:
-        _empties[key] = np.empty((0,) * ndim, dtype)
+        _empties[key] = np.empty(shape, dtype)
     return _empties[key]
 
 
+def _params(dtype, params):
+    """The parameter tuple the kernels take: (w_ih, w_hh, b_ih, b_hh, peephole), an empty
+    peephole for the cells without one."""
+    return tuple(params) + (_empty(dtype, (0, 0)),) * (5 - len(params))
+
+
 class ForwardCache:
-    """What backward needs, all cut from one workspace (``buffer``).
+    """What backward needs: the forward call's x, params, lengths and reverse, and the cache
+    buffers (see kernels), all cut from one workspace (``buffer``)."""
 
-    gates   (T, B, G*H) activated gates (RNN: the new h)
-    h_prev  (T, B, H)   state h before each step
-    saved   (T, B, H)   the cell's extra buffer, ``cell.cache_buffers``: LSTM c_prev, GRU hn,
-                        GRU reset-before rh; empty for RNN
-    Padding positions hold zeros in h_prev and saved.
-    """
+    __slots__ = ("x", "params", "lengths", "reverse", "buffer", "arrays")
 
-    __slots__ = ("cell", "shape", "buffer", "gates", "h_prev", "saved")
-
-    def __init__(self, cell, shape, buffer, gates, h_prev, saved):
-        self.cell, self.shape, self.buffer = cell, shape, buffer
-        self.gates, self.h_prev, self.saved = gates, h_prev, saved
-
-
-def _const(name, a, dtype, ndim):
-    """An input as the kernels take it: C-contiguous, aligned, the layer's dtype (no copy if so)."""
-    a = np.asarray(a)
-    if a.dtype != dtype or a.ndim != ndim:
-        raise TypeError(f"{name}: expected a {ndim}-d {np.dtype(dtype).name} array, "
-                        f"got {a.ndim}-d {a.dtype.name}")
-    return np.require(a, requirements=("C", "A"))
-
-
-def _check_shapes(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole):
-    """Raise naming the first argument whose shape does not fit the others (the kernels index
-    by these sizes and check nothing); x is 3-d. Returns G*H and H."""
-    T, B, I = x.shape
-    H = np.shape(w_hh)[-1] if np.ndim(w_hh) == 2 else None
-    GH = None if H is None else cell.num_gates * H
-    wanted = (("w_hh", w_hh, (GH, H)), ("w_ih", w_ih, (GH, I)), ("b_ih", b_ih, (GH,)),
-              ("b_hh", b_hh, (GH,)), ("peephole", peephole, (3, H) if cell.peephole else None),
-              ("h0", h0, (B, H)), ("c0", c0, (B, H) if cell.has_cell_state else None))
-    for name, value, shape in wanted:
-        if value is None and name in ("h0", "c0", "peephole"):
-            if name == "peephole" and shape is not None:
-                raise TypeError(f"peephole: expected a {shape} array for {cell.name}, got None")
-            continue
-        if shape is None or np.shape(value) != shape:
-            shown = "(G*H, H)" if H is None else shape
-            raise ValueError(f"{name}: expected shape {shown} for {cell.name} with x {x.shape}"
-                             f" and w_hh {np.shape(w_hh)}, got {np.shape(value)}")
-    return GH, H
-
-
-def _lengths(lengths, T, B):
-    if lengths is None:
-        return np.full(B, T, np.int64)
-    return np.require(np.asarray(lengths, dtype=np.int64), requirements=("C", "A"))
+    def __init__(self, x, params, lengths, reverse, buffer, arrays):
+        self.x, self.params, self.lengths, self.reverse = x, params, lengths, reverse
+        self.buffer, self.arrays = buffer, arrays       # (gates, h_slots, c_slots, saved)
 
 
 class _Output:
-    """An array the kernel writes or adds into: itself when it can, else a C-ordered stand-in.
+    """An array the kernel writes or adds into: itself when it can, else a C-ordered stand-in
+    (the boundary lets a caller give strided, unaligned or read-only-typed outputs).
 
     ``mode`` "write": the stand-in is copied back; "add": it starts at zero and is added back.
     """
@@ -277,173 +237,113 @@ class _Output:
 # ---------------------------------------------------------------------------------------------
 # The contract of fastrnn.cells
 
-def layer_forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                  lengths, reverse, train, y, h_n, c_n, threads=None):
+def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
-    dtype = np.asarray(x).dtype
-    x = _const("x", x, dtype, 3)
-    T, B, _ = x.shape
-    GH, H = _check_shapes(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole)
-    lengths = _lengths(lengths, T, B)
-    shapes = {"gates": (T, B, GH), "hgates": (B, GH), "h": (B, H)}
-    if train:
-        shapes["h_prev"] = (T, B, H)
-        if cell.cache_buffers:
-            shapes["saved"] = (T, B, H)
-    if cell.has_cell_state:
-        shapes["c"] = (B, H)
-    if cell.name == "gru_reset_before" and not train:
-        shapes["rh"] = (B, H)
-    # small batches: the unit-split loop, on `units` threads (0: the batch-row loop)
+    dtype = x.dtype
+    T, B, I = x.shape
+    spec = cell.kernel_spec()
+    _, G, states, saved_width, second, _, _ = spec
+    H = state0[0].shape[1]
+    GH = G * H
+    slots = T + 1 if train else 2
+    shapes = {"gates": (T, B, GH), "h_slots": (slots, B, H),
+              "c_slots": (slots, B, H) if states == 2 else (slots, 0, 0),
+              "saved": ((T, B, saved_width * H) if train else
+                        (1, B, saved_width * H) if second < G else (1, 0, 0)),
+              "hh": (B, GH)}
     limit = _thread_limit(threads)
-    units, pack = 0, _gemm_packs(T, B)
+    packed, pool = _gemm_packs(T, B), False
+    own = (_empty(dtype, (0, 0, 0, 0)), _empty(dtype, (0, 0, 0)))
     if B <= _small_batch_max[bool(train)]:
+        # the unit-split loop on `threads` parts
+        loop = kernels.UNITS
         work = GH * H * B                              # multiply-adds of h W_hh^T per step
         unit_threads = limit if work >= config.UNITS_PARALLEL_MIN_WORK else 1
-        units = max(1, min(unit_threads, -(-H // 16)))
-        shapes["h2"] = (B, H)
-        pack = T * B >= _pack_limits[0] and _packed_bytes(dtype, units, GH, H) <= _pack_limits[1]
-        if units > 1 and not train:
-            # each thread's gates in its own buffer (see kernels.forward_loop), cut from this
-            # workspace: allocated in the kernel instead, the call was 8-12% slower (LSTM
+        threads = max(1, min(unit_threads, -(-H // 16)))
+        packed = T * B >= _pack_limits[0] and \
+            _packed_bytes(dtype, threads, GH, H) <= _pack_limits[1]
+        if threads > 1 and not train:
+            # each part's gates in its own buffer (see kernels.forward_units_loop), cut from
+            # this workspace: allocated in the kernel instead, the call was 8-12% slower (LSTM
             # T=200 B=16 H=256; likely the page faults: NumPy advises huge pages for large
             # arrays, Numba's allocator does not)
-            C = kernels.unit_range.py_func(0, units, H)[1]
-            del shapes["gates"]
-            shapes["gates_own"] = (units, T, B, GH // H * C)
-            shapes["hgates_own"] = (units, B, GH // H * C)
+            C = kernels.unit_range.py_func(0, threads, H)[1]
+            shapes["gates"] = (0, 0, 0)
+            shapes["gates_own"] = (threads, T, B, G * C)
+            shapes["hh_own"] = (threads, B, G * C)
+        launch_threads = threads
+    else:
+        loop = kernels.ROWS
+        pool = packed and _pool[0]
+        threads = _pool_threads(B, GH, H, limit) if pool else 1
+        launch_threads = threads if pool else _pass_threads(B * GH, limit)
     buffer, ws = _workspace(dtype, shapes)
-    ws["h"][...] = 0 if h0 is None else h0
-    if cell.has_cell_state:
-        ws["c"][...] = 0 if c0 is None else c0
-    empty2, empty3 = _empty(dtype, 2), _empty(dtype, 3)
-    h_prev, saved = ws.get("h_prev", empty3), ws.get("saved", empty3)
+    first = T - 1 if train and reverse and T > 0 else 0     # the slot of the initial state
+    final = T if train else T & 1
+    ws["h_slots"][first] = state0[0]
+    if states == 2:
+        ws["c_slots"][first] = state0[1]
+    arrays = (ws["gates"], ws["h_slots"], ws["c_slots"], ws["saved"])
     if T * B > 0:
+        if "gates_own" in ws:
+            own = (ws["gates_own"], ws["hh_own"])
         out = _Output(y, "write", contiguous=False)
-        forward = _kernels(dtype)[0]
-        if units == 0 and pack and _pool[0]:
-            units = -_pool_threads(B, GH, H, limit)    # the packed batch-row loop's pool
-        _launch(forward, abs(units) if units else _pass_threads(B * GH, limit), cell.code, x,
-                _const("w_ih", w_ih, dtype, 2),
-                _const("w_hh", w_hh, dtype, 2), _const("b_ih", b_ih, dtype, 1),
-                _const("b_hh", b_hh, dtype, 1),
-                empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), bool(train), units, pack, _uses_amx(dtype),
-                out.array, ws.get("gates", empty3), h_prev, saved, ws["hgates"], ws["h"],
-                ws.get("h2", empty2), ws.get("c", empty2), ws.get("rh", empty2),
-                ws.get("gates_own", _empty(dtype, 4)), ws.get("hgates_own", empty3))
+        _launch(_kernels(dtype)[0], launch_threads, spec, x, _params(dtype, params), lengths,
+                bool(reverse), bool(train), (loop, threads, packed, pool, _uses_amx(dtype)),
+                out.array, arrays + (ws["hh"],), own)
         out.finish()
-    h_n[...] = ws["h"]
-    if cell.has_cell_state:
-        c_n[...] = ws["c"]
+    for s_n, s_slots in zip(state_n, (ws["h_slots"], ws["c_slots"])):
+        s_n[...] = s_slots[final]
     if not train:
         return None
-    return ForwardCache(cell, (T, B, H), buffer, ws["gates"], h_prev, saved)
+    return ForwardCache(x, params, lengths, bool(reverse), buffer, arrays)
 
 
-def layer_backward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole,
-                   lengths, reverse, cache, dy, dh_n, dc_n, truncate,
-                   dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dpeephole, threads=None):
-    """Backward of ``layer_forward``; ADDS into the gradient arrays (see ``fastrnn.cells``)."""
-    dtype = np.asarray(x).dtype
-    x = _const("x", x, dtype, 3)
-    T, B, _ = x.shape
-    GH, H = _check_shapes(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole)
-    if not isinstance(cache, ForwardCache) or cache.cell != cell or cache.shape != (T, B, H):
-        raise ValueError("cache: expected what layer_forward returned with train=True for this "
-                         f"cell and these shapes ({cell.name}, T={T}, B={B}, H={H})")
-    if truncate is not None and int(truncate) < 1:
-        raise ValueError(f"truncate: expected None or an integer >= 1, got {truncate!r}")
-    lengths = _lengths(lengths, T, B)
-    shapes = {"dgates": (T, B, GH), "ones": (T * B,), "dh": (B, H)}
-    if cell.name == "gru":
-        shapes["dgates_n"] = (T, B, H)
-    if cell.has_cell_state:
-        shapes["dc"] = (B, H)
-    if cell.name == "gru_reset_before":
-        shapes["drh"] = (B, H)
-    if cell.peephole:
-        shapes["dpeep_rows"] = (B, 3 * H)
-    _, ws = _workspace(dtype, shapes)
-    ws["ones"][...] = 1  # bias gradients are ones @ dgates
-    if cell.peephole:
-        ws["dpeep_rows"][...] = 0
-    dh, dc = ws["dh"], ws.get("dc")
-    dh[...] = 0 if dh_n is None else dh_n
-    if dc is not None:
-        dc[...] = 0 if dc_n is None else dc_n
+def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None):
+    """Backward of ``layer_forward``; ADDS into dx, dstate0 and dparams (see
+    ``fastrnn.cells``)."""
+    x = cache.x
+    dtype = x.dtype
+    T, B, I = x.shape
+    spec = cell.kernel_spec()
+    _, G, states, _, second, hidden_blocks, _ = spec
+    H = cache.arrays[1].shape[2]
+    GH = G * H
+    params = _params(dtype, cache.params)
+    has = {True: (B, H), False: (0, 0)}
+    _, ws = _workspace(dtype, {
+        "dgates": (T, B, GH), "dgates_hh": (T, B, hidden_blocks * H),
+        "dhh": (B, GH) if hidden_blocks else (0, 0),
+        "dh": (B, H), "dc": has[states == 2], "dsaved": has[second < G],
+        "dpeep": (B, params[4].size) if params[4].size else (0, 0), "ones": (T * B,)})
+    ws["ones"][...] = 1  # the BLAS bias gradients are ones @ dgates
+    ws["dpeep"][...] = 0
+    for d, d_n in zip((ws["dh"], ws["dc"]), dstate_n):
+        d[...] = 0 if d_n is None else d_n
     if T * B > 0:
-        empty2, empty3 = _empty(dtype, 2), _empty(dtype, 3)
-        grads = [_Output(dx, "add"), _Output(dw_ih, "add"), _Output(dw_hh, "add"),
-                 _Output(db_ih, "add"), _Output(db_hh, "add")]
-        if dpeephole is not None:
-            grads.append(_Output(dpeephole, "add"))
-        if dy is None:
-            dy_arg = _empty(dtype, 3)
-        else:
-            dy_arg = np.asarray(dy)
-            if dy_arg.dtype != dtype or not dy_arg.flags.aligned:
-                dy_arg = np.require(dy_arg, dtype, ("C", "A"))
-        backward = _kernels(dtype)[1]
-        pack = _gemm_packs(T, B)
+        grads = [_Output(g, "add") for g in (dx, *dparams)]
+        grads += [_Output(_empty(dtype, (0, 0)), "add")] * (6 - len(grads))
+        packed = _gemm_packs(T, B)
         limit = _thread_limit(threads)
-        pool = _pool_threads(B, GH, H, limit) if pack and _pool[0] else 0
-        _launch(backward, pool if pool else _pass_threads(B * GH, limit),
-                cell.code, x, _const("w_ih", w_ih, dtype, 2), _const("w_hh", w_hh, dtype, 2),
-                empty2 if peephole is None else _const("peephole", peephole, dtype, 2),
-                lengths, bool(reverse), 0 if truncate is None else int(truncate), pack,
-                _uses_amx(dtype), pool,
-                cache.gates, cache.h_prev, cache.saved, dy_arg, dy is not None,
-                ws["dgates"], ws.get("dgates_n", empty3), dh,
-                empty2 if dc is None else dc, ws.get("drh", empty2),
-                ws.get("dpeep_rows", empty2), ws["ones"],
-                *[g.array for g in grads], *([] if dpeephole is not None else [empty2]))
+        pool = packed and _pool[0]
+        threads = _pool_threads(B, GH, H, limit) if pool else 1
+        _launch(_kernels(dtype)[1], threads if pool else _pass_threads(B * GH, limit),
+                spec, x, params, cache.lengths, cache.reverse,
+                0 if truncate is None else int(truncate),
+                (kernels.ROWS, threads, packed, pool, _uses_amx(dtype)), cache.arrays,
+                _empty(dtype, (T, 0, 0)) if dy is None else np.require(dy, requirements="A"),
+                tuple(ws[name] for name in ("dgates", "dgates_hh", "dhh", "dh", "dc", "dsaved",
+                                            "dpeep", "ones")),
+                tuple(g.array for g in grads[1:]), grads[0].array)
         for g in grads:
             g.finish()
-    dh0 += dh
-    if dc is not None:
-        dc0 += dc
+    for d0, d in zip(dstate0, (ws["dh"], ws["dc"])):
+        d0 += d
 
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
-_LSTM, _LSTM_PEEPHOLE = kernels.LSTM, kernels.LSTM_PEEPHOLE
-_step_kernels = {}       # dtype -> (the compiled step kernel, absent c, absent peephole)
-_call_kernels = [None, None]     # the same for float32, float64: layer_call_step's lookup
-_STEP_NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "peephole", "h_n", "c_n")
-
-
-def _step_kernel(dtype):
-    entry = _step_kernels.get(dtype)
-    if entry is None:
-        # absent c0 / c_n: (1, 0, 0), so that the kernel's c[row if cell state else 0] is a row
-        entry = _step_kernels[dtype] = (_kernels(dtype)[2], np.empty((1, 0, 0), dtype),
-                                        _empty(dtype, 2))
-    return entry
-
-
-def layer_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n):
-    """One step of inference of one layer and direction, x (B, I); see ``fastrnn.cells``.
-
-    The compiled kernel's dispatcher checks dtypes, dimensions, C order and alignment, the
-    kernel the shapes and overlaps; only when one of them refuses the call does Python look for
-    which argument it was, to say so. (The layers' one-step calls go through layer_call_step.)"""
-    try:
-        kernel, absent_c, absent_peephole = _step_kernels[x.dtype]
-    except (KeyError, AttributeError, TypeError):
-        _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, 0)
-        kernel, absent_c, absent_peephole = _step_kernel(x.dtype)
-    try:
-        # the kernel's (1, B, .) rows; h_n is also its out (copied onto itself)
-        h_n3 = h_n[None]
-        args = (cell.code, _num_threads, config.STEP_PARALLEL_MIN_WORK, False, x[None],
-                h0[None], absent_c if c0 is None else c0[None], 0, w_ih, w_hh, b_ih, b_hh,
-                absent_peephole if peephole is None else peephole, h_n3,
-                absent_c if c_n is None else c_n[None], h_n3, 0)
-        status = kernel(*args) if _threadsafe_layer else _launch(kernel, _num_threads, *args)
-    except (TypeError, IndexError):
-        status = -1
-    if status:
-        _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, status)
+_call_kernels = [None, None]     # float32, float64: (the step kernel, absent c, absent peephole)
+_STEP_SPECS = {cell.code: cell.kernel_spec() for cell in cells.CELLS.values()}
 
 
 def layer_call_step(spec, params, batch_first, x, state):
@@ -459,7 +359,10 @@ def layer_call_step(spec, params, batch_first, x, state):
     code, is_float64, _, H, layers, D, names, zero_bias = spec
     entry = _call_kernels[is_float64]
     if entry is None:
-        entry = _call_kernels[is_float64] = _step_kernel(_FLOAT64 if is_float64 else _FLOAT32)
+        dtype = _FLOAT64 if is_float64 else _FLOAT32
+        # absent c0 / c_n: (1, 0, 0), so that the kernel's c[row if cell state else 0] is a row
+        entry = _call_kernels[is_float64] = (_kernels(dtype)[2], np.empty((1, 0, 0), dtype),
+                                             _empty(dtype, (0, 0)))
     kernel, absent_c, absent_peephole = entry
     if type(x) is not np.ndarray or x.ndim != 3 or type(params) is not dict:
         return None
@@ -468,7 +371,8 @@ def layer_call_step(spec, params, batch_first, x, state):
         return None
     dtype = absent_c.dtype
     rows = layers * D
-    has_c = code == _LSTM or code == _LSTM_PEEPHOLE
+    cell_spec = _STEP_SPECS[code]
+    has_c = cell_spec[2] == 2
     if state is None:
         h0 = np.zeros((rows, B, H), dtype)
         c0 = np.zeros((rows, B, H), dtype) if has_c else absent_c
@@ -481,7 +385,7 @@ def layer_call_step(spec, params, batch_first, x, state):
     h_n = np.empty((rows, B, H), dtype)
     c_n = np.empty((rows, B, H), dtype) if has_c else absent_c
     y = np.empty((B, 1, D * H) if batch_first else (1, B, D * H), dtype)
-    threads, min_work = _num_threads, config.STEP_PARALLEL_MIN_WORK
+    threads = _num_threads
     launch = None if _threadsafe_layer else _launch
     layer_input, input_batch_first = x, batch_first
     row = 0
@@ -490,12 +394,12 @@ def layer_call_step(spec, params, batch_first, x, state):
             out = y if layer == layers - 1 else np.empty((1, B, D * H), dtype)
             for col in range(0, D * H, H):
                 w_ih, w_hh, b_ih, b_hh, peephole = names[row]
-                args = (code, threads, min_work, input_batch_first, layer_input, h0, c0, row,
-                        params[w_ih], params[w_hh],
-                        zero_bias if b_ih is None else params[b_ih],
-                        zero_bias if b_hh is None else params[b_hh],
-                        absent_peephole if peephole is None else params[peephole],
-                        h_n, c_n, out, col)
+                args = (cell_spec, threads, input_batch_first, layer_input, (h0, c0), row,
+                        (params[w_ih], params[w_hh],
+                         zero_bias if b_ih is None else params[b_ih],
+                         zero_bias if b_hh is None else params[b_hh],
+                         absent_peephole if peephole is None else params[peephole]),
+                        (h_n, c_n), out, col)
                 if kernel(*args) if launch is None else launch(kernel, threads, *args):
                     return None
                 row += 1
@@ -503,63 +407,6 @@ def layer_call_step(spec, params, batch_first, x, state):
     except (TypeError, KeyError):
         return None     # an argument of a type or layout the kernel does not take
     return y, ((h_n, c_n) if has_c else h_n)
-
-
-def _step_diagnose(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n, status):
-    """Raise the error that names what layer_step refused (status: the kernel's answer, 0 or
-    -1 when there is none); return when everything is acceptable and status is 0."""
-    values = dict(zip(_STEP_NAMES, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, peephole, h_n, c_n)))
-    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
-        raise TypeError("x: expected a float32 or float64 numpy array, got "
-                        + (f"{x.dtype.name} array" if isinstance(x, np.ndarray)
-                           else type(x).__name__))
-    dtype = x.dtype
-    # the sizes the others must match: B from x, I from w_ih, H from h0
-    B = x.shape[0] if x.ndim == 2 else None
-    I = w_ih.shape[1] if isinstance(w_ih, np.ndarray) and w_ih.ndim == 2 else None
-    H = h0.shape[1] if isinstance(h0, np.ndarray) and h0.ndim == 2 else None
-    GH = None if H is None else cell.num_gates * H
-    shapes = {"x": (B, I), "h0": (B, H), "c0": (B, H), "w_ih": (GH, I), "w_hh": (GH, H),
-              "b_ih": (GH,), "b_hh": (GH,), "peephole": (3, H), "h_n": (B, H), "c_n": (B, H)}
-    for name, value in values.items():
-        if value is None:
-            if name in ("c0", "c_n") and cell.has_cell_state:
-                raise TypeError(f"{name}: expected a ({B}, {H}) array for {cell.name}, got None")
-            if name == "peephole" and cell.peephole:
-                raise TypeError(f"peephole: expected a (3, {H}) array for {cell.name}, got None")
-            continue
-        if name in ("c0", "c_n") and not cell.has_cell_state:
-            raise TypeError(f"{name}: expected None for {cell.name} (no cell state), "
-                            f"got {type(value).__name__}")
-        if name == "peephole" and not cell.peephole:
-            raise TypeError(f"peephole: expected None for {cell.name}, got {type(value).__name__}")
-        if not isinstance(value, np.ndarray):
-            raise TypeError(f"{name}: expected a numpy array, got {type(value).__name__}")
-        if value.dtype != dtype:
-            raise TypeError(f"{name}: expected a {dtype.name} array (the dtype of x), "
-                            f"got {value.dtype.name}")
-        want = shapes[name]
-        if value.ndim != len(want) or any(w is not None and w != v
-                                          for w, v in zip(want, value.shape)):
-            shown = tuple("?" if w is None else w for w in want)
-            raise ValueError(f"{name}: expected shape {shown}, got {value.shape}")
-        if not value.flags.c_contiguous:
-            raise ValueError(f"{name}: expected a C-contiguous array, got strides {value.strides}")
-        if not value.flags.aligned:
-            raise ValueError(f"{name}: expected an aligned array, got an unaligned one")
-        if name in ("h_n", "c_n") and not value.flags.writeable:
-            raise ValueError(f"{name}: expected a writable array, got a read-only one")
-    for out in ("h_n", "c_n"):
-        if values[out] is None:
-            continue
-        for name in ("x", "h0", "c0") + (("c_n",) if out == "h_n" else ()):
-            if values[name] is not None and np.may_share_memory(values[out], values[name]):
-                raise ValueError(f"{out}: expected an array that does not overlap {name}, "
-                                 "got one that does")
-    if status:
-        name = _STEP_NAMES[status - 1] if status > 0 else "arguments"
-        raise ValueError(f"{name}: refused by the compiled kernel (status {status}) for "
-                         f"{cell.name} with x {x.shape}, h0 {np.shape(h0)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,11 +499,11 @@ def _set_pool(on):
     return previous
 
 
-def _packed_bytes(dtype, units, GH, H):
+def _packed_bytes(dtype, parts, GH, H):
     """The bytes of a thread's packed w_hh (G blocks of its units' rows, whole panels) when the
-    unit-split loop runs on `units` threads."""
+    unit-split loop runs on `parts` threads."""
     NR = 2 * config.PANEL_VECTOR_BYTES // np.dtype(dtype).itemsize
-    j0, j1 = kernels.unit_range.py_func(0, units, H)
+    j0, j1 = kernels.unit_range.py_func(0, parts, H)
     return GH // H * -(-(j1 - j0) // NR) * NR * H * np.dtype(dtype).itemsize
 
 

@@ -47,7 +47,7 @@ SMALL_BATCH_MAX_TRAIN = 0
 # 4.9 on two; H=128 B=1, 64K: 8.6 and 7.2).
 UNITS_PARALLEL_MIN_WORK = 1 << 16
 
-# layer_step splits the units over threads from this many multiply-adds (G*H*(I+H)*B) on; the
+# a one-step call (layer_call_step) splits the units over threads from this many multiply-adds (G*H*(I+H)*B) on; the
 # Cython backend's limit too (measured, whole one-step layer calls, weights 64-byte aligned and
 # the dot products in vector tiles, one thread vs two: LSTM I=H=128, 131K: 10.8 and 11.0 us;
 # I=H=144, 166K: 12.6 and 11.2; GRU I=H=128, 98K: 8.5 and 9.4; I=H=144, 124K: 9.6 and 9.9).

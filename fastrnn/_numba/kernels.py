@@ -1,87 +1,84 @@
-"""The compiled kernels: one step pair per cell, and the generic time loops that run them.
+"""The Numba layer kernels: one step pair per cell, and the generic loops that run them.
 
-Steps and loops share this file on purpose: Numba's cache checks only the source file of the
-function it caches, so a loop cached from another file would go on running an edited step.
+The same design as the Cython backend (kernels/layers.pyx, kernels/steps.pxd), with the same
+names. Where the two differ, it is said here once:
 
-A cell's step pair: ``<cell>_forward_row`` / ``<cell>_backward_row``, side by side, with the
-equations of ``fastrnn.reference`` (each backward line undoes the forward line quoted above it).
-The forward step works on one batch row and a range of hidden units [j0, j1) (gate block g of
-unit j at g*H + j), reading the state from h_in (c_in) and writing it to h_out (c_out), so one
-step serves both forward loops; the backward step works on a whole batch row. The recurrent
-products are not in the pair: they are the same for every cell and live in the generic time
-loops, ``forward_loop`` / ``backward_loop``, which switch on ``cell.code`` to call the steps.
+- Numba's cache checks only the source file of the function it caches, so the steps, the
+  switch, the products and the loops all live in this one file (a loop cached from another
+  file would go on running an edited step).
+- Numba has no structs of pointers: the parameters travel as one tuple ``params = (w_ih, w_hh,
+  b_ih, b_hh, peephole)`` (peephole a (0, 0) array for the cells without one, so that one
+  compiled signature serves every cell), their gradients as ``dparams``; a new parameter is a
+  new field of both. The workspaces travel as tuples too (``ws``, ``cache``, ``grads``, and a
+  step's views ``step``, ``cache_t``, ``grads_t``: see Cache).
+- Threads are Numba's (prange, its OpenMP or TBB layer), not OpenMP's directly; the unit-split
+  loop meets on atomic counters of its own instead of OpenMP barriers (see Threads).
 
-Two forward time loops (``units`` chooses, see fastrnn._numba.set_small_batch_max):
+Cells
+    ``cells.Cell.kernel_spec()`` is the cell as the loops read it, the tuple ``spec = (code, G,
+    states, saved_width, second_block, hidden_blocks, first_hidden_block)``: everything but
+    the per-row step follows from these numbers. ``<cell>_forward_row`` /
+    ``<cell>_backward_row`` are each cell's step pair, side by side, with the equations of
+    ``fastrnn.reference`` (each backward line undoes the forward line quoted above it).
+    ``forward_row`` / ``backward_row`` are the one switch on ``code``, plus the padding
+    (t >= lengths[b]) that is the same for every cell. A step has one phase per product:
+    product 0 (of h, gate blocks [0, second_block)) then phase 0; when second_block < G,
+    product 1 (of the step's saved buffer, blocks [second_block, G)) then phase 1. Backward
+    runs the phases last to first, each followed by the transposed product of its blocks.
 
-- batch-row loop (any B): per step the GEMM (B, H) x (H, G*H) into a gate buffer, then one
-  fused elementwise pass, ``forward_rows``, that splits the batch rows over threads (prange; the
-  caller picks how many, see config.PARALLEL_MIN_ELEMENTS). The GRU that resets before the
-  recurrent matmul needs r before W_hn (r * h), so its steps run in two phases with a second,
-  (B, H) x (H, H), GEMM between them.
-- unit-split loop (small B): the hidden units are split into P contiguous ranges, one per
-  thread (``units_pass``); per step each thread computes the gate rows of its units of
-  h W_hh^T, over its weight rows packed into panels once per call (``pack_panels``,
-  ``panel_product``: register tiles of up to 8 batch rows x 32 units) when the call is long
-  enough to pay for the packing, else as dot products (``dot_rows``: each weight row read once
-  for up to 4 batch rows), and runs the step for its units and every batch row. h is
-  double-buffered (threads read all of h_in while each writes its units of h_out). The whole
-  loop is one parallel region: the threads meet after each step (each phase for GRU
-  reset-before) on atomic counters (``units_loop_part``, ~0.2 us), where a launch per step
-  cost ~1.5 us (omp; ~120 us with workqueue).
-  Its weight rows are the same every step, so they stay in the thread's core's cache. The
-  input projection of all T steps is done first in the same region by the same threads, for
-  their own units, with the same kernel (no BLAS: OpenBLAS's pool threads go on spinning after
-  a call and then take the cores from the unit threads).
+    Why a switch and not step functions passed as arguments: a function argument is part of
+    the compiled type, so each cell would compile its own copy of the loop (and Numba does not
+    cache functions that take other dispatchers). With the switch each loop compiles once per
+    dtype with every cell in it; the branch costs nothing next to a row.
 
-``step`` is one step of inference of one layer and direction, both products as unit-split
-dot products: layer_step, and each row of a layer's one-step call (layer_call_step). It takes
-the whole (rows, B, H) state arrays and a row, and works on borrowed arrays (see borrowed).
+Loops (``plan = (loop, threads, packed, pool, use_amx)``, chosen by fastrnn._numba)
+    ``forward_rows_loop`` (loop ROWS, any B): the input projection of all T steps first, then
+    per step and phase the product into ``hh`` and ``forward_pass``, which splits the batch
+    rows over threads. ``forward_units_loop`` (loop UNITS, small B): the hidden units split
+    into ``threads`` contiguous ranges, one per thread, each computing its units' gate rows of
+    the product with its own weight rows (which stay in its core's cache) and running the step
+    for its units of every row; the state is double-buffered, so one meeting per phase.
+    ``backward_loop``: per step the passes (``backward_pass``) and the transposed products,
+    then the weight, bias and input gradients over all T*B rows at once
+    (``parameter_gradients``).
 
-Why a switch and not step functions passed as arguments: a function argument is part of the
-compiled type, so each cell would compile its own copy of the loop (and Numba does not cache
-functions that take other dispatchers as arguments). With the switch, each loop and each pass
-compiles once per dtype with every cell in it; the branch costs nothing next to a row.
+Products
+    ``dot_rows``: dot products of weight rows with the rows of h, in register tiles (the
+    unit-split loop without packing, and ``step``). ``pack_panels`` / ``panel_product``: the
+    weights packed once per call into panels of NR rows and multiplied in register tiles
+    (the unit-split loop when the call is long enough, see config.PANEL_MIN_ROWS).
+    ``packed``: the batch-row loop's per-step products over w_hh packed once per call (its
+    rows forward, its columns backward), ``block_product`` / ``packed_product``; ``pool``:
+    the input projection and the gradient products after backward's loop are packed products
+    too (``pack_and_multiply``, ``weight_gradient``, ``column_sums``), so the call makes no
+    BLAS call. ``use_amx``: float32 packed products on the AMX tile unit (amx.py). Otherwise
+    BLAS (blas.gemm).
 
-Outside the time loop: the input projection of all T steps is done before it; after the
-backward loop the weight and input gradients are merged GEMMs over all T*B rows, and the bias
-and peephole gradients are reductions done as GEMMs with a vector of ones.
+Threads
+    ``threads`` is the unit-split loop's part count, or the pool's thread count; the passes
+    of an unpooled call run on the thread count fastrnn._numba sets around the call. The
+    unit-split loop is one parallel region whose threads meet after each phase on atomic
+    counters (``units_loop_part``), where a launch per step would cost ~1.5 us (omp).
 
-The batch-row loop over packed weights (B <= config.PACKED_B_MAX, calls long enough to pay
-for packing; fastrnn._numba decides): the per-step products multiply over w_hh packed once per
-call (its rows forward, its columns backward) with ``block_product``, the same register tiles
-as the unit-split loop's; on a pool of threads (the default) the input projection, dx and the
-weight gradients are packed products too (``pack_and_multiply``, ``weight_gradient``) and the
-bias gradients column sums (``packed_gradients``), so the call makes no BLAS call and every
-product (split by panels) and pass (split by rows) runs on all the threads.
-
-Arguments (H hidden size, G gates; every (T, B, .) buffer is indexed by the real time t):
-
-    code       cells.Cell.code
-    phase      0, or 1 for the second half of a GRU reset-before step
-    t, b       time index, batch row
-    lengths    (B,) rows with t >= lengths[b] are padding: y zero, state unchanged, zero gradient
-    train      keep what backward needs (activated gates, h_prev, the cell's saved buffer)
-    gates      (T, B, G*H)  in: x @ w_ih.T (input side, b_ih not added); out: activated gates
-    hgates     (B, G*H)     the recurrent projection of this step, h @ w_hh.T
-    h, c       (B, H)       running state, updated in place (c: LSTM only)
-    h_in, h_out (B, H)      the state before and after the step: the same array in the
-                            batch-row loop, the two buffers of h in the unit-split loop
-    j0, j1                  the range of hidden units a forward step works on
-    y          (T, B, H)    output, any strides
-    h_prev     (T, B, H)    state before each step (train only)
-    saved      (T, B, H)    the cell's extra buffer, cells.Cell.cache_buffers (train only):
-                            LSTM c_prev, GRU hn = W_hn h + b_hn, GRU reset-before rh = r * h
-    rh         (B, H)       GRU reset-before: r * h of this step (saved[t] when training)
-    dy         (T, B, H)    gradient of y, any strides; read only when has_dy
-    dgates     (T, B, G*H)  gradient of the gate pre-activations, hidden side (what w_hh sees)
-    dgates_n   (T, B, H)    GRU reset-after: the input side of the n gate's gradient, da_n,
-                            which differs from the hidden side da_n * r
-    dh, dc     (B, H)       running gradient of the state, updated in place
-    drh        (B, H)       GRU reset-before: gradient of r * h, from the phase-0 GEMM
-    dpeep_rows (B, 3H)      LSTM with peepholes: per-row sums of the peephole gradient
-
-Padding rows of the cache buffers are written as zeros so that the merged weight-gradient GEMMs
-after the loop see exact zeros there, whatever the state holds.
+Cache (buffers cut by fastrnn._numba from one allocation; every (T, B, .) one is indexed by
+the real time t)
+    gates     (T, B, G*H)  x W_ih^T (no bias), then the activated gates, in place
+    h_slots   (T+1, B, H)  train: slot t the state before step t, the final state at slot T;
+                           inference: 2 slots in turn (``step_slots``)
+    c_slots   like h_slots for cells with states == 2, else (slots, 0, 0)
+    saved     (T, B, saved_width*H) train: the cell's saved buffers (GRU hn, GRU reset-before
+                           rh); inference: (1, B, saved_width*H) when a later product reads
+                           it, else (1, 0, 0)
+    hh        (B, G*H)     scratch: the step's recurrent products
+    Backward: dgates (T, B, G*H) the gradient of the gate pre-activations on the INPUT side
+    (what x, w_ih, b_ih see); dgates_hh (T, B, hidden_blocks*H) the hidden side of the
+    hidden-side blocks (GRU: da_n * r), what w_hh, b_hh see there; dhh (B, G*H) the step's
+    hidden side whole, the operand of the state product (when hidden_blocks > 0); dh, dc
+    (B, H) the running state gradient; dsaved (B, H) the gradient of product 1's source;
+    dpeep (B, 3H) per-row peephole gradient sums; ones (T*B,) for BLAS's bias sums.
+    Padding: backward writes exact zeros into dgates, dgates_hh and dhh there, and the
+    forward zeroes the saved buffer a later product reads, so nothing from padding reaches
+    the gradients.
 """
 import math
 
@@ -96,12 +93,16 @@ from .. import cells
 from . import amx, config
 from .blas import NO_TRANS, TRANS, gemm
 
+# the cell codes, read only by forward_row and backward_row
 RNN_TANH = cells.RNN_TANH.code
 RNN_RELU = cells.RNN_RELU.code
 LSTM = cells.LSTM.code
 LSTM_PEEPHOLE = cells.LSTM_PEEPHOLE.code
 GRU = cells.GRU.code
 GRU_RESET_BEFORE = cells.GRU_RESET_BEFORE.code
+
+# plan[0], the forward loop
+ROWS, UNITS = 0, 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,33 +189,37 @@ def _sigmoid_overload(a):
     return lambda a: 1.0 / (1.0 + math.exp(-a))
 
 
-# ---------------------------------------------------------------------------------------------
-# Row steps. Each is a few short loops over the row rather than one long one: a loop that
-# touches only a few arrays is vectorised by the compiler (it must check at run time that the
-# arrays do not overlap, and gives up when there are too many), and the row stays in L1 cache
-# across the loops, so this is still one pass over the step's memory.
-# The forward steps loop over slices of [j0, j1), from 0: a loop over range(j0, j1) indexing
-# a[j] is NOT vectorised (j might be negative, and Numba's wraparound of negative indices makes
-# the address a select), and ran scalar: 9.4 us against 2.3 a step for 4 rows x 128 units of
-# LSTM, float32; same results, bit for bit.
 
-# RNN:  h_new = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu
+# =============================================================================================
+# Cells: one step pair per cell
 #
-# The forward row steps work on a range of hidden units [j0, j1) of batch row b (the whole row
-# in the batch-row loop, one thread's units in the unit-split loop): gate block g of unit j is
-# at g*H + j. They read the state from h_in / c_in and write it to h_out / c_out; the batch-row
-# loop passes the same array for both (in place), the unit-split loop two buffers for h (other
-# threads read all of h_in while this one writes its units of h_out) and one for c (a unit's c
-# is only ever read by the thread that owns it).
+# A forward row works on batch row b and the units [j0, j1) of ``cols = (j0, j1, gs, go)``:
+# gate block g of unit j0 + k is at g*gs + go + k in gates and hh (gs = H, go = j0: the
+# layer's layout; the unit-split loop's own buffers: gs = its units, go = 0), at g*H + j0 + k
+# in the biases. ``step = (gates, hh, h, h_new, c, c_new, saved, y)``: the step's (B, .) views,
+# the state read from h (c) and written to h_new (c_new). A backward row works on a whole row:
+# ``cache_t = (gates, h, c, c_new, saved)`` of step t, ``grads_t = (dgates, dgates_hh, dhh, dh,
+# dc, dsaved, dpeep, dy)`` (dgates, dgates_hh and dy step t's; dy (0, 0) when there is none).
+#
+# Each row is a few short loops rather than one long one: a loop that touches only a few
+# arrays is vectorised by the compiler (it must check at run time that the arrays do not
+# overlap, and gives up when there are too many), and the row stays in L1 cache across the
+# loops. The forward rows loop over slices from 0: a loop over range(j0, j1) indexing a[j] is
+# NOT vectorised (Numba's wraparound of negative indices makes the address a select): 9.4 us
+# against 2.3 a step for 4 rows x 128 units of LSTM, float32.
+
+# RNN:  h' = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu
 
 @njit(**config.KERNEL)
-def rnn_forward_row(b, t, j0, j1, gs, go, relu, train, gates, hgates, b_ih, b_hh, h_in, h_out,
-                    y, h_prev):
-    zero = h_in.dtype.type(0)
+def rnn_forward_row(b, cols, relu, params, step):
+    j0, j1, gs, go = cols
+    _, _, b_ih, b_hh, _ = params
+    gates, hh, _, h_new, _, _, _, y = step
+    zero = gates.dtype.type(0)
     n = j1 - j0
-    a, hg = gates[t, b, go:go + n], hgates[b, go:go + n]
-    h_row, h_new = h_in[b, j0:j1], h_out[b, j0:j1]
-    bi, bh, y_row = b_ih[j0:j1], b_hh[j0:j1], y[t, b, j0:j1]
+    a, hg = gates[b, go:go + n], hh[b, go:go + n]
+    bi, bh = b_ih[j0:j1], b_hh[j0:j1]
+    h_row, y_row = h_new[b, j0:j1], y[b, j0:j1]
     for k in range(n):
         a[k] = a[k] + bi[k] + (hg[k] + bh[k])
     if relu:
@@ -223,51 +228,44 @@ def rnn_forward_row(b, t, j0, j1, gs, go, relu, train, gates, hgates, b_ih, b_hh
     else:
         for k in range(n):
             a[k] = tanh(a[k])
-    if train:
-        h_prev_row = h_prev[t, b, j0:j1]
-        for k in range(n):
-            h_prev_row[k] = h_row[k]
     for k in range(n):
-        h_new[k] = a[k]
+        h_row[k] = a[k]
     for k in range(n):
         y_row[k] = a[k]
 
 
 @njit(**config.KERNEL)
-def rnn_backward_row(b, t, relu, gates, dy, has_dy, dgates, dh):
+def rnn_backward_row(b, relu, cache_t, grads_t):
+    gates = cache_t[0]
+    dgates, dh = grads_t[0], grads_t[3]
     zero = dh.dtype.type(0)
     one = dh.dtype.type(1)
-    H = dh.shape[1]
-    h_new, da, dh_row = gates[t, b], dgates[t, b], dh[b]
-    if has_dy:
-        dy_row = dy[t, b]
-        for j in range(H):
-            dh_row[j] += dy_row[j]
-    # h_new = act(a); relu: the slope is 1 where h_new > 0, else 0, and h_new (0 or NaN)
-    # equals that product there, so a NaN from the input reaches the gradients
+    h_new, da, dh_row = gates[b], dgates[b], dh[b]
+    # h' = act(a); relu: the slope is 1 where h' > 0, else 0, and h' (0 or NaN) equals that
+    # product there, so a NaN from the input reaches the gradients
     if relu:
-        for j in range(H):
+        for j in range(dh.shape[1]):
             da[j] = dh_row[j] if h_new[j] > zero else h_new[j]
     else:
-        for j in range(H):
+        for j in range(dh.shape[1]):
             da[j] = dh_row[j] * (one - h_new[j] * h_new[j])
-    for j in range(H):
-        dh_row[j] = zero  # dh_prev = da @ w_hh: the GEMM after this pass
+    for j in range(dh.shape[1]):
+        dh_row[j] = zero  # dL/dh is all dgates @ w_hh: the product after this pass
 
 
-# ---------------------------------------------------------------------------------------------
-# LSTM, gates i, f, g, o; with peepholes p_i, p_f see the old cell and p_o the new one.
-# Saved: c_prev, the cell before the step (backward recomputes the new cell from it).
+# LSTM, gates i, f, g, o; with peepholes (3, H), p_i and p_f see c, p_o sees c'
 
 @njit(**config.KERNEL)
-def lstm_forward_row(b, t, j0, j1, gs, go, peep, train, gates, hgates, b_ih, b_hh, peephole,
-                     h_in, h_out, c_in, c_out, y, h_prev, c_prev):
-    H = h_in.shape[1]
+def lstm_forward_row(b, cols, peep, params, step):
+    j0, j1, gs, go = cols
+    _, _, b_ih, b_hh, peephole = params
+    gates, hh, h, h_new, c, c_new, _, y = step
+    H = h.shape[1]
     n = j1 - j0
-    a, hg = gates[t, b], hgates[b]
+    a, hg = gates[b], hh[b]
     a_i, a_f = a[go:go + n], a[gs + go:gs + go + n]
     a_g, a_o = a[2 * gs + go:2 * gs + go + n], a[3 * gs + go:3 * gs + go + n]
-    h_row, h_new, c_row, c_new = h_in[b, j0:j1], h_out[b, j0:j1], c_in[b, j0:j1], c_out[b, j0:j1]
+    c_row, c_new_row, h_new_row = c[b, j0:j1], c_new[b, j0:j1], h_new[b, j0:j1]
     # a = x W_ih^T + b_ih + h W_hh^T + b_hh, blocks i f g o; then activated in place
     for g in range(4):
         lo, go_g = g * H + j0, g * gs + go
@@ -286,84 +284,71 @@ def lstm_forward_row(b, t, j0, j1, gs, go, peep, train, gates, hgates, b_ih, b_h
         a_f[k] = sigmoid(a_f[k])
     for k in range(n):
         a_g[k] = tanh(a_g[k])
-    if train:
-        h_prev_row, c_prev_row = h_prev[t, b, j0:j1], c_prev[t, b, j0:j1]
-        for k in range(n):
-            h_prev_row[k] = h_row[k]
-            c_prev_row[k] = c_row[k]
     for k in range(n):
-        # c_new = f * c + i * g
-        c_new[k] = a_f[k] * c_row[k] + a_i[k] * a_g[k]
+        # c' = f * c + i * g
+        c_new_row[k] = a_f[k] * c_row[k] + a_i[k] * a_g[k]
     if peep:
         for k in range(n):
-            a_o[k] += p_o[k] * c_new[k]
+            a_o[k] += p_o[k] * c_new_row[k]
     for k in range(n):
         o = sigmoid(a_o[k])
         a_o[k] = o
-        # h_new = o * tanh(c_new)
-        h_new[k] = o * tanh(c_new[k])
-    y_row = y[t, b, j0:j1]
+        # h' = o * tanh(c')
+        h_new_row[k] = o * tanh(c_new_row[k])
+    y_row = y[b, j0:j1]
     for k in range(n):
-        y_row[k] = h_new[k]
+        y_row[k] = h_new_row[k]
 
 
 @njit(**config.KERNEL)
-def lstm_backward_row(b, t, peep, gates, c_prev, peephole, dy, has_dy, dgates, dh, dc,
-                      dpeep_rows):
-    zero = dh.dtype.type(0)
+def lstm_backward_row(b, peep, params, cache_t, grads_t):
+    peephole = params[4]
+    gates, _, c, c_new, _ = cache_t
+    dgates, _, _, dh, dc, _, dpeep, _ = grads_t
     one = dh.dtype.type(1)
     H = dh.shape[1]
-    a, c_old, da, dh_row, dc_row = gates[t, b], c_prev[t, b], dgates[t, b], dh[b], dc[b]
-    if has_dy:
-        dy_row = dy[t, b]
-        for j in range(H):
-            dh_row[j] += dy_row[j]
-    # c_new = f * c_old + i * g, recomputed; da's i and f blocks hold tanh(c_new) and c_new
-    # until the i, f, g gradients overwrite them
+    a, c_old, c_nw, da, dh_row, dc_row = gates[b], c[b], c_new[b], dgates[b], dh[b], dc[b]
+    # da's i block holds tanh(c') until the i, f, g gradients overwrite it
     for j in range(H):
-        c_new = a[H + j] * c_old[j] + a[j] * a[2 * H + j]
-        da[j] = tanh(c_new)
-        da[H + j] = c_new
+        da[j] = tanh(c_nw[j])
     for j in range(H):
-        # h_new = o * tanh(c_new)
+        # h' = o * tanh(c')
         tanh_c = da[j]
         o = a[3 * H + j]
         da[3 * H + j] = dh_row[j] * tanh_c * o * (one - o)                 # da_o
-        dc_row[j] += dh_row[j] * o * (one - tanh_c * tanh_c)               # dc_new
+        dc_row[j] += dh_row[j] * o * (one - tanh_c * tanh_c)               # dc'
     if peep:
-        p, dp = peephole, dpeep_rows[b]
+        p, dp = peephole, dpeep[b]
         for j in range(H):
-            # a_o = ... + p_o * c_new
+            # a_o = ... + p_o * c'
             dc_row[j] += da[3 * H + j] * p[2, j]
-            dp[2 * H + j] += da[3 * H + j] * da[H + j]
+            dp[2 * H + j] += da[3 * H + j] * c_nw[j]
     for j in range(H):
-        # c_new = f * c_old + i * g
+        # c' = f * c + i * g
         dc_new = dc_row[j]
         i, f, g = a[j], a[H + j], a[2 * H + j]
         da[j] = dc_new * g * i * (one - i)                                 # da_i
         da[H + j] = dc_new * c_old[j] * f * (one - f)                      # da_f
         da[2 * H + j] = dc_new * i * (one - g * g)                         # da_g
-        dc_row[j] = dc_new * f                                             # dc_old
+        dc_row[j] = dc_new * f                                             # dc
     if peep:
-        p, dp = peephole, dpeep_rows[b]
+        p, dp = peephole, dpeep[b]
         for j in range(H):
-            # a_i = ... + p_i * c_old;  a_f = ... + p_f * c_old
+            # a_i = ... + p_i * c;  a_f = ... + p_f * c
             dc_row[j] += da[j] * p[0, j] + da[H + j] * p[1, j]
             dp[j] += da[j] * c_old[j]
             dp[H + j] += da[H + j] * c_old[j]
     for j in range(H):
-        dh_row[j] = zero  # dh_prev = da @ w_hh: the GEMM after this pass
+        dh_row[j] = 0  # dL/dh is all dgates @ w_hh: the product after this pass
 
 
-# ---------------------------------------------------------------------------------------------
-# GRU, reset after the recurrent matmul (PyTorch):  n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-# Saved: hn = W_hn h + b_hn.
+# GRU, reset after the recurrent product (PyTorch):  n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+# Saved: hn = W_hn h + b_hn. Hidden side of the n block: da_n * r (dgates_hh).
 
 @njit(**config.KERNEL)
 def gru_rz_row(a, hg, b_ih, b_hh, j0, n, gs, go):
     """r and z of one row, units [j0, j0 + n), both GRU forms: a = sigmoid(a + b_ih + (hg +
-    b_hh)) in blocks 0 and 1 (a, hg: the row's gates and h W_hh^T, laid out as in
-    forward_units)."""
+    b_hh)) in blocks 0 and 1 (a, hg: the row's gates and hh)."""
     H = b_ih.shape[0] // 3
     for g in range(2):
         lo, go_g = g * H + j0, g * gs + go
@@ -374,30 +359,27 @@ def gru_rz_row(a, hg, b_ih, b_hh, j0, n, gs, go):
 
 
 @njit(**config.KERNEL)
-def gru_new_state_row(b, t, j0, j1, train, a_z, a_n, h_in, h_out, y, h_prev):
-    """The end of a GRU row's step, both forms: h' = (1 - z) * n + z * h into h_out and y, and
-    with train the old h into h_prev first."""
-    one = h_in.dtype.type(1)
+def gru_new_state_row(b, j0, j1, a_z, a_n, step):
+    """The end of a GRU row's step, both forms: h' = (1 - z) * n + z * h into h_new and y."""
+    _, _, h, h_new, _, _, _, y = step
+    one = h.dtype.type(1)
     n = j1 - j0
-    h_row, h_new = h_in[b, j0:j1], h_out[b, j0:j1]
-    if train:
-        h_prev_row = h_prev[t, b, j0:j1]
-        for k in range(n):
-            h_prev_row[k] = h_row[k]
+    h_row, h_new_row, y_row = h[b, j0:j1], h_new[b, j0:j1], y[b, j0:j1]
     for k in range(n):
         z = a_z[k]
-        h_new[k] = (one - z) * a_n[k] + z * h_row[k]
-    y_row = y[t, b, j0:j1]
+        h_new_row[k] = (one - z) * a_n[k] + z * h_row[k]
     for k in range(n):
-        y_row[k] = h_new[k]
+        y_row[k] = h_new_row[k]
 
 
 @njit(**config.KERNEL)
-def gru_forward_row(b, t, j0, j1, gs, go, train, gates, hgates, b_ih, b_hh, h_in, h_out, y,
-                    h_prev, hn_saved):
-    H = h_in.shape[1]
+def gru_forward_row(b, cols, params, step):
+    j0, j1, gs, go = cols
+    _, _, b_ih, b_hh, _ = params
+    gates, hh, _, _, _, _, saved, _ = step
+    H = b_ih.shape[0] // 3
     n = j1 - j0
-    a, hg = gates[t, b], hgates[b]
+    a, hg = gates[b], hh[b]
     a_r, a_z, a_n = a[go:go + n], a[gs + go:gs + go + n], a[2 * gs + go:2 * gs + go + n]
     n0 = 2 * H + j0
     hg_n, bi_n, bh_n = hg[2 * gs + go:2 * gs + go + n], b_ih[n0:n0 + n], b_hh[n0:n0 + n]
@@ -406,21 +388,21 @@ def gru_forward_row(b, t, j0, j1, gs, go, train, gates, hgates, b_ih, b_hh, h_in
         hg_n[k] += bh_n[k]                                               # hn = W_hn h + b_hn
     for k in range(n):
         a_n[k] = tanh(a_n[k] + bi_n[k] + a_r[k] * hg_n[k])               # n
-    if train:
-        hn_row = hn_saved[t, b, j0:j1]
+    if saved.shape[0] > 0:
+        hn_row = saved[b, j0:j1]
         for k in range(n):
             hn_row[k] = hg_n[k]
-    gru_new_state_row(b, t, j0, j1, train, a_z, a_n, h_in, h_out, y, h_prev)
+    gru_new_state_row(b, j0, j1, a_z, a_n, step)
 
 
 @njit(**config.KERNEL)
 def gru_zn_backward_row(a, h_old, da, dh_row):
     """The z and n blocks of a GRU row's gate gradient, both GRU forms (n's inside differs, not
-    its derivative), then dh_row *= z, the part of dL/dh that skips the recurrent GEMM."""
+    its derivative), then dh_row *= z, the part of dL/dh that skips the recurrent product."""
     one = dh_row.dtype.type(1)
     H = dh_row.shape[0]
     for j in range(H):
-        # h_new = (1 - z) * n + z * h;  n = tanh(...)
+        # h' = (1 - z) * n + z * h;  n = tanh(...)
         z, n = a[H + j], a[2 * H + j]
         da[H + j] = dh_row[j] * (h_old[j] - n) * z * (one - z)            # da_z
         da[2 * H + j] = dh_row[j] * (one - z) * (one - n * n)              # da_n
@@ -429,129 +411,188 @@ def gru_zn_backward_row(a, h_old, da, dh_row):
 
 
 @njit(**config.KERNEL)
-def gru_backward_row(b, t, gates, h_prev, hn_saved, dy, has_dy, dgates, dgates_n, dh):
+def gru_backward_row(b, cache_t, grads_t):
+    # dhh: the hidden side, dL/d(W_hh h + b_hh); its n block, da_n * r, differs from dgates'
+    # and is also kept in dgates_hh for dW_hn and db_hn after the loop
+    gates, h, _, _, saved = cache_t
+    dgates, dgates_hh, dhh, dh, _, _, _, _ = grads_t
     one = dh.dtype.type(1)
     H = dh.shape[1]
-    a, h_old, hn, da, da_n_in, dh_row = (gates[t, b], h_prev[t, b], hn_saved[t, b], dgates[t, b],
-                                         dgates_n[t, b], dh[b])
-    if has_dy:
-        dy_row = dy[t, b]
-        for j in range(H):
-            dh_row[j] += dy_row[j]
-    gru_zn_backward_row(a, h_old, da, dh_row)  # the GEMM after this pass adds dgates[t] @ w_hh
-    for j in range(H):
-        da_n_in[j] = da[2 * H + j]            # x_n = W_in x + b_in sees da_n
+    a, h_old, hn, da, dh_row = gates[b], h[b], saved[b], dgates[b], dh[b]
+    d_hidden, da_hh = dhh[b], dgates_hh[b]
+    gru_zn_backward_row(a, h_old, da, dh_row)     # n = tanh(x_n + r * hn)
     for j in range(H):
         r = a[j]
         da[j] = da[2 * H + j] * hn[j] * r * (one - r)                       # da_r
-        da[2 * H + j] *= r                    # hn = W_hn h + b_hn sees da_n * r
+    # a_n = x_n + r * (W_hn h + b_hn): the hidden side of the n block
+    for j in range(H):
+        d_hidden[2 * H + j] = da[2 * H + j] * a[j]
+    for j in range(2 * H):
+        d_hidden[j] = da[j]
+    for j in range(H):
+        da_hh[j] = d_hidden[2 * H + j]
 
 
-# ---------------------------------------------------------------------------------------------
-# GRU, reset before the recurrent matmul (original GRU, ONNX):
+# GRU, reset before the recurrent product (original GRU, ONNX):
 #     n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)
-# Saved: rh = r * h. Phase 0 computes r and z (and r * h), phase 1 the n gate and the new h.
+# Saved: rh = r * h, the source of product 1. Phase 0: r, z and rh; phase 1: n and h'.
 
 @njit(**config.KERNEL)
-def gru_reset_before_forward_row(b, t, j0, j1, gs, go, phase, train, gates, hgates, b_ih, b_hh,
-                                 h_in, h_out, y, h_prev, rh):
-    H = h_in.shape[1]
+def gru_reset_before_forward_row(b, cols, phase, params, step):
+    j0, j1, gs, go = cols
+    _, _, b_ih, b_hh, _ = params
+    gates, hh, h, _, _, _, saved, _ = step
+    H = b_ih.shape[0] // 3
     n = j1 - j0
-    a, hg, h_row = gates[t, b], hgates[b], h_in[b, j0:j1]
+    a, hg = gates[b], hh[b]
     if phase == 0:
         gru_rz_row(a, hg, b_ih, b_hh, j0, n, gs, go)
-        a_r, rh_row = a[go:go + n], rh[b, j0:j1]
+        a_r, h_row, rh_row = a[go:go + n], h[b, j0:j1], saved[b, j0:j1]
         for k in range(n):
-            rh_row[k] = a_r[k] * h_row[k]     # between the phases: hn = rh @ W_hn.T
+            rh_row[k] = a_r[k] * h_row[k]     # product 1: hh's n block = rh @ W_hn.T
     else:
         lo, go_n = 2 * H + j0, 2 * gs + go
         a_n, hg_n = a[go_n:go_n + n], hg[go_n:go_n + n]
         bi_n, bh_n = b_ih[lo:lo + n], b_hh[lo:lo + n]
         for k in range(n):
             a_n[k] = tanh(a_n[k] + bi_n[k] + (hg_n[k] + bh_n[k]))         # n
-        gru_new_state_row(b, t, j0, j1, train, a[gs + go:gs + go + n], a_n, h_in, h_out, y,
-                          h_prev)
+        gru_new_state_row(b, j0, j1, a[gs + go:gs + go + n], a_n, step)
 
 
 @njit(**config.KERNEL)
-def gru_reset_before_backward_row(b, t, phase, gates, h_prev, dy, has_dy, dgates, dh, drh):
+def gru_reset_before_backward_row(b, phase, cache_t, grads_t):
+    gates, h, _, _, _ = cache_t
+    dgates, _, _, dh, _, dsaved, _, _ = grads_t
     one = dh.dtype.type(1)
     H = dh.shape[1]
-    a, h_old, da, dh_row = gates[t, b], h_prev[t, b], dgates[t, b], dh[b]
-    if phase == 0:
-        if has_dy:
-            dy_row = dy[t, b]
-            for j in range(H):
-                dh_row[j] += dy_row[j]
+    a, h_old, da, dh_row = gates[b], h[b], dgates[b], dh[b]
+    if phase == 1:
         gru_zn_backward_row(a, h_old, da, dh_row)
-        # the GEMM after this phase: drh = da_n @ W_hn
+        # product 1 after this pass: dsaved = da_n @ W_hn
     else:
-        drh_row = drh[b]
+        ds = dsaved[b]
         for j in range(H):
             # rh = r * h
             r = a[j]
-            da[j] = drh_row[j] * h_old[j] * r * (one - r)                 # da_r
+            da[j] = ds[j] * h_old[j] * r * (one - r)                       # da_r
         for j in range(H):
-            dh_row[j] += drh_row[j] * a[j]
-        # the GEMM after this phase adds dgates[t][:, :2H] @ w_hh[:2H] to dh
+            dh_row[j] += ds[j] * a[j]
+        # product 0 after this pass: dh += da_rz @ w_hh[:2H]
 
 
 # =============================================================================================
-# The fused elementwise passes: batch rows split over threads, the cell chosen by code
+# The switch: the only place that reads the cell's code
 
 @njit(**config.KERNEL)
-def forward_units(code, phase, t, b, j0, j1, gs, go, lengths, train, gates, hgates, b_ih, b_hh,
-                  peephole, h_in, h_out, c, y, h_prev, saved, rh):
-    """The forward step of row b, units [j0, j1), for the cell ``code``; padding rows too.
-    Gate block g of unit j0 + k is at g*gs + go + k in gates[t, b] and hgates[b] (gs = H, go =
-    j0: the layout of the layer; see units_pass for the other), at g*H + j0 + k in the biases."""
-    zero = h_in.dtype.type(0)
-    if t >= lengths[b]:
-        # padding: the state stays; the output and what backward reads are zero
-        last_phase = phase == 1 or code != GRU_RESET_BEFORE
-        if code == GRU_RESET_BEFORE and phase == 0:
+def forward_row(spec, phase, b, cols, padding, params, step):
+    """One phase of the forward step of row b, units cols[0]..cols[1]-1, for the cell of
+    spec; a padding row (t >= lengths[b]) keeps its state and outputs zero."""
+    code, G, states, saved_width, second, _, _ = spec
+    if padding:
+        # the state passes through, the output is zero; before the last phase the saved row,
+        # a later product's source, is zeroed (never stale)
+        j0, j1, _, _ = cols
+        _, _, h, h_new, c, c_new, saved, y = step
+        H = h.shape[1]
+        if phase == 0 and second < G:
+            for w in range(saved_width):
+                for j in range(w * H + j0, w * H + j1):
+                    saved[b, j] = 0
+            return
+        for j in range(j0, j1):
+            h_new[b, j] = h[b, j]
+            y[b, j] = 0
+        if states == 2:
             for j in range(j0, j1):
-                rh[b, j] = zero
-        if last_phase:
-            for j in range(j0, j1):
-                h_out[b, j] = h_in[b, j]
-                y[t, b, j] = zero
-            if train:
-                for j in range(j0, j1):
-                    h_prev[t, b, j] = zero
-                if saved.shape[0] > 0:
-                    for j in range(j0, j1):
-                        saved[t, b, j] = zero
+                c_new[b, j] = c[b, j]
     elif code == RNN_TANH or code == RNN_RELU:
-        rnn_forward_row(b, t, j0, j1, gs, go, code == RNN_RELU, train, gates, hgates, b_ih,
-                        b_hh, h_in, h_out, y, h_prev)
+        rnn_forward_row(b, cols, code == RNN_RELU, params, step)
     elif code == LSTM or code == LSTM_PEEPHOLE:
-        lstm_forward_row(b, t, j0, j1, gs, go, code == LSTM_PEEPHOLE, train, gates, hgates,
-                         b_ih, b_hh, peephole, h_in, h_out, c, c, y, h_prev, saved)
+        lstm_forward_row(b, cols, code == LSTM_PEEPHOLE, params, step)
     elif code == GRU:
-        gru_forward_row(b, t, j0, j1, gs, go, train, gates, hgates, b_ih, b_hh, h_in, h_out, y,
-                        h_prev, saved)
-    else:
-        gru_reset_before_forward_row(b, t, j0, j1, gs, go, phase, train, gates, hgates, b_ih,
-                                     b_hh, h_in, h_out, y, h_prev, rh)
+        gru_forward_row(b, cols, params, step)
+    elif code == GRU_RESET_BEFORE:
+        gru_reset_before_forward_row(b, cols, phase, params, step)
+
+
+@njit(**config.KERNEL)
+def backward_row(spec, phase, b, padding, params, cache_t, grads_t):
+    """One phase of the backward step of row b (phases run last to first): dgates (and the
+    hidden side) of the row, and the part of dh, dc that does not go through w_hh."""
+    code, G, _, _, second, hidden_blocks, _ = spec
+    dgates, dgates_hh, dhh, dh, _, _, _, dy = grads_t
+    H = dh.shape[1]
+    first_phase = phase == (0 if second == G else 1)
+    if padding:
+        # no gradient reaches the parameters or x; the state gradient passes through
+        if first_phase:
+            dgates[b, :] = 0
+            if hidden_blocks > 0:
+                dgates_hh[b, :] = 0
+                dhh[b, :] = 0
+        return
+    if first_phase and dy.shape[0] > 0:
+        dh_row, dy_row = dh[b], dy[b]
+        for j in range(H):
+            dh_row[j] += dy_row[j]             # dL/dh' = from later steps + from y
+    if code == RNN_TANH or code == RNN_RELU:
+        rnn_backward_row(b, code == RNN_RELU, cache_t, grads_t)
+    elif code == LSTM or code == LSTM_PEEPHOLE:
+        lstm_backward_row(b, code == LSTM_PEEPHOLE, params, cache_t, grads_t)
+    elif code == GRU:
+        gru_backward_row(b, cache_t, grads_t)
+    elif code == GRU_RESET_BEFORE:
+        gru_reset_before_backward_row(b, phase, cache_t, grads_t)
 
 
 @njit(**config.PARALLEL)
-def forward_rows(code, phase, t, lengths, train, gates, hgates, b_ih, b_hh, peephole, h, c, y,
-                 h_prev, saved, rh):
-    H = h.shape[1]
-    for row in prange(h.shape[0]):
+def forward_pass(spec, phase, t, lengths, params, step):
+    """One phase of step t for every batch row, the rows split over threads."""
+    H = step[2].shape[1]
+    cols = (np.int64(0), np.int64(H), np.int64(H), np.int64(0))
+    for row in prange(step[2].shape[0]):
         b = np.int64(row)  # one type for the row steps in the serial and the parallel typing
-        forward_units(code, phase, t, b, 0, H, H, 0, lengths, train, gates, hgates, b_ih, b_hh,
-                      peephole, h, h, c, y, h_prev, saved, rh)
+        forward_row(spec, phase, b, cols, t >= lengths[b], params, step)
 
 
-# ---------------------------------------------------------------------------------------------
-# The unit-split loop (small batches): the hidden units are split over P threads; thread p
-# owns units [j0, j1) and per step computes the gate rows {g*H + j} of h W_hh^T for its units
-# as dot products of rows of W_hh (contiguous in the row-major (G*H, H) matrix) with the rows
-# of h, each weight read once per step for up to 4 batch rows, then runs the cell's step for its
-# units. Its weight rows are the same every step, so they stay in its core's caches.
+@njit(**config.PARALLEL)
+def backward_pass(spec, phase, t, lengths, params, cache_t, grads_t):
+    """One backward phase of step t for every batch row, the rows split over threads."""
+    for row in prange(grads_t[3].shape[0]):
+        b = np.int64(row)
+        backward_row(spec, phase, b, t >= lengths[b], params, cache_t, grads_t)
+
+
+@njit(**config.KERNEL)
+def any_active(t, lengths):
+    """Whether some row is inside its sequence at step t (else no product is needed)."""
+    for b in range(lengths.shape[0]):
+        if t < lengths[b]:
+            return True
+    return False
+
+
+@njit(**config.KERNEL)
+def slot_after(t, T, reverse):
+    """The slot of h_slots / c_slots (train) holding the state after step t: the state before
+    the next step in processing order, the final one at T."""
+    if reverse:
+        return t - 1 if t > 0 else T
+    return t + 1
+
+
+@njit(**config.KERNEL)
+def step_slots(s, T, reverse, train):
+    """(t, cur, nxt, ts) of the s-th step in processing order: its time index, the slots of
+    the state before and after it, and its row of saved (see the module's Cache)."""
+    t = T - 1 - s if reverse else s
+    if not train:
+        return t, s & 1, (s + 1) & 1, 0
+    return t, t, slot_after(t, T, reverse), t
+
+
+# =============================================================================================
+# Products
 
 @njit(**config.KERNEL)
 def unit_range(p, P, H):
@@ -1104,7 +1145,6 @@ def _rows_times_panels(mr, packed, v, b, out, col, n, accumulate):
             _tile_1x1(packed, q, v, b, out, col + q * NR, n - q * NR, accumulate)
         q += 1
 
-
 # ---------------------------------------------------------------------------------------------
 # The GEMM loop over packed weights (B <= config.PACKED_B_MAX and T*B rows enough to pay for
 # packing; see forward_loop, backward_loop). The per-step products run over w_hh packed once
@@ -1309,108 +1349,65 @@ def any_weight_gradient(P, use_amx, d, v, out, flat, amx_flat):
         weight_gradient(P, d, v, out, flat)
 
 
-@njit(**config.KERNEL)
-def packed_gradients(P, code, use_amx, amx_flat, x, w_ih, h_prev, saved, dgates, dgates_n,
-                     dpeep_rows, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
-    """What weight_gradients does with BLAS, as packed products and column sums on P
-    threads; use_amx: the products on the tile unit (T*B >= amx.MIN_ROWS), packing into
-    amx_flat (the loop's, done with) when it is big enough."""
-    T, B, I = x.shape
-    GH = dgates.shape[2]
-    H = h_prev.shape[2]
-    TB = T * B
-    NR = panel_width(x)
-    x2 = x.reshape((TB, I))
-    dx2 = dx.reshape((TB, I))
-    dg2 = dgates.reshape((TB, GH))
-    hp2 = h_prev.reshape((TB, H))
-    use_amx = use_amx and TB >= amx.MIN_ROWS
-    flat = panel_buffer((0 if use_amx else
-                         max(-(-I // NR) * GH, -(-max(I, H) // NR) * min(TB, _GRAD_CHUNK)) * NR,),
-                        x)
-    need = max(amx.packed_size(I, GH),
-               amx.packed_size(max(I, H), min(TB, _GRAD_CHUNK))) if use_amx else 0
-    if amx_flat.shape[0] < need:
-        amx_flat = amx.buffer(need)
-    # dx += dgates @ w_ih (input side): W[c, g] = w_ih[g, c]                 (T*B, I)
-    if code == GRU:
-        dgn2 = dgates_n.reshape((TB, H))
-        one_off_product(P, use_amx, w_ih[:2 * H].T, I, dg2[:, :2 * H], dx2, flat, amx_flat)
-        one_off_product(P, use_amx, w_ih[2 * H:].T, I, dgn2, dx2, flat, amx_flat)
-        # dw_ih[:2H] += dgates[:, :2H].T @ x;  dw_ih[2H:] += dgates_n.T @ x
-        any_weight_gradient(P, use_amx, dg2[:, :2 * H], x2, dw_ih[:2 * H], flat, amx_flat)
-        any_weight_gradient(P, use_amx, dgn2, x2, dw_ih[2 * H:], flat, amx_flat)
-    else:
-        one_off_product(P, use_amx, w_ih.T, I, dg2, dx2, flat, amx_flat)
-        # dw_ih += dgates.T @ x                                                (G*H, I)
-        any_weight_gradient(P, use_amx, dg2, x2, dw_ih, flat, amx_flat)
-    # hidden side: dgates is the gradient of W_hh h + b_hh
-    if code == GRU_RESET_BEFORE:
-        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev;  dw_hh[2H:] += dgates[:, 2H:].T @ rh
-        any_weight_gradient(P, use_amx, dg2[:, :2 * H], hp2, dw_hh[:2 * H], flat, amx_flat)
-        any_weight_gradient(P, use_amx, dg2[:, 2 * H:], saved.reshape((TB, H)), dw_hh[2 * H:],
-                            flat, amx_flat)
-    else:
-        # dw_hh += dgates.T @ h_prev                                           (G*H, H)
-        any_weight_gradient(P, use_amx, dg2, hp2, dw_hh, flat, amx_flat)
-    # bias gradients: column sums of dgates (GRU: the input side's n block from dgates_n)
-    sums = np.zeros(GH, x.dtype)
-    column_sums(P, dg2, sums)
-    for j in range(GH):
-        db_hh[j] += sums[j]
-    if code == GRU:
-        for j in range(2 * H):
-            db_ih[j] += sums[j]
-        column_sums(P, dgates_n.reshape((TB, H)), db_ih[2 * H:])
-    else:
-        for j in range(GH):
-            db_ih[j] += sums[j]
-    if code == LSTM_PEEPHOLE:
-        column_sums(1, dpeep_rows, dpeephole.reshape((3 * H,)))
 
+# =============================================================================================
+# Loops. forward_loop and backward_loop are not decorated: fastrnn._numba compiles each with
+# one explicit signature per dtype (see _signatures there).
+#
+# The unit-split loop (small batches): the hidden units are split over P threads; thread p
+# owns units [j0, j1) and per step computes the gate rows {g*H + j} of the product for its
+# units, over its weight rows packed into panels once per call (panel_product) when the call
+# is long enough to pay for the packing, else as dot products (dot_rows, each weight read once
+# per step for up to 4 batch rows), then runs the cell's step for its units of every row. Its
+# weight rows are the same every step, so they stay in its core's caches. The input projection
+# of all T steps is done first by the same threads, for their own units, with the same kernel
+# (no BLAS: OpenBLAS's pool threads go on spinning after a call and then take the cores from
+# the unit threads).
 
 @njit(**config.KERNEL)
-def units_pass(p, P, code, phase, t, active, lengths, train, w_hh, packed_hh, own, gates,
-               hgates, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh, backwards):
-    """Thread p's share of one step (one phase for GRU reset-before) of the unit-split loop;
-    backwards: its dot products read w_hh last row first (every other step; see dot_rows).
-    packed_hh (P, G, panels, H, NR): each thread's rows of w_hh as panels (units_input), or
-    empty: dot products on w_hh. own: gates (T, B, G*C) and hgates (B, G*C) are part p's own,
-    gate block g of its unit j0 + k at column g*C + k (see forward_loop); else the layer's,
-    (T, B, G*H) and (B, G*H)."""
-    B, H = h_in.shape
-    G = w_hh.shape[0] // H
+def units_pass(p, P, spec, phase, t, lengths, params, packed_hh, own, step, backwards):
+    """Thread p's share of one phase of a step of the unit-split loop: the product of the
+    phase's blocks for its units, then their rows. packed_hh (P, G, panels, H, NR): each
+    thread's rows of w_hh as panels (units_input), or empty: dot products on w_hh (backwards:
+    last row first, every other step; see dot_rows). own: gates and hh of step are part p's
+    own, (B, G*C) (see forward_units_loop), else the layer's (B, G*H)."""
+    _, G, _, _, second, _, _ = spec
+    gates, hh, h, _, _, _, saved, _ = step
+    w_hh = params[1]
+    B, H = h.shape
     j0, j1 = unit_range(p, P, H)
     if j0 >= j1:
         return
-    gs, go = (hgates.shape[1] // G, 0) if own else (H, j0)
-    if active:
-        # h W_hh^T, all gates; reset-before: h W_hh^T for r and z, or (r * h) W_hn^T
-        g0, g1 = (0, G) if code != GRU_RESET_BEFORE else ((0, 2) if phase == 0 else (2, 3))
-        v = rh if code == GRU_RESET_BEFORE and phase == 1 else h_in
+    gs, go = (hh.shape[1] // G, 0) if own else (H, j0)
+    if any_active(t, lengths):
+        # hh[:, blocks of the phase] = source @ w_hh[those rows].T: h, then the saved buffer
+        g0, g1 = (0, second) if phase == 0 else (second, G)
+        v = h if phase == 0 else saved
         if packed_hh.shape[0] > 0:
             for g in range(g0, g1):
-                panel_product(packed_hh[p, g], g * gs + go, j1 - j0, v, hgates)
+                panel_product(packed_hh[p, g], g * gs + go, j1 - j0, v, hh)
         else:
-            dot_rows(w_hh, H, g0, g1 - g0, j0, j1, v, hgates, gs, go, backwards and phase == 0)
+            dot_rows(w_hh, H, g0, g1 - g0, j0, j1, v, hh, gs, go, backwards and phase == 0)
+    cols = (j0, j1, gs, go)
     for row in range(B):
-        forward_units(code, phase, t, np.int64(row), j0, j1, gs, go, lengths, train, gates,
-                      hgates, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh)
+        forward_row(spec, phase, np.int64(row), cols, t >= lengths[row], params, step)
 
 
 @njit(**config.KERNEL)
-def units_input(p, P, H, x2, w_ih, own, gates2, w_hh, packed_ih, packed_hh, amx_ih):
+def units_input(p, P, params, x2, gates2, own, panels):
     """Thread p's units of the input projection of all steps: gates2 (T*B, G*H, or G*C when
-    own: see units_pass) = x2 W_ih^T for the gate rows of its units (no BLAS in the unit-split
-    loop: OpenBLAS's threads would go on spinning for a while after the call and take the
-    cores from the unit threads).
+    own: see units_pass) = x2 W_ih^T for the gate rows of its units.
 
-    With panels (packed_hh not empty): the thread packs its rows of each gate block of w_ih
-    into packed_ih[p] (panels, I, NR), one block at a time, and multiplies them with every row
-    of x2; then packs its rows of w_hh into packed_hh[p] (G, panels, H, NR) for the steps.
-    amx_ih (P, amx.packed_size(rows, I)), not empty: the blocks of w_ih packed into amx_ih[p]
-    and multiplied on the tile unit instead (float32; the per-step products stay on panels:
-    4-8 small products a thread and step, each would set up the tiles again)."""
+    panels = (packed_ih, packed_hh, amx_ih). With panels (packed_hh not empty): the thread
+    packs its rows of each gate block of w_ih into packed_ih[p] (panels, I, NR), one block at
+    a time, and multiplies them with every row of x2; then packs its rows of w_hh into
+    packed_hh[p] (G, panels, H, NR) for the steps. amx_ih (P, amx.packed_size(rows, I)), not
+    empty: the blocks of w_ih packed into amx_ih[p] and multiplied on the tile unit instead
+    (float32; the per-step products stay on panels: 4-8 small products a thread and step,
+    each would set up the tiles again)."""
+    w_ih, w_hh = params[0], params[1]
+    packed_ih, packed_hh, amx_ih = panels
+    H = w_hh.shape[1]
     j0, j1 = unit_range(p, P, H)
     if j0 >= j1:
         return
@@ -1428,6 +1425,7 @@ def units_input(p, P, H, x2, w_ih, own, gates2, w_hh, packed_ih, packed_hh, amx_
             pack_panels(w_hh, g * H + j0, j1 - j0, packed_hh[p, g])
     else:
         dot_rows(w_ih, H, 0, G, j0, j1, x2, gates2, gs, go)
+
 
 
 # The unit-split loop in one parallel region: instead of a launch per step (~1.5 us, and the
@@ -1517,43 +1515,37 @@ def spin_pause(typingctx):
 
 
 @njit(**config.KERNEL)
-def units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                  packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h,
-                  h2, c, y, h_prev, saved, rh):
+def units_substep(q, k, P, spec, reverse, train, lengths, params, units, ws, y):
     """Part q of substep k (see above): the input projection (k = 0), else one phase of a
-    step. gates_own (P, T, B, G*C), hgates_own (P, B, G*C): each part's own (see units_pass),
-    or empty: the parts share gates and hgates."""
+    step. units = (x2, packed_ih, packed_hh, amx_ih, gates_own, hh_own): gates_own (P, T, B,
+    G*C) and hh_own (P, B, G*C) each part's own (see forward_units_loop), or empty: the parts
+    share the gates and hh of ws."""
+    x2, packed_ih, packed_hh, amx_ih, gates_own, hh_own = units
+    gates, h_slots, c_slots, saved, hh = ws
     own = gates_own.shape[0] > 0
     gq = gates_own[q] if own else gates
-    hq = hgates_own[q] if own else hgates
+    hq = hh_own[q] if own else hh
     if k == 0:
-        units_input(q, P, H, x2, w_ih, own, gq.reshape((x2.shape[0], gq.shape[2])), w_hh,
-                    packed_ih, packed_hh, amx_ih)
+        units_input(q, P, params, x2, gq.reshape((x2.shape[0], gq.shape[2])), own,
+                    (packed_ih, packed_hh, amx_ih))
         return
-    phases = 2 if code == GRU_RESET_BEFORE else 1
+    phases = 1 if spec[4] == spec[1] else 2
     s = (k - 1) // phases
     phase = k - 1 - s * phases
-    t = T - 1 - s if reverse else s
-    rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
-    h_in, h_out = (h, h2) if s % 2 == 0 else (h2, h)
-    units_pass(q, P, code, phase, t, any_active(t, lengths), lengths, train, w_hh, packed_hh,
-               own, gq, hq, b_ih, b_hh, peephole, h_in, h_out, c, y, h_prev, saved, rh_t,
-               s % 2 == 1)
+    t, cur, nxt, ts = step_slots(s, y.shape[0], reverse, train)
+    step = (gq[t], hq, h_slots[cur], h_slots[nxt], c_slots[cur], c_slots[nxt], saved[ts], y[t])
+    units_pass(q, P, spec, phase, t, lengths, params, packed_hh, own, step, s % 2 == 1)
 
 
 @njit(**config.KERNEL)
-def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih, packed_hh,
-                    amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh, peephole, h, h2, c, y,
-                    h_prev, saved, rh, sync):
+def units_loop_part(p, P, spec, reverse, train, lengths, params, units, ws, y, sync):
     """Thread p's side of the one-region loop: sync (>= (P + 1) * _SYNC_STRIDE,) int64, done at
     0 and claimed[q] at (q + 1) * _SYNC_STRIDE, all zero but claimed = -1 on entry."""
-    phases = 2 if code == GRU_RESET_BEFORE else 1
+    phases = 1 if spec[4] == spec[1] else 2
     limit = _SPIN_STEAL
-    for k in range(1 + T * phases):
+    for k in range(1 + y.shape[0] * phases):
         if atomic_claim(sync, (p + 1) * _SYNC_STRIDE, k - 1, k):
-            units_substep(p, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                          packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
-                          peephole, h, h2, c, y, h_prev, saved, rh)
+            units_substep(p, k, P, spec, reverse, train, lengths, params, units, ws, y)
             atomic_add(sync, 0, 1)
         target = (k + 1) * P
         spins = 0
@@ -1566,434 +1558,369 @@ def units_loop_part(p, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, p
             for q in range(P):
                 if q != p and atomic_claim(sync, (q + 1) * _SYNC_STRIDE, k - 1, k):
                     stole = True
-                    units_substep(q, k, P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                                  packed_ih, packed_hh, amx_ih, gates, hgates, gates_own,
-                                  hgates_own, b_ih, b_hh, peephole, h, h2, c, y, h_prev, saved, rh)
+                    units_substep(q, k, P, spec, reverse, train, lengths, params, units, ws, y)
                     atomic_add(sync, 0, 1)
             spins = 0
         limit = _SPIN_STEAL_AGAIN if stole else _SPIN_STEAL
 
 
 @njit(**config.PARALLEL)
-def units_loop_parallel(P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh, packed_ih,
-                        packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih, b_hh,
-                        peephole, h, h2, c, y, h_prev, saved, rh, sync):
+def units_loop_parallel(P, spec, reverse, train, lengths, params, units, ws, y, sync):
     for p in prange(P):
-        units_loop_part(np.int64(p), P, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                        packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own, b_ih,
-                        b_hh, peephole, h, h2, c, y, h_prev, saved, rh, sync)
+        units_loop_part(np.int64(p), P, spec, reverse, train, lengths, params, units, ws, y,
+                        sync)
+
+
+@njit(**config.KERNEL)
+def forward_units_loop(spec, x, params, lengths, reverse, train, plan, y, ws, own):
+    """The unit-split loop on plan's P threads (see above). packed: the products over
+    weights packed into panels by each thread (pack_panels, panel_product), else dot
+    products (dot_rows); use_amx: the input projection on the tile unit when packed. own =
+    (gates_own, hh_own): for P > 1 in inference, each part's gates and hh in its own buffers
+    (gates of ws then empty), not interleaved with the other parts' in the layer's rows;
+    training keeps the layer's gates: they are the cache. Else both empty."""
+    # parts that write next to each other's columns slow each other down (measured, LSTM
+    # H=256, 2 parts, the pass alone: 3.9-4.3 -> 2.5 us a step at B=4, 16.5 -> 11.4 at B=16)
+    _, P, packed, _, use_amx = plan
+    T, B, I = x.shape
+    G = spec[1]
+    H = params[1].shape[1]
+    NR = panel_width(x)
+    C = unit_range(0, P, H)[1]                   # the most units a thread has
+    panels = -(-C // NR)
+    parts = P if packed else 0
+    packed_ih = panel_buffer((parts, panels, I, NR), x)
+    packed_hh = panel_buffer((parts, G, panels, H, NR), x)
+    # the input projection on the tile unit when the call packs and has a tile of rows: a
+    # buffer per thread for one block of its rows of w_ih
+    amx_parts = parts if use_amx and T * B >= amx.MIN_ROWS else 0
+    amx_rows = amx.packed_size(C, I)
+    amx_ih = amx.buffer(amx_parts * amx_rows).reshape((amx_parts, amx_rows))
+    units = (x.reshape((T * B, I)), packed_ih, packed_hh, amx_ih, own[0], own[1])
+    if P > 1:
+        sync = np.zeros((P + 1) * _SYNC_STRIDE, np.int64)
+        for q in range(P):
+            sync[(q + 1) * _SYNC_STRIDE] = -1
+        units_loop_parallel(P, spec, reverse, train, lengths, params, units, ws, y, sync)
+    else:
+        phases = 1 if spec[4] == G else 2
+        for k in range(1 + T * phases):
+            units_substep(0, k, 1, spec, reverse, train, lengths, params, units, ws, y)
+
+
+@njit(**config.KERNEL)
+def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
+    """The batch-row loop: the input projection of all steps, then per step and phase the
+    product into hh and the pass. packed: the products over w_hh packed once per call (its
+    rows), on this thread (BLAS for the input projection), or with pool on plan's threads
+    (products split by panels, passes by rows), the input projection a packed product too:
+    no BLAS call. use_amx (float32 only, amx.AVAILABLE): the packed products over at least
+    amx.MIN_ROWS rows of x on the tile unit. Else BLAS."""
+    _, G, _, _, second, _, _ = spec
+    _, threads, packed, pool, use_amx = plan
+    w_ih, w_hh = params[0], params[1]
+    gates, h_slots, c_slots, saved, hh = ws
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    GH = G * H
+    phases = 1 if second == G else 2
+    n0, n1 = second * H, GH - second * H        # the rows of w_hh of products 0 and 1
+    P = threads if pool else 1
+    NR = panel_width(x)
+    amx_in = use_amx and pool and T * B >= amx.MIN_ROWS
+    amx_h = use_amx and packed and B >= amx.MIN_ROWS
+    # w_hh's panels, product 0's then product 1's (none when the tile unit takes them), in
+    # the buffer that first holds w_ih's for the input projection
+    p0 = -(-n0 // NR) if packed and not amx_h else 0
+    p1 = -(-n1 // NR) if packed and not amx_h else 0
+    flat = panel_buffer((max(-(-GH // NR) * I if pool and not amx_in else 0,
+                             (p0 + p1) * H) * NR,), x)
+    # the same on the tile unit: its layout, float32 (empty unless used)
+    a0 = amx.packed_size(n0, H) if amx_h else 0
+    a1 = amx.packed_size(n1, H) if amx_h and n1 > 0 else 0
+    amx_flat = amx.buffer(max(amx.packed_size(GH, I) if amx_in else 0, a0 + a1))
+    # gates = x @ w_ih.T                                                   (T*B, G*H)
+    x2, gates2 = x.reshape((T * B, I)), gates.reshape((T * B, GH))
+    if amx_in:
+        amx.pack_and_multiply(P, w_ih, GH, x2, gates2, False, amx_flat)
+    elif pool:
+        pack_and_multiply(P, w_ih, GH, x2, gates2, False, flat)
+    else:
+        gemm(x2, NO_TRANS, w_ih, TRANS, gates2, 0.0)
+    panels0 = flat[:p0 * H * NR].reshape((p0, H, NR))
+    panels1 = flat[p0 * H * NR:(p0 + p1) * H * NR].reshape((p1, H, NR))
+    amx_1 = amx_flat[a0:]
+    if packed:
+        pack_step_weights(P, amx_h, w_hh, 0, n0, amx_flat, panels0)
+        if phases == 2:
+            pack_step_weights(P, amx_h, w_hh, n0, n1, amx_1, panels1)
+    for s in range(T):
+        t, cur, nxt, ts = step_slots(s, T, reverse, train)
+        step = (gates[t], hh, h_slots[cur], h_slots[nxt], c_slots[cur], c_slots[nxt],
+                saved[ts], y[t])
+        active = any_active(t, lengths)
+        for phase in range(phases):
+            if active and phase == 0:
+                # hh[:, :n0] = h @ w_hh[:n0].T                                 (B, n0)
+                if packed:
+                    step_product(P, amx_h, amx_flat, panels0, n0, step[2], hh, 0, False)
+                else:
+                    gemm(step[2], NO_TRANS, w_hh[:n0], TRANS, hh[:, :n0], 0.0)
+            elif active:
+                # hh[:, n0:] = saved @ w_hh[n0:].T                             (B, n1)
+                if packed:
+                    step_product(P, amx_h, amx_1, panels1, n1, step[6], hh, n0, False)
+                else:
+                    gemm(step[6], NO_TRANS, w_hh[n0:], TRANS, hh[:, n0:], 0.0)
+            forward_pass(spec, phase, t, lengths, params, step)
+
+
+def forward_loop(spec, x, params, lengths, reverse, train, plan, y, ws, own):
+    """One layer, one direction (see the module's Loops and Cache): the loop plan[0] names.
+    The state before the first step is in its slot of ws's h_slots and c_slots
+    (fastrnn._numba puts it there) and the final one ends in its slot."""
+    if plan[0] == UNITS:
+        forward_units_loop(spec, x, params, lengths, reverse, train, plan, y, ws, own)
+    else:
+        forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws)
+
+
+def backward_loop(spec, x, params, lengths, reverse, truncate, plan, cache, dy, grads,
+                  dparams, dx):
+    """Backward through one layer, one direction; ADDS into dparams and dx.
+
+    cache = (gates, h_slots, c_slots, saved) of forward; grads = (dgates, dgates_hh, dhh, dh,
+    dc, dsaved, dpeep, ones) (see the module's Cache): dh, dc hold the gradient of the final
+    state and end as that of the initial state; dpeep zeros; ones all ones. dy (T, B, H), or
+    (T, 0, 0) for none. truncate: 0 for none. plan: packed, the per-step products over w_hh's
+    columns packed once; pool: on its threads, and the products after the loop packed too
+    (no BLAS call), else on this thread and BLAS after the loop."""
+    _, G, _, _, second, hidden_blocks, _ = spec
+    _, threads, packed, pool, use_amx = plan
+    w_hh = params[1]
+    gates, h_slots, c_slots, saved = cache
+    dgates, dgates_hh, dhh, dh, dc, dsaved, dpeep, _ = grads
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    phases = 1 if second == G else 2
+    n0, n1 = second * H, (G - second) * H
+    P = threads if pool else 1
+    # the columns of w_hh as panels, W[u, g] = w_hh[g, u], product 0's and product 1's
+    NR = panel_width(x)
+    amx_h = packed and use_amx and B >= amx.MIN_ROWS
+    col_panels = -(-H // NR) if packed and not amx_h else 0
+    panels0 = panel_buffer((col_panels, n0, NR), x)
+    panels1 = panel_buffer((col_panels if phases == 2 else 0, n1, NR), x)
+    # or on the tile unit: w_hh's columns in its layout (empty unless used)
+    a0 = amx.packed_size(H, n0) if amx_h else 0
+    amx_hh = amx.buffer(a0 + (amx.packed_size(H, n1) if amx_h and phases == 2 else 0))
+    amx_1 = amx_hh[a0:]
+    if packed:
+        pack_step_weights(P, amx_h, w_hh[:n0].T, 0, H, amx_hh, panels0)
+        if phases == 2:
+            pack_step_weights(P, amx_h, w_hh[n0:].T, 0, H, amx_1, panels1)
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        active = any_active(t, lengths)
+        # the state gradient leaving step t crosses the boundary to the step before it in time
+        # order (t - 1 forward, t + 1 reverse); truncation cuts boundaries at multiples of k
+        boundary = t + 1 if reverse else t
+        cut = truncate > 0 and 0 < boundary < T and boundary % truncate == 0
+        cache_t = (gates[t], h_slots[t], c_slots[t], c_slots[slot_after(t, T, reverse)],
+                   saved[t])
+        grads_t = (dgates[t], dgates_hh[t], dhh, dh, dc, dsaved, dpeep, dy[t])
+        d = dhh if hidden_blocks > 0 else dgates[t]      # the hidden side of step t
+        for i in range(phases):
+            phase = phases - 1 - i
+            backward_pass(spec, phase, t, lengths, params, cache_t, grads_t)
+            if active and phase == 1:
+                # dsaved = d[:, n0:] @ w_hh[n0:]                               (B, H)
+                if packed:
+                    step_product(P, amx_h, amx_1, panels1, H, d[:, n0:], dsaved, 0, False)
+                else:
+                    gemm(d[:, n0:], NO_TRANS, w_hh[n0:], NO_TRANS, dsaved, 0.0)
+            elif active and not cut:
+                # dh += d[:, :n0] @ w_hh[:n0]                                  (B, H)
+                if packed:
+                    step_product(P, amx_h, amx_hh, panels0, H, d[:, :n0], dh, 0, True)
+                else:
+                    gemm(d[:, :n0], NO_TRANS, w_hh[:n0], NO_TRANS, dh, 1.0)
+        if cut:
+            dh[:] = 0
+            dc[:] = 0
+    parameter_gradients((P if packed and pool else 0, use_amx, amx_hh), spec, x, params, cache,
+                        grads, dparams, dx)
+
+
+@njit(**config.KERNEL)
+def hidden_side_runs(g0, g1, first_hidden, hidden_blocks):
+    """The gate blocks [g0, g1) of a product in three runs [a0, a1): before, among and after
+    the hidden-side blocks (run 1 is the one whose hidden side is dgates_hh, not dgates).
+    Runs may be empty (a0 >= a1)."""
+    h0, h1 = first_hidden, first_hidden + hidden_blocks
+    return ((g0, min(g1, h0)), (max(g0, h0), min(g1, h1)), (max(g0, h1), g1))
+
+
+@njit(**config.KERNEL)
+def gradient_operands(k, spec, T, cache, grads):
+    """(source, d_in, d_hh) of product k over all T*B rows: its source (h before each step,
+    or the saved buffer), and dgates and dgates_hh as (T*B, .) matrices."""
+    _, h_slots, _, saved = cache
+    dgates, dgates_hh = grads[0], grads[1]
+    B, H = h_slots.shape[1], h_slots.shape[2]
+    if k == 0:
+        source = h_slots.reshape((h_slots.shape[0] * B, H))[:T * B]
+    else:
+        source = saved.reshape((T * B, saved.shape[2]))[:, :H]
+    return (source, dgates.reshape((T * B, dgates.shape[2])),
+            dgates_hh.reshape((T * B, dgates_hh.shape[2])))
+
+
+@njit(**config.KERNEL)
+def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
+    """After backward's loop, over all T*B rows (dgates is zero at padding): dx += dgates @
+    w_ih, dw_ih += dgates.T @ x, db_ih += dgates.sum(0); for each product, dw_hh[its blocks]
+    += D.T @ its source and db_hh[its blocks] += D.sum(0), D = dgates except on the
+    hidden-side blocks, dgates_hh. pool = (P, use_amx, amx_flat), P > 0: packed products and
+    column sums on P threads (use_amx: on the tile unit from amx.MIN_ROWS rows, packing into
+    amx_flat, the loop's, when it is big enough); P = 0: BLAS."""
+    _, G, _, _, second, hidden_blocks, first_hidden = spec
+    P, use_amx, amx_flat = pool
+    w_ih = params[0]
+    dpeep, ones = grads[6], grads[7]
+    dw_ih, dw_hh, db_ih, db_hh, dpeephole = dparams
+    T, B, I = x.shape
+    H = w_ih.shape[0] // G
+    GH, TB = G * H, T * B
+    NR = panel_width(x)
+    x2, dx2 = x.reshape((TB, I)), dx.reshape((TB, I))
+    use_amx = P > 0 and use_amx and TB >= amx.MIN_ROWS
+    flat = panel_buffer((0 if use_amx or P == 0 else
+                         max(-(-I // NR) * GH, -(-max(I, H) // NR) * min(TB, _GRAD_CHUNK)) * NR,),
+                        x)
+    need = max(amx.packed_size(I, GH),
+               amx.packed_size(max(I, H), min(TB, _GRAD_CHUNK))) if use_amx else 0
+    if amx_flat.shape[0] < need:
+        amx_flat = amx.buffer(need)
+    ones2 = ones.reshape((1, TB))
+    sums = np.zeros(GH if P > 0 else 0, x.dtype)    # dgates.sum(0), shared by db_ih and db_hh
+    for k in range(1 if second == G else 2):
+        source, d_in, d_hh = gradient_operands(k, spec, T, cache, grads)
+        if k == 0:
+            # dx += dgates @ w_ih (packed: W[c, g] = w_ih[g, c]);  dw_ih += dgates.T @ x;
+            # db_ih += dgates.sum(0)
+            if P > 0:
+                one_off_product(P, use_amx, w_ih.T, I, d_in, dx2, flat, amx_flat)
+                any_weight_gradient(P, use_amx, d_in, x2, dw_ih, flat, amx_flat)
+                column_sums(P, d_in, sums)
+                for j in range(GH):
+                    db_ih[j] += sums[j]
+            else:
+                gemm(d_in, NO_TRANS, w_ih, NO_TRANS, dx2, 1.0)
+                gemm(d_in, TRANS, x2, NO_TRANS, dw_ih, 1.0)
+                gemm(ones2, NO_TRANS, d_in, NO_TRANS, db_ih.reshape((1, GH)), 1.0)
+        g0, g1 = (0, second) if k == 0 else (second, G)
+        runs = hidden_side_runs(g0, g1, first_hidden, hidden_blocks)
+        for r in range(3):
+            a0, a1 = runs[r]
+            if a0 >= a1:
+                continue
+            # dw_hh[blocks] += d[blocks].T @ source;  db_hh[blocks] += d[blocks].sum(0)
+            d = d_hh[:, (a0 - first_hidden) * H:(a1 - first_hidden) * H] if r == 1 \
+                else d_in[:, a0 * H:a1 * H]
+            db = db_hh[a0 * H:a1 * H]
+            if P == 0:
+                gemm(d, TRANS, source, NO_TRANS, dw_hh[a0 * H:a1 * H], 1.0)
+                gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
+                continue
+            any_weight_gradient(P, use_amx, d, source, dw_hh[a0 * H:a1 * H], flat, amx_flat)
+            if r == 1:
+                column_sums(P, d, db)
+            else:
+                for j in range(a1 * H - a0 * H):
+                    db[j] += sums[a0 * H + j]
+    if dpeep.shape[1] > 0:
+        # dpeephole += dpeep.sum(0)
+        column_sums(1, dpeep, dpeephole.reshape((dpeep.shape[1],)))
 
 
 # ---------------------------------------------------------------------------------------------
-# One step of inference (layer_step): both products as dot products, then the cell's step.
+# One step of inference for the layer's one-step call (fastrnn._numba.layer_call_step): both
+# products as unit-split dot products, then the cell's step, on borrowed arrays.
 
 @njit(**config.KERNEL)
-def step_pass(p, P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c, y, gates,
-              hgates, rh, lengths, none3):
-    B, H = h0.shape
-    G = w_hh.shape[0] // H
+def step_pass(p, P, spec, phase, x2, params, step):
+    _, G, _, _, second, _, _ = spec
+    w_ih, w_hh = params[0], params[1]
+    gates, hh, h, _, _, _, saved, _ = step
+    B, H = h.shape
     j0, j1 = unit_range(p, P, H)
     if j0 >= j1:
         return
     if phase == 0:
-        dot_rows(w_ih, H, 0, G, j0, j1, x, gates[0], H, j0)         # x W_ih^T
-        if code != GRU_RESET_BEFORE:
-            dot_rows(w_hh, H, 0, G, j0, j1, h0, hgates, H, j0)
-        else:
-            dot_rows(w_hh, H, 0, 2, j0, j1, h0, hgates, H, j0)
+        dot_rows(w_ih, H, 0, G, j0, j1, x2, gates, H, j0)          # x W_ih^T
+        dot_rows(w_hh, H, 0, second, j0, j1, h, hh, H, j0)
     else:
-        dot_rows(w_hh, H, 2, 1, j0, j1, rh, hgates, H, j0)
+        dot_rows(w_hh, H, second, G - second, j0, j1, saved, hh, H, j0)
+    cols = (j0, j1, H, j0)
     for row in range(B):
-        forward_units(code, phase, 0, np.int64(row), j0, j1, H, j0, lengths, False, gates,
-                      hgates, b_ih, b_hh, peephole, h0, h_n, c, y, none3, none3, rh)
+        forward_row(spec, phase, np.int64(row), cols, False, params, step)
 
 
 @njit(**config.PARALLEL)
-def step_pass_parallel(P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c, y,
-                       gates, hgates, rh, lengths, none3):
+def step_pass_parallel(P, spec, phase, x2, params, step):
     for p in prange(P):
-        step_pass(np.int64(p), P, code, phase, x, w_ih, w_hh, b_ih, b_hh, peephole, h0, h_n, c,
-                  y, gates, hgates, rh, lengths, none3)
+        step_pass(np.int64(p), P, spec, phase, x2, params, step)
 
 
-@njit(**config.KERNEL)
-def _overlaps(a, b):
-    """Whether the memory of two C-contiguous arrays overlaps (by address range)."""
-    if a.size == 0 or b.size == 0:
-        return False
-    a0, b0 = a.ctypes.data, b.ctypes.data
-    return a0 < b0 + b.size * b.itemsize and b0 < a0 + a.size * a.itemsize
+def step(spec, threads, batch_first, x, state0, row, params, state_n, out, col):
+    """One step of one layer and direction, compiled per dtype: the layer's one-step call
+    (fastrnn._numba.layer_call_step) a row (layer and direction) at a time. Returns 0, or 1
+    when an argument's shape does not fit (the call then takes the layer's general path).
 
-
-def step(code, threads, min_work, batch_first, x, h0, c0, row, w_ih, w_hh, b_ih, b_hh, peephole,
-         h_n, c_n, out, col):
-    """One step of one layer and direction, compiled per dtype: layer_step, and the layer's
-    whole one-step call (fastrnn._numba.layer_call_step) a row at a time. Returns 0, or the
-    position (1-based, in layer_step's argument list: x = 1 ... c_n = 10; out 11) of the first
-    array whose shape does not fit or that overlaps an input it may not (h_n, c_n).
-
-    x (1, B, I), or (B, 1, I) with batch_first; h0, c0, h_n, c_n (rows, B, H), the step's at
-    [row]; then h_n[row] is also copied to out[..., col:col + H], out (1, B, W) or (B, 1, W)
-    (out may be h_n itself, row 0 and col 0). threads: the most threads to use; min_work: split
-    over threads only from this many multiply-adds (G*H*(I+H)*B) on. Absent: c0 and c_n
-    (1, 0, 0) arrays, peephole a (0, 0) one."""
+    x (1, B, I), or (B, 1, I) with batch_first; state0 = (h0, c0), state_n = (h_n, c_n), each
+    (rows, B, H), the step's at [row] (c0, c_n (1, 0, 0) for cells without c); h_n[row] is
+    also copied to out[..., col:col + H], out (1, B, W) or (B, 1, W). threads: the most
+    threads to use, from config.STEP_PARALLEL_MIN_WORK multiply-adds (G*H*(I+H)*B) on."""
+    _, G, states, _, second, _, _ = spec
+    h0, c0 = state0
+    h_n, c_n = state_n
+    w_ih, w_hh, b_ih, b_hh, peephole = params
     B = x.shape[0] if batch_first else x.shape[1]
-    if x.shape[1 if batch_first else 0] != 1:
+    I, H = x.shape[2], h0.shape[2]
+    GH = G * H
+    if (x.shape[1 if batch_first else 0] != 1 or row < 0 or h0.shape[0] <= row
+            or h0.shape[1] != B or w_ih.shape[0] != GH or w_ih.shape[1] != I
+            or w_hh.shape[0] != GH or w_hh.shape[1] != H or b_ih.shape[0] != GH
+            or b_hh.shape[0] != GH
+            or (peephole.size > 0 and (peephole.shape[0] != 3 or peephole.shape[1] != H))
+            or (states == 2 and (c0.shape[0] <= row or c0.shape[1] != B or c0.shape[2] != H))):
         return 1
-    I = x.shape[2]
-    H = h0.shape[2]
-    GH = w_hh.shape[0]
-    cell_state = code == LSTM or code == LSTM_PEEPHOLE
-    G = 4 if cell_state else (3 if code == GRU or code == GRU_RESET_BEFORE else 1)
-    if row < 0 or h0.shape[0] <= row or h0.shape[1] != B:
-        return 2
-    if cell_state and (c0.shape[0] <= row or c0.shape[1] != B or c0.shape[2] != H):
-        return 3
-    if w_ih.shape[0] != G * H or w_ih.shape[1] != I:
-        return 4
-    if GH != G * H or w_hh.shape[1] != H:
-        return 5
-    if b_ih.shape[0] != GH:
-        return 6
-    if b_hh.shape[0] != GH:
-        return 7
-    if code == LSTM_PEEPHOLE and (peephole.shape[0] != 3 or peephole.shape[1] != H):
-        return 8
-    if h_n.shape[0] <= row or h_n.shape[1] != B or h_n.shape[2] != H:
-        return 9
-    if cell_state and (c_n.shape[0] <= row or c_n.shape[1] != B or c_n.shape[2] != H):
-        return 10
-    if out.shape[0] * out.shape[1] != B or col < 0 or out.shape[2] < col + H:
-        return 11
-    if _overlaps(h_n, x) or _overlaps(h_n, h0) or _overlaps(h_n, c0) or _overlaps(h_n, c_n):
-        return 9
-    if _overlaps(c_n, x) or _overlaps(c_n, h0) or _overlaps(c_n, c0):
-        return 10
     if B == 0 or H == 0:
         return 0
-    # one workspace: gates (1, B, GH), hgates (B, GH), rh (B, H) for GRU reset-before
-    n_rh = B * H if code == GRU_RESET_BEFORE else 0
-    work = np.empty(2 * B * GH + n_rh, x.dtype)
-    lengths_own = np.ones(B, np.int64)
+    # one workspace: gates (B, GH), hh (B, GH), saved (B, H) for a second product
+    n_saved = B * H if second < G else 0
+    work = np.empty(2 * B * GH + n_saved, x.dtype)
     # everything below borrowed: the caller holds the arguments, keep_alive the locals
+    flat = borrowed(work)
+    rc = row if states == 2 else 0                # absent c0 and c_n are (1, 0, 0)
+    h_new = borrowed(h_n)[row]
+    views = (flat[:B * GH].reshape((B, GH)), flat[B * GH:2 * B * GH].reshape((B, GH)),
+             borrowed(h0)[row], h_new, borrowed(c0)[rc], borrowed(c_n)[rc],
+             flat[2 * B * GH:].reshape((B, H) if second < G else (0, 0)), h_new)
+    params = (borrowed(w_ih), borrowed(w_hh), borrowed(b_ih), borrowed(b_hh), borrowed(peephole))
     x2 = borrowed(x).reshape((B, I))
-    h0_r, h_n_r = borrowed(h0)[row], borrowed(h_n)[row]
-    rc = row if cell_state else 0                 # absent c0 and c_n are (1, 0, 0)
-    c0_r, c_n_r = borrowed(c0)[rc], borrowed(c_n)[rc]
-    w_ih, w_hh, b_ih, b_hh = borrowed(w_ih), borrowed(w_hh), borrowed(b_ih), borrowed(b_hh)
-    peephole, lengths, flat = borrowed(peephole), borrowed(lengths_own), borrowed(work)
-    gates = flat[:B * GH].reshape((1, B, GH))
-    hgates = flat[B * GH:2 * B * GH].reshape((B, GH))
-    rh = flat[2 * B * GH:].reshape((B, H) if code == GRU_RESET_BEFORE else (0, 0))
-    none3 = gates[:0]
-    y = h_n_r.reshape((1, B, H))
-    if cell_state:
-        c_n_r[:, :] = c0_r                # the LSTM step updates c in place
     P = 1
-    if G * H * (I + H) * B >= min_work:
+    if GH * (I + H) * B >= config.STEP_PARALLEL_MIN_WORK:
         P = unit_parts(threads, H)
-    phases = 2 if code == GRU_RESET_BEFORE else 1
-    for phase in range(phases):
+    for phase in range(1 if second == G else 2):
         if P > 1:
-            step_pass_parallel(P, code, phase, x2, w_ih, w_hh, b_ih, b_hh, peephole, h0_r,
-                               h_n_r, c_n_r, y, gates, hgates, rh, lengths, none3)
+            step_pass_parallel(P, spec, phase, x2, params, views)
         else:
-            step_pass(0, 1, code, phase, x2, w_ih, w_hh, b_ih, b_hh, peephole, h0_r, h_n_r,
-                      c_n_r, y, gates, hgates, rh, lengths, none3)
+            step_pass(0, 1, spec, phase, x2, params, views)
     out2 = borrowed(out).reshape((B, out.shape[2]))
     for b in range(B):
         for j in range(H):
-            out2[b, col + j] = h_n_r[b, j]
+            out2[b, col + j] = h_new[b, j]
     keep_alive(work)
-    keep_alive(lengths_own)
     return 0
-
-
-@njit(**config.PARALLEL)
-def backward_rows(code, phase, t, lengths, gates, h_prev, saved, peephole, dy, has_dy, dgates,
-                  dgates_n, dh, dc, drh, dpeep_rows):
-    zero = dh.dtype.type(0)
-    for row in prange(dh.shape[0]):
-        b = np.int64(row)  # one type for the row steps in the serial and the parallel typing
-        if t >= lengths[b]:
-            # padding: the state gradient passes through; no gradient reaches the weights
-            if phase == 0:
-                for j in range(dgates.shape[2]):
-                    dgates[t, b, j] = zero
-                for j in range(dgates_n.shape[2]):
-                    dgates_n[t, b, j] = zero
-        elif code == RNN_TANH or code == RNN_RELU:
-            rnn_backward_row(b, t, code == RNN_RELU, gates, dy, has_dy, dgates, dh)
-        elif code == LSTM or code == LSTM_PEEPHOLE:
-            lstm_backward_row(b, t, code == LSTM_PEEPHOLE, gates, saved, peephole, dy, has_dy,
-                              dgates, dh, dc, dpeep_rows)
-        elif code == GRU:
-            gru_backward_row(b, t, gates, h_prev, saved, dy, has_dy, dgates, dgates_n, dh)
-        else:
-            gru_reset_before_backward_row(b, t, phase, gates, h_prev, dy, has_dy, dgates, dh,
-                                          drh)
-
-
-@njit(**config.KERNEL)
-def any_active(t, lengths):
-    for b in range(lengths.shape[0]):
-        if t < lengths[b]:
-            return True
-    return False
-
-
-# =============================================================================================
-# The generic time loops. Not decorated: fastrnn._numba compiles each with one explicit
-# signature per dtype (see _signatures there).
-
-def forward_loop(code, x, w_ih, w_hh, b_ih, b_hh, peephole, lengths, reverse, train, units,
-                 pack, use_amx, y, gates, h_prev, saved, hgates, h, h2, c, rh, gates_own,
-                 hgates_own):
-    """Run one layer, one direction. h and c hold the initial state and end as the final one.
-
-    gates (T, B, G*H), h_prev and saved (T, B, H): the cache, cut from one workspace; h_prev and
-    saved are empty unless train. hgates (B, G*H); rh (B, H) scratch for GRU reset-before
-    inference (when training, r * h goes straight into saved).
-    units: 0 for the batch-row loop (a GEMM per step); P >= 1 for the unit-split loop on P
-    threads, which needs h2 (B, H), the second state buffer (empty otherwise); with pack,
-    its products run over weights packed into panels (pack_panels, panel_product), else as
-    dot products (dot_rows). gates_own (P, T, B, G*C), hgates_own (P, B, G*C): for the
-    unit-split loop on P > 1 threads in inference, each thread's gates and hgates in its own
-    buffer (C: the units of the first thread, unit_range), and gates then empty; else empty.
-    units = 0 with pack: the batch-row loop's per-step products over w_hh packed once (its
-    rows), on this thread, with BLAS for the input projection; units = -P (pack set): the
-    same on a pool of P threads (products split by panels, passes by rows), the input
-    projection a packed product too: no BLAS call. use_amx (float32 only, amx.AVAILABLE): in
-    the batch-row loop, the products over at least amx.MIN_ROWS rows of x take the tile unit;
-    in the unit-split loop with pack, the input projection (units_input).
-    """
-    T, B, I = x.shape
-    GH, H = w_hh.shape
-    # reset-before: h @ W_hn.T is replaced by (r * h) @ W_hn.T, which needs r first; so its
-    # steps run in two phases (r, z then n), with that GEMM between them
-    first = 2 * H if code == GRU_RESET_BEFORE else GH
-    phases = 2 if code == GRU_RESET_BEFORE else 1
-    if units > 0:
-        # pack: the weight rows of each thread as panels (see pack_panels), packed by the
-        # thread itself once per call (fastrnn._numba decides, see config.PANEL_MIN_ROWS)
-        NR = panel_width(x)
-        panels = -(-unit_range(0, units, H)[1] // NR)      # the most a thread has per block
-        P = units if pack else 0
-        packed_ih = panel_buffer((P, panels, I, NR), x)
-        packed_hh = panel_buffer((P, GH // H, panels, H, NR), x)
-        # the input projection on the tile unit when the call packs and has a tile of rows:
-        # a buffer per thread for one block of its rows of w_ih, else none
-        amx_parts = P if use_amx and T * B >= amx.MIN_ROWS else 0
-        amx_rows = amx.packed_size(unit_range(0, units, H)[1], I)
-        amx_ih = amx.buffer(amx_parts * amx_rows).reshape((amx_parts, amx_rows))
-        x2 = x.reshape((T * B, I))
-        if units > 1:
-            # gates = x @ w_ih.T, then the steps, in one parallel region (units_loop_part).
-            # Inference: each part's gates and hgates in its own buffers (gates_own,
-            # hgates_own), not interleaved with the other parts' in rows of the layer's
-            # (T, B, G*H): parts that write next to each other's columns slow each other down
-            # (measured, LSTM H=256, 2 parts, the elementwise pass alone: 3.9-4.3 -> 2.5 us a
-            # step at B=4, 16.5 -> 11.4 at B=16; whole calls 13-17% faster). Training keeps
-            # the layer's gates: they are the cache.
-            sync = np.zeros((units + 1) * _SYNC_STRIDE, np.int64)
-            for q in range(units):
-                sync[(q + 1) * _SYNC_STRIDE] = -1
-            units_loop_parallel(units, T, H, reverse, code, x2, w_ih, lengths, train, w_hh,
-                                packed_ih, packed_hh, amx_ih, gates, hgates, gates_own, hgates_own,
-                                b_ih, b_hh, peephole, h, h2, c, y, h_prev, saved, rh, sync)
-        else:
-            # gates = x @ w_ih.T                                           (T*B, G*H)
-            units_input(0, 1, H, x2, w_ih, False, gates.reshape((T * B, GH)), w_hh, packed_ih,
-                        packed_hh, amx_ih)
-            # h double-buffered as in the parallel loop
-            h_in, h_out = h, h2
-            for s in range(T):
-                t = T - 1 - s if reverse else s
-                active = any_active(t, lengths)
-                rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
-                for phase in range(phases):
-                    units_pass(0, 1, code, phase, t, active, lengths, train, w_hh, packed_hh,
-                               False, gates, hgates, b_ih, b_hh, peephole, h_in, h_out, c, y,
-                               h_prev, saved, rh_t, s % 2 == 1)
-                h_in, h_out = h_out, h_in
-        if T % 2 == 1:
-            h[:, :] = h2
-        return
-    if units < 0 or pack:
-        P = max(1, -units)
-        NR = panel_width(x)
-        amx_in = use_amx and units < 0 and T * B >= amx.MIN_ROWS
-        amx_h = use_amx and B >= amx.MIN_ROWS
-        # w_hh's panels (none when the tile unit takes the per-step products)
-        first_panels = 0 if amx_h else -(-first // NR)
-        n_panels = -(-H // NR) if phases == 2 and not amx_h else 0
-        # panel.h-style panels for what does not take the tile unit (empty when nothing)
-        flat = panel_buffer((max(-(-GH // NR) * I if units < 0 and not amx_in else 0,
-                                 (first_panels + n_panels) * H) * NR,), x)
-        # the same on the tile unit: its layout, float32 (empty unless used)
-        amx_first = amx.packed_size(first, H) if amx_h else 0
-        amx_flat = amx.buffer(max(amx.packed_size(GH, I) if amx_in else 0,
-                                  amx_first + (amx.packed_size(H, H) if amx_h else 0)))
-        # gates = x @ w_ih.T                                               (T*B, G*H)
-        if amx_in:
-            amx.pack_and_multiply(P, w_ih, GH, x.reshape((T * B, I)),
-                                  gates.reshape((T * B, GH)), False, amx_flat)
-        elif units < 0:
-            pack_and_multiply(P, w_ih, GH, x.reshape((T * B, I)), gates.reshape((T * B, GH)),
-                              False, flat)
-        else:
-            gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
-        # w_hh's rows packed; GRU reset-before: its n block's apart, packed on their own
-        packed_hh = flat[:first_panels * H * NR].reshape((first_panels, H, NR))
-        packed_n = flat[first_panels * H * NR:(first_panels + n_panels) * H * NR].reshape(
-            (n_panels, H, NR))
-        amx_n = amx_flat[amx_first:]
-        pack_step_weights(P, amx_h, w_hh, 0, first, amx_flat, packed_hh)
-        if phases == 2:
-            pack_step_weights(P, amx_h, w_hh, first, H, amx_n, packed_n)
-        for s in range(T):
-            t = T - 1 - s if reverse else s
-            active = any_active(t, lengths)
-            if active:
-                # hgates[:, :first] = h @ w_hh[:first].T                     (B, G*H or 2H)
-                step_product(P, amx_h, amx_flat, packed_hh, first, h, hgates, 0, False)
-            rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
-            for phase in range(phases):
-                if phase == 1 and active:
-                    # hgates[:, 2H:] = rh @ w_hh[2H:].T                      (B, H)
-                    step_product(P, amx_h, amx_n, packed_n, H, rh_t, hgates, first, False)
-                forward_rows(code, phase, t, lengths, train, gates, hgates, b_ih, b_hh,
-                             peephole, h, c, y, h_prev, saved, rh_t)
-        return
-    # gates = x @ w_ih.T                                                   (T*B, G*H)
-    gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        active = any_active(t, lengths)
-        if active:
-            # hgates[:, :first] = h @ w_hh[:first].T                         (B, G*H or 2H)
-            gemm(h, NO_TRANS, w_hh[:first], TRANS, hgates[:, :first], 0.0)
-        rh_t = saved[t] if train and code == GRU_RESET_BEFORE else rh
-        for phase in range(phases):
-            if phase == 1 and active:
-                # hgates[:, 2H:] = rh @ w_hh[2H:].T                          (B, H)
-                gemm(rh_t, NO_TRANS, w_hh[2 * H:], TRANS, hgates[:, 2 * H:], 0.0)
-            forward_rows(code, phase, t, lengths, train, gates, hgates, b_ih, b_hh, peephole, h,
-                         c, y, h_prev, saved, rh_t)
-
-
-def backward_loop(code, x, w_ih, w_hh, peephole, lengths, reverse, truncate, pack, use_amx, pool,
-                  gates, h_prev, saved, dy, has_dy, dgates, dgates_n, dh, dc, drh, dpeep_rows,
-                  ones, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
-    """Backward through one layer, one direction; ADDS into dx, dw_*, db_*, dpeephole.
-
-    dh, dc (B, H) hold the gradient of the final state and end as that of the initial state.
-    dgates (T, B, G*H) written whole; dgates_n (T, B, H) GRU only; drh (B, H) GRU reset-before
-    only; dpeep_rows (B, 3H) zeros, LSTM with peepholes only; ones (T*B,) all ones.
-    truncate: 0 for none. pack: the per-step products over w_hh's columns packed once (see
-    forward_loop); pool > 0: on that many threads, and the products after the loop packed too
-    (no BLAS call: packed_gradients); pool = 0: on this thread, and BLAS after the loop.
-    use_amx: as in forward_loop.
-    """
-    T = x.shape[0]
-    GH, H = w_hh.shape
-    first = 2 * H if code == GRU_RESET_BEFORE else GH
-    phases = 2 if code == GRU_RESET_BEFORE else 1
-    P = max(1, pool)
-    # the columns of w_hh as panels, W[u, g] = w_hh[g, u]; GRU reset-before: those of its n
-    # block apart (empty unless pack)
-    NR = panel_width(x)
-    col_panels = -(-H // NR) if pack else 0
-    amx_h = pack and use_amx and x.shape[1] >= amx.MIN_ROWS
-    packed_hh = panel_buffer((0 if amx_h else col_panels, first, NR), x)
-    packed_n = panel_buffer((col_panels if phases == 2 and not amx_h else 0, H, NR), x)
-    # or on the tile unit: w_hh's columns in its layout (empty unless used)
-    amx_first = amx.packed_size(H, first) if amx_h else 0
-    amx_hh = amx.buffer(amx_first + (amx.packed_size(H, H) if amx_h and phases == 2 else 0))
-    amx_n = amx_hh[amx_first:]
-    if pack:
-        pack_step_weights(P, amx_h, w_hh[:first].T, 0, H, amx_hh, packed_hh)
-        if phases == 2:
-            pack_step_weights(P, amx_h, w_hh[first:].T, 0, H, amx_n, packed_n)
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        active = any_active(t, lengths)
-        for phase in range(phases):
-            if phase == 1 and active:
-                # drh = dgates[t][:, 2H:] @ w_hh[2H:]                        (B, H)
-                if pack:
-                    step_product(P, amx_h, amx_n, packed_n, H, dgates[t][:, 2 * H:], drh, 0,
-                                 False)
-                else:
-                    gemm(dgates[t][:, 2 * H:], NO_TRANS, w_hh[2 * H:], NO_TRANS, drh, 0.0)
-            backward_rows(code, phase, t, lengths, gates, h_prev, saved, peephole, dy, has_dy,
-                          dgates, dgates_n, dh, dc, drh, dpeep_rows)
-        if active:
-            # dh += dgates[t][:, :first] @ w_hh[:first]                      (B, H)
-            if pack:
-                step_product(P, amx_h, amx_hh, packed_hh, H, dgates[t][:, :first], dh, 0, True)
-            else:
-                gemm(dgates[t][:, :first], NO_TRANS, w_hh[:first], NO_TRANS, dh, 1.0)
-        # the state gradient leaving step t crosses the boundary to the step before it in time
-        # order (t - 1 forward, t + 1 reverse); truncation cuts boundaries at multiples of k
-        boundary = t + 1 if reverse else t
-        if truncate > 0 and 0 < boundary < T and boundary % truncate == 0:
-            dh[:] = 0
-            dc[:] = 0
-    if pack and pool > 0:
-        packed_gradients(P, code, use_amx, amx_hh, x, w_ih, h_prev, saved, dgates, dgates_n,
-                         dpeep_rows, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
-    else:
-        weight_gradients(code, x, w_ih, gates, h_prev, saved, dgates, dgates_n, dpeep_rows,
-                         ones, dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole)
-
-
-@njit(**config.KERNEL)
-def weight_gradients(code, x, w_ih, gates, h_prev, saved, dgates, dgates_n, dpeep_rows, ones,
-                     dx, dw_ih, dw_hh, db_ih, db_hh, dpeephole):
-    """The merged GEMMs and reductions over all T*B rows, after the backward time loop."""
-    T, B, I = x.shape
-    GH = dgates.shape[2]
-    H = h_prev.shape[2]
-    x2 = x.reshape((T * B, I))
-    dx2 = dx.reshape((T * B, I))
-    dgates2 = dgates.reshape((T * B, GH))
-    h_prev2 = h_prev.reshape((T * B, H))
-    ones2 = ones.reshape((1, T * B))
-    db_ih2 = db_ih.reshape((1, GH))
-    # hidden side: dgates is the gradient of W_hh h + b_hh
-    if code == GRU_RESET_BEFORE:
-        # dw_hh[:2H] += dgates[:, :2H].T @ h_prev                          (2H, H)
-        gemm(dgates2[:, :2 * H], TRANS, h_prev2, NO_TRANS, dw_hh[:2 * H], 1.0)
-        # dw_hh[2H:] += dgates[:, 2H:].T @ rh                              (H, H)
-        gemm(dgates2[:, 2 * H:], TRANS, saved.reshape((T * B, H)), NO_TRANS, dw_hh[2 * H:], 1.0)
-    else:
-        # dw_hh += dgates.T @ h_prev                                       (G*H, H)
-        gemm(dgates2, TRANS, h_prev2, NO_TRANS, dw_hh, 1.0)
-    # db_hh += dgates.sum(axis=0)  (as ones @ dgates)                      (1, G*H)
-    gemm(ones2, NO_TRANS, dgates2, NO_TRANS, db_hh.reshape((1, GH)), 1.0)
-    # input side: the same gradient, except for the n gate of the GRU (reset after)
-    if code == GRU:
-        dgates_n2 = dgates_n.reshape((T * B, H))
-        # dw_ih[:2H] += dgates[:, :2H].T @ x                               (2H, I)
-        gemm(dgates2[:, :2 * H], TRANS, x2, NO_TRANS, dw_ih[:2 * H], 1.0)
-        # dw_ih[2H:] += dgates_n.T @ x                                     (H, I)
-        gemm(dgates_n2, TRANS, x2, NO_TRANS, dw_ih[2 * H:], 1.0)
-        # dx += dgates[:, :2H] @ w_ih[:2H]                                 (T*B, I)
-        gemm(dgates2[:, :2 * H], NO_TRANS, w_ih[:2 * H], NO_TRANS, dx2, 1.0)
-        # dx += dgates_n @ w_ih[2H:]                                       (T*B, I)
-        gemm(dgates_n2, NO_TRANS, w_ih[2 * H:], NO_TRANS, dx2, 1.0)
-        # db_ih[:2H] += dgates[:, :2H].sum(axis=0)                         (1, 2H)
-        gemm(ones2, NO_TRANS, dgates2[:, :2 * H], NO_TRANS, db_ih2[:, :2 * H], 1.0)
-        # db_ih[2H:] += dgates_n.sum(axis=0)                               (1, H)
-        gemm(ones2, NO_TRANS, dgates_n2, NO_TRANS, db_ih2[:, 2 * H:], 1.0)
-    else:
-        # dw_ih += dgates.T @ x                                            (G*H, I)
-        gemm(dgates2, TRANS, x2, NO_TRANS, dw_ih, 1.0)
-        # dx += dgates @ w_ih                                              (T*B, I)
-        gemm(dgates2, NO_TRANS, w_ih, NO_TRANS, dx2, 1.0)
-        # db_ih += dgates.sum(axis=0)                                      (1, G*H)
-        gemm(ones2, NO_TRANS, dgates2, NO_TRANS, db_ih2, 1.0)
-    if code == LSTM_PEEPHOLE:
-        # dpeephole += dpeep_rows.sum(axis=0)                              (1, 3H)
-        gemm(ones2[:, :B], NO_TRANS, dpeep_rows, NO_TRANS, dpeephole.reshape((1, 3 * H)), 1.0)
