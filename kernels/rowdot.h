@@ -133,7 +133,7 @@ static FR_CLONES void fr_rowdot_##SUF(const T* w, ptrdiff_t ldw, ptrdiff_t rows,
 FR_DEFINE(float, fallback_f32)
 FR_DEFINE(double, f64)
 
-/* float32 with one or two rows of x (the recurrent product of B <= 2, layer_step): AVX2+FMA
+/* float32 with one or two rows of x (the recurrent product of B <= 2, one-step calls): AVX2+FMA
  * intrinsics, 8 (nb 1) or 4 (nb 2) weight rows at a time, whose sums are reduced together by a
  * tree of horizontal adds (9 instructions for 8 sums instead of about 6 each: for H = 128 the
  * separate reductions of `omp simd` cost a third of the kernel's time). */
@@ -222,7 +222,7 @@ static inline void fr_avx2_r4x2(const float* wr, ptrdiff_t ldw, ptrdiff_t k, con
 
 /* The same two kernels on 512-bit vectors (AVX-512F), where the CPU has them: half the loads
  * and multiply-adds per term (C microbenchmark, one core, an H = 128 LSTM step's rows from
- * L2, AMD EPYC: 4.4 -> 3.6 us; whole layer_step calls on an Intel Xeon: within the noise,
+ * L2, AMD EPYC: 4.4 -> 3.6 us; whole one-step calls on an Intel Xeon: within the noise,
  * bound by L2 bandwidth). Each 16-lane sum is folded to 8 lanes, then reduced by fr_sum8. */
 #define FR_FOLD8(a) _mm256_add_ps(_mm512_castps512_ps256(a),                                    \
                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
