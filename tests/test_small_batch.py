@@ -246,9 +246,10 @@ def test_one_step_call_follows_the_layer_as_it_changes(backend):
                      "bias=False")
 
 
-def test_step_benchmark_call_takes_the_fast_path():
+@pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
+def test_step_benchmark_call_takes_the_fast_path(backend_name):
     """The single-step benchmark case calls the layer the way this path expects."""
-    m = fastrnn.LSTM(8, 8, dtype=np.float32, backend="reference")
+    m = fastrnn.LSTM(8, 8, dtype=np.float32, backend=backend_name)
     calls = _call_counter(m)
     x = np.zeros((1, 1, 8), np.float32)
     _, s = m(x, None)
