@@ -19,7 +19,7 @@ import os
 if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "10000"
 
-from . import cells, charlm, functional, sequence, train  # noqa: E402
+from . import cells, charlm, convert, functional, sequence, train  # noqa: E402
 from .dispatch import (BackendUnavailable, backends, get_backend,  # noqa: E402
                        limit_numpy_blas_threads, set_num_threads)
 from .layers import GRU, LSTM, RNN  # noqa: E402
@@ -28,4 +28,4 @@ __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "GRU", "backends", "get_backend", "set_num_threads",
            "limit_numpy_blas_threads", "BackendUnavailable",
-           "functional", "cells", "sequence", "__version__"]
+           "functional", "cells", "convert", "sequence", "__version__"]
