@@ -88,7 +88,9 @@ def get_backend(name="auto"):
 
 
 def set_num_threads(n):
-    """Threads for the compiled kernels' elementwise passes and for BLAS, in every backend.
+    """Threads of the compiled kernels, in every backend (the numba backend sets SciPy's BLAS,
+    which it calls, too; the cython backend's BLAS keeps its own, and NumPy's BLAS is apart:
+    see ``limit_numpy_blas_threads``).
 
     A forked child process (``os.fork``, multiprocessing's "fork" start method) starts on one
     thread, as if it had called ``set_num_threads(1)``; calling it there gives the child a pool

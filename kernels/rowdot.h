@@ -9,7 +9,8 @@
  *   Four weight rows are summed at once (4*nb independent accumulators): one accumulator chain
  *   would be bound by the FMA latency, not by the bandwidth.
  *
- * The extension is built for plain x86-64 (SSE2) and without -ffast-math, so that NaN survives.
+ * The extension is built without -ffast-math, so that NaN survives (for the CPU it is built on,
+ * or for plain x86-64 with FASTRNN_PORTABLE=1).
  * A float reduction does not vectorise under those rules unless the compiler is allowed to
  * reorder it: `omp simd reduction` allows exactly that (each lane keeps a partial sum; no
  * assumption about NaN or infinity is made), and GCC's function multi-versioning compiles the

@@ -13,6 +13,11 @@ names. Where the two differ, it is said here once:
   step's views ``step``, ``cache_t``, ``grads_t``: see Cache).
 - Threads are Numba's (prange, its OpenMP or TBB layer), not OpenMP's directly; the unit-split
   loop meets on atomic counters of its own instead of OpenMP barriers (see Threads).
+- The thresholds are each backend's own, measured on its kernels: packing from
+  config.PANEL_MIN_ROWS rows here (the Cython backend's _PACK_MIN_ROWS), threads in the
+  unit-split loop from config.UNITS_PARALLEL_MIN_WORK; and with several threads the unit-split
+  loop's gates go to per-thread buffers (``gates_own``, ``hh_own``), where Cython's threads
+  share the layer's ``gates``.
 
 Cells
     ``cells.Cell.kernel_spec()`` is the cell as the loops read it, the tuple ``spec = (code, G,
