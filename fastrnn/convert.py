@@ -17,11 +17,12 @@ needed. The correspondence (U = units, I = input features):
                                               bias_hh_l0 = 0
     SimpleRNN kernel (I, U), bias (U,)        RNN(nonlinearity=activation), tanh or relu
     use_bias=False                            bias=False
-    Bidirectional(merge_mode="concat")        bidirectional=True; the backward layer's
+    Bidirectional(merge_mode=m)               bidirectional=True, merge=m ("concat", "sum",
+                                              "mul", "ave"); the backward layer's
                                               weights are the ``_reverse`` ones
     output, return_sequences=True             y (B, T, D*U)
-    output, return_sequences=False            y[:, -1] (one direction); concatenation of
-                                              h_n[0] and h_n[1] (Bidirectional)
+    output, return_sequences=False            y[:, -1] (one direction); h_n[0] and h_n[1]
+                                              merged (Bidirectional)
     return_state: h (and c)                   h_n[d], c_n[d]
 
 Keras's ``h = z * h + (1 - z) * hh`` is fastrnn's ``h' = (1 - z) n + z h``. Options that only
@@ -29,7 +30,7 @@ act in training (dropout, recurrent_dropout, initializers, regularizers, constra
 what Keras returns (return_sequences, return_state, stateful, unroll) are accepted and do not
 change the layer; anything else that fastrnn cannot compute (activations other than tanh (and
 relu for SimpleRNN) with a sigmoid recurrent activation, go_backwards on a single layer, a
-merge_mode other than "concat") raises an error naming the option.
+merge_mode of None) raises an error naming the option.
 """
 import numpy as np
 
@@ -97,8 +98,9 @@ def from_keras(layer, weights=None, config=None, *, dtype=None, backend="auto", 
     first = directions[0]
     if dtype is None:
         dtype = first["dtype"] if first["dtype"] in (np.float32, np.float64) else np.float32
+    merge = config.get("merge_mode", "concat") if layer == "Bidirectional" else "concat"
     m = first["class"](first["input_size"], first["units"], 1,
-                       bidirectional=len(directions) == 2, bias=first["use_bias"],
+                       bidirectional=len(directions) == 2, merge=merge, bias=first["use_bias"],
                        batch_first=batch_first, dtype=dtype, backend=backend,
                        **first["cell_options"])
     params = {}
@@ -187,9 +189,9 @@ def _bidirectional(weights, config):
         raise TypeError(f"{unknown[0]}: not an option of a Keras Bidirectional that from_keras "
                         f"knows")
     merge_mode = config.get("merge_mode", "concat")
-    if merge_mode != "concat":
-        raise ValueError(f"merge_mode: fastrnn concatenates the two directions ('concat'), "
-                         f"got {merge_mode!r}")
+    if merge_mode not in ("concat", "sum", "mul", "ave"):
+        raise ValueError(f"merge_mode: expected 'concat', 'sum', 'mul' or 'ave' (fastrnn's "
+                         f"merge), got {merge_mode!r}")
     forward = config.get("layer")
     if not isinstance(forward, dict) or forward.get("class_name") not in _KERAS_CELLS:
         raise ValueError(f"layer: expected {{'class_name': 'LSTM', 'GRU' or 'SimpleRNN', "

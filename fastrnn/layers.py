@@ -19,6 +19,9 @@ __all__ = ["RNN", "LSTM", "GRU", "Cache"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _BIASES = ("b_ih", "b_hh")      # the parameters a layer with bias=False has not
+# how a bidirectional layer joins its two directions' outputs (Keras's merge_mode)
+MERGES = ("concat", "sum", "mul", "ave")
+INITS = ("pytorch", "keras")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +170,8 @@ class Cache:
         self.batch_first = batch_first
         self.inputs = []                # per layer: its input (T, B, I_k), after dropout
         self.masks = []                 # per layer k >= 1: dropout mask applied to its input
+        self.outputs = []               # per layer, merge other than concat: both directions'
+                                        # outputs (T, B, 2H) before the merge
         self.kernel_caches = []         # per layer and direction: the backend's own cache, which
                                         # holds the layer input, state and parameter copies
 
@@ -175,8 +180,8 @@ class _RNNBase:
     mode = None  # "RNN", "LSTM" or "GRU"
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype=np.float32, backend="auto", seed=None,
-                 _cell_options=None):
+                 dropout=0.0, bidirectional=False, merge="concat", init="pytorch",
+                 dtype=np.float32, backend="auto", seed=None, _cell_options=None):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
@@ -194,6 +199,16 @@ class _RNNBase:
         self.dropout = float(dropout)
         self.bidirectional = _flag("bidirectional", bidirectional)
         self.num_directions = 2 if self.bidirectional else 1
+        if merge not in MERGES:
+            raise ValueError(f"merge: expected one of {', '.join(map(repr, MERGES))}, "
+                             f"got {merge!r}")
+        if merge != "concat" and not self.bidirectional:
+            raise ValueError(f"merge: {merge!r} needs bidirectional=True (one direction has "
+                             f"nothing to merge)")
+        self.merge = merge
+        if init not in INITS:
+            raise ValueError(f"init: expected one of {', '.join(map(repr, INITS))}, got {init!r}")
+        self.init = init
         self.cell = cell_for(self.mode, **(_cell_options or {}))
         self.backend = _backends.resolve(backend)
         self._kernels = _backends.get_backend(self.backend)
@@ -218,7 +233,7 @@ class _RNNBase:
         self._zero_bias.flags.writeable = False
         self._identity = self._describe()
         # a backend's whole one-step call (layer_call_step) and what it takes of the layer
-        self._call_step = getattr(self._kernels, "layer_call_step", None)
+        self._call_step = self._backend_call_step()
         # names per layer and direction: (w_ih, w_hh, b_ih, b_hh, peephole), None: absent
         self._step_spec = (self.cell.code, self.dtype == np.float64, self.input_size,
                            self.hidden_size, self.num_layers, self.num_directions,
@@ -240,14 +255,27 @@ class _RNNBase:
                     store[name] = _aligned_zeros(p.shape, p.dtype)
                     store[name][...] = p
         self._kernels = _backends.get_backend(self.backend)
-        self._call_step = getattr(self._kernels, "layer_call_step", None)
+        self._call_step = self._backend_call_step()
         self._identity = self._describe()
+
+    @property
+    def output_size(self):
+        """Width of y and of each layer's output: D*H, or H when two directions are merged
+        by sum, mul or ave."""
+        merged = self.num_directions == 2 and self.merge != "concat"
+        return self.hidden_size * (1 if merged else self.num_directions)
+
+    def _backend_call_step(self):
+        """The backend's one-step call, which knows only concatenated directions."""
+        if self.num_directions == 2 and self.merge != "concat":
+            return None
+        return getattr(self._kernels, "layer_call_step", None)
 
     def _describe(self):
         """What a cache records of the layer that made it, for backward to compare."""
         return {"cell": self.cell.name, "input_size": self.input_size,
                 "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-                "num_directions": self.num_directions, "bias": self.bias,
+                "num_directions": self.num_directions, "merge": self.merge, "bias": self.bias,
                 "dtype": self.dtype.name, "backend": self.backend}
 
     # -- parameters ------------------------------------------------------------------------
@@ -256,7 +284,7 @@ class _RNNBase:
         H = self.hidden_size
         shapes = {}
         for layer in range(self.num_layers):
-            layer_input = self.input_size if layer == 0 else H * self.num_directions
+            layer_input = self.input_size if layer == 0 else self.output_size
             cell_shapes = self.cell.param_shapes(layer_input, H)
             for direction in range(self.num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -266,11 +294,24 @@ class _RNNBase:
         return shapes
 
     def _init_params(self, rng):
+        """init="pytorch": every parameter uniform in +-1/sqrt(H). init="keras": Keras's
+        defaults, Glorot-uniform input weights, orthogonal recurrent weights, zero biases but
+        the LSTM forget gate's b_ih (1, unit_forget_bias), zero peepholes."""
         bound = 1.0 / np.sqrt(self.hidden_size)
         params = {}
         for name, shape in self._param_shapes().items():
             params[name] = _aligned_zeros(shape, self.dtype)
-            params[name][...] = rng.uniform(-bound, bound, size=shape)
+            if self.init == "pytorch":
+                params[name][...] = rng.uniform(-bound, bound, size=shape)
+            elif name.startswith("weight_ih"):
+                # Keras's kernel is this transposed, (I, G*H): fans I and G*H either way
+                limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+                params[name][...] = rng.uniform(-limit, limit, size=shape)
+            elif name.startswith("weight_hh"):
+                params[name][...] = _orthogonal_columns(rng, shape)
+            elif name.startswith("bias_ih") and self.mode == "LSTM":
+                H = self.hidden_size
+                params[name][H:2 * H] = 1.0      # gate order i, f, g, o
         return params
 
     def _check_params(self):
@@ -421,7 +462,8 @@ class _RNNBase:
                 cache.masks.append(mask)
             elif layer > 0 and train:
                 cache.masks.append(None)
-            if layer == L - 1 and self.batch_first:
+            merged = D == 2 and self.merge != "concat"
+            if layer == L - 1 and self.batch_first and not merged:
                 out_btd = _scratch.empty((B, T, D * H), self.dtype)  # the caller's layout
                 out = out_btd.transpose(1, 0, 2)                 # (T, B, D*H) view of it
             else:
@@ -443,6 +485,12 @@ class _RNNBase:
                 kernel_caches = [run(direction) for direction in range(D)]
             if train:
                 cache.kernel_caches.extend(kernel_caches)
+            if merged:
+                if train:
+                    cache.outputs.append(out)        # mul's backward reads both directions
+                out = _merge_directions(self.merge, out, H,
+                                        layer == L - 1 and self.batch_first)
+                out_btd = out.transpose(1, 0, 2)
             layer_input = out
         y = out_btd if self.batch_first else out
         return y, self._state_out(final), cache
@@ -474,8 +522,10 @@ class _RNNBase:
         truncate = _truncation(truncate, T)
         self._check_params()    # backward reads the cache's copies, but a broken layer is named
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        merged = D == 2 and self.merge != "concat"
         if dy is not None:
-            y_shape = (B, T, D * H) if cache.batch_first else (T, B, D * H)
+            width = self.output_size
+            y_shape = (B, T, width) if cache.batch_first else (T, B, width)
             dy = _check_gradient("dy", dy, self.dtype, y_shape)
             if cache.batch_first:
                 dy = dy.transpose(1, 0, 2)
@@ -483,6 +533,8 @@ class _RNNBase:
         d_initial = tuple(np.zeros((L * D, B, H), self.dtype) for _ in d_final)
         scratch_bias = {}
         for layer in reversed(range(L)):
+            if merged and dy is not None:       # the gradient of each direction's output
+                dy = _unmerge_gradient(self.merge, dy, cache.outputs[layer], H)
             layer_input = cache.inputs[layer]
             d_input = _scratch.zeros(layer_input.shape, self.dtype)
             work = T * B * self.cell.num_gates * H * (layer_input.shape[2] + H)
@@ -551,11 +603,54 @@ class _RNNBase:
             options.append("bidirectional=True")
         if self.batch_first:
             options.append("batch_first=True")
+        if self.bidirectional and self.merge != "concat":
+            options.append(f"merge={self.merge!r}")
         if self.dropout:
             options.append(f"dropout={self.dropout}")
+        if self.init != "pytorch":
+            options.append(f"init={self.init!r}")
         options.append(f"cell={self.cell.name!r}, dtype={self.dtype.name}, "
                        f"backend={self.backend!r}")
         return f"{type(self).__name__}({', '.join(options)})"
+
+
+def _orthogonal_columns(rng, shape):
+    """A (rows, cols) matrix with orthonormal columns (rows >= cols), Haar-distributed: Keras's
+    Orthogonal initializer of the recurrent kernel (cols, rows) has orthonormal rows."""
+    q, r = np.linalg.qr(rng.standard_normal(shape))
+    return q * np.sign(np.diag(r))          # signs fixed so the distribution is uniform
+
+
+def _merge_directions(merge, out, H, batch_first):
+    """The merge of out (T, B, 2H), forward half and reverse half, into (T, B, H) (a view of
+    a (B, T, H) array when ``batch_first``)."""
+    T, B = out.shape[:2]
+    if batch_first:
+        merged = _scratch.empty((B, T, H), out.dtype).transpose(1, 0, 2)
+    else:
+        merged = _scratch.empty((T, B, H), out.dtype)
+    forward, reverse = out[:, :, :H], out[:, :, H:]
+    if merge == "sum":
+        np.add(forward, reverse, out=merged)
+    elif merge == "mul":
+        np.multiply(forward, reverse, out=merged)
+    else:                                   # ave
+        np.add(forward, reverse, out=merged)
+        merged *= 0.5
+    return merged
+
+
+def _unmerge_gradient(merge, d_merged, out, H):
+    """The gradient of out (T, B, 2H) from the gradient of its merge (T, B, H)."""
+    d_out = _scratch.empty(out.shape, out.dtype)
+    if merge == "mul":                      # d(f * r) = r df + f dr
+        np.multiply(d_merged, out[:, :, H:], out=d_out[:, :, :H])
+        np.multiply(d_merged, out[:, :, :H], out=d_out[:, :, H:])
+    else:
+        scale = 0.5 if merge == "ave" else 1.0
+        np.multiply(d_merged, scale, out=d_out[:, :, :H])
+        d_out[:, :, H:] = d_out[:, :, :H]
+    return d_out
 
 
 def _check_gradient(name, value, dtype, shape):

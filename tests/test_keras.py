@@ -99,6 +99,13 @@ def test_from_keras_bidirectional_equals_keras_equations(kind):
     y_forward, states_forward = keras_steps(kind, forward, x)
     y_backward, states_backward = keras_steps(kind, backward, x[:, ::-1])
     assert max_rel_error(y, np.concatenate([y_forward, y_backward[:, ::-1]], axis=-1)) <= 1e-10
+    for merge, combine in [("sum", np.add), ("mul", np.multiply),
+                           ("ave", lambda a, b: (a + b) / 2)]:
+        merged = from_keras("Bidirectional", forward + backward,
+                            {"layer": inner, "backward_layer": back, "merge_mode": merge},
+                            backend="reference")
+        assert merged.merge == merge
+        assert max_rel_error(merged(x)[0], combine(y_forward, y_backward[:, ::-1])) <= 1e-10
     for ours, f, b in zip(final if kind == "LSTM" else [final], states_forward, states_backward):
         assert max_rel_error(ours, np.stack([f, b])) <= 1e-10
 
@@ -120,8 +127,8 @@ def test_from_keras_bidirectional_equals_keras_equations(kind):
     (lambda w: from_keras("LSTM", w[:2] + [np.zeros((2, 12))]),
      r"weights\[2\] \(bias\): expected shape \(12,\) for a Keras LSTM, got \(2, 12\)"),
     (lambda w: from_keras("Bidirectional", w + w, {"layer": {"class_name": "LSTM", "config": {}},
-                                                   "merge_mode": "sum"}),
-     r"merge_mode: .*'concat'.*got 'sum'"),
+                                                   "merge_mode": None}),
+     r"merge_mode: expected 'concat', 'sum', 'mul' or 'ave'.*got None"),
     (lambda w: from_keras("LSTM", w, {"units": 3}, dtype=np.int32),
      r"dtype: expected float32 or float64"),
     (lambda w: from_keras("Conv1D", w), r"layer: expected 'LSTM', 'GRU', 'SimpleRNN'"),
@@ -155,6 +162,12 @@ KERAS_LAYERS = {
         k.layers.LSTM(5, return_sequences=True, return_state=True)),
     "bidirectional-gru": lambda k: k.layers.Bidirectional(
         k.layers.GRU(5, return_sequences=True, return_state=True)),
+    "bidirectional-lstm-sum": lambda k: k.layers.Bidirectional(
+        k.layers.LSTM(5, return_sequences=True, return_state=True), merge_mode="sum"),
+    "bidirectional-gru-mul": lambda k: k.layers.Bidirectional(
+        k.layers.GRU(5, return_sequences=True, return_state=True), merge_mode="mul"),
+    "bidirectional-rnn-ave": lambda k: k.layers.Bidirectional(
+        k.layers.SimpleRNN(5, return_sequences=True, return_state=True), merge_mode="ave"),
 }
 
 

@@ -48,6 +48,9 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     if not isinstance(layer, (LSTM, GRU, RNN)):
         raise TypeError(f"layer: expected a fastrnn LSTM, GRU or RNN, got "
                         f"{type(layer).__name__}")
+    if layer.merge != "concat":
+        raise ValueError(f"layer: merge={layer.merge!r} has no ONNX form here (an ONNX node's "
+                         f"output keeps both directions); export a layer with merge='concat'")
     batch_first = layer.batch_first if batch_first is None else bool(batch_first)
     op, L, D, H = layer.mode, layer.num_layers, layer.num_directions, layer.hidden_size
     elem = FLOAT_TYPES[layer.dtype]
