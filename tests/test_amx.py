@@ -21,7 +21,7 @@ import pytest
 
 import fastrnn
 
-from conftest import (CELLS, COMPILED_BACKENDS, assert_all_close, child_python, make_layer,
+from conftest import (CELL_OPTIONS, CELLS, COMPILED_BACKENDS, assert_all_close, child_python, make_layer,
                       random_state, result_dict)
 
 
@@ -334,16 +334,13 @@ import fastrnn
 from fastrnn.cells import CELLS
 kernels = fastrnn.get_backend("numba")
 assert kernels.amx_available() and kernels.get_amx(), "the emulated unit is not in use"
-OPTIONS = {"rnn_tanh": dict(nonlinearity="tanh"), "rnn_relu": dict(nonlinearity="relu"),
-           "lstm": {}, "lstm_peephole": dict(peephole=True), "gru": dict(reset_after=True),
-           "gru_reset_before": dict(reset_after=False)}
-assert set(OPTIONS) == set(CELLS)
+OPTIONS = json.loads(OPTIONS_JSON)     # tests/conftest.py's CELL_OPTIONS
 
 def run(cell, backend, T, B, dtype):
     rng = np.random.default_rng(B)
-    cls = {"rnn": fastrnn.RNN, "lst": fastrnn.LSTM, "gru": fastrnn.GRU}[cell[:3]]
-    layer = cls(40, 48, 2, bidirectional=True, dtype=dtype, seed=3, backend=backend,
-                **OPTIONS[cell])
+    cls_name, options = OPTIONS[cell]
+    layer = getattr(fastrnn, cls_name)(40, 48, 2, bidirectional=True, dtype=dtype, seed=3,
+                                       backend=backend, **options)
     x = rng.standard_normal((T, B, 40)).astype(dtype)
     lengths = rng.integers(0, T + 1, size=B)
     lengths[0] = T
@@ -379,7 +376,9 @@ print(json.dumps(report))
 def test_numba_layers_on_an_emulated_tile_unit():
     if "numba" not in COMPILED_BACKENDS:
         pytest.skip("numba not under test")
-    out = subprocess.run([sys.executable, "-c", EMULATED_TILE_UNIT + _EMULATED_LAYERS],
+    options = {cell: (cls.__name__, opts) for cell, (cls, opts) in CELL_OPTIONS.items()}
+    out = subprocess.run([sys.executable, "-c", EMULATED_TILE_UNIT
+                          + f"OPTIONS_JSON = {json.dumps(options)!r}\n" + _EMULATED_LAYERS],
                          capture_output=True, text=True, **child_python())
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.splitlines()[-1])

@@ -120,3 +120,20 @@ def test_parameters_come_from_the_record():
     assert cell.param_shapes(2, 4)["gain"] == (4,)
     assert cells.GRU_RESET_BEFORE.kernel_spec() == (5, 3, 1, 1, 2, 0, 3)
     assert cells.GRU.kernel_spec() == (4, 3, 1, 1, 3, 1, 2)
+
+
+def test_a_record_without_a_step_pair_is_refused_by_each_backend():
+    """A record whose code no compiled step pair has is refused by name, not run with some
+    other cell's step (or none)."""
+    import fastrnn
+    from conftest import COMPILED_BACKENDS
+    unknown = dataclasses.replace(cells.RNN_TANH, name="rnn_unknown", code=99)
+    x = np.ones((2, 1, 3), np.float32)
+    w = (np.zeros((4, 3), np.float32), np.zeros((4, 4), np.float32),
+         np.zeros(4, np.float32), np.zeros(4, np.float32))
+    for name in COMPILED_BACKENDS:
+        kernels = fastrnn.get_backend(name)
+        with pytest.raises(ValueError, match="'rnn_unknown' \\(code 99\\) has no step pair"):
+            kernels.layer_forward(unknown, x, (np.zeros((1, 4), np.float32),), w,
+                                  np.full(1, 2), False, False, np.empty((2, 1, 4), np.float32),
+                                  (np.empty((1, 4), np.float32),))

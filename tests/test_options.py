@@ -202,3 +202,14 @@ def test_onnx_export_refuses_a_merged_layer():
     m = fastrnn.LSTM(3, 4, bidirectional=True, merge="sum", backend="reference")
     with pytest.raises(ValueError, match=r"layer: merge='sum' has no ONNX form"):
         fastrnn.onnx.export(m)
+
+
+def test_onnx_export_refuses_a_cell_without_an_onnx_form():
+    pytest.importorskip("onnx")
+    import dataclasses
+
+    import fastrnn.onnx
+    m = fastrnn.RNN(3, 4, backend="reference")
+    m.cell = dataclasses.replace(m.cell, name="rnn_unknown", code=99)
+    with pytest.raises(ValueError, match=r"layer: its cell 'rnn_unknown' has no ONNX form"):
+        fastrnn.onnx.export(m)

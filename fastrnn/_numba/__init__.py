@@ -237,11 +237,19 @@ class _Output:
 # ---------------------------------------------------------------------------------------------
 # The contract of fastrnn.cells
 
+def _cell_spec(cell):
+    """``cell.kernel_spec()``, for a cell with a step pair in this backend."""
+    if cell.code not in kernels.CODES:
+        raise ValueError(f"cell: {cell.name!r} (code {cell.code}) has no step pair in the "
+                         f"Numba backend (fastrnn/_numba/kernels.py)")
+    return cell.kernel_spec()
+
+
 def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
     dtype = x.dtype
     T, B, I = x.shape
-    spec = cell.kernel_spec()
+    spec = _cell_spec(cell)
     _, G, states, saved_width, second, _, _ = spec
     H = state0[0].shape[1]
     GH = G * H
@@ -305,7 +313,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     x = cache.x
     dtype = x.dtype
     T, B, I = x.shape
-    spec = cell.kernel_spec()
+    spec = _cell_spec(cell)
     _, G, states, _, second, hidden_blocks, _ = spec
     H = cache.arrays[1].shape[2]
     GH = G * H
@@ -343,7 +351,8 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 _call_kernels = [None, None]     # float32, float64: (the step kernel, absent c, absent peephole)
-_STEP_SPECS = {cell.code: cell.kernel_spec() for cell in cells.CELLS.values()}
+_STEP_SPECS = {cell.code: cell.kernel_spec() for cell in cells.CELLS.values()
+               if cell.code in kernels.CODES}
 
 
 def layer_call_step(spec, params, batch_first, x, state):
@@ -371,7 +380,9 @@ def layer_call_step(spec, params, batch_first, x, state):
         return None
     dtype = absent_c.dtype
     rows = layers * D
-    cell_spec = _STEP_SPECS[code]
+    cell_spec = _STEP_SPECS.get(code)
+    if cell_spec is None:       # no step pair here: the general path says so
+        return None
     has_c = cell_spec[2] == 2
     if state is None:
         h0 = np.zeros((rows, B, H), dtype)

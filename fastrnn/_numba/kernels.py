@@ -105,6 +105,8 @@ LSTM = cells.LSTM.code
 LSTM_PEEPHOLE = cells.LSTM_PEEPHOLE.code
 GRU = cells.GRU.code
 GRU_RESET_BEFORE = cells.GRU_RESET_BEFORE.code
+# the codes with a step pair here: fastrnn._numba refuses a record with another one
+CODES = (RNN_TANH, RNN_RELU, LSTM, LSTM_PEEPHOLE, GRU, GRU_RESET_BEFORE)
 
 # plan[0], the forward loop
 ROWS, UNITS = 0, 1

@@ -19,9 +19,9 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from ..layers import GRU, LSTM, RNN
-from ._nodes import (FLOAT_TYPES, LAYER_CLASSES, RNN_OPS, TENSOR_OPS, OnnxModelError, attributes,
-                     check_weights, describe, node_options, onnx_from_params, params_from_onnx,
-                     run_tensor_op)
+from ._nodes import (FLOAT_TYPES, LAYER_CLASSES, ONNX_CELLS, RNN_OPS, TENSOR_OPS, OnnxModelError,
+                     attributes, check_weights, describe, node_options, onnx_from_params,
+                     params_from_onnx, run_tensor_op)
 
 __all__ = ["export", "load", "OnnxModelError", "OPSET"]
 
@@ -48,6 +48,9 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     if not isinstance(layer, (LSTM, GRU, RNN)):
         raise TypeError(f"layer: expected a fastrnn LSTM, GRU or RNN, got "
                         f"{type(layer).__name__}")
+    if layer.cell.name not in ONNX_CELLS:
+        raise ValueError(f"layer: its cell {layer.cell.name!r} has no ONNX form here (export "
+                         f"writes {', '.join(ONNX_CELLS)})")
     if layer.merge != "concat":
         raise ValueError(f"layer: merge={layer.merge!r} has no ONNX form here (an ONNX node's "
                          f"output keeps both directions); export a layer with merge='concat'")

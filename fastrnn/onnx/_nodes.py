@@ -28,6 +28,8 @@ PEEPHOLE_ORDER = [0, 2, 1]
 # the activations fastrnn computes, by ONNX name in lower case, per direction
 DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
 RNN_ACTIVATIONS = {"tanh": "tanh", "relu": "relu"}
+# the cells (fastrnn.cells) that export writes as ONNX nodes; another is refused by name
+ONNX_CELLS = ("rnn_tanh", "rnn_relu", "lstm", "lstm_peephole", "gru", "gru_reset_before")
 
 FLOAT_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT,
                np.dtype(np.float64): onnx.TensorProto.DOUBLE}
