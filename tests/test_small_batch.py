@@ -162,6 +162,7 @@ STEP_STACKS = [(1, False, False), (1, False, True), (2, True, False), (3, False,
 @pytest.mark.parametrize("stack", STEP_STACKS,
                          ids=lambda s: f"L{s[0]}{'bi' if s[1] else ''}{'bf' if s[2] else ''}")
 @pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)     # the reference has no one-step call
 def test_one_step_call_equals_general_path(backend, cell, stack, dtype):
     """``m(x_t, state)`` on one step takes layer_call_step and matches ``forward(train=False)``;
     with arrays not in the kernel's form (other dtype, strided) it takes the general path."""
@@ -210,6 +211,7 @@ def test_one_step_call_keeps_nan_and_inputs(backend, cell):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_one_step_call_follows_the_layer_as_it_changes(backend):
     """The one-step path reads the layer on every call: a parameter array replaced in
     ``params``, a changed ``batch_first``, and a layer without biases give what the general
