@@ -1,6 +1,6 @@
 """Benchmarks: the case table (``cases``), what is timed (``runners``), the pytest-benchmark suite
 (``test_bench.py``, run with ``pytest bench/ --benchmark-only``) and the report against PyTorch
-(``python -m bench.report``, one process per implementation: ``worker``).
+and ONNX Runtime (``python -m bench.report``, one process per implementation: ``worker``).
 
 Importing this package first makes ``import fastrnn`` take the installed package rather than the
 checkout's source tree (see ``bench.installed``), for every entry point alike.

@@ -9,6 +9,9 @@ A case names a layer class (``mode``: the class in ``fastrnn`` and in ``torch.nn
     step    ``steps`` calls of the layer on a one-step input, the state carried from call to call
             (PyTorch: nn.LSTMCell / nn.GRUCell / nn.RNNCell under no_grad)
 
+ONNX Runtime runs the infer and step cases (the layer written by ``fastrnn.onnx.export``); it has
+no training.
+
 Everything is float32. FLOP counts are in one place, ``flops`` below.
 """
 from dataclasses import dataclass

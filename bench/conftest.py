@@ -1,12 +1,13 @@
 """pytest-benchmark settings for ``pytest bench/ --benchmark-only``.
 
 Environment:
-    FASTRNN_BENCH_BACKENDS  comma-separated implementations to time: fastrnn backends and/or
-                            "torch" (default: every compiled backend available here, or the
-                            reference if none is). PyTorch only when named: in the same process
-                            its OpenMP threads disturb the others' timings; the fair comparison
-                            is ``python -m bench.report``. A name that cannot be timed here is
-                            an error, never skipped.
+    FASTRNN_BENCH_BACKENDS  comma-separated implementations to time: fastrnn backends, "torch"
+                            and/or "onnxruntime" (default: every compiled backend available
+                            here, or the reference if none is). PyTorch and ONNX Runtime only
+                            when named: in the same process their threads disturb the others'
+                            timings; the fair comparison is ``python -m bench.report``. A name
+                            that cannot be timed here is an error, never skipped. ONNX Runtime
+                            has no training: its train cases are not collected (said once).
     FASTRNN_BENCH_CASES     comma-separated case names of ``bench/cases.py`` (default: all)
     FASTRNN_BENCH_QUICK     1: a smoke run, 3 calls a benchmark instead of pytest-benchmark's
                             calibrated rounds (``bench.report`` takes it as ``--quick``)
@@ -28,7 +29,7 @@ import pytest
 
 from bench import installed
 from bench.cases import select
-from bench.runners import choose, prepare, set_threads, warm_up
+from bench.runners import ORT, ORT_NO_TRAIN, choose, prepare, runs, set_threads, warm_up
 
 if importlib.util.find_spec("pytest_benchmark") is None:
     raise pytest.UsageError("bench/ needs pytest-benchmark: pip install pytest-benchmark "
@@ -40,6 +41,8 @@ CASES = select(os.environ.get("FASTRNN_BENCH_CASES"))
 IMPLS, NOT_TIMED = choose(
     [n.strip() for n in os.environ.get("FASTRNN_BENCH_BACKENDS", "").split(",") if n.strip()],
     "FASTRNN_BENCH_BACKENDS", torch_by_default=False)
+# the benchmarks: every selected case on every implementation that has something to time for it
+PAIRS = [(case, impl) for case in CASES for impl in IMPLS if runs(case, impl)]
 
 # (case name, impl) -> the exception its warm-up raised
 _warm_up_failures = {}
@@ -64,6 +67,8 @@ def pytest_collection_finish(session):
                                  " (FASTRNN_BENCH_QUICK: 3 calls a benchmark)" if QUICK else ""))
     for name, why in NOT_TIMED:
         say(f"not timed: {name}: {why}")
+    if ORT in IMPLS and any(not runs(case, ORT) for case in CASES):
+        say(f"not timed: {ORT} on the train cases: {ORT_NO_TRAIN}")
     if session.config.option.collectonly:
         return
     if untimed:

@@ -1,6 +1,6 @@
-"""The comparison report: each fastrnn backend against PyTorch, case by case.
+"""The comparison report: each fastrnn backend against PyTorch and ONNX Runtime, case by case.
 
-    python -m bench.report                       # every case, compiled backends and PyTorch
+    python -m bench.report                       # every case, compiled backends, the references
     python -m bench.report --quick --cases lstm-train-256,gru-step-128
     python -m bench.report --backends numba,cython --markdown bench/RESULTS.md \\
         --plot bench/speedup.png --json bench/results.json
@@ -10,12 +10,16 @@ top which one, what it times and what it does not, with the reason. The environm
 FASTRNN_BENCH_CASES (case names) and FASTRNN_BENCH_QUICK=1 (as ``--quick``) are the defaults of
 ``--cases`` and ``--quick``, as for the pytest-benchmark suite.
 
-How it measures. Every implementation (PyTorch, each fastrnn backend, and a BLAS-only process for
-the sgemm peak) runs in its own worker process (``bench.worker``) with the same thread count set
-before any import. The workers build every case and call it once (JIT compiled, memory touched)
-before any timing (the warm-up, whose time is printed per implementation). Then, for
-``--rounds`` rounds, each case is timed on each implementation in turn, the order rotated from
-case to case and round to round; only one worker runs at a time.
+The references: PyTorch, and ONNX Runtime for the infer and step cases (it has no training; the
+model is the same fastrnn layer, written by ``fastrnn.onnx.export``), each when installed and
+not left out (``--no-torch``, ``--no-ort``).
+
+How it measures. Every implementation (PyTorch, ONNX Runtime, each fastrnn backend, and a BLAS-only
+process for the sgemm peak) runs in its own worker process (``bench.worker``) with the same thread
+count set before any import. The workers build every case and call it once (JIT compiled, memory
+touched) before any timing (the warm-up, whose time is printed per implementation). Then, for
+``--rounds`` rounds, each case is timed on each implementation in turn, the order rotated from case
+to case and round to round; only one worker runs at a time.
 Before each sample the report waits until the machine is quiet (at least ``--pause`` seconds, so
 that the previous worker's spinning BLAS/OpenMP threads have gone to sleep, and while other
 processes keep it busy, up to ``--settle`` seconds). A sample is the median time of the calls
@@ -44,7 +48,8 @@ import time
 
 from bench import cases as case_table
 from bench import installed
-from bench.runners import TORCH, choose, numba_cache_place
+from bench.runners import (ORT, ORT_INSTALL, ORT_NO_TRAIN, REFERENCES, TORCH, choose, have_ort,
+                           numba_cache_place, runs)
 from bench.worker import BLAS, OtherLoad
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +155,7 @@ def machine_info():
 
 def versions():
     result = {"python": platform.python_version()}
-    for dist in ("numpy", "scipy", "numba", "torch", "pytest-benchmark"):
+    for dist in ("numpy", "scipy", "numba", "torch", "onnxruntime", "onnx", "pytest-benchmark"):
         try:
             result[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -233,13 +238,16 @@ def run_benchmarks(args, selected, impls):
         warm_seconds = dict.fromkeys(impls, 0.0)
         for case in selected:
             for impl in impls:
+                if not runs(case, impl):
+                    continue
                 try:
                     warm_seconds[impl] += workers[impl].ask(op="prepare", case=case.name)["seconds"]
                 except WorkerError as exc:
                     results["errors"][(case.name, impl)] = str(exc)
                     log(f"  {case.name} on {impl}: FAILED\n{exc}")
         for impl, seconds in warm_seconds.items():
-            log(f"  {impl}: {len(selected)} cases in {seconds:.1f} s")
+            count = sum(1 for case in selected if runs(case, impl))
+            log(f"  {impl}: {count} cases in {seconds:.1f} s")
         peak_workers = [i for i in (BLAS, TORCH) if i in workers]
         min_iters = 1 if args.quick else 3
         for rnd in range(args.rounds):
@@ -256,7 +264,7 @@ def run_benchmarks(args, selected, impls):
             for index, case in enumerate(selected):
                 shift = (rnd + index) % len(impls)
                 for impl in impls[shift:] + impls[:shift]:
-                    if (case.name, impl) in results["errors"]:
+                    if (case.name, impl) in results["errors"] or not runs(case, impl):
                         continue
                     try:
                         sample = take_sample(workers[impl], case, args, min_iters)
@@ -275,7 +283,7 @@ def run_benchmarks(args, selected, impls):
             if case.kind != "train":
                 continue
             for impl in impls:
-                if (case.name, impl) in results["errors"]:
+                if (case.name, impl) in results["errors"] or not runs(case, impl):
                     continue
                 log(f"peak RSS: {case.name} on {impl}")
                 results["memory"][(case.name, impl)] = measure_memory(impl, case, args.threads)
@@ -293,8 +301,8 @@ def summarize(selected, impls, backends, results, max_other_load):
     for case in selected:
         work = case_table.flops(case)
         row = {"case": case, "gflop": work / 1e9, "ms": {}, "spread": {}, "gflops": {},
-               "peak_share": {}, "speedup": {}, "rss_mb": {}, "errors": {}, "noisy": set(),
-               "kept": {}}
+               "peak_share": {}, "speedup": {}, "speedup_ort": {}, "rss_mb": {}, "errors": {},
+               "noisy": set(), "kept": {}}
         for impl in impls:
             samples = results["samples"][case.name][impl]
             if (case.name, impl) in results["errors"]:
@@ -323,10 +331,12 @@ def summarize(selected, impls, backends, results, max_other_load):
                 row["errors"][impl] = memory.get("error")
         loads = [v for i in impls for v in results["load"][case.name][i]]
         row["other_load"] = 100 * statistics.median(loads) if loads else None
-        torch_ms = row["ms"].get(TORCH)
+        torch_ms, ort_ms = row["ms"].get(TORCH), row["ms"].get(ORT)
         for b in backends:
             if torch_ms and b in row["ms"]:
                 row["speedup"][b] = torch_ms / row["ms"][b]
+            if ort_ms and b in row["ms"]:
+                row["speedup_ort"][b] = ort_ms / row["ms"][b]
         timed = sorted((b for b in backends if b in row["ms"]), key=row["ms"].get)
         row["fastest"] = timed[0] if timed else None
         row["margin"] = row["ms"][timed[1]] / row["ms"][timed[0]] if len(timed) > 1 else None
@@ -344,17 +354,21 @@ def table(rows, impls, backends, markdown=False):
     header = ["case", "kind", "GFLOP"]
     header += [f"{i} ms" for i in impls]
     header += [f"{b} speedup" for b in backends if TORCH in impls]
+    header += [f"{b} vs {ORT}" for b in backends if ORT in impls]
     header += ["fastest backend", f"GFLOP/s ({joined})", f"% peak ({joined})",
                f"train peak RSS MB ({joined})", "others' CPU %"]
     body = []
     for row in rows:
         case = row["case"]
         cells = [case.name, case.kind, _fmt(row["gflop"], ".3g")]
-        cells += [_fmt(row["ms"].get(i), ".3f") + ("*" if i in row["noisy"] else "")
+        cells += ["" if not runs(case, i)          # blank: nothing to time (ORT's training)
+                  else _fmt(row["ms"].get(i), ".3f") + ("*" if i in row["noisy"] else "")
                   if i not in row["errors"] or i in row["ms"] else "error" for i in impls]
-        if TORCH in impls:
-            cells += [_fmt(row["speedup"].get(b), ".2f") + ("x" if b in row["speedup"] else "")
-                      for b in backends]
+        for reference, speedups in ((TORCH, row["speedup"]), (ORT, row["speedup_ort"])):
+            if reference in impls:
+                cells += ["" if not runs(case, reference)
+                          else _fmt(speedups.get(b), ".2f") + ("x" if b in speedups else "")
+                          for b in backends]
         cells.append((row["fastest"] or "-") + (f" by {row['margin']:.2f}x" if row["margin"]
                                                  else ""))
         cells.append(" / ".join(_fmt(row["gflops"].get(i), ".1f") for i in impls))
@@ -375,6 +389,13 @@ def table(rows, impls, backends, markdown=False):
         str(c).ljust(w) if k in left else str(c).rjust(w)
         for k, (c, w) in enumerate(zip(cells, widths)))
     return [fmt_row(header), fmt_row(["-" * w for w in widths])] + [fmt_row(b) for b in body]
+
+
+def blank_lines(rows, impls):
+    """Why some cells are blank: once, not per cell."""
+    if ORT in impls and any(not runs(row["case"], ORT) for row in rows):
+        return [f"{ORT}: blank on the train cases: {ORT_NO_TRAIN}"]
+    return []
 
 
 def step_latency_lines(rows, impls):
@@ -449,7 +470,8 @@ def write_markdown(path, args, rows, peak, results, impls, backends, machine, ve
         f"caches {machine.get('caches', '?')}. Shared with other work while measuring.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v),
         f"- Threads: {args.threads} for every implementation (torch.set_num_threads, "
-        "fastrnn.set_num_threads, OMP/OpenBLAS/MKL environment variables). float32.",
+        "fastrnn.set_num_threads, ONNX Runtime's intra_op_num_threads with "
+        "inter_op_num_threads 1, OMP/OpenBLAS/MKL environment variables). float32.",
         f"- {results['rounds_done']} rounds, implementations alternating in rotated order, each "
         f"in its own process; a sample is the median call time over >= {args.min_time:g} s "
         f"(>= {1 if args.quick else 3} calls); "
@@ -476,9 +498,17 @@ def write_markdown(path, args, rows, peak, results, impls, backends, machine, ve
         "call allocates; not the libraries.",
         "",
     ]
+    if ORT in impls:
+        out.insert(-1, f"- {ORT}: ONNX Runtime's CPUExecutionProvider running the same fastrnn "
+                   "layer, same weights, written by `fastrnn.onnx.export` (one LSTM/GRU/RNN node); "
+                   "infer = one `session.run` from the zero state; step = 100 runs of a one-step "
+                   "model whose h0/c0 are the previous run's h_n/c_n. \"backend vs "
+                   f"{ORT}\" = ONNX Runtime ms / backend ms. It has no training: its train cells "
+                   "are blank.")
     out += table(rows, impls, backends, markdown=True)
     out += [""]
-    extra = step_latency_lines(rows, impls) + noise_lines(rows, impls, results)
+    extra = (blank_lines(rows, impls) + step_latency_lines(rows, impls)
+             + noise_lines(rows, impls, results))
     out += [f"- {line}" for line in extra]
     out += ["", "## Targets (issue 7)", ""]
     out += [f"- {line}" for line in target_lines(rows, impls, backends)]
@@ -542,17 +572,18 @@ def write_json(path, args, rows, results, impls, backends, machine, vers, comman
     """Everything measured, raw samples included: the format to keep results in.
     ``--from-json FILE`` renders a saved run again (tables, ``--markdown``, ``--plot``).
 
-    Keys: ``command``; ``machine`` (cpu, cores, logical_cpus, simd, caches); ``versions``
-    (python, numpy, scipy, numba, torch, pytest-benchmark, fastrnn, scipy BLAS, fastrnn
+    Keys: ``command``; ``machine`` (cpu, cores, logical_cpus, simd, caches); ``versions`` (python,
+    numpy, scipy, numba, torch, onnxruntime, onnx, pytest-benchmark, fastrnn, scipy BLAS, fastrnn
     commit); ``seconds`` (the run's duration); ``settings`` (threads, min_time, max_other_load,
-    settle, retries, quick, pause); ``rounds`` (rounds done); ``impls`` (every implementation
-    timed, "torch" included) and ``backends`` (the fastrnn ones); ``peaks`` ({gemm name: [GFLOP/s
-    of each round]}); ``cases``: {case name: {``gflop``: matmul GFLOP of one call, and per
-    implementation ``ms`` (the median), ``speedup`` (PyTorch ms / backend ms), ``gflops``,
-    ``peak_share`` (%), ``rss_mb`` (training's peak RSS), ``samples_ms`` (every sample, in
-    round order), ``other_load`` (others' share of the machine during each sample, 0..1),
-    ``quiet_samples_kept`` ([kept, taken]); ``noisy``: implementations whose every sample was
-    busy}}; ``errors``: [[case, impl, traceback]]; ``memory``: [[case, impl, worker reply]]."""
+    settle, retries, quick, pause); ``rounds`` (rounds done); ``impls`` (every implementation timed,
+    "torch" and "onnxruntime" included) and ``backends`` (the fastrnn ones); ``peaks`` ({gemm name:
+    [GFLOP/s of each round]}); ``cases``: {case name: {``gflop``: matmul GFLOP of one call, and per
+    implementation ``ms`` (the median), ``speedup`` (PyTorch ms / backend ms), ``speedup_ort`` (ONNX
+    Runtime ms / backend ms; infer and step cases), ``gflops``, ``peak_share`` (%), ``rss_mb``
+    (training's peak RSS), ``samples_ms`` (every sample, in round order), ``other_load`` (others'
+    share of the machine during each sample, 0..1), ``quiet_samples_kept`` ([kept, taken]);
+    ``noisy``: implementations whose every sample was busy}}; ``errors``: [[case, impl, traceback]];
+    ``memory``: [[case, impl, worker reply]]."""
     data = {
         "command": command, "machine": machine, "versions": vers, "seconds": seconds,
         "settings": {name: getattr(args, name) for name in SETTINGS},
@@ -560,7 +591,8 @@ def write_json(path, args, rows, results, impls, backends, machine, vers, comman
         "peaks": results["peaks"],
         "cases": {row["case"].name: {
             "gflop": row["gflop"], "ms": row["ms"], "speedup": row["speedup"],
-            "gflops": row["gflops"], "peak_share": row["peak_share"], "rss_mb": row["rss_mb"],
+            "speedup_ort": row["speedup_ort"], "gflops": row["gflops"],
+            "peak_share": row["peak_share"], "rss_mb": row["rss_mb"],
             "samples_ms": {i: [1e3 * s for s in v]
                            for i, v in results["samples"][row["case"].name].items()},
             "other_load": results["load"][row["case"].name],
@@ -599,7 +631,8 @@ def read_json(path, args):
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m bench.report",
-        description="Time fastrnn's backends against PyTorch, case by case (bench/cases.py).")
+        description="Time fastrnn's backends against PyTorch and ONNX Runtime, case by case "
+        "(bench/cases.py).")
     p.add_argument("--backends", help="comma-separated fastrnn backends (default: every "
                    "compiled backend available here; the reference only if none is)")
     p.add_argument("--cases", default=os.environ.get("FASTRNN_BENCH_CASES"),
@@ -634,6 +667,8 @@ def parse_args(argv):
                    help="measure the peak RSS of training (default: on unless --quick)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    p.add_argument("--no-ort", action="store_true",
+                   help="leave ONNX Runtime out (timed on the infer and step cases otherwise)")
     p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the speedups (matplotlib)")
     p.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
@@ -662,13 +697,14 @@ def main(argv=None):
         report(args, selected, impls, backends, results, machine, vers, command, seconds)
         return 0
     names = [b.strip() for b in (args.backends or "").split(",") if b.strip()]
-    if TORCH in names:
-        parser.error("--backends: fastrnn backends only (PyTorch is compared unless --no-torch)")
+    if set(names) & set(REFERENCES):
+        parser.error("--backends: fastrnn backends only (PyTorch and ONNX Runtime are compared "
+                     "unless --no-torch, --no-ort)")
     try:
         backends, not_timed = choose(names, "--backends", torch_by_default=False)
     except RuntimeError as exc:
         parser.error(str(exc))
-    not_timed = [(name, why) for name, why in not_timed if name != TORCH]
+    not_timed = [(name, why) for name, why in not_timed if name not in REFERENCES]
     try:
         selected = case_table.select(args.cases)
     except ValueError as exc:
@@ -683,7 +719,19 @@ def main(argv=None):
         not_timed.append((TORCH, f"not installed: no comparison. To install it: {TORCH_INSTALL}"))
     elif args.no_torch:
         not_timed.append((TORCH, "--no-torch"))
-    impls = ([TORCH] if have_torch and not args.no_torch else []) + backends
+    ort_here = have_ort()
+    if not ort_here:
+        not_timed.append((ORT, "not installed: no inference reference. To install it: "
+                          f"{ORT_INSTALL} (the bench extra has them)"))
+    elif args.no_ort:
+        not_timed.append((ORT, "--no-ort"))
+    elif not any(runs(case, ORT) for case in selected):
+        not_timed.append((ORT, f"no infer or step case selected; {ORT_NO_TRAIN}"))
+    elif not all(runs(case, ORT) for case in selected):
+        not_timed.append((f"{ORT} on the train cases", ORT_NO_TRAIN))
+    with_ort = ort_here and not args.no_ort and any(runs(case, ORT) for case in selected)
+    impls = (([TORCH] if have_torch and not args.no_torch else [])
+             + ([ORT] if with_ort else []) + backends)
     for line in installed.summary():
         log(line)
     log(f"timing {', '.join(impls)} on {args.threads} threads, {len(selected)} cases"
@@ -696,12 +744,12 @@ def main(argv=None):
     results = run_benchmarks(args, selected, impls)
     machine, vers = machine_info(), versions()
     report(args, selected, impls, backends, results, machine, vers, command,
-           time.time() - started, have_torch)
+           time.time() - started, have_torch, ort_here)
     return 1 if results["errors"] else 0
 
 
 def report(args, selected, impls, backends, results, machine, vers, command, seconds,
-           have_torch=True):
+           have_torch=True, ort_here=True):
     """Print the tables; write the Markdown, the plot and the JSON asked for."""
     rows, peak = summarize(selected, impls, backends, results, args.max_other_load)
     print(f"fastrnn benchmark: {machine.get('cpu')}, {machine.get('cores')} cores, "
@@ -713,7 +761,8 @@ def report(args, selected, impls, backends, results, machine, vers, command, sec
     for line in table(rows, impls, backends):
         print(line)
     print()
-    for line in step_latency_lines(rows, impls) + noise_lines(rows, impls, results):
+    for line in (blank_lines(rows, impls) + step_latency_lines(rows, impls)
+                 + noise_lines(rows, impls, results)):
         print(line)
     print()
     print("targets (issue 7):")
@@ -721,6 +770,8 @@ def report(args, selected, impls, backends, results, machine, vers, command, sec
         print("  " + line)
     if not have_torch and not args.no_torch:
         print(f"\nPyTorch is not installed; to compare with it: {TORCH_INSTALL}")
+    if not ort_here and not args.no_ort:
+        print(f"\nONNX Runtime is not installed; to compare with it: {ORT_INSTALL}")
     if args.markdown:
         write_markdown(args.markdown, args, rows, peak, results, impls, backends, machine, vers,
                        command)

@@ -1,10 +1,12 @@
-"""What one timed call of a case does, for a fastrnn backend and for PyTorch.
+"""What one timed call of a case does, for a fastrnn backend, PyTorch and ONNX Runtime.
 
 ``prepare(case, impl)`` builds the layer and the inputs outside the timing and returns a callable
-with no arguments that does one timed unit of work (``cases`` says what each kind means). Both
+with no arguments that does one timed unit of work (``cases`` says what each kind means). All
 implementations get the same input, initial state and output gradient, and weights drawn from the
-same distribution. The pytest-benchmark suite and the report's workers both time these
-callables, so they measure the same thing.
+same distribution (ONNX Runtime runs the fastrnn layer itself, exported by ``fastrnn.onnx``: the
+same weights). ONNX Runtime has no training: it runs the infer and step cases only (``runs``).
+The pytest-benchmark suite and the report's workers both time these callables, so they measure
+the same thing.
 """
 import dataclasses
 import importlib.util
@@ -16,12 +18,21 @@ import numpy as np
 import fastrnn
 from fastrnn.dispatch import AUTO_ORDER
 
-__all__ = ["TORCH", "prepare", "tiny", "set_threads", "choose", "warm_up",
-           "numba_cache_place", "TORCH_INSTALL"]
+__all__ = ["TORCH", "ORT", "REFERENCES", "prepare", "runs", "tiny", "set_threads", "choose",
+           "warm_up", "numba_cache_place", "have_ort", "TORCH_INSTALL", "ORT_INSTALL",
+           "ORT_NO_TRAIN"]
 
-TORCH = "torch"   # the implementation name of PyTorch; every other name is a fastrnn backend
+TORCH = "torch"   # the implementation name of PyTorch
+ORT = "onnxruntime"   # ONNX Runtime; every name but these two is a fastrnn backend
+REFERENCES = (TORCH, ORT)
 TORCH_INSTALL = "pip install torch==2.13.0"
+ORT_INSTALL = "pip install onnx onnxruntime"
+ORT_NO_TRAIN = "ONNX Runtime runs inference only: no training to time"
 DTYPE = np.float32
+
+# ONNX Runtime's threads belong to a session, not to the process: set_threads keeps the count
+# for the sessions prepare builds afterwards (None: ONNX Runtime's default)
+_ort_threads = None
 
 
 def tiny(case):
@@ -30,25 +41,40 @@ def tiny(case):
 
 
 def set_threads(impl, n):
-    """``n`` threads for ``impl``: torch.set_num_threads or fastrnn.set_num_threads."""
+    """``n`` threads for ``impl``: torch.set_num_threads, fastrnn.set_num_threads, or the
+    intra-op threads of the ONNX Runtime sessions built from now on."""
+    global _ort_threads
     if impl == TORCH:
         import torch
         torch.set_num_threads(n)
+    elif impl == ORT:
+        _ort_threads = n
     else:
         fastrnn.set_num_threads(n)
 
 
+def have_ort():
+    """ONNX Runtime can be timed: onnxruntime runs the model, onnx writes it (fastrnn.onnx)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def runs(case, impl):
+    """Whether ``impl`` has something to time for ``case``: all but ONNX Runtime's training."""
+    return not (impl == ORT and case.kind == "train")
+
+
 def choose(wanted, option, torch_by_default):
-    """``impls, not_timed``: the implementations to time and, for every other fastrnn backend and
-    PyTorch, ``(name, why it is not timed)``, so a run can say so at its top.
+    """``impls, not_timed``: the implementations to time and, for every other fastrnn backend,
+    PyTorch and ONNX Runtime, ``(name, why it is not timed)``, so a run can say so at its top.
 
     ``wanted``: names asked for by ``option`` (an environment variable or a command-line option,
     named in the messages); empty means every compiled backend available here (the reference
-    only if there is none), and PyTorch too when ``torch_by_default``. A name asked for that
-    cannot be timed raises RuntimeError saying why."""
+    only if there is none), and PyTorch too when ``torch_by_default`` (ONNX Runtime only when
+    named). A name asked for that cannot be timed raises RuntimeError saying why."""
     available = fastrnn.backends()
     have_torch = importlib.util.find_spec("torch") is not None
-    known = sorted(AUTO_ORDER, key=AUTO_ORDER.index, reverse=True) + [TORCH]
+    ort_here = have_ort()
+    known = sorted(AUTO_ORDER, key=AUTO_ORDER.index, reverse=True) + [TORCH, ORT]
     unknown = [n for n in wanted if n not in known]
     if unknown:
         raise RuntimeError(f"{option}: expected names among {known}, got {unknown}")
@@ -62,7 +88,9 @@ def choose(wanted, option, torch_by_default):
     for name in impls:
         if name == TORCH and not have_torch:
             missing[name] = f"not installed ({TORCH_INSTALL})"
-        elif name != TORCH and name not in available:
+        elif name == ORT and not ort_here:
+            missing[name] = f"not installed ({ORT_INSTALL})"
+        elif name not in REFERENCES and name not in available:
             missing[name] = _why_unavailable(name)
     if missing:  # asked for something that isn't here: fail loudly, don't skip
         raise RuntimeError(f"{option} asks for what cannot be timed here: " + "; ".join(
@@ -73,6 +101,9 @@ def choose(wanted, option, torch_by_default):
             continue
         if name == TORCH:
             why = (f"not installed ({TORCH_INSTALL})" if not have_torch
+                   else f"installed; timed only when {option} names it")
+        elif name == ORT:
+            why = (f"not installed ({ORT_INSTALL})" if not ort_here
                    else f"installed; timed only when {option} names it")
         elif name not in available:
             why = _why_unavailable(name)
@@ -214,12 +245,51 @@ def _prepare_torch(case, seed):
     return run, module
 
 
+def _prepare_ort(case, seed):
+    if not runs(case, ORT):
+        raise ValueError(f"case: {case.name} is a {case.kind} case; {ORT_NO_TRAIN}")
+    import onnxruntime
+
+    from fastrnn import onnx as fastrnn_onnx
+
+    # the layer the fastrnn runners build, with the same weights, as one ONNX model
+    layer = _fastrnn_layer(case, "reference", seed)
+    x, state_parts, _ = _data(case, seed)
+    step = case.kind == "step"
+    model = fastrnn_onnx.export(layer, lengths=False, initial_state=step)
+    options = onnxruntime.SessionOptions()
+    if _ort_threads is not None:
+        options.intra_op_num_threads = _ort_threads
+    options.inter_op_num_threads = 1        # one node at a time: the graph is a chain
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+
+    if case.kind == "infer":
+        def run():
+            session.run(None, {"x": x})     # no h0/c0 inputs: the zero initial state
+        return run, session
+
+    # step: one-step inputs (1, B, I), the final state fed back as the next initial state
+    xs = [x[t:t + 1] for t in range(case.steps)]
+    state_names = ["h0", "c0"][:len(state_parts)]
+    step_state = [p[:1] for p in state_parts]
+
+    def run():
+        s = step_state
+        for x_t in xs:
+            _, *s = session.run(None, {"x": x_t, **dict(zip(state_names, s))})
+    return run, session
+
+
 def prepare(case, impl, seed=0, warm=2):
-    """``run, model``: ``run()`` does one timed unit of ``case`` on ``impl`` (``"torch"`` or a
-    fastrnn backend name); it has been called ``warm`` times already (JIT compiled, caches
-    filled). ``model`` is the layer, for inspection."""
+    """``run, model``: ``run()`` does one timed unit of ``case`` on ``impl`` (``"torch"``,
+    ``"onnxruntime"`` or a fastrnn backend name); it has been called ``warm`` times already (JIT
+    compiled, caches filled). ``model`` is the layer (ONNX Runtime: the InferenceSession), for
+    inspection. ONNX Runtime's train cases raise ValueError (``runs``)."""
     if impl == TORCH:
         run, model = _prepare_torch(case, seed)
+    elif impl == ORT:
+        run, model = _prepare_ort(case, seed)
     else:
         run, model = _prepare_fastrnn(case, impl, seed)
     for _ in range(warm):

@@ -8,19 +8,20 @@
 
 Each benchmark times one call of ``bench.runners.prepare(case, impl)``'s callable, called once
 before its timing, after the warm-up that compiled every case's kernels (``conftest.py``).
-Benchmarks are grouped by case, so a fastrnn backend and PyTorch appear side by side;
+Benchmarks are grouped by case, so a fastrnn backend, PyTorch and ONNX Runtime (infer and step
+cases only: it has no training) appear side by side;
 ``extra_info`` carries the case's matmul GFLOP (see ``bench.cases.flops``) for GFLOP/s = gflop /
-mean seconds. For the comparison against PyTorch in separate processes, with medians over
-alternating rounds, use ``python -m bench.report``.
+mean seconds. For the comparison against PyTorch and ONNX Runtime in separate processes, with
+medians over alternating rounds, use ``python -m bench.report``.
 """
 import pytest
 
 from bench.cases import flops
-from bench.conftest import CASES, IMPLS, QUICK, case_run
+from bench.conftest import PAIRS, QUICK, case_run
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+# ids "<case>-<impl>", in case order, as two stacked parametrize marks would give them
+@pytest.mark.parametrize("case, impl", PAIRS, ids=[f"{case.name}-{impl}" for case, impl in PAIRS])
 def test_case(benchmark, case, impl, threads):
     run = case_run(case, impl, benchmark.disabled)
     benchmark.group = case.name

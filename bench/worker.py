@@ -3,9 +3,10 @@
     python -m bench.worker IMPL --threads N             serve requests, one JSON line each way
     python -m bench.worker IMPL --threads N --memory CASE   peak RSS of training CASE, then exit
 
-IMPL is ``torch``, a fastrnn backend name, or ``blas`` (only the sgemm peak). The thread counts are
-set by the parent through the environment (OMP/OpenBLAS/MKL) before anything is imported, and
-again here with ``torch.set_num_threads`` / ``fastrnn.set_num_threads``.
+IMPL is ``torch``, ``onnxruntime``, a fastrnn backend name, or ``blas`` (only the sgemm peak). The
+thread counts are set by the parent through the environment (OMP/OpenBLAS/MKL) before anything is
+imported, and again here with ``torch.set_num_threads`` / ``fastrnn.set_num_threads`` / the
+intra-op threads of every ONNX Runtime session (``bench.runners.set_threads``).
 
 Requests (stdin) and replies (stdout), one JSON object a line, after the first reply
 ``{"ready": IMPL, "fastrnn": the __file__ of the fastrnn imported}``:
@@ -161,7 +162,11 @@ def _setup(impl, threads):
     if impl == BLAS:
         return
     from bench import runners
-    if impl != runners.TORCH:
+    if impl == runners.ORT:     # fail at the start, saying what is missing, not at each case
+        import onnxruntime  # noqa: F401
+
+        import fastrnn.onnx  # noqa: F401
+    elif impl != runners.TORCH:
         import fastrnn
         available = fastrnn.backends()
         if impl not in available:

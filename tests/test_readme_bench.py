@@ -59,13 +59,16 @@ def clean_copy(destination):
 
 def timed_here(command, compiled):
     """The implementations ``command`` should time: FASTRNN_BENCH_BACKENDS when it sets it,
-    else the compiled backends, and PyTorch too for bench.report."""
+    else the compiled backends, and PyTorch and ONNX Runtime too for bench.report (CASE is a
+    step case: ONNX Runtime times it)."""
     named = re.search(r"FASTRNN_BENCH_BACKENDS=(\S+)", command)
     if named:
         return named.group(1).split(",")
     have_torch = importlib.util.find_spec("torch") is not None
+    have_ort = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
     with_torch = "bench.report" in command and "--no-torch" not in command and have_torch
-    return (["torch"] if with_torch else []) + compiled
+    with_ort = "bench.report" in command and "--no-ort" not in command and have_ort
+    return (["torch"] if with_torch else []) + (["onnxruntime"] if with_ort else []) + compiled
 
 
 def test_readme_benchmark_commands_time_every_backend_of_the_installed_package(tmp_path):
@@ -115,6 +118,6 @@ def test_readme_benchmark_commands_time_every_backend_of_the_installed_package(t
                 assert sorted(ms) == sorted(impls), (ms, context)
                 assert all(v > 0 for v in ms.values()), (ms, context)
         else:
-            for impl in ["reference", "torch"] + compiled:
+            for impl in ["reference", "torch", "onnxruntime"] + compiled:
                 timed = f"test_case[{CASE}-{impl}]" in out
                 assert timed == (impl in impls), f"{impl}: timed {timed}\n{context}"
