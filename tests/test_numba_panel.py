@@ -70,7 +70,7 @@ def test_one_region_loop_any_thread_count(cell, threads):
     h0 = rng.standard_normal((B, H)).astype(dtype)
     c0 = rng.standard_normal((B, H)).astype(dtype)
     lengths = np.array([T, 4, 1], np.int64)
-    forward = nb._kernel(dtype, "forward")
+    forward = nb._kernel(dtype, "forward_units")
     spec = c.kernel_spec()
     params = nb._params(dtype, (w_ih, w_hh, b_ih, b_hh))
     second = spec[4]

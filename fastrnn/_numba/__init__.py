@@ -73,17 +73,18 @@ def _signatures(dtype):
     step = types.int64(
         spec, i64, flag, const(3), types.UniTuple(const(3), 2),  # threads batch_first x state0
         i64, params, types.UniTuple(array(3), 2), array(3), i64)  # row params state_n out col
-    return {"forward": forward, "backward": backward, "step": step}
+    return {"forward_rows": forward, "forward_units": forward, "backward": backward,
+            "step": step}
 
 
-_LOOPS = {"forward": kernels.forward_loop, "backward": kernels.backward_loop,
-          "step": kernels.step}
+_LOOPS = {"forward_rows": kernels.forward_rows, "forward_units": kernels.forward_units,
+          "backward": kernels.backward_loop, "step": kernels.step}
 
 
 def _kernel(dtype, name):
-    """The loop ``name`` ("forward", "backward" or "step") compiled for this dtype, compiled or
-    loaded from Numba's cache when first used: each on its own, so that an inference call
-    compiles only the forward loop (cold, an LSTM's first inference call 159 -> 72 s)."""
+    """The loop ``name`` ("forward_rows", "forward_units", "backward" or "step") for this
+    dtype, compiled or loaded from Numba's cache when first used: each on its own, so that a
+    call compiles only the loop it runs."""
     compiled = _compiled.get((dtype, name))
     if compiled is None:
         with _compile_lock:
@@ -298,7 +299,8 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
         if "gates_own" in ws:
             own = (ws["gates_own"], ws["hh_own"])
         out = _Output(y, "write", contiguous=False)
-        _launch(_kernel(dtype, "forward"), launch_threads, spec, x, _params(dtype, params), lengths,
+        _launch(_kernel(dtype, "forward_units" if loop == kernels.UNITS else "forward_rows"),
+                launch_threads, spec, x, _params(dtype, params), lengths,
                 bool(reverse), bool(train), (loop, threads, packed, pool, _uses_amx(dtype)),
                 out.array, arrays + (ws["hh"],), own)
         out.finish()

@@ -1154,7 +1154,7 @@ def _rows_times_panels(mr, packed, v, b, out, col, n, accumulate):
 
 # ---------------------------------------------------------------------------------------------
 # The GEMM loop over packed weights (B <= config.PACKED_B_MAX and T*B rows enough to pay for
-# packing; see forward_loop, backward_loop). The per-step products run over w_hh packed once
+# packing; see forward_rows, backward_loop). The per-step products run over w_hh packed once
 # per call (its rows forward, its columns backward: pack_panels of the transposed view), the
 # input projection and backward's products after the loop pack their weights (or a chunk of
 # the weight gradients' operand) and multiply in the same parallel launch; each product splits
@@ -1358,7 +1358,7 @@ def any_weight_gradient(P, use_amx, d, v, out, flat, amx_flat):
 
 
 # =============================================================================================
-# Loops. forward_loop and backward_loop are not decorated: fastrnn._numba compiles each with
+# Loops. forward_units, forward_rows and backward_loop are not decorated: fastrnn._numba compiles each with
 # one explicit signature per dtype (see _signatures there).
 #
 # The unit-split loop (small batches): the hidden units are split over P threads; thread p
@@ -1682,14 +1682,17 @@ def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
             forward_pass(spec, phase, t, lengths, params, step)
 
 
-def forward_loop(spec, x, params, lengths, reverse, train, plan, y, ws, own):
-    """One layer, one direction (see the module's Loops and Cache): the loop plan[0] names.
+def forward_units(spec, x, params, lengths, reverse, train, plan, y, ws, own):
+    """One layer, one direction (see the module's Loops and Cache) on the unit-split loop.
     The state before the first step is in its slot of ws's h_slots and c_slots
-    (fastrnn._numba puts it there) and the final one ends in its slot."""
-    if plan[0] == UNITS:
-        forward_units_loop(spec, x, params, lengths, reverse, train, plan, y, ws, own)
-    else:
-        forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws)
+    (fastrnn._numba puts it there) and the final one ends in its slot. The two forward loops
+    are compiled apart, so that a first call compiles only the one it runs."""
+    forward_units_loop(spec, x, params, lengths, reverse, train, plan, y, ws, own)
+
+
+def forward_rows(spec, x, params, lengths, reverse, train, plan, y, ws, own):
+    """``forward_units`` on the batch-row loop (``own`` unused: the same signature)."""
+    forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws)
 
 
 def backward_loop(spec, x, params, lengths, reverse, truncate, plan, cache, dy, grads,
