@@ -259,15 +259,20 @@ class _RNNBase:
         self._identity = self._describe()
 
     @property
+    def _merged(self):
+        """Whether the two directions' outputs are merged (sum, mul, ave), not concatenated;
+        only bidirectional layers have a merge other than concat (checked in __init__)."""
+        return self.merge != "concat"
+
+    @property
     def output_size(self):
         """Width of y and of each layer's output: D*H, or H when two directions are merged
         by sum, mul or ave."""
-        merged = self.num_directions == 2 and self.merge != "concat"
-        return self.hidden_size * (1 if merged else self.num_directions)
+        return self.hidden_size * (1 if self._merged else self.num_directions)
 
     def _backend_call_step(self):
         """The backend's one-step call, which knows only concatenated directions."""
-        if self.num_directions == 2 and self.merge != "concat":
+        if self._merged:
             return None
         return getattr(self._kernels, "layer_call_step", None)
 
@@ -462,8 +467,7 @@ class _RNNBase:
                 cache.masks.append(mask)
             elif layer > 0 and train:
                 cache.masks.append(None)
-            merged = D == 2 and self.merge != "concat"
-            if layer == L - 1 and self.batch_first and not merged:
+            if layer == L - 1 and self.batch_first and not self._merged:
                 out_btd = _scratch.empty((B, T, D * H), self.dtype)  # the caller's layout
                 out = out_btd.transpose(1, 0, 2)                 # (T, B, D*H) view of it
             else:
@@ -485,7 +489,7 @@ class _RNNBase:
                 kernel_caches = [run(direction) for direction in range(D)]
             if train:
                 cache.kernel_caches.extend(kernel_caches)
-            if merged:
+            if self._merged:
                 if train:
                     cache.outputs.append(out)        # mul's backward reads both directions
                 out = _merge_directions(self.merge, out, H,
@@ -522,7 +526,6 @@ class _RNNBase:
         truncate = _truncation(truncate, T)
         self._check_params()    # backward reads the cache's copies, but a broken layer is named
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
-        merged = D == 2 and self.merge != "concat"
         if dy is not None:
             width = self.output_size
             y_shape = (B, T, width) if cache.batch_first else (T, B, width)
@@ -533,7 +536,7 @@ class _RNNBase:
         d_initial = tuple(np.zeros((L * D, B, H), self.dtype) for _ in d_final)
         scratch_bias = {}
         for layer in reversed(range(L)):
-            if merged and dy is not None:       # the gradient of each direction's output
+            if self._merged and dy is not None:     # the gradient of each direction's output
                 dy = _unmerge_gradient(self.merge, dy, cache.outputs[layer], H)
             layer_input = cache.inputs[layer]
             d_input = _scratch.zeros(layer_input.shape, self.dtype)
@@ -603,7 +606,7 @@ class _RNNBase:
             options.append("bidirectional=True")
         if self.batch_first:
             options.append("batch_first=True")
-        if self.bidirectional and self.merge != "concat":
+        if self._merged:
             options.append(f"merge={self.merge!r}")
         if self.dropout:
             options.append(f"dropout={self.dropout}")
