@@ -34,7 +34,7 @@ merge_mode of None) raises an error naming the option.
 """
 import numpy as np
 
-from .layers import GRU, LSTM, RNN
+from .layers import GRU, LSTM, MERGES, RNN
 
 __all__ = ["from_keras"]
 
@@ -189,7 +189,7 @@ def _bidirectional(weights, config):
         raise TypeError(f"{unknown[0]}: not an option of a Keras Bidirectional that from_keras "
                         f"knows")
     merge_mode = config.get("merge_mode", "concat")
-    if merge_mode not in ("concat", "sum", "mul", "ave"):
+    if merge_mode not in MERGES:
         raise ValueError(f"merge_mode: expected 'concat', 'sum', 'mul' or 'ave' (fastrnn's "
                          f"merge), got {merge_mode!r}")
     forward = config.get("layer")
