@@ -62,9 +62,12 @@ result arrays) in compiled code: it returns ``y, state`` as the layer's call wou
 anything it does not take (the layer's general path then converts or says what is wrong);
 ``spec`` is the layer's fixed description (``fastrnn.layers._RNNBase._step_spec``).
 """
+import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
-__all__ = ["Cell", "Param", "Product", "CELLS", "cell_for"]
+__all__ = ["Cell", "Param", "Product", "CELLS", "cell_for", "ACTIVATIONS", "activation_slots"]
 
 
 @dataclass(frozen=True)
@@ -112,11 +115,17 @@ class Cell:
     saved: tuple = ()       # ((name, width), ...): see above
     hidden_side: tuple = ()  # gate blocks with a hidden-side gradient of their own
     extra_params: tuple = ()  # Param records beyond WEIGHTS
-    activation: str = "tanh"  # RNN's activation ("tanh" or "relu"); the gates' for others
+    # ONNX's activations, in ONNX's order (RNN (f,), LSTM (f, g, h), GRU (f, g)), each
+    # (name, alpha, beta) with ONNX's defaults filled in; None: the mode's usual ones
+    activations: tuple = None
+    clip: float = None      # ONNX's clip: gate pre-activations clipped to [-clip, clip]
+    input_forget: bool = False  # ONNX's input_forget (LSTM): f = 1 - i
     params: tuple = field(init=False)
 
     def __post_init__(self):
         G = len(self.gate_names)
+        if self.activations is None:
+            object.__setattr__(self, "activations", DEFAULT_ACTIVATIONS[self.mode])
         if self.products is None:
             object.__setattr__(self, "products", (Product("h", tuple(range(G))),))
         object.__setattr__(self, "params", WEIGHTS + tuple(self.extra_params))
@@ -142,6 +151,30 @@ class Cell:
                                  f"got {width!r}")
         if self.state_names not in (("h",), ("h", "c")):
             raise ValueError(f"cell {self.name}: state_names must be ('h',) or ('h', 'c')")
+
+    @property
+    def activation(self):
+        """The name of the first activation (RNN: "tanh" or "relu")."""
+        return self.activations[0][0]
+
+    @property
+    def plain(self):
+        """Whether the cell has the mode's usual activations, no clip and no input_forget: the
+        compiled backends then run its own step pair, else the step pair with options."""
+        return self.code in PLAIN_CODES
+
+    def option_values(self):
+        """The options as the compiled step pairs with options read them, a tuple of floats:
+        (clip (inf: none), input_forget (0 or 1), then per activation slot of ACTIVATION_SLOTS
+        (kind, alpha, beta), kind the index in ACTIVATIONS; unused slots (-1, 0, 0))."""
+        values = [math.inf if self.clip is None else float(self.clip), float(self.input_forget)]
+        for k in range(ACTIVATION_SLOTS):
+            if k < len(self.activations):
+                name, alpha, beta = self.activations[k]
+                values += [float(ACTIVATIONS.index(name)), float(alpha), float(beta)]
+            else:
+                values += [-1.0, 0.0, 0.0]
+        return tuple(values)
 
     @property
     def num_gates(self):
@@ -183,10 +216,70 @@ class Cell:
                 len(self.hidden_side), first_hidden)
 
 
+# ONNX's activation functions, lower case, with the default (alpha, beta) of each (ONNX's
+# operators of the same name; scaledtanh and affine (1, 1) and (1, 0)). The index is the kind
+# the compiled step pairs switch on.
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "affine", "leakyrelu", "thresholdedrelu", "scaledtanh",
+               "hardsigmoid", "elu", "softsign", "softplus")
+ACTIVATION_DEFAULTS = {"affine": (1.0, 0.0), "leakyrelu": (0.01, 0.0),
+                       "thresholdedrelu": (1.0, 0.0), "scaledtanh": (1.0, 1.0),
+                       "hardsigmoid": (0.2, 0.5), "elu": (1.0, 0.0)}
+ACTIVATION_SLOTS = 3                 # LSTM's f, g, h: the most a cell has
+# what each slot is applied to, per mode (ONNX's order)
+SLOT_NAMES = {"RNN": ("f",), "LSTM": ("f (gates i, f, o)", "g (cell input)", "h (cell output)"),
+              "GRU": ("f (gates r, z)", "g (candidate n)")}
+
+
+def _act(name):
+    return (name,) + ACTIVATION_DEFAULTS.get(name, (0.0, 0.0))
+
+
+DEFAULT_ACTIVATIONS = {"RNN": (_act("tanh"),), "LSTM": (_act("sigmoid"), _act("tanh"), _act("tanh")),
+                       "GRU": (_act("sigmoid"), _act("tanh"))}
+
+
+def activation_slots(mode, activations):
+    """``activations`` as a layer takes it (a tuple of names or (name, alpha) / (name, alpha,
+    beta) tuples, in ONNX's order, one per slot of the mode) resolved into the record's form,
+    ((name, alpha, beta), ...) with ONNX's defaults; refused with a message that names what is
+    wrong."""
+    slots = SLOT_NAMES[mode]
+    if isinstance(activations, (str, bytes)) or not isinstance(activations, (tuple, list)) \
+            or len(activations) != len(slots):
+        raise ValueError(f"activations: expected a tuple of {len(slots)} activation"
+                         f"{'s' if len(slots) > 1 else ''} for {mode}, one for each of "
+                         f"{', '.join(slots)}, got {activations!r}")
+    resolved = []
+    for slot, entry in zip(slots, activations):
+        if isinstance(entry, str):
+            entry = (entry,)
+        if not isinstance(entry, (tuple, list)) or not 1 <= len(entry) <= 3 \
+                or not isinstance(entry[0], str):
+            raise ValueError(f"activations: the {slot} entry must be a name or (name, alpha) "
+                             f"or (name, alpha, beta), got {entry!r}")
+        name = entry[0].lower()
+        if name not in ACTIVATIONS:
+            raise ValueError(f"activations: unknown activation {entry[0]!r} for {slot}; "
+                             f"expected one of {', '.join(ACTIVATIONS)}")
+        defaults = ACTIVATION_DEFAULTS.get(name, (0.0, 0.0))
+        values = list(defaults)
+        for k, v in enumerate(entry[1:]):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"activations: {'alpha' if k == 0 else 'beta'} of {name!r} "
+                                 f"must be a finite number, got {v!r}")
+            values[k] = float(v)
+        if len(entry) > 1 and name not in ACTIVATION_DEFAULTS:
+            raise ValueError(f"activations: {name!r} takes no alpha or beta, got {entry!r}")
+        if len(entry) > 2 and name in ("leakyrelu", "thresholdedrelu", "elu"):
+            raise ValueError(f"activations: {name!r} takes alpha only, got {entry!r}")
+        resolved.append((name, values[0], values[1]))
+    return tuple(resolved)
+
+
 _PEEPHOLE = Param("peephole", "peephole", (3, "H"))   # rows i, f, o
 
 RNN_TANH = Cell("rnn_tanh", 0, "RNN", ("h",))
-RNN_RELU = Cell("rnn_relu", 1, "RNN", ("h",), activation="relu")
+RNN_RELU = Cell("rnn_relu", 1, "RNN", ("h",), activations=(_act("relu"),))
 LSTM = Cell("lstm", 2, "LSTM", ("i", "f", "g", "o"), ("h", "c"))
 LSTM_PEEPHOLE = Cell("lstm_peephole", 3, "LSTM", ("i", "f", "g", "o"), ("h", "c"),
                      extra_params=(_PEEPHOLE,))
@@ -200,14 +293,33 @@ GRU_RESET_BEFORE = Cell("gru_reset_before", 5, "GRU", ("r", "z", "n"),
                         saved=(("rh", 1),))
 
 CELLS = {c.name: c for c in (RNN_TANH, RNN_RELU, LSTM, LSTM_PEEPHOLE, GRU, GRU_RESET_BEFORE)}
+PLAIN_CODES = tuple(c.code for c in CELLS.values())
+
+# The step pairs with options (ONNX's activations, clip, input_forget), one per mode: a cell
+# with options is its plain record with one of these codes. Its step pairs keep the gates'
+# pre-activations (unclipped) in the gates buffer, not the activated gates, and take the
+# activations and their slopes from them.
+OPTIONS_CODES = {"RNN": 6, "LSTM": 7, "GRU": 8}
 
 
-def cell_for(mode, nonlinearity="tanh", peephole=False, reset_after=True):
-    """The cell record a layer class with these options uses."""
+def cell_for(mode, nonlinearity="tanh", peephole=False, reset_after=True, activations=None,
+             clip=None, input_forget=False):
+    """The cell record a layer class with these options uses (``activations`` already
+    resolved by ``activation_slots``)."""
     if mode == "RNN":
-        return RNN_TANH if nonlinearity == "tanh" else RNN_RELU
-    if mode == "LSTM":
-        return LSTM_PEEPHOLE if peephole else LSTM
-    if mode == "GRU":
-        return GRU if reset_after else GRU_RESET_BEFORE
-    raise ValueError(f"mode: expected 'RNN', 'LSTM' or 'GRU', got {mode!r}")
+        cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
+    elif mode == "LSTM":
+        cell = LSTM_PEEPHOLE if peephole else LSTM
+    elif mode == "GRU":
+        cell = GRU if reset_after else GRU_RESET_BEFORE
+    else:
+        raise ValueError(f"mode: expected 'RNN', 'LSTM' or 'GRU', got {mode!r}")
+    if activations is None:
+        activations = cell.activations
+    if mode == "RNN" and tuple(activations) == RNN_RELU.activations:
+        cell = RNN_RELU             # activations=("relu",) is nonlinearity="relu"
+    if activations == cell.activations and clip is None and not input_forget:
+        return cell
+    return dataclasses.replace(cell, code=OPTIONS_CODES[mode], activations=tuple(activations),
+                               clip=None if clip is None else float(clip),
+                               input_forget=bool(input_forget))

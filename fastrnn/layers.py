@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _scratch
 from . import dispatch as _backends
-from .cells import cell_for
+from .cells import activation_slots, cell_for
 
 __all__ = ["RNN", "LSTM", "GRU", "Cache"]
 
@@ -22,6 +22,53 @@ _BIASES = ("b_ih", "b_hh")      # the parameters a layer with bias=False has not
 # how a bidirectional layer joins its two directions' outputs (Keras's merge_mode)
 MERGES = ("concat", "sum", "mul", "ave")
 INITS = ("pytorch", "keras")
+# Keras's activation names -> ONNX's (fastrnn.cells.ACTIVATIONS) with their parameters: Keras 3's
+# hard_sigmoid is relu6(x + 3) / 6 = hardsigmoid(alpha=1/6, beta=0.5) (ONNX's default is 0.2,
+# 0.5, Keras 2's); its leaky_relu has negative_slope 0.2; linear is affine(1, 0)
+KERAS_ACTIVATIONS = {"tanh": ("tanh",), "sigmoid": ("sigmoid",), "relu": ("relu",),
+                     "linear": ("affine", 1.0, 0.0), "hard_sigmoid": ("hardsigmoid", 1 / 6, 0.5),
+                     "elu": ("elu", 1.0), "softsign": ("softsign",), "softplus": ("softplus",),
+                     "leaky_relu": ("leakyrelu", 0.2)}
+
+
+def _keras_activation(name, value):
+    if value not in KERAS_ACTIVATIONS:
+        raise ValueError(f"{name}: expected one of Keras's {', '.join(KERAS_ACTIVATIONS)} (the "
+                         f"ones ONNX has too), got {value!r}")
+    return KERAS_ACTIVATIONS[value]
+
+
+def _cell_choice(mode, cell_options, activations, activation, recurrent_activation, clip,
+                 input_forget):
+    """The options of the cell record (fastrnn.cells.cell_for), checked: ONNX's activations
+    (or Keras's activation / recurrent_activation), clip, input_forget."""
+    options = dict(cell_options)
+    keras = {k: v for k, v in (("activation", activation),
+                               ("recurrent_activation", recurrent_activation)) if v is not None}
+    if keras and activations is not None:
+        raise ValueError(f"activations: give ONNX's activations or Keras's "
+                         f"{' and '.join(keras)}, not both")
+    if keras:
+        if mode == "RNN" and recurrent_activation is not None:
+            raise ValueError("recurrent_activation: an RNN has one activation (activation=)")
+        outer = _keras_activation("activation", keras.get("activation", "tanh"))
+        gates = _keras_activation("recurrent_activation",
+                                  keras.get("recurrent_activation", "sigmoid"))
+        activations = {"RNN": (outer,), "LSTM": (gates, outer, outer),
+                       "GRU": (gates, outer)}[mode]
+    if activations is not None:
+        options["activations"] = activation_slots(mode, activations)
+    if clip is not None:
+        if isinstance(clip, bool) or not isinstance(clip, numbers.Real) \
+                or not 0 < clip < float("inf"):
+            raise ValueError(f"clip: expected None or a positive finite number (ONNX's cell "
+                             f"clip threshold), got {clip!r}")
+        options["clip"] = float(clip)
+    if _flag("input_forget", input_forget):
+        if mode != "LSTM":
+            raise ValueError("input_forget: only an LSTM has input and forget gates")
+        options["input_forget"] = True
+    return cell_for(mode, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +228,9 @@ class _RNNBase:
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, merge="concat", init="pytorch",
-                 dtype=np.float32, backend="auto", seed=None, _cell_options=None):
+                 activations=None, clip=None, activation=None, recurrent_activation=None,
+                 dtype=np.float32, backend="auto", seed=None, _cell_options=None,
+                 _input_forget=False):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
@@ -209,7 +258,8 @@ class _RNNBase:
         if init not in INITS:
             raise ValueError(f"init: expected one of {', '.join(map(repr, INITS))}, got {init!r}")
         self.init = init
-        self.cell = cell_for(self.mode, **(_cell_options or {}))
+        self.cell = _cell_choice(self.mode, _cell_options or {}, activations, activation,
+                                 recurrent_activation, clip, _input_forget)
         self.backend = _backends.resolve(backend)
         self._kernels = _backends.get_backend(self.backend)
         seed_seq = _seed_sequence(seed)
@@ -281,6 +331,8 @@ class _RNNBase:
         return {"cell": self.cell.name, "input_size": self.input_size,
                 "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "num_directions": self.num_directions, "merge": self.merge, "bias": self.bias,
+                "activations": self.cell.activations, "clip": self.cell.clip,
+                "input_forget": self.cell.input_forget,
                 "dtype": self.dtype.name, "backend": self.backend}
 
     # -- parameters ------------------------------------------------------------------------
@@ -612,6 +664,12 @@ class _RNNBase:
             options.append(f"dropout={self.dropout}")
         if self.init != "pytorch":
             options.append(f"init={self.init!r}")
+        if not self.cell.plain:
+            options.append(f"activations={self.cell.activations!r}")
+            if self.cell.clip is not None:
+                options.append(f"clip={self.cell.clip}")
+            if self.cell.input_forget:
+                options.append("input_forget=True")
         options.append(f"cell={self.cell.name!r}, dtype={self.dtype.name}, "
                        f"backend={self.backend!r}")
         return f"{type(self).__name__}({', '.join(options)})"
@@ -676,9 +734,15 @@ class RNN(_RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, *, nonlinearity="tanh", **options):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        if nonlinearity != "tanh" and (options.get("activations") is not None
+                                       or options.get("activation") is not None):
+            raise ValueError("nonlinearity: a shorthand for activations=(nonlinearity,); give "
+                             "one of them")
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers,
                          _cell_options={"nonlinearity": nonlinearity}, **options)
+        if self.cell.plain:     # activations=("relu",) is the relu RNN
+            self.nonlinearity = self.cell.activation
 
 
 class LSTM(_RNNBase):
@@ -686,10 +750,12 @@ class LSTM(_RNNBase):
 
     mode = "LSTM"
 
-    def __init__(self, input_size, hidden_size, num_layers=1, *, peephole=False, **options):
+    def __init__(self, input_size, hidden_size, num_layers=1, *, peephole=False,
+                 input_forget=False, **options):
         self.peephole = _flag("peephole", peephole)
         super().__init__(input_size, hidden_size, num_layers,
-                         _cell_options={"peephole": self.peephole}, **options)
+                         _cell_options={"peephole": self.peephole},
+                         _input_forget=input_forget, **options)
 
 
 class GRU(_RNNBase):

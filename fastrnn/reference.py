@@ -20,6 +20,88 @@ import numpy as np
 from scipy.special import expit as sigmoid
 
 
+# ---------------------------------------------------------------------------------------------
+# ONNX's activations (fastrnn.cells.ACTIVATIONS) and their slopes, of the clipped pre-activation
+
+def _activate(act, a):
+    name, alpha, beta = act
+    if name == "relu":
+        return np.maximum(a, 0)                              # maximum keeps NaN
+    if name == "tanh":
+        return np.tanh(a)
+    if name == "sigmoid":
+        return sigmoid(a)
+    if name == "affine":
+        return alpha * a + beta
+    if name == "leakyrelu":
+        return np.where(a < 0, alpha * a, a)
+    if name == "thresholdedrelu":
+        return np.where(a > alpha, a, np.where(np.isnan(a), a, 0))
+    if name == "scaledtanh":
+        return alpha * np.tanh(beta * a)
+    if name == "hardsigmoid":
+        return np.minimum(np.maximum(alpha * a + beta, 0), 1)
+    if name == "elu":
+        return np.where(a < 0, alpha * np.expm1(np.minimum(a, 0)), a)
+    if name == "softsign":
+        return a / (1 + np.abs(a))
+    if name == "softplus":
+        return np.maximum(a, 0) + np.log1p(np.exp(-np.abs(a)))
+    raise ValueError(f"activation {name!r}: not one of fastrnn.cells.ACTIVATIONS")
+
+
+def _slope(act, a):
+    """d act(a) / da; NaN where a is NaN."""
+    name, alpha, beta = act
+    if name == "relu":
+        s = np.where(a > 0, 1.0, 0.0)
+    elif name == "tanh":
+        s = 1 - np.tanh(a) ** 2
+    elif name == "sigmoid":
+        s = sigmoid(a) * (1 - sigmoid(a))
+    elif name == "affine":
+        s = np.full_like(a, alpha)
+    elif name == "leakyrelu":
+        s = np.where(a < 0, alpha, 1.0)
+    elif name == "thresholdedrelu":
+        s = np.where(a > alpha, 1.0, 0.0)
+    elif name == "scaledtanh":
+        s = alpha * beta * (1 - np.tanh(beta * a) ** 2)
+    elif name == "hardsigmoid":
+        u = alpha * a + beta
+        s = np.where((u > 0) & (u < 1), alpha, 0.0)
+    elif name == "elu":
+        s = np.where(a < 0, alpha * np.exp(np.minimum(a, 0)), 1.0)
+    elif name == "softsign":
+        s = 1 / (1 + np.abs(a)) ** 2
+    elif name == "softplus":
+        s = sigmoid(a)
+    else:
+        raise ValueError(f"activation {name!r}: not one of fastrnn.cells.ACTIVATIONS")
+    return np.where(np.isnan(a), a, s).astype(a.dtype, copy=False)
+
+
+def _clipped(cell, a):
+    """ONNX's clip of a gate pre-activation (cell.clip None: none) and the clip's slope (1
+    inside [-clip, clip] and for NaN, 0 outside); NaN stays NaN."""
+    if cell.clip is None:
+        return a, 1
+    c = cell.clip
+    inside = ~((a < -c) | (a > c))
+    return np.where(a > c, c, np.where(a < -c, -c, a)).astype(a.dtype, copy=False), inside
+
+
+def _gate(cell, slot, a):
+    """act_slot(clip(a)) and what its backward needs, (clipped a, clip slope)."""
+    a_c, inside = _clipped(cell, a)
+    return _activate(cell.activations[slot], a_c), (a_c, inside)
+
+
+def _gate_slope(cell, slot, kept):
+    a_c, inside = kept
+    return _slope(cell.activations[slot], a_c) * inside
+
+
 
 def _blocks(a, count, H):
     """The gate blocks of pre-activations a (B, count*H); a record whose gate count is not the
@@ -36,19 +118,16 @@ def _blocks(a, count, H):
 def rnn_step_forward(cell, x_proj, state, p):
     (h,) = state
     (a,) = _blocks(x_proj + h @ p["w_hh"].T + p["b_hh"], 1, h.shape[1])
-    h_new = np.maximum(a, 0) if cell.activation == "relu" else np.tanh(a)  # maximum keeps NaN
-    return (h_new,), {"h": h, "h_new": h_new}
+    h_new, kept = _gate(cell, 0, a)
+    return (h_new,), {"h": h, "h_new": h_new, "a": kept}
 
 
 def rnn_step_backward(cell, d_state_new, saved, p, grads):
     (dh_new,) = d_state_new
-    h, h_new = saved["h"], saved["h_new"]
-    # relu: the slope is 1 where h_new > 0, else 0; h_new itself is 0 there, or NaN from a NaN
-    # input, which must reach the gradients too
-    if cell.activation == "relu":
-        da = np.where(h_new > 0, dh_new, h_new)
-    else:
-        da = dh_new * (1 - h_new**2)
+    h = saved["h"]
+    # relu: the slope is 1 where h_new > 0, else 0, and NaN where a is NaN, which must reach
+    # the gradients too
+    da = dh_new * _gate_slope(cell, 0, saved["a"])
     grads["w_hh"] += da.T @ h
     grads["b_hh"] += da.sum(axis=0)
     dh = da @ p["w_hh"]
@@ -66,26 +145,31 @@ def lstm_step_forward(cell, x_proj, state, p):
         p_i, p_f, p_o = peephole
         a_i = a_i + p_i * c
         a_f = a_f + p_f * c
-    i = sigmoid(a_i)
-    f = sigmoid(a_f)
-    g = np.tanh(a_g)
+    i, kept_i = _gate(cell, 0, a_i)
+    if cell.input_forget:                                     # ONNX's coupled gates
+        f, kept_f = 1 - i, None
+    else:
+        f, kept_f = _gate(cell, 0, a_f)
+    g, kept_g = _gate(cell, 1, a_g)
     c_new = f * c + i * g
     if peephole is not None:
         a_o = a_o + p_o * c_new
-    o = sigmoid(a_o)
-    h_new = o * np.tanh(c_new)
-    return (h_new, c_new), {"h": h, "c": c, "i": i, "f": f, "g": g, "o": o, "c_new": c_new}
+    o, kept_o = _gate(cell, 0, a_o)
+    h_new = o * _activate(cell.activations[2], c_new)         # ONNX clips gates, not c_new
+    return (h_new, c_new), {"h": h, "c": c, "i": i, "f": f, "g": g, "o": o, "c_new": c_new,
+                            "a": (kept_i, kept_f, kept_g, kept_o)}
 
 
 def lstm_step_backward(cell, d_state_new, saved, p, grads):
     dh_new, dc_new = d_state_new
     h, c, i, f, g, o, c_new = (saved[k] for k in ("h", "c", "i", "f", "g", "o", "c_new"))
     peephole = p.get("peephole")
-    tanh_c = np.tanh(c_new)
-    # h_new = o * tanh(c_new)
-    do = dh_new * tanh_c
-    dc = dc_new + dh_new * o * (1 - tanh_c**2)
-    da_o = do * o * (1 - o)
+    kept_i, kept_f, kept_g, kept_o = saved["a"]
+    h_act = cell.activations[2]
+    # h_new = o * h_act(c_new)
+    do = dh_new * _activate(h_act, c_new)
+    dc = dc_new + dh_new * o * _slope(h_act, c_new)
+    da_o = do * _gate_slope(cell, 0, kept_o)
     if peephole is not None:
         # a_o = ... + p_o * c_new
         dc = dc + da_o * peephole[2]
@@ -94,9 +178,14 @@ def lstm_step_backward(cell, d_state_new, saved, p, grads):
     df = dc * c
     dg = dc * i
     dc_prev = dc * f
-    da_i = di * i * (1 - i)
-    da_f = df * f * (1 - f)
-    da_g = dg * (1 - g**2)
+    if cell.input_forget:
+        # f = 1 - i: the f block's pre-activation is not used
+        di = di - df
+        da_f = np.zeros_like(df)
+    else:
+        da_f = df * _gate_slope(cell, 0, kept_f)
+    da_i = di * _gate_slope(cell, 0, kept_i)
+    da_g = dg * _gate_slope(cell, 1, kept_g)
     if peephole is not None:
         # a_i = ... + p_i * c;  a_f = ... + p_f * c
         dc_prev = dc_prev + da_i * peephole[0] + da_f * peephole[1]
@@ -118,26 +207,27 @@ def gru_step_forward(cell, x_proj, state, p):
     H = h.shape[1]
     x_r, x_z, x_n = _blocks(x_proj, 3, H)
     h_r, h_z, hn = _blocks(h @ p["w_hh"].T + p["b_hh"], 3, H)
-    r = sigmoid(x_r + h_r)
-    z = sigmoid(x_z + h_z)
-    n = np.tanh(x_n + r * hn)
+    r, kept_r = _gate(cell, 0, x_r + h_r)
+    z, kept_z = _gate(cell, 0, x_z + h_z)
+    n, kept_n = _gate(cell, 1, x_n + r * hn)
     h_new = (1 - z) * n + z * h
-    return (h_new,), {"h": h, "r": r, "z": z, "n": n, "hn": hn}
+    return (h_new,), {"h": h, "r": r, "z": z, "n": n, "hn": hn, "a": (kept_r, kept_z, kept_n)}
 
 
 def gru_step_backward(cell, d_state_new, saved, p, grads):
     (dh_new,) = d_state_new
     h, r, z, n, hn = (saved[k] for k in ("h", "r", "z", "n", "hn"))
+    kept_r, kept_z, kept_n = saved["a"]
     # h_new = (1 - z) * n + z * h
     dn = dh_new * (1 - z)
     dz = dh_new * (h - n)
     dh_prev = dh_new * z
-    # n = tanh(x_n + r * hn)
-    da_n = dn * (1 - n**2)
+    # n = g(x_n + r * hn)
+    da_n = dn * _gate_slope(cell, 1, kept_n)
     dr = da_n * hn
     dhn = da_n * r
-    da_r = dr * r * (1 - r)
-    da_z = dz * z * (1 - z)
+    da_r = dr * _gate_slope(cell, 0, kept_r)
+    da_z = dz * _gate_slope(cell, 0, kept_z)
     d_hidden = np.concatenate([da_r, da_z, dhn], axis=1)  # gradient of W_hh h + b_hh
     grads["w_hh"] += d_hidden.T @ h
     grads["b_hh"] += d_hidden.sum(axis=0)
@@ -155,33 +245,34 @@ def gru_reset_before_step_forward(cell, x_proj, state, p):
     w_hh, b_hh = p["w_hh"], p["b_hh"]
     x_r, x_z, x_n = _blocks(x_proj, 3, H)
     h_r, h_z = _blocks(h @ w_hh[: 2 * H].T + b_hh[: 2 * H], 2, H)
-    r = sigmoid(x_r + h_r)
-    z = sigmoid(x_z + h_z)
+    r, kept_r = _gate(cell, 0, x_r + h_r)
+    z, kept_z = _gate(cell, 0, x_z + h_z)
     rh = r * h
-    n = np.tanh(x_n + rh @ w_hh[2 * H:].T + b_hh[2 * H:])
+    n, kept_n = _gate(cell, 1, x_n + rh @ w_hh[2 * H:].T + b_hh[2 * H:])
     h_new = (1 - z) * n + z * h
-    return (h_new,), {"h": h, "r": r, "z": z, "n": n, "rh": rh}
+    return (h_new,), {"h": h, "r": r, "z": z, "n": n, "rh": rh, "a": (kept_r, kept_z, kept_n)}
 
 
 def gru_reset_before_step_backward(cell, d_state_new, saved, p, grads):
     (dh_new,) = d_state_new
     h, r, z, n, rh = (saved[k] for k in ("h", "r", "z", "n", "rh"))
+    kept_r, kept_z, kept_n = saved["a"]
     w_hh = p["w_hh"]
     H = h.shape[1]
     # h_new = (1 - z) * n + z * h
     dn = dh_new * (1 - z)
     dz = dh_new * (h - n)
     dh_prev = dh_new * z
-    # n = tanh(x_n + W_hn rh + b_hn)
-    da_n = dn * (1 - n**2)
+    # n = g(x_n + W_hn rh + b_hn)
+    da_n = dn * _gate_slope(cell, 1, kept_n)
     grads["w_hh"][2 * H:] += da_n.T @ rh
     grads["b_hh"][2 * H:] += da_n.sum(axis=0)
     drh = da_n @ w_hh[2 * H:]
     # rh = r * h
     dr = drh * h
     dh_prev = dh_prev + drh * r
-    da_r = dr * r * (1 - r)
-    da_z = dz * z * (1 - z)
+    da_r = dr * _gate_slope(cell, 0, kept_r)
+    da_z = dz * _gate_slope(cell, 0, kept_z)
     da_rz = np.concatenate([da_r, da_z], axis=1)
     grads["w_hh"][: 2 * H] += da_rz.T @ h
     grads["b_hh"][: 2 * H] += da_rz.sum(axis=0)

@@ -118,10 +118,13 @@ cdef extern from "amx.h" nogil:
                         Py_ssize_t ldo, int accumulate)
 
 from blas cimport gemm, gemv
-from steps cimport (GRU, GRU_RESET_BEFORE, LSTM, LSTM_PEEPHOLE, NUM_CODES, RNN_RELU, RNN_TANH,
-                    gru_backward_row, gru_forward_row, gru_reset_before_backward_row,
+from steps cimport (GRU, GRU_OPTIONS, GRU_RESET_BEFORE, LSTM, LSTM_OPTIONS, LSTM_PEEPHOLE,
+                    NUM_CODES, RNN_OPTIONS, RNN_RELU, RNN_TANH,
+                    gru_backward_row, gru_forward_row, gru_options_backward_row,
+                    gru_options_forward_row, gru_reset_before_backward_row,
                     gru_reset_before_forward_row, lstm_backward_row, lstm_forward_row,
-                    rnn_backward_row, rnn_forward_row)
+                    lstm_options_backward_row, lstm_options_forward_row, rnn_backward_row,
+                    rnn_forward_row, rnn_options_backward_row, rnn_options_forward_row)
 
 __all__ = ["layer_forward", "layer_backward", "layer_call_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
@@ -439,6 +442,7 @@ cdef struct Params:
     const void* b_hh            # (G*H,)
     const void* peephole        # (3, H); NULL for cells without one
     int ld_ih, ld_hh
+    const double* options       # cells.Cell.option_values(); NULL for a plain cell
 
 
 cdef struct Grads:
@@ -650,6 +654,14 @@ cdef void forward_row(const Call* call, floating* ws, int phase, Py_ssize_t t, P
         gru_forward_row(gates, saved, h_new, y, hh, b_ih, b_hh, h, n, H)
     elif code == GRU_RESET_BEFORE:
         gru_reset_before_forward_row(phase, gates, saved, h_new, y, hh, b_ih, b_hh, h, n, H)
+    elif code == RNN_OPTIONS:
+        rnn_options_forward_row(gates, h_new, y, hh, b_ih, b_hh, call.p.options, n, H)
+    elif code == LSTM_OPTIONS:
+        lstm_options_forward_row(gates, h_new, c_new, y, hh, b_ih, b_hh, c, peephole,
+                                 call.p.options, n, H)
+    elif code == GRU_OPTIONS:
+        gru_options_forward_row(phase, call.cell.phases == 1, gates, saved, h_new, y, hh, b_ih,
+                                b_hh, h, call.p.options, n, H)
 
 
 cdef void forward_pass(const Call* call, floating* ws, int phase, Py_ssize_t t, Py_ssize_t cur,
@@ -1159,6 +1171,14 @@ cdef void backward_row(const Call* call, const floating* ws, floating* bws, int 
         gru_backward_row(dgates, dhh, dgates_hh, dh, gates, h, saved, H)
     elif code == GRU_RESET_BEFORE:
         gru_reset_before_backward_row(phase, dgates, dh, dsaved, gates, h, H)
+    elif code == RNN_OPTIONS:
+        rnn_options_backward_row(dgates, dh, gates, call.p.options, H)
+    elif code == LSTM_OPTIONS:
+        lstm_options_backward_row(dgates, dh, dc, dpeep, gates, c, c_new,
+                                  <const floating*>call.p.peephole, call.p.options, H)
+    elif code == GRU_OPTIONS:
+        gru_options_backward_row(phase, call.cell.phases == 1, dgates, dhh, dgates_hh, dh,
+                                 dsaved, gates, h, saved, call.p.options, H)
 
 
 cdef void backward_pass(const Call* call, const floating* ws, floating* bws, int phase,
@@ -1391,9 +1411,22 @@ cdef bint _is_float32(object x) except -1:
     return typenum == cnp.NPY_FLOAT
 
 
-cdef Params _params(tuple params, Py_ssize_t item) except *:
-    # params in cells.Cell.param_names order: w_ih, w_hh, b_ih, b_hh[, peephole]
+# cell -> its option values as a float64 array, kept for the life of the process (calls and
+# caches point into it)
+_options = {}
+
+
+cdef Params _params(tuple params, Py_ssize_t item, cell) except *:
+    # params in cells.Cell.param_names order: w_ih, w_hh, b_ih, b_hh[, peephole]; the cell's
+    # options (NULL for a plain cell)
     cdef Params p
+    cdef cnp.ndarray options
+    p.options = NULL
+    if not cell.plain:
+        if cell not in _options:
+            _options[cell] = np.array(cell.option_values(), np.float64)
+        options = _options[cell]
+        p.options = <const double*>cnp.PyArray_DATA(options)
     cdef cnp.ndarray w_ih = params[0], w_hh = params[1]
     p.w_ih, p.w_hh = _data(w_ih), _data(w_hh)
     p.ld_ih = <int>_ld(w_ih.strides[0], w_ih.shape[1], item)
@@ -1444,7 +1477,7 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
     if T * B >= 2**31 or G * H * max(I, H) >= 2**31:
         raise ValueError(f"x: T*B = {T * B} rows or G*H = {G * H} columns are too many for BLAS")
     call.sizes = Sizes(T=T, B=B, I=I, H=H)
-    call.p = _params(params, item)
+    call.p = _params(params, item, cell)
     call.L = _layout(&call.cell, call.sizes, train)
     call.lengths = <const int64_t*>_data(lengths)
     call.reverse, call.train = reverse, train
@@ -1689,7 +1722,8 @@ def layer_call_step(spec, params, bint batch_first, x, state):
                         return None
                     held.append(a)
                 ptrs[k] = _data(a)
-            row_params[r] = Params(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], <int>I_l, <int>H)
+            row_params[r] = Params(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], <int>I_l, <int>H,
+                                   NULL)
         # the results; y is a copy of the last layer's output (never a view of the state)
         h_n = _new_array(rows, B, H, typenum, False)
         c_n = _new_array(rows, B, H, typenum, False) if has_c else None

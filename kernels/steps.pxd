@@ -28,7 +28,9 @@
 # write one or two arrays; the row (a few KB) stays in L1 between them.
 from cython cimport floating
 
-from activations cimport relu, relu_backward, sigmoid_inplace, tanh_inplace, tanh_into
+from libc.math cimport exp, expm1, fabs, log1p
+
+from activations cimport relu, relu_backward, sigmoid, sigmoid_inplace, tanh_, tanh_inplace, tanh_into
 
 # cells.Cell.code, read only by the two switches (layers.pyx forward_row / backward_row)
 cdef enum:
@@ -38,7 +40,10 @@ cdef enum:
     LSTM_PEEPHOLE = 3
     GRU = 4
     GRU_RESET_BEFORE = 5
-    NUM_CODES = 6               # one past the last: a new cell's code goes before it
+    RNN_OPTIONS = 6             # cells.OPTIONS_CODES: the step pairs with options
+    LSTM_OPTIONS = 7
+    GRU_OPTIONS = 8
+    NUM_CODES = 9               # one past the last: a new cell's code goes before it
 
 
 cdef inline void _preactivation(floating* gates, const floating* hh, const floating* b_ih,
@@ -287,3 +292,279 @@ cdef inline void gru_reset_before_backward_row(int phase, floating* dgates, floa
         dgates[j] = dsaved[j] * h[j] * r[j] * (1 - r[j])
     for j in range(H):
         dh[j] = dh[j] + dsaved[j] * r[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells with options (ONNX's activations, clip, input_forget), one step pair per mode.
+# ``options`` is cells.Cell.option_values() (float64): clip (inf: none), input_forget, then
+# (kind, alpha, beta) per activation slot, kind the index in cells.ACTIVATIONS. These step pairs
+# keep each gate's pre-activation (unclipped) in gates, not the activated gate: the backward
+# takes the activations and their slopes from it. The kinds are switched on per element: these
+# cells are for the models that need them, not tuned.
+
+cdef struct Activation:
+    int kind
+    double alpha, beta, clip
+
+
+cdef inline Activation option_slot(const double* options, int slot) noexcept nogil:
+    cdef Activation act
+    act.kind = <int>options[2 + 3 * slot]
+    act.alpha, act.beta, act.clip = options[3 + 3 * slot], options[4 + 3 * slot], options[0]
+    return act
+
+
+cdef inline floating activate(Activation act, floating a) noexcept nogil:
+    # ONNX's activation act.kind of a; NaN stays NaN
+    cdef floating alpha = <floating>act.alpha, beta = <floating>act.beta, u
+    if act.kind == 1:
+        return tanh_(a)
+    if act.kind == 2:
+        return sigmoid(a)
+    if act.kind == 0:
+        return 0 if a < 0 else a                                   # relu
+    if act.kind == 3:
+        return alpha * a + beta                                    # affine
+    if act.kind == 4:
+        return alpha * a if a < 0 else a                           # leakyrelu
+    if act.kind == 5:
+        return a if a > alpha or a != a else 0                     # thresholdedrelu
+    if act.kind == 6:
+        return alpha * tanh_(beta * a)                             # scaledtanh
+    if act.kind == 7:
+        u = alpha * a + beta                                       # hardsigmoid
+        u = 0 if u < 0 else u
+        return 1 if u > 1 else u
+    if act.kind == 8:
+        return <floating>(alpha * expm1(a)) if a < 0 else a        # elu
+    if act.kind == 9:
+        return a / (1 + fabs(a))                                   # softsign
+    # softplus, log(1 + e^a) without overflow
+    return <floating>((a if a > 0 else 0) + log1p(exp(-fabs(a))))
+
+
+cdef inline floating activation_slope(Activation act, floating a) noexcept nogil:
+    # d activate(act, a) / da; NaN where a is NaN
+    cdef floating alpha = <floating>act.alpha, beta = <floating>act.beta, t, u
+    if a != a:
+        return a
+    if act.kind == 1:
+        t = tanh_(a)
+        return 1 - t * t
+    if act.kind == 2:
+        t = sigmoid(a)
+        return t * (1 - t)
+    if act.kind == 0:
+        return 1 if a > 0 else 0
+    if act.kind == 3:
+        return alpha
+    if act.kind == 4:
+        return alpha if a < 0 else 1
+    if act.kind == 5:
+        return 1 if a > alpha else 0
+    if act.kind == 6:
+        t = tanh_(beta * a)
+        return alpha * beta * (1 - t * t)
+    if act.kind == 7:
+        u = alpha * a + beta
+        return alpha if u > 0 and u < 1 else 0
+    if act.kind == 8:
+        return <floating>(alpha * exp(a)) if a < 0 else 1
+    if act.kind == 9:
+        t = 1 + fabs(a)
+        return 1 / (t * t)
+    return sigmoid(a)
+
+
+cdef inline floating gate(Activation act, floating a) noexcept nogil:
+    # act(clip(a)); NaN stays NaN
+    cdef floating clip = <floating>act.clip
+    return activate(act, clip if a > clip else (-clip if a < -clip else a))
+
+
+cdef inline floating gate_slope(Activation act, floating a) noexcept nogil:
+    # d act(clip(a)) / da: zero where the clip cuts a
+    cdef floating clip = <floating>act.clip
+    if a < -clip or a > clip:
+        return 0
+    return activation_slope(act, a)
+
+
+# RNN with options: h' = f(clip(W_ih x + b_ih + W_hh h + b_hh))
+
+cdef inline void rnn_options_forward_row(floating* gates, floating* h_new, floating* y,
+                                         const floating* hh, const floating* b_ih,
+                                         const floating* b_hh, const double* options,
+                                         Py_ssize_t n, Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef Activation f = option_slot(options, 0)
+    _preactivation(gates, hh, b_ih, b_hh, 1, n, H)        # gates keeps the pre-activation
+    for j in range(n):
+        h_new[j] = gate(f, gates[j])
+    for j in range(n):
+        y[j] = h_new[j]
+
+
+cdef inline void rnn_options_backward_row(floating* dgates, floating* dh, const floating* gates,
+                                          const double* options, Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef Activation f = option_slot(options, 0)
+    for j in range(H):
+        dgates[j] = dh[j] * gate_slope(f, gates[j])
+    for j in range(H):
+        dh[j] = 0          # dL/dh is all dgates @ W_hh: the loop's product after this pass
+
+
+# LSTM with options (peephole NULL: none):
+#     i = f(clip(a_i [+ p_i c]));  f = 1 - i with input_forget, else f(clip(a_f [+ p_f c]))
+#     g = g(clip(a_g));  c' = f c + i g;  o = f(clip(a_o [+ p_o c']));  h' = o h(c')
+
+cdef inline void lstm_options_forward_row(floating* gates, floating* h_new, floating* c_new,
+                                          floating* y, const floating* hh, const floating* b_ih,
+                                          const floating* b_hh, const floating* c,
+                                          const floating* peephole, const double* options,
+                                          Py_ssize_t n, Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
+    cdef Activation act_h = option_slot(options, 2)
+    cdef bint input_forget = options[1] != 0
+    cdef floating i, f, o, c_nw, p_i = 0, p_f = 0, p_o = 0
+    _preactivation(gates, hh, b_ih, b_hh, 4, n, H)
+    for j in range(n):
+        if peephole != NULL:
+            p_i, p_f, p_o = peephole[j], peephole[H + j], peephole[2 * H + j]
+        gates[j] = gates[j] + p_i * c[j]
+        i = gate(act_f, gates[j])
+        if input_forget:
+            f = 1 - i
+        else:
+            gates[H + j] = gates[H + j] + p_f * c[j]
+            f = gate(act_f, gates[H + j])
+        # c' = f * c + i * g
+        c_nw = f * c[j] + i * gate(act_g, gates[2 * H + j])
+        c_new[j] = c_nw
+        gates[3 * H + j] = gates[3 * H + j] + p_o * c_nw
+        # h' = o * h(c')
+        y[j] = gate(act_f, gates[3 * H + j]) * activate(act_h, c_nw)
+    for j in range(n):
+        h_new[j] = y[j]
+
+
+cdef inline void lstm_options_backward_row(floating* dgates, floating* dh, floating* dc,
+                                           floating* dpeep, const floating* gates,
+                                           const floating* c, const floating* c_new,
+                                           const floating* peephole, const double* options,
+                                           Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
+    cdef Activation act_h = option_slot(options, 2)
+    cdef bint input_forget = options[1] != 0
+    cdef floating a_i, a_f, a_g, a_o, i, f, g, o, da_i, da_f, da_o, di, df, dc_new
+    for j in range(H):
+        a_i, a_f, a_g, a_o = gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j]
+        i, g, o = gate(act_f, a_i), gate(act_g, a_g), gate(act_f, a_o)
+        f = 1 - i if input_forget else gate(act_f, a_f)
+        # h' = o * h(c')
+        da_o = dh[j] * activate(act_h, c_new[j]) * gate_slope(act_f, a_o)
+        dc_new = dc[j] + dh[j] * o * activation_slope(act_h, c_new[j])
+        if peephole != NULL:
+            # a_o = ... + p_o * c'
+            dc_new = dc_new + da_o * peephole[2 * H + j]
+        # c' = f * c + i * g
+        di = dc_new * g
+        df = dc_new * c[j]
+        if input_forget:
+            di = di - df             # f = 1 - i: the f block's pre-activation is not used
+            da_f = 0
+        else:
+            da_f = df * gate_slope(act_f, a_f)
+        da_i = di * gate_slope(act_f, a_i)
+        dgates[j], dgates[H + j], dgates[3 * H + j] = da_i, da_f, da_o
+        dgates[2 * H + j] = dc_new * i * gate_slope(act_g, a_g)
+        dc[j] = dc_new * f
+        if peephole != NULL:
+            # a_i = ... + p_i * c;  a_f = ... + p_f * c
+            dc[j] = dc[j] + da_i * peephole[j] + da_f * peephole[H + j]
+    if peephole != NULL:
+        for j in range(H):
+            dpeep[j] = dpeep[j] + dgates[j] * c[j]
+            dpeep[H + j] = dpeep[H + j] + dgates[H + j] * c[j]
+            dpeep[2 * H + j] = dpeep[2 * H + j] + dgates[3 * H + j] * c_new[j]
+    for j in range(H):
+        dh[j] = 0          # dL/dh is all dgates @ W_hh: the loop's product after this pass
+
+
+# GRU with options, both forms:
+#     r = f(clip(.)), z = f(clip(.)), n = g(clip(x_n + r * hn)) or g(clip(x_n + W_hn (r h) + b_hn))
+# saved: hn or rh, as the plain GRU's
+
+cdef inline void gru_options_forward_row(int phase, bint reset_after, floating* gates,
+                                         floating* saved, floating* h_new, floating* y,
+                                         floating* hh, const floating* b_ih,
+                                         const floating* b_hh, const floating* h,
+                                         const double* options, Py_ssize_t n,
+                                         Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
+    cdef floating* nn = gates + 2 * H
+    cdef floating* hn = hh + 2 * H
+    cdef floating z
+    if phase == 0:
+        _preactivation(gates, hh, b_ih, b_hh, 2, n, H)
+    if reset_after:
+        for j in range(n):
+            hn[j] = hn[j] + b_hh[2 * H + j]   # W_hn h + b_hn, in place in the scratch
+        for j in range(n):
+            nn[j] = nn[j] + b_ih[2 * H + j] + gate(act_f, gates[j]) * hn[j]
+        if saved != NULL:
+            for j in range(n):
+                saved[j] = hn[j]
+    elif phase == 0:
+        for j in range(n):
+            saved[j] = gate(act_f, gates[j]) * h[j]     # rh, the source of product 1
+        return
+    else:
+        for j in range(n):
+            nn[j] = nn[j] + b_ih[2 * H + j] + hh[2 * H + j] + b_hh[2 * H + j]
+    for j in range(n):
+        # h' = (1 - z) * n + z * h
+        z = gate(act_f, gates[H + j])
+        y[j] = (1 - z) * gate(act_g, nn[j]) + z * h[j]
+    for j in range(n):
+        h_new[j] = y[j]
+
+
+cdef inline void gru_options_backward_row(int phase, bint reset_after, floating* dgates,
+                                          floating* dhh, floating* dgates_hh, floating* dh,
+                                          const floating* dsaved, const floating* gates,
+                                          const floating* h, const floating* saved,
+                                          const double* options, Py_ssize_t H) noexcept nogil:
+    # reset_after: saved = hn, dhh and dgates_hh as gru_backward_row's; reset-before: phase 1
+    # the z and n blocks, phase 0 (dsaved = dL/d(r*h)) the r block
+    cdef Py_ssize_t j
+    cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
+    cdef floating a_z, a_n, a_r, z
+    if reset_after or phase == 1:
+        for j in range(H):
+            # h' = (1 - z) * n + z * h
+            a_z, a_n = gates[H + j], gates[2 * H + j]
+            z = gate(act_f, a_z)
+            dgates[H + j] = dh[j] * (h[j] - gate(act_g, a_n)) * gate_slope(act_f, a_z)
+            dgates[2 * H + j] = dh[j] * (1 - z) * gate_slope(act_g, a_n)
+            dh[j] = dh[j] * z
+    if reset_after:
+        # a_n = x_n + r * hn, hn = W_hn h + b_hn: the hidden side of the n block is da_n * r
+        for j in range(H):
+            a_r = gates[j]
+            dgates[j] = dgates[2 * H + j] * saved[j] * gate_slope(act_f, a_r)
+            dhh[2 * H + j] = dgates[2 * H + j] * gate(act_f, a_r)
+        for j in range(2 * H):
+            dhh[j] = dgates[j]
+        for j in range(H):
+            dgates_hh[j] = dhh[2 * H + j]
+    elif phase == 0:
+        for j in range(H):
+            # rh = r * h
+            a_r = gates[j]
+            dgates[j] = dsaved[j] * h[j] * gate_slope(act_f, a_r)
+            dh[j] = dh[j] + dsaved[j] * gate(act_f, a_r)

@@ -54,7 +54,8 @@ def _signatures(dtype):
 
     i64, flag = types.int64, types.boolean
     spec = types.UniTuple(i64, 7)
-    params = types.Tuple((const(2), const(2), const(1), const(1), const(2)))
+    params = types.Tuple((const(2), const(2), const(1), const(1), const(2),
+                          types.Array(types.float64, 1, "C", readonly=True)))
     plan = types.Tuple((i64, i64, flag, flag, flag))       # loop threads packed pool use_amx
     lengths = types.Array(types.int64, 1, "C", readonly=True)
     forward = types.none(
@@ -192,10 +193,22 @@ def _empty(dtype, shape):
     return _empties[key]
 
 
-def _params(dtype, params):
-    """The parameter tuple the kernels take: (w_ih, w_hh, b_ih, b_hh, peephole), an empty
-    peephole for the cells without one."""
-    return tuple(params) + (_empty(dtype, (0, 0)),) * (5 - len(params))
+_NO_OPTIONS = np.empty(0)
+_NO_OPTIONS.flags.writeable = False
+_options = {}
+
+
+def _params(dtype, params, cell):
+    """The parameter tuple the kernels take: (w_ih, w_hh, b_ih, b_hh, peephole, options), an
+    empty peephole for the cells without one, options the cell's option values (float64, see
+    kernels), empty for a plain cell."""
+    options = _NO_OPTIONS
+    if not cell.plain:
+        options = _options.get(cell)
+        if options is None:
+            options = _options[cell] = np.array(cell.option_values(), np.float64)
+            options.flags.writeable = False
+    return tuple(params) + (_empty(dtype, (0, 0)),) * (5 - len(params)) + (options,)
 
 
 class ForwardCache:
@@ -300,7 +313,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
             own = (ws["gates_own"], ws["hh_own"])
         out = _Output(y, "write", contiguous=False)
         _launch(_kernel(dtype, "forward_units" if loop == kernels.UNITS else "forward_rows"),
-                launch_threads, spec, x, _params(dtype, params), lengths,
+                launch_threads, spec, x, _params(dtype, params, cell), lengths,
                 bool(reverse), bool(train), (loop, threads, packed, pool, _uses_amx(dtype)),
                 out.array, arrays + (ws["hh"],), own)
         out.finish()
@@ -321,7 +334,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     _, G, states, _, second, hidden_blocks, _ = spec
     H = cache.arrays[1].shape[2]
     GH = G * H
-    params = _params(dtype, cache.params)
+    params = _params(dtype, cache.params, cell)
     has = {True: (B, H), False: (0, 0)}
     _, ws = _workspace(dtype, {
         "dgates": (T, B, GH), "dgates_hh": (T, B, hidden_blocks * H),
@@ -413,7 +426,8 @@ def layer_call_step(spec, params, batch_first, x, state):
                         (params[w_ih], params[w_hh],
                          zero_bias if b_ih is None else params[b_ih],
                          zero_bias if b_hh is None else params[b_hh],
-                         absent_peephole if peephole is None else params[peephole]),
+                         absent_peephole if peephole is None else params[peephole],
+                         _NO_OPTIONS),
                         (h_n, c_n), out, col)
                 if kernel(*args) if launch is None else launch(kernel, threads, *args):
                     return None

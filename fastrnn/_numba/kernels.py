@@ -7,8 +7,9 @@ names. Where the two differ, it is said here once:
   switch, the products and the loops all live in this one file (a loop cached from another
   file would go on running an edited step).
 - Numba has no structs of pointers: the parameters travel as one tuple ``params = (w_ih, w_hh,
-  b_ih, b_hh, peephole)`` (peephole a (0, 0) array for the cells without one, so that one
-  compiled signature serves every cell), their gradients as ``dparams``; a new parameter is a
+  b_ih, b_hh, peephole, options)`` (peephole a (0, 0) array for the cells without one, options
+  a float64 array, empty for the cells without options, so that one compiled signature serves
+  every cell), their gradients as ``dparams``; a new parameter is a
   new field of both. The workspaces travel as tuples too (``ws``, ``cache``, ``grads``, and a
   step's views ``step``, ``cache_t``, ``grads_t``: see Cache).
 - Threads are Numba's (prange, its OpenMP or TBB layer), not OpenMP's directly; the unit-split
@@ -105,8 +106,12 @@ LSTM = cells.LSTM.code
 LSTM_PEEPHOLE = cells.LSTM_PEEPHOLE.code
 GRU = cells.GRU.code
 GRU_RESET_BEFORE = cells.GRU_RESET_BEFORE.code
+RNN_OPTIONS = cells.OPTIONS_CODES["RNN"]
+LSTM_OPTIONS = cells.OPTIONS_CODES["LSTM"]
+GRU_OPTIONS = cells.OPTIONS_CODES["GRU"]
 # the codes with a step pair here: fastrnn._numba refuses a record with another one
-CODES = (RNN_TANH, RNN_RELU, LSTM, LSTM_PEEPHOLE, GRU, GRU_RESET_BEFORE)
+CODES = (RNN_TANH, RNN_RELU, LSTM, LSTM_PEEPHOLE, GRU, GRU_RESET_BEFORE, RNN_OPTIONS,
+         LSTM_OPTIONS, GRU_OPTIONS)
 
 # plan[0], the forward loop
 ROWS, UNITS = 0, 1
@@ -215,12 +220,24 @@ def _sigmoid_overload(a):
 # NOT vectorised (Numba's wraparound of negative indices makes the address a select): 9.4 us
 # against 2.3 a step for 4 rows x 128 units of LSTM, float32.
 
+@njit(**config.KERNEL)
+def preactivation_row(a, hg, b_ih, b_hh, blocks, H, j0, n, gs, go):
+    """a = (x W_ih^T + b_ih) + (h W_hh^T + b_hh), summed in the reference's order, in the
+    first ``blocks`` gate blocks of a row's units [j0, j0 + n) (a, hg: the row's gates and hh)."""
+    for g in range(blocks):
+        lo, go_g = g * H + j0, g * gs + go
+        a_g, hg_g = a[go_g:go_g + n], hg[go_g:go_g + n]
+        bi_g, bh_g = b_ih[lo:lo + n], b_hh[lo:lo + n]
+        for k in range(n):
+            a_g[k] = a_g[k] + bi_g[k] + (hg_g[k] + bh_g[k])
+
+
 # RNN:  h' = act(W_ih x + b_ih + W_hh h + b_hh), act = tanh or relu
 
 @njit(**config.KERNEL)
 def rnn_forward_row(b, cols, relu, params, step):
     j0, j1, gs, go = cols
-    _, _, b_ih, b_hh, _ = params
+    _, _, b_ih, b_hh, _, _ = params
     gates, hh, _, h_new, _, _, _, y = step
     zero = gates.dtype.type(0)
     n = j1 - j0
@@ -265,7 +282,7 @@ def rnn_backward_row(b, relu, cache_t, grads_t):
 @njit(**config.KERNEL)
 def lstm_forward_row(b, cols, peep, params, step):
     j0, j1, gs, go = cols
-    _, _, b_ih, b_hh, peephole = params
+    _, _, b_ih, b_hh, peephole, _ = params
     gates, hh, h, h_new, c, c_new, _, y = step
     H = h.shape[1]
     n = j1 - j0
@@ -274,12 +291,7 @@ def lstm_forward_row(b, cols, peep, params, step):
     a_g, a_o = a[2 * gs + go:2 * gs + go + n], a[3 * gs + go:3 * gs + go + n]
     c_row, c_new_row, h_new_row = c[b, j0:j1], c_new[b, j0:j1], h_new[b, j0:j1]
     # a = x W_ih^T + b_ih + h W_hh^T + b_hh, blocks i f g o; then activated in place
-    for g in range(4):
-        lo, go_g = g * H + j0, g * gs + go
-        a_g_, hg_g = a[go_g:go_g + n], hg[go_g:go_g + n]
-        bi_g, bh_g = b_ih[lo:lo + n], b_hh[lo:lo + n]
-        for k in range(n):
-            a_g_[k] = a_g_[k] + bi_g[k] + (hg_g[k] + bh_g[k])
+    preactivation_row(a, hg, b_ih, b_hh, 4, H, j0, n, gs, go)
     if peep:
         p_i, p_f, p_o = peephole[0, j0:j1], peephole[1, j0:j1], peephole[2, j0:j1]
         for k in range(n):
@@ -382,7 +394,7 @@ def gru_new_state_row(b, j0, j1, a_z, a_n, step):
 @njit(**config.KERNEL)
 def gru_forward_row(b, cols, params, step):
     j0, j1, gs, go = cols
-    _, _, b_ih, b_hh, _ = params
+    _, _, b_ih, b_hh, _, _ = params
     gates, hh, _, _, _, _, saved, _ = step
     H = b_ih.shape[0] // 3
     n = j1 - j0
@@ -447,7 +459,7 @@ def gru_backward_row(b, cache_t, grads_t):
 @njit(**config.KERNEL)
 def gru_reset_before_forward_row(b, cols, phase, params, step):
     j0, j1, gs, go = cols
-    _, _, b_ih, b_hh, _ = params
+    _, _, b_ih, b_hh, _, _ = params
     gates, hh, h, _, _, _, saved, _ = step
     H = b_ih.shape[0] // 3
     n = j1 - j0
@@ -487,6 +499,309 @@ def gru_reset_before_backward_row(b, phase, cache_t, grads_t):
         # product 0 after this pass: dh += da_rz @ w_hh[:2H]
 
 
+# Cells with options (ONNX's activations, clip, input_forget), one step pair per mode.
+# params[5], ``options``, is cells.Cell.option_values(): (clip (inf: none), input_forget, then
+# (kind, alpha, beta) per activation slot, kind the index in cells.ACTIVATIONS). These step
+# pairs keep each gate's pre-activation (unclipped) in gates, not the activated gate: the
+# backward takes the activations and their slopes from it. The kinds are switched on per
+# element: these cells are for the models that need them, not tuned.
+
+@njit(**config.KERNEL)
+def activate(kind, alpha, beta, one, a):
+    """ONNX's activation ``kind`` (index in cells.ACTIVATIONS) of a; NaN stays NaN."""
+    zero = one - one
+    if kind == 1:
+        return tanh(a)
+    if kind == 2:
+        return sigmoid(a)
+    if kind == 0:
+        return zero if a < zero else a                               # relu
+    if kind == 3:
+        return alpha * a + beta                                      # affine
+    if kind == 4:
+        return alpha * a if a < zero else a                          # leakyrelu
+    if kind == 5:
+        return a if a > alpha or a != a else zero                    # thresholdedrelu
+    if kind == 6:
+        return alpha * tanh(beta * a)                                # scaledtanh
+    if kind == 7:
+        u = alpha * a + beta                                         # hardsigmoid
+        u = zero if u < zero else u
+        return one if u > one else u
+    if kind == 8:
+        return alpha * math.expm1(a) if a < zero else a              # elu
+    if kind == 9:
+        return a / (one + abs(a))                                    # softsign
+    # softplus, log(1 + e^a) without overflow
+    return (a if a > zero else zero) + math.log1p(math.exp(-abs(a)))
+
+
+@njit(**config.KERNEL)
+def activation_slope(kind, alpha, beta, one, a):
+    """d activate(kind, a) / da; NaN where a is NaN."""
+    zero = one - one
+    if a != a:
+        return a
+    if kind == 1:
+        t = tanh(a)
+        return one - t * t
+    if kind == 2:
+        s = sigmoid(a)
+        return s * (one - s)
+    if kind == 0:
+        return one if a > zero else zero
+    if kind == 3:
+        return alpha
+    if kind == 4:
+        return alpha if a < zero else one
+    if kind == 5:
+        return one if a > alpha else zero
+    if kind == 6:
+        t = tanh(beta * a)
+        return alpha * beta * (one - t * t)
+    if kind == 7:
+        u = alpha * a + beta
+        return alpha if u > zero and u < one else zero
+    if kind == 8:
+        return alpha * math.exp(a) if a < zero else one
+    if kind == 9:
+        d = one + abs(a)
+        return one / (d * d)
+    return sigmoid(a)
+
+
+@njit(**config.KERNEL)
+def option_slot(options, slot, one):
+    """(kind, alpha, beta, clip) of activation slot ``slot`` of options, in one's type."""
+    k = 2 + 3 * slot
+    return np.int64(options[k]), one * options[k + 1], one * options[k + 2], one * options[0]
+
+
+@njit(**config.KERNEL)
+def gate(act, a):
+    """act(clip(a)), act = option_slot(...); NaN stays NaN."""
+    kind, alpha, beta, clip = act
+    one = alpha - alpha + 1
+    a = clip if a > clip else (-clip if a < -clip else a)
+    return activate(kind, alpha, beta, one, a)
+
+
+@njit(**config.KERNEL)
+def gate_slope(act, a):
+    """d act(clip(a)) / da: zero where the clip cuts a."""
+    kind, alpha, beta, clip = act
+    one = alpha - alpha + 1
+    if a < -clip or a > clip:
+        return one - one
+    return activation_slope(kind, alpha, beta, one, a)
+
+
+# RNN with options: h' = f(clip(W_ih x + b_ih + W_hh h + b_hh))
+
+@njit(**config.KERNEL)
+def rnn_options_forward_row(b, cols, params, step):
+    j0, j1, gs, go = cols
+    _, _, b_ih, b_hh, _, options = params
+    gates, hh, _, h_new, _, _, _, y = step
+    f = option_slot(options, 0, gates.dtype.type(1))
+    n = j1 - j0
+    a, hg = gates[b, go:go + n], hh[b, go:go + n]
+    bi, bh = b_ih[j0:j1], b_hh[j0:j1]
+    h_row, y_row = h_new[b, j0:j1], y[b, j0:j1]
+    for k in range(n):
+        a[k] = a[k] + bi[k] + (hg[k] + bh[k])                        # kept: the pre-activation
+    for k in range(n):
+        h_row[k] = gate(f, a[k])
+    for k in range(n):
+        y_row[k] = h_row[k]
+
+
+@njit(**config.KERNEL)
+def rnn_options_backward_row(b, params, cache_t, grads_t):
+    gates = cache_t[0]
+    dgates, dh = grads_t[0], grads_t[3]
+    f = option_slot(params[5], 0, dh.dtype.type(1))
+    a, da, dh_row = gates[b], dgates[b], dh[b]
+    for j in range(dh.shape[1]):
+        da[j] = dh_row[j] * gate_slope(f, a[j])
+    for j in range(dh.shape[1]):
+        dh_row[j] = 0  # dL/dh is all dgates @ w_hh: the product after this pass
+
+
+# LSTM with options (peepholes when params[4] has them):
+#     i = f(clip(a_i [+ p_i c]));  f = 1 - i with input_forget, else f(clip(a_f [+ p_f c]))
+#     g = g(clip(a_g));  c' = f c + i g;  o = f(clip(a_o [+ p_o c']));  h' = o h(c')
+
+@njit(**config.KERNEL)
+def lstm_options_forward_row(b, cols, params, step):
+    j0, j1, gs, go = cols
+    _, _, b_ih, b_hh, peephole, options = params
+    gates, hh, h, h_new, c, c_new, _, y = step
+    one = gates.dtype.type(1)
+    zero = one - one
+    act_f, act_g = option_slot(options, 0, one), option_slot(options, 1, one)
+    kh, ah, bh_, _ = option_slot(options, 2, one)
+    input_forget = options[1] != 0
+    peep = peephole.shape[0] > 0
+    H = h.shape[1]
+    n = j1 - j0
+    a, hg = gates[b], hh[b]
+    a_i, a_f = a[go:go + n], a[gs + go:gs + go + n]
+    a_g, a_o = a[2 * gs + go:2 * gs + go + n], a[3 * gs + go:3 * gs + go + n]
+    c_row, c_new_row, h_new_row = c[b, j0:j1], c_new[b, j0:j1], h_new[b, j0:j1]
+    preactivation_row(a, hg, b_ih, b_hh, 4, H, j0, n, gs, go)
+    for k in range(n):
+        p_i = peephole[0, j0 + k] if peep else zero
+        p_f = peephole[1, j0 + k] if peep else zero
+        p_o = peephole[2, j0 + k] if peep else zero
+        a_i[k] += p_i * c_row[k]
+        i = gate(act_f, a_i[k])
+        if input_forget:
+            f = one - i
+        else:
+            a_f[k] += p_f * c_row[k]
+            f = gate(act_f, a_f[k])
+        # c' = f * c + i * g
+        c_nw = f * c_row[k] + i * gate(act_g, a_g[k])
+        c_new_row[k] = c_nw
+        a_o[k] += p_o * c_nw
+        # h' = o * h(c')
+        h_new_row[k] = gate(act_f, a_o[k]) * activate(kh, ah, bh_, one, c_nw)
+    y_row = y[b, j0:j1]
+    for k in range(n):
+        y_row[k] = h_new_row[k]
+
+
+@njit(**config.KERNEL)
+def lstm_options_backward_row(b, params, cache_t, grads_t):
+    peephole, options = params[4], params[5]
+    gates, _, c, c_new, _ = cache_t
+    dgates, _, _, dh, dc, _, dpeep, _ = grads_t
+    one = dh.dtype.type(1)
+    zero = one - one
+    act_f, act_g = option_slot(options, 0, one), option_slot(options, 1, one)
+    kh, ah, bh_, _ = option_slot(options, 2, one)
+    input_forget = options[1] != 0
+    peep = peephole.shape[0] > 0
+    H = dh.shape[1]
+    a, c_old, c_nw, da, dh_row, dc_row = gates[b], c[b], c_new[b], dgates[b], dh[b], dc[b]
+    for j in range(H):
+        a_i, a_f, a_g, a_o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
+        i, g, o = gate(act_f, a_i), gate(act_g, a_g), gate(act_f, a_o)
+        f = one - i if input_forget else gate(act_f, a_f)
+        # h' = o * h(c')
+        da_o = dh_row[j] * activate(kh, ah, bh_, one, c_nw[j]) * gate_slope(act_f, a_o)
+        dc_new = dc_row[j] + dh_row[j] * o * activation_slope(kh, ah, bh_, one, c_nw[j])
+        if peep:
+            # a_o = ... + p_o * c'
+            dc_new += da_o * peephole[2, j]
+        # c' = f * c + i * g
+        di = dc_new * g
+        df = dc_new * c_old[j]
+        if input_forget:
+            di -= df                 # f = 1 - i: the f block's pre-activation is not used
+            da_f = zero
+        else:
+            da_f = df * gate_slope(act_f, a_f)
+        da_i = di * gate_slope(act_f, a_i)
+        da[j], da[H + j], da[3 * H + j] = da_i, da_f, da_o
+        da[2 * H + j] = dc_new * i * gate_slope(act_g, a_g)
+        dc_row[j] = dc_new * f
+        if peep:
+            # a_i = ... + p_i * c;  a_f = ... + p_f * c
+            dc_row[j] += da_i * peephole[0, j] + da_f * peephole[1, j]
+    if peep:
+        dp = dpeep[b]
+        for j in range(H):
+            dp[j] += da[j] * c_old[j]
+            dp[H + j] += da[H + j] * c_old[j]
+            dp[2 * H + j] += da[3 * H + j] * c_nw[j]
+    for j in range(H):
+        dh_row[j] = 0  # dL/dh is all dgates @ w_hh: the product after this pass
+
+
+# GRU with options, both forms (reset_after: spec has one product):
+#     r = f(clip(.)), z = f(clip(.)), n = g(clip(x_n + r * hn)) or g(clip(x_n + W_hn (r h) + b_hn))
+# saved: hn or rh, as the plain GRU's
+
+@njit(**config.KERNEL)
+def gru_options_forward_row(b, cols, phase, reset_after, params, step):
+    j0, j1, gs, go = cols
+    _, _, b_ih, b_hh, _, options = params
+    gates, hh, h, h_new, _, _, saved, y = step
+    one = gates.dtype.type(1)
+    act_f, act_g = option_slot(options, 0, one), option_slot(options, 1, one)
+    H = b_ih.shape[0] // 3
+    n = j1 - j0
+    a, hg = gates[b], hh[b]
+    a_r, a_z, a_n = a[go:go + n], a[gs + go:gs + go + n], a[2 * gs + go:2 * gs + go + n]
+    if phase == 0:
+        preactivation_row(a, hg, b_ih, b_hh, 2, H, j0, n, gs, go)
+    n0 = 2 * H + j0
+    bi_n, bh_n = b_ih[n0:n0 + n], b_hh[n0:n0 + n]
+    hg_n = hg[2 * gs + go:2 * gs + go + n]
+    if reset_after:
+        for k in range(n):
+            hg_n[k] += bh_n[k]                                           # hn = W_hn h + b_hn
+        for k in range(n):
+            a_n[k] = a_n[k] + bi_n[k] + gate(act_f, a_r[k]) * hg_n[k]
+        if saved.shape[0] > 0:
+            hn_row = saved[b, j0:j1]
+            for k in range(n):
+                hn_row[k] = hg_n[k]
+    elif phase == 0:
+        h_row, rh_row = h[b, j0:j1], saved[b, j0:j1]
+        for k in range(n):
+            rh_row[k] = gate(act_f, a_r[k]) * h_row[k]   # product 1: hh's n block = rh @ W_hn.T
+        return
+    else:
+        for k in range(n):
+            a_n[k] = a_n[k] + bi_n[k] + (hg_n[k] + bh_n[k])
+    h_row, h_new_row, y_row = h[b, j0:j1], h_new[b, j0:j1], y[b, j0:j1]
+    for k in range(n):
+        # h' = (1 - z) * n + z * h
+        z = gate(act_f, a_z[k])
+        h_new_row[k] = (one - z) * gate(act_g, a_n[k]) + z * h_row[k]
+    for k in range(n):
+        y_row[k] = h_new_row[k]
+
+
+@njit(**config.KERNEL)
+def gru_options_backward_row(b, phase, reset_after, params, cache_t, grads_t):
+    gates, h, _, _, saved = cache_t
+    dgates, dgates_hh, dhh, dh, _, dsaved, _, _ = grads_t
+    one = dh.dtype.type(1)
+    act_f, act_g = option_slot(params[5], 0, one), option_slot(params[5], 1, one)
+    H = dh.shape[1]
+    a, h_old, da, dh_row = gates[b], h[b], dgates[b], dh[b]
+    if reset_after or phase == 1:
+        for j in range(H):
+            # h' = (1 - z) * n + z * h
+            a_z, a_n = a[H + j], a[2 * H + j]
+            z, n = gate(act_f, a_z), gate(act_g, a_n)
+            da[H + j] = dh_row[j] * (h_old[j] - n) * gate_slope(act_f, a_z)   # da_z
+            da[2 * H + j] = dh_row[j] * (one - z) * gate_slope(act_g, a_n)    # da_n
+            dh_row[j] *= z
+    if reset_after:
+        # a_n = x_n + r * hn, hn = W_hn h + b_hn: the hidden side of the n block is da_n * r
+        hn, d_hidden, da_hh = saved[b], dhh[b], dgates_hh[b]
+        for j in range(H):
+            a_r = a[j]
+            da[j] = da[2 * H + j] * hn[j] * gate_slope(act_f, a_r)           # da_r
+            d_hidden[2 * H + j] = da[2 * H + j] * gate(act_f, a_r)
+        for j in range(2 * H):
+            d_hidden[j] = da[j]
+        for j in range(H):
+            da_hh[j] = d_hidden[2 * H + j]
+    elif phase == 0:
+        ds = dsaved[b]
+        for j in range(H):
+            # rh = r * h
+            a_r = a[j]
+            da[j] = ds[j] * h_old[j] * gate_slope(act_f, a_r)                # da_r
+            dh_row[j] += ds[j] * gate(act_f, a_r)
+
+
 # =============================================================================================
 # The switch: the only place that reads the cell's code
 
@@ -520,6 +835,12 @@ def forward_row(spec, phase, b, cols, padding, params, step):
         gru_forward_row(b, cols, params, step)
     elif code == GRU_RESET_BEFORE:
         gru_reset_before_forward_row(b, cols, phase, params, step)
+    elif code == RNN_OPTIONS:
+        rnn_options_forward_row(b, cols, params, step)
+    elif code == LSTM_OPTIONS:
+        lstm_options_forward_row(b, cols, params, step)
+    elif code == GRU_OPTIONS:
+        gru_options_forward_row(b, cols, phase, second == G, params, step)
 
 
 @njit(**config.KERNEL)
@@ -550,6 +871,12 @@ def backward_row(spec, phase, b, padding, params, cache_t, grads_t):
         gru_backward_row(b, cache_t, grads_t)
     elif code == GRU_RESET_BEFORE:
         gru_reset_before_backward_row(b, phase, cache_t, grads_t)
+    elif code == RNN_OPTIONS:
+        rnn_options_backward_row(b, params, cache_t, grads_t)
+    elif code == LSTM_OPTIONS:
+        lstm_options_backward_row(b, params, cache_t, grads_t)
+    elif code == GRU_OPTIONS:
+        gru_options_backward_row(b, phase, second == G, params, cache_t, grads_t)
 
 
 @njit(**config.PARALLEL)
@@ -1895,10 +2222,10 @@ def step(spec, threads, batch_first, x, state0, row, params, state_n, out, col):
     (rows, B, H), the step's at [row] (c0, c_n (1, 0, 0) for cells without c); h_n[row] is
     also copied to out[..., col:col + H], out (1, B, W) or (B, 1, W). threads: the most
     threads to use, from config.STEP_PARALLEL_MIN_WORK multiply-adds (G*H*(I+H)*B) on."""
-    _, G, states, _, second, _, _ = spec
+    _, G, states, saved_width, second, _, _ = spec
     h0, c0 = state0
     h_n, c_n = state_n
-    w_ih, w_hh, b_ih, b_hh, peephole = params
+    w_ih, w_hh, b_ih, b_hh, peephole, options = params
     B = x.shape[0] if batch_first else x.shape[1]
     I, H = x.shape[2], h0.shape[2]
     GH = G * H
@@ -1911,8 +2238,8 @@ def step(spec, threads, batch_first, x, state0, row, params, state_n, out, col):
         return 1
     if B == 0 or H == 0:
         return 0
-    # one workspace: gates (B, GH), hh (B, GH), saved (B, H) for a second product
-    n_saved = B * H if second < G else 0
+    # one workspace: gates (B, GH), hh (B, GH), saved (B, saved_width*H) for a second product
+    n_saved = B * saved_width * H if second < G else 0
     work = np.empty(2 * B * GH + n_saved, x.dtype)
     # everything below borrowed: the caller holds the arguments, keep_alive the locals
     flat = borrowed(work)
@@ -1920,8 +2247,9 @@ def step(spec, threads, batch_first, x, state0, row, params, state_n, out, col):
     h_new = borrowed(h_n)[row]
     views = (flat[:B * GH].reshape((B, GH)), flat[B * GH:2 * B * GH].reshape((B, GH)),
              borrowed(h0)[row], h_new, borrowed(c0)[rc], borrowed(c_n)[rc],
-             flat[2 * B * GH:].reshape((B, H) if second < G else (0, 0)), h_new)
-    params = (borrowed(w_ih), borrowed(w_hh), borrowed(b_ih), borrowed(b_hh), borrowed(peephole))
+             flat[2 * B * GH:].reshape((B, saved_width * H) if second < G else (0, 0)), h_new)
+    params = (borrowed(w_ih), borrowed(w_hh), borrowed(b_ih), borrowed(b_hh), borrowed(peephole),
+              borrowed(options))
     x2 = borrowed(x).reshape((B, I))
     P = 1
     if GH * (I + H) * B >= config.STEP_PARALLEL_MIN_WORK:
