@@ -15,7 +15,11 @@ needed. The correspondence (U = units, I = input features):
                                               bias_hh_l0 = bias[1], blocks as r, z, n
     GRU reset_after=False, bias (3U,)         reset_after=False; bias_ih_l0 = bias (r, z, n),
                                               bias_hh_l0 = 0
-    SimpleRNN kernel (I, U), bias (U,)        RNN(nonlinearity=activation), tanh or relu
+    SimpleRNN kernel (I, U), bias (U,)        RNN(nonlinearity=activation) for tanh and relu
+    activation, recurrent_activation          activation=, recurrent_activation= (other than
+                                              tanh and sigmoid; SimpleRNN: tanh and relu):
+                                              those of layers.KERAS_ACTIVATIONS, the ones
+                                              ONNX has too
     use_bias=False                            bias=False
     Bidirectional(merge_mode=m)               bidirectional=True, merge=m ("concat", "sum",
                                               "mul", "ave"); the backward layer's
@@ -28,13 +32,13 @@ needed. The correspondence (U = units, I = input features):
 Keras's ``h = z * h + (1 - z) * hh`` is fastrnn's ``h' = (1 - z) n + z h``. Options that only
 act in training (dropout, recurrent_dropout, initializers, regularizers, constraints) or on
 what Keras returns (return_sequences, return_state, stateful, unroll) are accepted and do not
-change the layer; anything else that fastrnn cannot compute (activations other than tanh (and
-relu for SimpleRNN) with a sigmoid recurrent activation, go_backwards on a single layer, a
-merge_mode of None) raises an error naming the option.
+change the layer; anything else that fastrnn cannot compute (an activation that is not in
+``layers.KERAS_ACTIVATIONS``, such as "selu" or "gelu", or that is not given by name,
+go_backwards on a single layer, a merge_mode of None) raises an error naming the option.
 """
 import numpy as np
 
-from .layers import GRU, LSTM, MERGES, RNN
+from .layers import GRU, KERAS_ACTIVATIONS, LSTM, MERGES, RNN
 
 __all__ = ["from_keras"]
 
@@ -120,16 +124,15 @@ def _direction(kind, weights, config, where):
         raise TypeError(f"{where}{unknown[0]}: not an option of a Keras 3 {kind} that "
                         f"from_keras knows")
     options = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _CELL_OPTIONS}}
-    activation = options["activation"]
-    allowed = ("tanh", "relu") if kind == "SimpleRNN" else ("tanh",)
-    if activation not in allowed:
-        raise ValueError(f"{where}activation: fastrnn's {cls.__name__} computes "
-                         f"{' or '.join(allowed)}, got {activation!r}")
-    if kind != "SimpleRNN" and options["recurrent_activation"] != "sigmoid":
-        raise ValueError(f"{where}recurrent_activation: fastrnn's {cls.__name__} computes "
-                         f"'sigmoid', got {options['recurrent_activation']!r}")
     if kind == "SimpleRNN" and "recurrent_activation" in config:
         raise TypeError(f"{where}recurrent_activation: not an option of a Keras SimpleRNN")
+    activations = ("activation",) + (() if kind == "SimpleRNN" else ("recurrent_activation",))
+    for key in activations:
+        value = options[key]
+        if not isinstance(value, str) or value not in KERAS_ACTIVATIONS:
+            raise ValueError(f"{where}{key}: fastrnn computes Keras's "
+                             f"{', '.join(KERAS_ACTIVATIONS)} (the ones ONNX has too), got "
+                             f"{value!r}")
     use_bias, reset_after = bool(options["use_bias"]), bool(options["reset_after"])
     if kind != "GRU" and "reset_after" in config:
         raise TypeError(f"{where}reset_after: not an option of a Keras {kind}")
@@ -173,8 +176,10 @@ def _direction(kind, weights, config, where):
     cell_options = {}
     if kind == "GRU":
         cell_options["reset_after"] = reset_after
-    if kind == "SimpleRNN":
-        cell_options["nonlinearity"] = activation
+    if kind == "SimpleRNN" and options["activation"] in ("tanh", "relu"):
+        cell_options["nonlinearity"] = options["activation"]
+    elif (options["activation"], options["recurrent_activation"]) != ("tanh", "sigmoid"):
+        cell_options.update({key: options[key] for key in activations})
     return {"class": cls, "input_size": kernel.shape[0], "units": U, "use_bias": use_bias,
             "cell_options": cell_options, "go_backwards": bool(options["go_backwards"]),
             "params": params, "dtype": kernel.dtype, "kind": kind}

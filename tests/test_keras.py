@@ -111,10 +111,19 @@ def test_from_keras_bidirectional_equals_keras_equations(kind):
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda w: from_keras("LSTM", w, {"activation": "relu"}),
-     r"activation: fastrnn's LSTM computes tanh, got 'relu'"),
-    (lambda w: from_keras("LSTM", w, {"recurrent_activation": "hard_sigmoid"}),
-     r"recurrent_activation: fastrnn's LSTM computes 'sigmoid', got 'hard_sigmoid'"),
+    (lambda w: from_keras("LSTM", w, {"activation": "selu"}),
+     r"activation: fastrnn computes Keras's tanh, sigmoid, relu, .* \(the ones ONNX has too\), "
+     r"got 'selu'"),
+    (lambda w: from_keras("LSTM", w, {"recurrent_activation": "gelu"}),
+     r"recurrent_activation: fastrnn computes Keras's .*got 'gelu'"),
+    (lambda w: from_keras("SimpleRNN", [w[0][:, :3], w[1][:, :3], w[2][:3]],
+                          {"activation": {"class_name": "function", "config": "mine"}}),
+     r"activation: fastrnn computes Keras's .*got \{'class_name'"),
+    (lambda w: from_keras("Bidirectional", w + w, {
+        "layer": {"class_name": "LSTM", "config": {"activation": "relu"}},
+        "backward_layer": {"class_name": "LSTM", "config": {"go_backwards": True}}}),
+     r"backward_layer: its cell_options \{\} differs from the forward layer's "
+     r"\{'activation': 'relu', 'recurrent_activation': 'sigmoid'\}"),
     (lambda w: from_keras("LSTM", w, {"go_backwards": True}), r"go_backwards"),
     (lambda w: from_keras("LSTM", w, {"time_major": True}), r"time_major: not an option"),
     (lambda w: from_keras("LSTM", w, {"units": 7}), r"units: 7, but weights\[1\]"),
@@ -171,17 +180,42 @@ KERAS_LAYERS = {
 }
 
 
-@pytest.mark.parametrize("case", list(KERAS_LAYERS))
-def test_from_keras_equals_keras(keras, case):
+# Keras's activations that ONNX has too (fastrnn.layers.KERAS_ACTIVATIONS), each in some slot
+KERAS_ACTIVATION_LAYERS = {
+    "lstm-relu-hard-sigmoid": lambda k: k.layers.LSTM(
+        5, activation="relu", recurrent_activation="hard_sigmoid", return_sequences=True,
+        return_state=True),
+    "lstm-softplus-linear": lambda k: k.layers.LSTM(
+        5, activation="softplus", recurrent_activation="linear", return_sequences=True,
+        return_state=True),
+    "gru-softsign": lambda k: k.layers.GRU(5, activation="softsign", return_sequences=True,
+                                           return_state=True),
+    "gru-reset-before-elu-hard-sigmoid": lambda k: k.layers.GRU(
+        5, reset_after=False, activation="elu", recurrent_activation="hard_sigmoid",
+        return_sequences=True, return_state=True),
+    "simple-rnn-leaky-relu": lambda k: k.layers.SimpleRNN(
+        5, activation="leaky_relu", return_sequences=True, return_state=True),
+    "bidirectional-gru-relu-softsign": lambda k: k.layers.Bidirectional(
+        k.layers.GRU(5, activation="relu", recurrent_activation="softsign",
+                     return_sequences=True, return_state=True)),
+}
+
+
+def keras_and_ours(keras, make, backend="reference"):
+    """A built Keras layer with random weights, its outputs on random x, and from_keras's."""
     rng = np.random.default_rng(3)
     B, T, I = 3, 7, 4
-    layer = KERAS_LAYERS[case](keras)
+    layer = make(keras)
     layer.build((B, T, I))
     layer.set_weights([rng.uniform(-0.8, 0.8, w.shape).astype(np.float32)
                        for w in layer.get_weights()])
     x = rng.standard_normal((B, T, I)).astype(np.float32)
     y_keras, *states_keras = [keras.ops.convert_to_numpy(a) for a in layer(x)]
-    m = from_keras(layer, backend="reference")
+    m = from_keras(layer, backend=backend)
+    return layer, x, (y_keras, states_keras), m
+
+
+def assert_equals_keras(m, x, y_keras, states_keras):
     y, final = m(x)
     assert max_rel_error(y, y_keras) <= 1e-5
     parts = list(final) if isinstance(final, tuple) else [final]
@@ -190,3 +224,30 @@ def test_from_keras_equals_keras(keras, case):
     assert len(ours) == len(states_keras)
     for got, want in zip(ours, states_keras):
         assert max_rel_error(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(KERAS_LAYERS))
+def test_from_keras_equals_keras(keras, case):
+    _, x, (y_keras, states_keras), m = keras_and_ours(keras, KERAS_LAYERS[case])
+    assert m.cell.plain
+    assert_equals_keras(m, x, y_keras, states_keras)
+
+
+@pytest.mark.parametrize("case", list(KERAS_ACTIVATION_LAYERS))
+def test_from_keras_equals_keras_with_other_activations(keras, case):
+    layer, x, (y_keras, states_keras), m = keras_and_ours(keras, KERAS_ACTIVATION_LAYERS[case])
+    assert_equals_keras(m, x, y_keras, states_keras)
+    # the activations made the match: the same weights with tanh and sigmoid do not
+    plain = from_keras(type(layer).__name__, layer.get_weights(),
+                       default_activations(layer.get_config()), backend="reference")
+    assert plain.cell.plain and not m.cell.plain
+    assert max_rel_error(plain(x)[0], y_keras) > 1e-2
+
+
+def default_activations(config):
+    """A Keras config with Keras's default activations wherever it names one."""
+    defaults = {"activation": "tanh", "recurrent_activation": "sigmoid"}
+    if isinstance(config, dict):
+        return {k: defaults[k] if k in defaults else default_activations(v)
+                for k, v in config.items()}
+    return config

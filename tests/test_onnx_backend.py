@@ -3,10 +3,10 @@ LSTM, GRU and RNN node tests, whose expected outputs ONNX computes with its NumP
 through fastrnn's reference layers. Plus the backend's refusals. Skipped without onnx.
 
 Building BackendTest generates every node test case of ONNX (about 6 s); only the recurrent
-ones are kept. None of them needs an exclusion with onnx 1.23: the node tests use the default
-activations, no clip and no input_forget. A later onnx with a node test that does (issue 20
-adds activations, clip and input_forget to the layers) would add it here, with an exclude
-naming the attribute.
+ones are kept. None of them is excluded or skipped. With onnx 1.23.2 none sets activations,
+activation_alpha, activation_beta, clip or input_forget (nor does any model in ONNX's stored
+test data), so the layers' options of those names are checked here against ONNX Runtime
+(``test_run_node_equals_onnxruntime``); a later onnx with such node tests runs them as they come.
 """
 import io
 import re
@@ -98,20 +98,39 @@ def random_node_inputs(op, direction, rng, T=5, B=4, I=3, H=4):
     return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in inputs.items()}
 
 
-NODE_CASES = [("LSTM", {}), ("GRU", {"linear_before_reset": 1}),
-              ("GRU", {"linear_before_reset": 0}), ("RNN", {"activations": ["Relu"]})]
+# the activations lists (and their alpha and beta lists) are one direction's; a bidirectional
+# node gets them twice
+NODE_CASES = {
+    "lstm": ("LSTM", {}),
+    "gru-lbr": ("GRU", {"linear_before_reset": 1}),
+    "gru": ("GRU", {"linear_before_reset": 0}),
+    "rnn-relu": ("RNN", {"activations": ["Relu"]}),
+    "lstm-options": ("LSTM", {"activations": ["HardSigmoid", "ScaledTanh", "Elu"],
+                              "activation_alpha": [0.3, 0.9, 0.7],
+                              "activation_beta": [0.45, 1.2], "clip": 1.75, "input_forget": 1}),
+    "lstm-affine": ("LSTM", {"activations": ["Sigmoid", "Affine", "Softsign"],
+                             "activation_alpha": [0.6], "activation_beta": [0.2], "clip": 4.0}),
+    "gru-lbr-options": ("GRU", {"linear_before_reset": 1, "activations": ["Softsign", "LeakyRelu"],
+                                "activation_alpha": [0.15], "clip": 1.5}),
+    "gru-options": ("GRU", {"linear_before_reset": 0, "activations": ["HardSigmoid", "Softplus"],
+                            "clip": 0.8}),
+    "rnn-options": ("RNN", {"activations": ["ThresholdedRelu"], "activation_alpha": [0.2],
+                            "clip": 2.0}),
+}
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
-@pytest.mark.parametrize("op,attrs", NODE_CASES, ids=["lstm", "gru-lbr", "gru", "rnn-relu"])
-def test_run_node_equals_onnxruntime(op, attrs, direction):
-    """Random weights, lengths, states, peepholes: what ONNX's node tests leave out. The
-    reverse direction alone runs as a bidirectional layer's reverse half."""
+@pytest.mark.parametrize("case", list(NODE_CASES))
+def test_run_node_equals_onnxruntime(case, direction):
+    """Random weights, lengths, states, peepholes, and the cells' options: what ONNX's node
+    tests leave out. The reverse direction alone runs as a bidirectional layer's reverse
+    half."""
     ort = pytest.importorskip("onnxruntime")
+    op, attrs = NODE_CASES[case]
     rng = np.random.default_rng(4)
     inputs = random_node_inputs(op, direction, rng)
-    if direction == "bidirectional" and op == "RNN":
-        attrs = {"activations": ["Relu", "Relu"]}
+    if direction == "bidirectional":
+        attrs = {k: v * 2 if k.startswith("activation") else v for k, v in attrs.items()}
     names = list(inputs)
     outputs = ["Y", "Y_h", "Y_c"][:3 if op == "LSTM" else 2]
     node = helper.make_node(op, names, outputs, hidden_size=4, direction=direction, **attrs)
@@ -128,6 +147,13 @@ def test_run_node_equals_onnxruntime(op, attrs, direction):
                                    providers=["CPUExecutionProvider"])
     for name, ours, theirs in zip(outputs, got, session.run(None, inputs)):
         assert max_rel_error(ours, theirs) <= 1e-5, name
+    if "options" in case or "affine" in case:
+        # the options change the outputs: run_node did not match ONNX Runtime without them
+        plain = {k: v for k, v in attrs.items() if k == "linear_before_reset"}
+        plain_node = helper.make_node(op, names, outputs, hidden_size=4, direction=direction,
+                                      **plain)
+        without = ReferenceBackend.run_node(plain_node, [inputs[n] for n in names])
+        assert max_rel_error(without[0], got[0]) > 1e-2
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
@@ -151,8 +177,17 @@ def test_run_node_batchwise_layout_is_the_transpose(op):
 
 
 @pytest.mark.parametrize("attrs,message", [
-    ({"clip": 1.0}, r"'g'.*attribute 'clip'"),
-    ({"activations": ["HardSigmoid", "Tanh"]}, r"'g'.*attribute 'activations'"),
+    ({"clip": 0.0}, r"'g'.*attribute 'clip' must be a positive finite number, got 0\.0"),
+    ({"activations": ["HardSigmoid", "Gelu"]},
+     r"'g'.*attribute 'activations': 'Gelu' \(g \(candidate n\)\) is not one of ONNX's"),
+    ({"activations": ["Sigmoid", "Tanh", "Sigmoid", "Relu"], "direction": "bidirectional"},
+     r"'g'.*forward direction's \[Sigmoid, Tanh\] differ from the reverse direction's "
+     r"\[Sigmoid, Relu\]"),
+    ({"activations": ["Sigmoid", "ScaledTanh"]},
+     r"'g'.*attribute 'activation_alpha' has no value for ScaledTanh"),
+    ({"activations": ["Sigmoid", "Elu"], "activation_alpha": [1.0], "activation_beta": [1.0]},
+     r"'g'.*attribute 'activation_beta' has 1 values, but the activations \['Sigmoid', 'Elu'\] "
+     r"take 0"),
     ({"linear_before_reset": 2}, r"'g'.*attribute 'linear_before_reset' must be 0 or 1, got 2"),
 ])
 def test_run_node_refuses_what_fastrnn_cannot_compute(attrs, message):

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import make_layer, max_rel_error, random_state, state_parts
-from fastrnn.cells import CELLS
+import fastrnn
+from fastrnn.cells import ACTIVATION_DEFAULTS, ACTIVATIONS, CELLS
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 import fastrnn.onnx  # noqa: E402
-from fastrnn.onnx import OnnxModelError  # noqa: E402
+from fastrnn.onnx import OnnxModelError, _nodes  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
@@ -116,6 +117,216 @@ def test_load_without_bias_lengths_and_states(tmp_path):
     assert back.params.keys() == m.params.keys()
     for name, p in m.params.items():
         np.testing.assert_array_equal(back.params[name], p, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cells' options (activations with their parameters, clip, input_forget) as node attributes.
+# Parameters and clips are exact in float32 (ONNX stores attributes in float32), so a float64
+# layer comes back with the same cell.
+
+OPTION_CASES = {
+    "lstm-peephole": (fastrnn.LSTM, dict(
+        peephole=True, input_forget=True, clip=2.5,
+        activations=(("hardsigmoid", 0.375, 0.625), ("leakyrelu", 0.125),
+                     ("scaledtanh", 0.75, 1.25)))),
+    "lstm": (fastrnn.LSTM, dict(
+        clip=1.5, activations=(("elu", 0.625), ("affine", 0.75, 0.25), ("softsign",)))),
+    "gru-reset-after": (fastrnn.GRU, dict(
+        reset_after=True, clip=1.25,
+        activations=(("hardsigmoid", 0.25, 0.375), ("scaledtanh", 1.25, 0.75)))),
+    "gru-reset-before": (fastrnn.GRU, dict(
+        reset_after=False, clip=0.75, activations=(("sigmoid",), ("softplus",)))),
+    "gru-thresholded": (fastrnn.GRU, dict(
+        reset_after=True, activations=(("softsign",), ("thresholdedrelu", 0.25)))),
+    "rnn": (fastrnn.RNN, dict(clip=1.5, activations=(("leakyrelu", 0.25),))),
+    "rnn-relu-clip": (fastrnn.RNN, dict(nonlinearity="relu", clip=0.5)),
+}
+
+
+def options_layer(case, bidirectional, dtype, backend="reference", num_layers=2, plain=False):
+    """The case's layer; ``plain``: the same weights without the options."""
+    cls, options = OPTION_CASES[case]
+    if plain:
+        options = {k: v for k, v in options.items() if k in ("peephole", "reset_after")}
+    return cls(3, 5, num_layers, bidirectional=bidirectional, dtype=dtype, backend=backend,
+               seed=11, **options)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_export_with_options_runs_in_onnxruntime_as_the_layer(backend, case, bidirectional):
+    rng = np.random.default_rng(12)
+    T, B = 7, 4
+    m = options_layer(case, bidirectional, np.float32, backend)
+    plain = options_layer(case, bidirectional, np.float32, "reference", plain=True)
+    x = rng.standard_normal((T, B, 3)).astype(np.float32)
+    state = random_state(m, B, rng)
+    lengths = np.array([7, 2, 1, 5])
+    y, final = m(x, state, lengths)
+    model = fastrnn.onnx.export(m)
+    got = run_onnxruntime(model, feeds_for(m, x, state, lengths))
+    for name, onnx_value, ours in zip(["y", "h_n", "c_n"], got, [y] + state_parts(final)):
+        err = max_rel_error(onnx_value, ours)
+        assert err <= 1e-4, f"{name}: relative error {err:.3g}"
+    # the options change the outputs: ONNX Runtime did not get there without them
+    assert max_rel_error(plain(x, state, lengths)[0], y) > 1e-2
+    node = next(n for n in model.graph.node if n.op_type == m.mode)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs.get("clip") == m.cell.clip and attrs.get("input_forget", 0) == m.cell.input_forget
+    assert len(attrs["activations"]) == len(m.cell.activations) * m.num_directions
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_load_inverts_export_with_options(case):
+    rng = np.random.default_rng(13)
+    m = options_layer(case, True, np.float64)
+    back = fastrnn.onnx.load(fastrnn.onnx.export(m), backend="reference")
+    assert _nodes.computes(back.cell) == _nodes.computes(m.cell)
+    assert back.cell.activations == m.cell.activations and back.cell.clip == m.cell.clip
+    for name, p in m.params.items():
+        np.testing.assert_array_equal(back.params[name], p, err_msg=name)
+    x = rng.standard_normal((6, 3, 3))
+    state = random_state(m, 3, rng)
+    (y_back, final_back), (y, final) = back(x, state), m(x, state)
+    np.testing.assert_array_equal(y_back, y)
+    for ours, theirs in zip(state_parts(final_back), state_parts(final)):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_export_rounds_float64_options_to_float32():
+    """Keras's hard_sigmoid slope 1/6 is not a float32: the model holds float32(1/6)."""
+    rng = np.random.default_rng(14)
+    m = fastrnn.LSTM(3, 4, activations=(("hardsigmoid", 1 / 6, 0.5), "tanh", "tanh"), clip=0.1,
+                     dtype=np.float64, backend="reference")
+    back = fastrnn.onnx.load(fastrnn.onnx.export(m), backend="reference")
+    assert back.cell.activations[0] == ("hardsigmoid", float(np.float32(1 / 6)), 0.5)
+    assert back.cell.clip == float(np.float32(0.1)) != 0.1
+    x = rng.standard_normal((5, 2, 3))
+    assert max_rel_error(back(x)[0], m(x)[0]) <= 1e-6
+
+
+def test_export_options_rnn_of_either_record():
+    """RNN(activations=("relu",), clip=c) is rnn_tanh's record with options, and loads as
+    rnn_relu's with that clip: the same computation."""
+    rng = np.random.default_rng(15)
+    m = fastrnn.RNN(3, 4, activations=("relu",), clip=0.5, backend="reference")
+    back = fastrnn.onnx.load(fastrnn.onnx.export(m), backend="reference")
+    assert _nodes.computes(back.cell) == _nodes.computes(m.cell)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(back(x)[0], m(x)[0])
+
+
+def test_export_refuses_attributes_that_load_as_another_cell(monkeypatch):
+    """The check that what export writes loads as the layer's cell (an options cell has its
+    plain cell's name): attributes that leave out the clip are refused."""
+    def without_clip(cell, D):
+        attrs = _nodes.attributes_from_cell(cell, D)
+        attrs.pop("clip", None)
+        return attrs
+    monkeypatch.setattr(fastrnn.onnx, "attributes_from_cell", without_clip)
+    m = fastrnn.LSTM(3, 4, clip=2.0, backend="reference")
+    assert m.cell.name in _nodes.ONNX_CELLS
+    with pytest.raises(ValueError, match=r"layer: its cell .*no ONNX form here \(the attributes"):
+        fastrnn.onnx.export(m)
+    model = fastrnn.onnx.export(fastrnn.LSTM(3, 4, activations=("sigmoid", "relu", "tanh"),
+                                             backend="reference"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    assert attrs["activations"] == [b"Sigmoid", b"Relu", b"Tanh"] and "clip" not in attrs
+
+
+def test_onnx_names_every_activation_and_its_parameters():
+    assert set(_nodes.ONNX_ACTIVATIONS) == set(ACTIVATIONS)
+    assert set(_nodes.TAKES_ALPHA) == set(ACTIVATION_DEFAULTS)
+    assert set(_nodes.TAKES_BETA) < set(_nodes.TAKES_ALPHA)
+
+
+def gru_node_model(attrs, D, H=4, I=3, rng=None):
+    """One GRU node (linear_before_reset=1) on X with constant random weights; its output Y
+    (T, D, B, H), with one direction squeezed to (T, B, H) as a layer's."""
+    rng = rng or np.random.default_rng(16)
+    W = rng.standard_normal((D, 3 * H, I)).astype(np.float32)
+    R = rng.standard_normal((D, 3 * H, H)).astype(np.float32)
+    B = rng.standard_normal((D, 6 * H)).astype(np.float32)
+    nodes = [helper.make_node("GRU", ["X", "W", "R", "B"], ["Y"], hidden_size=H,
+                              linear_before_reset=1,
+                              direction=["forward", "bidirectional"][D - 1], **attrs)]
+    if D == 1:
+        nodes.append(helper.make_node("Squeeze", ["Y", "axis1"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((W, "W"), (R, "R"), (B, "B"),
+                                                     (np.array([1]), "axis1"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    return model, (W, R, B)
+
+
+def gru_layer(weights, activations, d):
+    """A fastrnn GRU with direction d (0, 1) of the node's weights, in both its directions."""
+    W, R, B = weights
+    m = fastrnn.GRU(W.shape[2], R.shape[2], bidirectional=True, activations=activations,
+                    dtype=np.float32, backend="reference")
+    m.load_state_dict(_nodes.params_from_onnx("GRU", W, R, B, None, 0, {0: d, 1: d}))
+    return m
+
+
+def test_onnxruntime_reads_alpha_and_beta_only_for_the_activations_that_take_them():
+    """What export writes and load reads, checked against ONNX Runtime: activation_alpha holds
+    one value per activation that takes an alpha, activation_beta one per activation that
+    takes a beta, in the order of the activations, the forward direction's then the reverse
+    one's; not one value per activation."""
+    rng = np.random.default_rng(17)
+    attrs = {"activations": ["LeakyRelu", "ScaledTanh", "HardSigmoid", "Affine"],
+             "activation_alpha": [0.25, 0.75, 0.375, 0.625],
+             "activation_beta": [1.25, 0.5, 0.125]}
+    model, weights = gru_node_model(attrs, 2, rng=rng)
+    x = rng.standard_normal((6, 3, 3)).astype(np.float32)
+    (Y,) = run_onnxruntime(model, {"X": x})                      # (T, 2, B, H)
+    forward = (("leakyrelu", 0.25), ("scaledtanh", 0.75, 1.25))
+    reverse = (("hardsigmoid", 0.375, 0.5), ("affine", 0.625, 0.125))
+    H = Y.shape[-1]
+    y_forward = gru_layer(weights, forward, 0)(x)[0][..., :H]
+    y_reverse = gru_layer(weights, reverse, 1)(x)[0][..., H:]
+    assert max_rel_error(Y[:, 0], y_forward) <= 1e-5
+    assert max_rel_error(Y[:, 1], y_reverse) <= 1e-5
+    # the lists read as one value per activation (HardSigmoid alpha[2], beta[2]; Affine
+    # alpha[3], no beta[3]) would give other outputs
+    aligned = (("hardsigmoid", 0.375, 0.125), ("affine", 0.625, 0.0))
+    assert max_rel_error(Y[:, 1], gru_layer(weights, aligned, 1)(x)[0][..., H:]) > 1e-2
+
+
+def test_load_and_onnxruntime_fill_in_onnx_defaults():
+    """LeakyRelu, HardSigmoid and Elu without parameters take ONNX's defaults in both (0.01;
+    0.2, 0.5; 1.0); ONNX Runtime's for Affine, ScaledTanh, ThresholdedRelu are 0.0, not
+    ONNX's, so load refuses those left out (see REFUSALS)."""
+    rng = np.random.default_rng(18)
+    for functions in (["HardSigmoid", "LeakyRelu"], ["Sigmoid", "Elu"]):
+        model, _ = gru_node_model({"activations": functions}, 1, rng=rng)
+        m = fastrnn.onnx.load(model, backend="reference")
+        assert m.cell.activations == tuple(
+            (f.lower(),) + ACTIVATION_DEFAULTS.get(f.lower(), (0.0, 0.0)) for f in functions)
+        x = rng.standard_normal((6, 3, 3)).astype(np.float32)
+        (y,) = run_onnxruntime(model, {"X": x})
+        assert max_rel_error(m(x)[0], y) <= 1e-5
+    model, _ = gru_node_model({"activations": ["Sigmoid", "Affine"]}, 1, rng=rng)
+    (y,) = run_onnxruntime(model, {"X": rng.standard_normal((6, 3, 3)).astype(np.float32)})
+    # ONNX Runtime's Affine(0, 0): n = 0, so h stays at h0 = 0 (ONNX's Affine(1, 0) would move)
+    np.testing.assert_array_equal(y, 0)
+    with pytest.raises(OnnxModelError, match=r"attribute 'activation_alpha' has no value for "
+                                             r"Affine \(g \(candidate n\)\), whose default "
+                                             r"differs between ONNX \(1\.0"):
+        fastrnn.onnx.load(model)
+
+
+def test_load_refuses_layers_with_different_options():
+    m = make_layer("lstm", 3, 4, 2, dtype=np.float32)
+    model = fastrnn.onnx.export(m)
+    second = next(n for n in model.graph.node if n.name == "LSTM_l1")
+    second.attribute.append(helper.make_attribute("clip", 2.0))
+    with pytest.raises(OnnxModelError, match=r"'LSTM_l1'.*cell \{'clip': 2\.0\} differs from the "
+                                             r"first layer's \{\}"):
+        fastrnn.onnx.load(model)
 
 
 TORCH_CASES = [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}),
@@ -245,12 +456,44 @@ def lstm_model(attrs=None, extra_nodes=(), outputs=("Y",), weights_as_inputs=Fal
 
 
 REFUSALS = {
-    "clip": (dict(attrs={"clip": 3.0}), r"'lstm0'.*attribute 'clip'"),
-    "input_forget": (dict(attrs={"input_forget": 1}), r"'lstm0'.*attribute 'input_forget'"),
-    "activations": (dict(attrs={"activations": ["Sigmoid", "Relu", "Tanh"]}),
-                    r"'lstm0'.*attribute 'activations'.*Relu"),
-    "activation_alpha": (dict(attrs={"activation_alpha": [0.5]}),
-                         r"'lstm0'.*attribute 'activation_alpha'"),
+    "clip not positive": (dict(attrs={"clip": -3.0}),
+                          r"'lstm0'.*attribute 'clip' must be a positive finite number, got -3"),
+    "input_forget 2": (dict(attrs={"input_forget": 2}),
+                       r"'lstm0'.*attribute 'input_forget' must be 0 or 1, got 2"),
+    "activations count": (dict(attrs={"activations": ["Sigmoid", "Tanh"]}),
+                          r"'lstm0'.*attribute 'activations' must name 3 functions"),
+    "activations count bidirectional": (
+        dict(D=2, attrs={"activations": ["Sigmoid", "Tanh", "Tanh"]}),
+        r"'lstm0'.*attribute 'activations' must name 6 functions \(.* for each of the 2 "
+        r"directions\)"),
+    "unknown activation": (dict(attrs={"activations": ["Sigmoid", "Gelu", "Tanh"]}),
+                           r"'lstm0'.*attribute 'activations': 'Gelu' \(g \(cell input\)\) is "
+                           r"not one of ONNX's Relu, Tanh"),
+    "alpha without a taker": (dict(attrs={"activation_alpha": [0.5]}),
+                              r"'lstm0'.*attribute 'activation_alpha' has 1 values, but the "
+                              r"activations \['Sigmoid', 'Tanh', 'Tanh'\] take 0"),
+    "beta beyond the takers": (dict(attrs={"activations": ["HardSigmoid", "LeakyRelu", "Tanh"],
+                                           "activation_alpha": [0.5, 0.5],
+                                           "activation_beta": [0.5, 0.5]}),
+                               r"'lstm0'.*attribute 'activation_beta' has 2 values, but .* take "
+                               r"1: only Affine, ScaledTanh, HardSigmoid consume one each"),
+    "ScaledTanh without its parameters": (
+        dict(attrs={"activations": ["Sigmoid", "ScaledTanh", "Tanh"],
+                    "activation_alpha": [0.5]}),
+        r"'lstm0'.*attribute 'activation_beta' has no value for ScaledTanh \(g \(cell input\)\)"
+        r", whose default differs between ONNX \(1\.0.*and ONNX Runtime \(0\.0\)"),
+    "ThresholdedRelu without alpha": (
+        dict(attrs={"activations": ["Sigmoid", "Tanh", "ThresholdedRelu"]}),
+        r"'lstm0'.*'activation_alpha' has no value for ThresholdedRelu \(h \(cell output\)\)"),
+    "directions differ": (
+        dict(D=2, attrs={"activations": ["Sigmoid", "Tanh", "Tanh", "Sigmoid", "Relu", "Tanh"]}),
+        r"'lstm0'.*the forward direction's \[Sigmoid, Tanh, Tanh\] differ from the reverse "
+        r"direction's \[Sigmoid, Relu, Tanh\]; a fastrnn layer has one set of activations"),
+    "directions' alphas differ": (
+        dict(D=2, attrs={"activations": ["LeakyRelu", "Tanh", "Tanh"] * 2,
+                         "activation_alpha": [0.25, 0.5]}),
+        r"'lstm0'.*forward direction's \[LeakyRelu\(0\.25\), Tanh, Tanh\] differ from the "
+        r"reverse direction's \[LeakyRelu\(0\.5\), Tanh, Tanh\]"),
     "layout": (dict(attrs={"layout": 1}), r"'lstm0'.*attribute 'layout'=1"),
     "reverse": (dict(attrs={"direction": "reverse"}), r"'lstm0'.*attribute 'direction'"),
     "unknown attribute": (dict(attrs={"linear_before_reset": 1}),

@@ -8,6 +8,14 @@ An exported model has the inputs ``x`` ((T, B, I), or (B, T, I) with batch_first
 ``lengths`` ((B,) int32, ONNX's sequence_lens), ``h0`` (and ``c0`` for an LSTM), (L*D, B, H)
 as the layer takes them, and the outputs ``y``, ``h_n`` (and ``c_n``), as the layer returns
 them; ``lengths=False`` and ``initial_state=False`` leave those inputs out.
+
+A layer's options beyond the usual cell (``activations``, ``clip``, ``input_forget``, and
+Keras's ``activation``/``recurrent_activation``, which are activations) are the nodes'
+attributes of those names. ONNX's ``activation_alpha`` and ``activation_beta`` hold a value
+only for each activation that takes one (alpha: Affine, LeakyRelu, ThresholdedRelu,
+ScaledTanh, HardSigmoid, Elu; beta: Affine, ScaledTanh, HardSigmoid), in the order of the
+``activations`` list, which a bidirectional node has twice (forward, then reverse): ONNX
+Runtime reads them so, and export writes them so, every value written out.
 """
 try:
     import onnx
@@ -20,8 +28,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..layers import GRU, LSTM, RNN
 from ._nodes import (FLOAT_TYPES, LAYER_CLASSES, ONNX_CELLS, RNN_OPS, TENSOR_OPS, OnnxModelError,
-                     attributes, check_weights, describe, node_options, onnx_from_params,
-                     params_from_onnx, run_tensor_op)
+                     attributes, attributes_from_cell, check_weights, computes, describe,
+                     node_options, onnx_from_params, options_from_attributes, params_from_onnx,
+                     run_tensor_op)
 
 __all__ = ["export", "load", "OnnxModelError", "OPSET"]
 
@@ -43,7 +52,9 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     (without them, every sequence has all T steps and the states start from zeros).
     Dropout, a training-time option, is not part of the model. One difference remains: for a
     sequence of length 0, ONNX Runtime returns zero final states where the layer returns the
-    initial state it was given (y is zero in both).
+    initial state it was given (y is zero in both). The cell's options are node attributes,
+    which ONNX stores in float32: a float64 layer's clip and activation parameters (such as
+    Keras's hard_sigmoid slope 1/6) are rounded to float32 in the model.
     """
     if not isinstance(layer, (LSTM, GRU, RNN)):
         raise TypeError(f"layer: expected a fastrnn LSTM, GRU or RNN, got "
@@ -56,6 +67,21 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
                          f"output keeps both directions); export a layer with merge='concat'")
     batch_first = layer.batch_first if batch_first is None else bool(batch_first)
     op, L, D, H = layer.mode, layer.num_layers, layer.num_directions, layer.hidden_size
+    attrs = {"hidden_size": H, "direction": "bidirectional" if D == 2 else "forward"}
+    if op == "GRU":
+        attrs["linear_before_reset"] = int(layer.reset_after)
+    attrs.update(attributes_from_cell(layer.cell, D))
+    # the layer these attributes load as must compute what this one does: a cell with options
+    # has its plain cell's name, so the name alone does not say
+    cell_options = options_from_attributes(op, attrs, "export")["cell"]
+    if getattr(layer, "peephole", False):
+        cell_options["peephole"] = True
+    if computes(LAYER_CLASSES[op](1, 1, backend="reference", **cell_options).cell) \
+            != computes(layer.cell):
+        raise ValueError(f"layer: its cell {layer.cell.name!r} with activations "
+                         f"{layer.cell.activations}, clip {layer.cell.clip} and input_forget "
+                         f"{layer.cell.input_forget} has no ONNX form here (the attributes "
+                         f"{attrs} compute another)")
     elem = FLOAT_TYPES[layer.dtype]
     nodes, initializers = [], []
 
@@ -79,11 +105,6 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     if batch_first:
         nodes.append(helper.make_node("Transpose", ["x"], ["x_time_major"], perm=[1, 0, 2]))
         layer_input = "x_time_major"
-    attrs = {"hidden_size": H, "direction": "bidirectional" if D == 2 else "forward"}
-    if op == "GRU":
-        attrs["linear_before_reset"] = int(layer.reset_after)
-    if op == "RNN":
-        attrs["activations"] = [layer.nonlinearity.capitalize()] * D
     final_states = [[] for _ in state_out]
     for k in range(L):
         W, R, B, P = onnx_from_params(layer, k)
@@ -357,6 +378,14 @@ def load(path_or_model, *, dtype=None, backend="auto"):
     be wired as a fastrnn layer has them; anything else (another operator on the way, an
     attribute fastrnn cannot represent, weights that are not constants) raises
     ``OnnxModelError`` naming the node and the attribute or input.
+
+    The attributes activations, activation_alpha, activation_beta, clip and input_forget
+    become the layer's options of those names. Refused among them: a bidirectional node whose
+    two directions' activations (or their parameters) differ, since a layer has one set for
+    both; alpha/beta lists with more values than the activations take; and Affine, ScaledTanh
+    or ThresholdedRelu without their parameters, whose defaults differ between ONNX (its
+    operators': fastrnn.cells.ACTIVATION_DEFAULTS) and ONNX Runtime (0.0). Other parameters
+    left out take ONNX's defaults (LeakyRelu 0.01, HardSigmoid 0.2 and 0.5, Elu 1.0).
 
     dtype: the layer's dtype; None: the model's (float32 or float64).
     """

@@ -10,10 +10,14 @@ ONNX layout of one node (D directions, G gate blocks, H hidden size, I input siz
 
 GRU ``linear_before_reset=1`` is fastrnn's ``reset_after=True``.
 """
+import math
+import numbers
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..cells import ACTIVATION_DEFAULTS, DEFAULT_ACTIVATIONS, SLOT_NAMES, activation_slots
 from ..layers import GRU, LSTM, RNN
 
 RNN_OPS = ("LSTM", "GRU", "RNN")
@@ -25,10 +29,26 @@ OURS_FROM_ONNX = {op: list(np.argsort(order)) for op, order in ONNX_FROM_OURS.it
 # ONNX P rows i, o, f <-> our peephole rows i, f, o (the permutation is its own inverse)
 PEEPHOLE_ORDER = [0, 2, 1]
 
-# the activations fastrnn computes, by ONNX name in lower case, per direction
-DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
-RNN_ACTIVATIONS = {"tanh": "tanh", "relu": "relu"}
-# the cells (fastrnn.cells) that export writes as ONNX nodes; another is refused by name
+# ONNX's spelling of each activation fastrnn computes (fastrnn.cells.ACTIVATIONS, lower case)
+ONNX_ACTIVATIONS = {name.lower(): name for name in (
+    "Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh",
+    "HardSigmoid", "Elu", "Softsign", "Softplus")}
+# The activations that take an alpha (a beta): only these consume an entry of the node's
+# activation_alpha (activation_beta) list, in the order of the activations list, both
+# directions' one after another (ONNX Runtime's rnn_helpers.cc, NameToArgUsageMap; a list
+# aligned with the activations would read other values: tests/test_onnx_io.py checks this
+# against ONNX Runtime).
+TAKES_ALPHA = ("affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu")
+TAKES_BETA = ("affine", "scaledtanh", "hardsigmoid")
+# Where ONNX Runtime's default alpha/beta (0.0) is not ONNX's (its operator of that name:
+# fastrnn.cells.ACTIVATION_DEFAULTS): load refuses such a parameter left out of the lists.
+DISPUTED_DEFAULTS = ("affine", "scaledtanh", "thresholdedrelu")
+# what a fastrnn RNN's nonlinearity computes (an RNN with another activation: activations=)
+RNN_ACTIVATIONS = ("tanh", "relu")
+# The cells (fastrnn.cells) that export writes as ONNX nodes, by name; another is refused by
+# name. A cell with options (activations, clip, input_forget: cells.OPTIONS_CODES) has its
+# plain cell's name; export checks that the attributes it writes give back a cell that computes
+# the same (``computes``).
 ONNX_CELLS = ("rnn_tanh", "rnn_relu", "lstm", "lstm_peephole", "gru", "gru_reset_before")
 
 FLOAT_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT,
@@ -76,7 +96,12 @@ def node_options(node):
     op = node.op_type
     if op not in RNN_OPS:
         raise OnnxModelError(f"{describe(node)}: expected an LSTM, GRU or RNN node")
-    attrs = attributes(node)
+    return options_from_attributes(op, attributes(node), describe(node))
+
+
+def options_from_attributes(op, attrs, where):
+    """``node_options`` of an ``op`` node with the attributes ``attrs`` (Python values, as
+    ``attributes`` gives them); ``where`` names the node in errors."""
     known = {"hidden_size", "direction", "layout", "activations", "activation_alpha",
              "activation_beta", "clip", "input_forget", "linear_before_reset"}
     if op != "LSTM":
@@ -85,59 +110,149 @@ def node_options(node):
         known.discard("linear_before_reset")
     unknown = sorted(set(attrs) - known)
     if unknown:
-        raise OnnxModelError(f"{describe(node)}: attribute {unknown[0]!r} is not one of "
+        raise OnnxModelError(f"{where}: attribute {unknown[0]!r} is not one of "
                              f"{op}'s attributes {sorted(known)}")
     direction = attrs.get("direction", "forward")
     if direction not in ("forward", "reverse", "bidirectional"):
-        raise OnnxModelError(f"{describe(node)}: attribute 'direction' must be 'forward', "
+        raise OnnxModelError(f"{where}: attribute 'direction' must be 'forward', "
                              f"'reverse' or 'bidirectional', got {direction!r}")
     num_directions = 2 if direction == "bidirectional" else 1
     layout = attrs.get("layout", 0)
     if layout not in (0, 1):
-        raise OnnxModelError(f"{describe(node)}: attribute 'layout' must be 0 or 1, got {layout}")
+        raise OnnxModelError(f"{where}: attribute 'layout' must be 0 or 1, got {layout}")
     hidden_size = attrs.get("hidden_size")
     if hidden_size is not None and hidden_size < 1:
-        raise OnnxModelError(f"{describe(node)}: attribute 'hidden_size' must be >= 1, "
+        raise OnnxModelError(f"{where}: attribute 'hidden_size' must be >= 1, "
                              f"got {hidden_size}")
-    # issue 20 adds clip, input_forget and other activations to the layers
-    if "clip" in attrs:
-        raise OnnxModelError(f"{describe(node)}: attribute 'clip' ({attrs['clip']}) is not "
-                             f"supported: fastrnn layers do not clip the gate inputs")
-    if attrs.get("input_forget", 0):
-        raise OnnxModelError(f"{describe(node)}: attribute 'input_forget'="
-                             f"{attrs['input_forget']} is not supported: fastrnn layers "
-                             f"have separate input and forget gates")
-    for name in ("activation_alpha", "activation_beta"):
-        if attrs.get(name):
-            raise OnnxModelError(f"{describe(node)}: attribute {name!r} ({attrs[name]}) is not "
-                                 f"supported: fastrnn's activations take no parameters")
-    activations = [a.lower() for a in attrs.get("activations", [])]
     cell = {}
-    if op == "RNN":
-        activations = activations or ["tanh"] * num_directions
-        if len(activations) != num_directions:
-            raise OnnxModelError(f"{describe(node)}: attribute 'activations' must name one "
-                                 f"function per direction ({num_directions}), got "
-                                 f"{attrs['activations']}")
-        if any(a not in RNN_ACTIVATIONS for a in activations) or len(set(activations)) > 1:
-            raise OnnxModelError(f"{describe(node)}: attribute 'activations' "
-                                 f"{attrs['activations']} is not supported: fastrnn's RNN "
-                                 f"applies Tanh or Relu, the same in both directions")
-        cell["nonlinearity"] = RNN_ACTIVATIONS[activations[0]]
-    else:
-        default = list(DEFAULT_ACTIVATIONS[op]) * num_directions
-        if activations and activations != default:
-            raise OnnxModelError(f"{describe(node)}: attribute 'activations' "
-                                 f"{attrs['activations']} is not supported: fastrnn's {op} "
-                                 f"computes {[a.capitalize() for a in default]}")
+    activations = _activations(op, attrs, num_directions, where)
+    if op == "RNN" and activations[0][0] in RNN_ACTIVATIONS:
+        cell["nonlinearity"] = activations[0][0]       # rnn_tanh, rnn_relu
+    elif activation_slots(op, activations) != DEFAULT_ACTIVATIONS[op]:
+        cell["activations"] = activations
+    if "clip" in attrs:
+        clip = attrs["clip"]
+        if isinstance(clip, bool) or not isinstance(clip, numbers.Real) \
+                or not 0 < clip < math.inf:
+            raise OnnxModelError(f"{where}: attribute 'clip' must be a positive finite "
+                                 f"number, got {clip!r}")
+        cell["clip"] = float(clip)
+    if op == "LSTM":
+        input_forget = attrs.get("input_forget", 0)
+        if input_forget not in (0, 1):
+            raise OnnxModelError(f"{where}: attribute 'input_forget' must be 0 or 1, got "
+                                 f"{input_forget!r}")
+        if input_forget:
+            cell["input_forget"] = True
     if op == "GRU":
         reset = attrs.get("linear_before_reset", 0)
         if reset not in (0, 1):
-            raise OnnxModelError(f"{describe(node)}: attribute 'linear_before_reset' must be "
+            raise OnnxModelError(f"{where}: attribute 'linear_before_reset' must be "
                                  f"0 or 1, got {reset}")
         cell["reset_after"] = bool(reset)
     return {"op": op, "hidden_size": hidden_size, "direction": direction,
             "num_directions": num_directions, "layout": layout, "cell": cell}
+
+
+def _activations(op, attrs, D, where):
+    """The activations of an ``op`` node with ``D`` directions as a fastrnn layer takes them
+    (``activations=``: one entry per slot of ``cells.SLOT_NAMES[op]``, each (name,), (name,
+    alpha) or (name, alpha, beta) as the function takes parameters), from the attributes
+    activations (slots times directions, forward then reverse), activation_alpha and
+    activation_beta (see TAKES_ALPHA). Both directions must have the same ones."""
+    slots = SLOT_NAMES[op]
+    given = attrs.get("activations")
+    if given is None:
+        given = [ONNX_ACTIVATIONS[name] for name, _, _ in DEFAULT_ACTIVATIONS[op]] * D
+    if len(given) != len(slots) * D:
+        per = f" for each of the {D} directions" if D == 2 else ""
+        raise OnnxModelError(f"{where}: attribute 'activations' must name {len(slots) * D} "
+                             f"functions ({', '.join(slots)}{per}), got {list(given)}")
+    lists = {"activation_alpha": list(attrs.get("activation_alpha", [])),
+             "activation_beta": list(attrs.get("activation_beta", []))}
+    used = {"activation_alpha": 0, "activation_beta": 0}
+    resolved = []
+    for k, function in enumerate(given):
+        name = function.lower()
+        slot = slots[k % len(slots)] + ("" if D == 1 else
+                                        " of the reverse direction" if k >= len(slots) else
+                                        " of the forward direction")
+        if name not in ONNX_ACTIVATIONS:
+            raise OnnxModelError(f"{where}: attribute 'activations': {function!r} ({slot}) is "
+                                 f"not one of ONNX's {', '.join(ONNX_ACTIVATIONS.values())}")
+        entry = (name,)
+        for i, (key, takes) in enumerate((("activation_alpha", TAKES_ALPHA),
+                                          ("activation_beta", TAKES_BETA))):
+            if name not in takes:
+                continue
+            values = lists[key]
+            if used[key] < len(values):
+                value = values[used[key]]
+                used[key] += 1
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                        or not math.isfinite(value):
+                    raise OnnxModelError(f"{where}: attribute {key!r}: the value for {function}"
+                                         f" ({slot}) must be a finite number, got {value!r}")
+            elif name in DISPUTED_DEFAULTS:
+                raise OnnxModelError(
+                    f"{where}: attribute {key!r} has no value for {function} ({slot}), whose "
+                    f"default differs between ONNX ({ACTIVATION_DEFAULTS[name][i]}, its "
+                    f"operator {function}) and ONNX Runtime (0.0); give it in {key!r}")
+            else:
+                value = ACTIVATION_DEFAULTS[name][i]
+            entry += (float(value),)
+        resolved.append(entry)
+    for key, values in lists.items():
+        if len(values) > used[key]:
+            takes = TAKES_ALPHA if key == "activation_alpha" else TAKES_BETA
+            raise OnnxModelError(
+                f"{where}: attribute {key!r} has {len(values)} values, but the activations "
+                f"{list(given)} take {used[key]}: only "
+                f"{', '.join(ONNX_ACTIVATIONS[n] for n in takes)} consume one each, in the "
+                f"order of the activations")
+    forward, reverse = tuple(resolved[:len(slots)]), tuple(resolved[len(slots):])
+    if reverse and reverse != forward:
+        raise OnnxModelError(f"{where}: attribute 'activations' (with activation_alpha and "
+                             f"activation_beta): the forward direction's {_described(forward)} "
+                             f"differ from the reverse direction's {_described(reverse)}; a "
+                             f"fastrnn layer has one set of activations for both directions")
+    return forward
+
+
+def _described(activations):
+    """Activations in ONNX's spelling with their parameters: "[LeakyRelu(0.1), Tanh]"."""
+    return "[" + ", ".join(ONNX_ACTIVATIONS[name] + (f"({', '.join(f'{v:g}' for v in params)})"
+                                                     if params else "")
+                           for name, *params in activations) + "]"
+
+
+def attributes_from_cell(cell, D):
+    """The attributes that make an ONNX node compute ``cell`` (a fastrnn.cells record) in each
+    of ``D`` directions: activations (always for an RNN; else when they are not the
+    mode's usual ones) with every activation_alpha and activation_beta written out, clip,
+    input_forget, as Python values (a model stores the floats in float32)."""
+    attrs = {}
+    if cell.mode == "RNN" or cell.activations != DEFAULT_ACTIVATIONS[cell.mode]:
+        attrs["activations"] = [ONNX_ACTIVATIONS[name] for name, _, _ in cell.activations] * D
+        alphas = [alpha for name, alpha, _ in cell.activations if name in TAKES_ALPHA] * D
+        betas = [beta for name, _, beta in cell.activations if name in TAKES_BETA] * D
+        if alphas:
+            attrs["activation_alpha"] = alphas
+        if betas:
+            attrs["activation_beta"] = betas
+    if cell.clip is not None:
+        attrs["clip"] = float(cell.clip)
+    if cell.input_forget:
+        attrs["input_forget"] = 1
+    return attrs
+
+
+def computes(cell):
+    """What a cell record computes, without the name and code by which the kernels find its
+    step pair (an RNN with ``activations=("relu",)`` and a clip is a copy of rnn_tanh's record
+    with options, the same as a copy of rnn_relu's with that clip)."""
+    return (cell.mode, cell.gate_names, cell.products, cell.extra_params, cell.activations,
+            cell.clip, cell.input_forget)
 
 
 def check_weights(node, options, W, R, B, P):

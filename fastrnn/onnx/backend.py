@@ -8,10 +8,12 @@ with fastrnn layers, so that ONNX's own backend test suite can check fastrnn::
 
 A graph may hold LSTM, GRU and RNN nodes and the tensor operators exporters put between them
 (Transpose, Squeeze, Unsqueeze, Reshape, Concat, Slice, Gather, Shape, Cast, Identity, Constant,
-ConstantOfShape, Expand), evaluated in NumPy. Any other operator, and any attribute fastrnn
-cannot represent (activations other than ONNX's defaults and Relu for RNN, clip, input_forget,
-activation_alpha/beta), is refused with an error naming the node and the operator or attribute.
-layout=1 is supported here; direction="reverse" costs a second, zero-weight direction.
+ConstantOfShape, Expand), evaluated in NumPy. The recurrent nodes' attributes activations,
+activation_alpha, activation_beta, clip and input_forget run as the layers' options of those
+names. Any other operator, and any attribute fastrnn cannot represent (a bidirectional node
+whose two directions have different activations; see ``fastrnn.onnx.load``), is refused with an
+error naming the node and the operator or attribute. layout=1 is supported here;
+direction="reverse" costs a second, zero-weight direction.
 
 ``FastrnnBackend.layer_backend`` (default "auto") chooses fastrnn's kernels; ``prepare`` and
 ``run_node`` also take ``backend=``.
