@@ -10,7 +10,7 @@ Each backend provides these functions with this argument order (the same in the 
 Numba and the Cython backend)::
 
     cache = layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n,
-                          threads=None)
+                          threads=None, recurrent_mask=None)
     layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None)
 
     concurrent_directions(T, B, train)                       (compiled backends only)
@@ -30,6 +30,11 @@ Arguments (H hidden size, G = cell.num_gates, I input size; every array has the 
     y           (T, B, H)  output, written whole (zeros at padding); may be a strided view into
                            the (T, B, D*H) layer output (unit stride along H)
     state_n     tuple like state0: the final state, written
+    recurrent_mask
+                None, or (G, B, H) with train: recurrent dropout, one mask per gate block (as
+                Keras's): the product of gate block g is of h * recurrent_mask[g] instead of h
+                (GRU reset-before: rh = r * (h * recurrent_mask[2])); the carried state is not
+                masked. The cache keeps it for backward.
 
     cache       what layer_forward returned with train=True; it refers to x, state0, params,
                 lengths and reverse of that call, which backward reads again: the caller keeps

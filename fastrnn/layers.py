@@ -217,6 +217,8 @@ class Cache:
         self.batch_first = batch_first
         self.inputs = []                # per layer: its input (T, B, I_k), after dropout
         self.masks = []                 # per layer k >= 1: dropout mask applied to its input
+        self.recurrent_masks = []       # per layer and direction: (G, B, H) recurrent dropout
+                                        # masks, or None
         self.outputs = []               # per layer, merge other than concat: both directions'
                                         # outputs (T, B, 2H) before the merge
         self.kernel_caches = []         # per layer and direction: the backend's own cache, which
@@ -228,7 +230,8 @@ class _RNNBase:
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, merge="concat", init="pytorch",
-                 activations=None, clip=None, activation=None, recurrent_activation=None,
+                 recurrent_dropout=0.0, activations=None, clip=None, activation=None,
+                 recurrent_activation=None,
                  dtype=np.float32, backend="auto", seed=None, _cell_options=None,
                  _input_forget=False):
         self.input_size = _positive_int("input_size", input_size)
@@ -246,6 +249,11 @@ class _RNNBase:
         self.bias = _flag("bias", bias)
         self.batch_first = _flag("batch_first", batch_first)
         self.dropout = float(dropout)
+        if isinstance(recurrent_dropout, bool) or not isinstance(recurrent_dropout, numbers.Real) \
+                or not 0 <= recurrent_dropout < 1:
+            raise ValueError(f"recurrent_dropout: expected a number in [0, 1), got "
+                             f"{recurrent_dropout!r}")
+        self.recurrent_dropout = float(recurrent_dropout)
         self.bidirectional = _flag("bidirectional", bidirectional)
         self.num_directions = 2 if self.bidirectional else 1
         if merge not in MERGES:
@@ -331,6 +339,7 @@ class _RNNBase:
         return {"cell": self.cell.name, "input_size": self.input_size,
                 "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "num_directions": self.num_directions, "merge": self.merge, "bias": self.bias,
+                "recurrent_dropout": self.recurrent_dropout,
                 "activations": self.cell.activations, "clip": self.cell.clip,
                 "input_forget": self.cell.input_forget,
                 "dtype": self.dtype.name, "backend": self.backend}
@@ -526,6 +535,10 @@ class _RNNBase:
                 out = _scratch.empty((T, B, D * H), self.dtype)
             if train:
                 cache.inputs.append(layer_input)
+            # recurrent dropout: per direction one mask per gate block, for all steps
+            recurrent_masks = [self._recurrent_mask(B) if train else None for _ in range(D)]
+            if train:
+                cache.recurrent_masks.extend(recurrent_masks)
 
             def run(direction, threads=None, layer=layer, layer_input=layer_input, out=out):
                 row = layer * D + direction
@@ -533,7 +546,8 @@ class _RNNBase:
                     self.cell, layer_input, tuple(s[row] for s in initial), weights[row],
                     lengths_arr, bool(direction), train,
                     out[:, :, direction * H:(direction + 1) * H],
-                    tuple(s[row] for s in final), threads=threads)
+                    tuple(s[row] for s in final), threads=threads,
+                    recurrent_mask=recurrent_masks[direction])
             work = T * B * self.cell.num_gates * H * (layer_input.shape[2] + H)
             if D == 2 and _at_once(self._kernels, T, B, train, work):
                 kernel_caches = _both_directions(run)
@@ -550,6 +564,15 @@ class _RNNBase:
             layer_input = out
         y = out_btd if self.batch_first else out
         return y, self._state_out(final), cache
+
+    def _recurrent_mask(self, B):
+        """Recurrent dropout masks of one layer and direction, (G, B, H), 0 or 1/(1-p) (Keras's:
+        one per gate block), from self.rng; None without recurrent dropout."""
+        p = self.recurrent_dropout
+        if p == 0:
+            return None
+        keep = self.rng.random((self.cell.num_gates, B, self.hidden_size)) >= p
+        return (keep / (1 - p)).astype(self.dtype)
 
     def backward(self, dy, cache, dstate=None, truncate=None, grads_ready=None):
         """``dx, dstate0``: gradients of the input and the initial state; ADDS the parameter
@@ -662,6 +685,8 @@ class _RNNBase:
             options.append(f"merge={self.merge!r}")
         if self.dropout:
             options.append(f"dropout={self.dropout}")
+        if self.recurrent_dropout:
+            options.append(f"recurrent_dropout={self.recurrent_dropout}")
         if self.init != "pytorch":
             options.append(f"init={self.init!r}")
         if not self.cell.plain:

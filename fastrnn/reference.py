@@ -113,11 +113,42 @@ def _blocks(a, count, H):
 
 
 # ---------------------------------------------------------------------------------------------
+# The recurrent products, with recurrent dropout: p["mask"] (G, rows, H), one mask per gate
+# block (Keras's), the step's rows, or absent. Block g's product is of h * mask[g].
+
+def _hidden(h, p, g0, g1):
+    """h @ w_hh[blocks g0..g1-1].T + b_hh there, each block of h * mask[g] when masked."""
+    w, b, mask = p["w_hh"], p["b_hh"], p.get("mask")
+    H = h.shape[1]
+    if mask is None:
+        return h @ w[g0 * H:g1 * H].T + b[g0 * H:g1 * H]
+    return np.concatenate([(h * mask[g]) @ w[g * H:(g + 1) * H].T for g in range(g0, g1)],
+                          axis=1) + b[g0 * H:g1 * H]
+
+
+def _hidden_backward(d, h, p, grads, g0, g1):
+    """Backward of _hidden for d = dL/d(its result): ADDS into grads' w_hh, b_hh; returns
+    dL/dh."""
+    w, mask = p["w_hh"], p.get("mask")
+    H = h.shape[1]
+    grads["b_hh"][g0 * H:g1 * H] += d.sum(axis=0)
+    if mask is None:
+        grads["w_hh"][g0 * H:g1 * H] += d.T @ h
+        return d @ w[g0 * H:g1 * H]
+    dh = np.zeros_like(h)
+    for g in range(g0, g1):
+        d_g = d[:, (g - g0) * H:(g - g0 + 1) * H]
+        grads["w_hh"][g * H:(g + 1) * H] += d_g.T @ (h * mask[g])
+        dh += (d_g @ w[g * H:(g + 1) * H]) * mask[g]
+    return dh
+
+
+# ---------------------------------------------------------------------------------------------
 # RNN:  h_new = act(W_ih x + b_ih + W_hh h + b_hh)
 
 def rnn_step_forward(cell, x_proj, state, p):
     (h,) = state
-    (a,) = _blocks(x_proj + h @ p["w_hh"].T + p["b_hh"], 1, h.shape[1])
+    (a,) = _blocks(x_proj + _hidden(h, p, 0, 1), 1, h.shape[1])
     h_new, kept = _gate(cell, 0, a)
     return (h_new,), {"h": h, "h_new": h_new, "a": kept}
 
@@ -128,9 +159,7 @@ def rnn_step_backward(cell, d_state_new, saved, p, grads):
     # relu: the slope is 1 where h_new > 0, else 0, and NaN where a is NaN, which must reach
     # the gradients too
     da = dh_new * _gate_slope(cell, 0, saved["a"])
-    grads["w_hh"] += da.T @ h
-    grads["b_hh"] += da.sum(axis=0)
-    dh = da @ p["w_hh"]
+    dh = _hidden_backward(da, h, p, grads, 0, 1)
     return da, (dh,)
 
 
@@ -140,7 +169,7 @@ def rnn_step_backward(cell, d_state_new, saved, p, grads):
 def lstm_step_forward(cell, x_proj, state, p):
     h, c = state
     peephole = p.get("peephole")
-    a_i, a_f, a_g, a_o = _blocks(x_proj + h @ p["w_hh"].T + p["b_hh"], 4, h.shape[1])
+    a_i, a_f, a_g, a_o = _blocks(x_proj + _hidden(h, p, 0, 4), 4, h.shape[1])
     if peephole is not None:
         p_i, p_f, p_o = peephole
         a_i = a_i + p_i * c
@@ -193,9 +222,7 @@ def lstm_step_backward(cell, d_state_new, saved, p, grads):
         grads["peephole"][1] += (da_f * c).sum(axis=0)
         grads["peephole"][2] += (da_o * c_new).sum(axis=0)
     da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
-    grads["w_hh"] += da.T @ h
-    grads["b_hh"] += da.sum(axis=0)
-    dh_prev = da @ p["w_hh"]
+    dh_prev = _hidden_backward(da, h, p, grads, 0, 4)
     return da, (dh_prev, dc_prev)
 
 
@@ -206,7 +233,7 @@ def gru_step_forward(cell, x_proj, state, p):
     (h,) = state
     H = h.shape[1]
     x_r, x_z, x_n = _blocks(x_proj, 3, H)
-    h_r, h_z, hn = _blocks(h @ p["w_hh"].T + p["b_hh"], 3, H)
+    h_r, h_z, hn = _blocks(_hidden(h, p, 0, 3), 3, H)
     r, kept_r = _gate(cell, 0, x_r + h_r)
     z, kept_z = _gate(cell, 0, x_z + h_z)
     n, kept_n = _gate(cell, 1, x_n + r * hn)
@@ -229,9 +256,7 @@ def gru_step_backward(cell, d_state_new, saved, p, grads):
     da_r = dr * _gate_slope(cell, 0, kept_r)
     da_z = dz * _gate_slope(cell, 0, kept_z)
     d_hidden = np.concatenate([da_r, da_z, dhn], axis=1)  # gradient of W_hh h + b_hh
-    grads["w_hh"] += d_hidden.T @ h
-    grads["b_hh"] += d_hidden.sum(axis=0)
-    dh_prev = dh_prev + d_hidden @ p["w_hh"]
+    dh_prev = dh_prev + _hidden_backward(d_hidden, h, p, grads, 0, 3)
     return np.concatenate([da_r, da_z, da_n], axis=1), (dh_prev,)
 
 
@@ -244,10 +269,11 @@ def gru_reset_before_step_forward(cell, x_proj, state, p):
     H = h.shape[1]
     w_hh, b_hh = p["w_hh"], p["b_hh"]
     x_r, x_z, x_n = _blocks(x_proj, 3, H)
-    h_r, h_z = _blocks(h @ w_hh[: 2 * H].T + b_hh[: 2 * H], 2, H)
+    h_r, h_z = _blocks(_hidden(h, p, 0, 2), 2, H)
     r, kept_r = _gate(cell, 0, x_r + h_r)
     z, kept_z = _gate(cell, 0, x_z + h_z)
-    rh = r * h
+    mask = p.get("mask")
+    rh = r * (h if mask is None else h * mask[2])       # Keras: r * (h * the n block's mask)
     n, kept_n = _gate(cell, 1, x_n + rh @ w_hh[2 * H:].T + b_hh[2 * H:])
     h_new = (1 - z) * n + z * h
     return (h_new,), {"h": h, "r": r, "z": z, "n": n, "rh": rh, "a": (kept_r, kept_z, kept_n)}
@@ -268,15 +294,15 @@ def gru_reset_before_step_backward(cell, d_state_new, saved, p, grads):
     grads["w_hh"][2 * H:] += da_n.T @ rh
     grads["b_hh"][2 * H:] += da_n.sum(axis=0)
     drh = da_n @ w_hh[2 * H:]
-    # rh = r * h
-    dr = drh * h
-    dh_prev = dh_prev + drh * r
+    # rh = r * h (h * mask[2] with recurrent dropout)
+    mask = p.get("mask")
+    h_n = h if mask is None else h * mask[2]
+    dr = drh * h_n
+    dh_prev = dh_prev + drh * (r if mask is None else r * mask[2])
     da_r = dr * _gate_slope(cell, 0, kept_r)
     da_z = dz * _gate_slope(cell, 0, kept_z)
     da_rz = np.concatenate([da_r, da_z], axis=1)
-    grads["w_hh"][: 2 * H] += da_rz.T @ h
-    grads["b_hh"][: 2 * H] += da_rz.sum(axis=0)
-    dh_prev = dh_prev + da_rz @ w_hh[: 2 * H]
+    dh_prev = dh_prev + _hidden_backward(da_rz, h, p, grads, 0, 2)
     return np.concatenate([da_rz, da_n], axis=1), (dh_prev,)
 
 
@@ -306,7 +332,8 @@ def _time_order(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None):
+def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
+                  recurrent_mask=None):
     # threads: accepted for the contract; the reference runs on the calling thread
     step_forward, _ = STEPS[cell.name]
     p = dict(zip(cell.param_names, params))
@@ -319,7 +346,10 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
         y[t] = 0
         if rows.size == 0:
             continue
-        new, saved = step_forward(cell, x_proj[t, rows], tuple(s[rows] for s in state), p)
+        # recurrent dropout: the step's rows of the masks, kept for its backward
+        p_t = p if recurrent_mask is None else dict(p, mask=recurrent_mask[:, rows])
+        new, saved = step_forward(cell, x_proj[t, rows], tuple(s[rows] for s in state), p_t)
+        saved["p"] = p_t
         for s, s_new in zip(state, new):
             s[rows] = s_new                                   # padded rows keep their state
         y[t, rows] = new[0]
@@ -344,7 +374,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
             d_new = [d[rows] for d in d_state]
             if dy is not None:
                 d_new[0] = d_new[0] + dy[t, rows]
-            dx_proj, d_old = step_backward(cell, tuple(d_new), saved, p, grads)
+            dx_proj, d_old = step_backward(cell, tuple(d_new), saved, saved["p"], grads)
             for d, d_o in zip(d_state, d_old):
                 d[rows] = d_o
             # x_proj = W_ih x + b_ih

@@ -491,6 +491,7 @@ cdef struct Call:
     const int64_t* lengths      # (B,); NULL: no padding (one-step calls)
     bint reverse, train
     const void* x               # (T, B, I) C-contiguous
+    const void* mask            # (G, B, H) recurrent dropout masks; NULL: none
     void* y                     # forward: (T, B, H), steps y_step and rows y_row apart
     Py_ssize_t y_step, y_row
     BackLayout K                # backward only from here
@@ -735,7 +736,12 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
     cdef Py_ssize_t n_at = _packed_size(ws, k0, H, amx_h)
     cdef floating* packed = NULL
     cdef int pool_threads = 0
-    if _packs(T, B):
+    cdef const floating* mask = <const floating*>call.mask
+    cdef floating* h_masked = NULL
+    if mask != NULL:
+        # recurrent dropout: products block by block, of h * mask[g], on BLAS (never packed)
+        h_masked = <floating*>malloc(B * H * sizeof(floating))
+    if _packs(T, B) and mask == NULL:
         # one buffer: the input projection's packed w_ih first, then w_hh for the steps
         packed = <floating*>malloc(max(n_at + _packed_size(ws, GH - k0, H, amx_h),
                                        _packed_size(ws, GH, I, amx_in)) * sizeof(floating))
@@ -762,7 +768,13 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
                 # hh[:, blocks] = source @ w_hh[blocks].T:  (B, H) x (H, blocks*H)
                 _phase_blocks(&call.cell, phase, &g0, &g1)
                 source = _source(call, ws, phase, t, cur, &ld)
-                if packed != NULL:
+                if mask != NULL and phase == 1:
+                    # rh = r * (h * mask[n]): the phase made r * h
+                    _scale_rows(<floating*>source, ld, mask + g0 * B * H, B, H)
+                if mask != NULL and phase == 0:
+                    _masked_products(source, mask, w_hh, call.p.ld_hh, g0, g1, B, H, h_masked,
+                                     ws + call.L.hh, GH)
+                elif packed != NULL:
                     _packed_product_mt(packed + phase * n_at, (g1 - g0) * H, H, source, ld, B,
                                        ws + call.L.hh + g0 * H, GH, False, threads, amx_h)
                 else:
@@ -771,6 +783,45 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
                          ws + call.L.hh + g0 * H, <int>GH)
             forward_pass(call, ws, phase, t, cur, nxt, threads)
     free(packed)
+    free(h_masked)
+
+
+# Recurrent dropout (Call.mask, (G, B, H)): gate block g's product is of h * mask[g]. The loops
+# take masks on their BLAS path only (never packed, never the unit-split loop): block by block,
+# through a (B, H) buffer of the masked state.
+
+cdef void _masked_products(const floating* h, const floating* mask, const floating* w_hh,
+                           int ld_hh, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t B, Py_ssize_t H,
+                           floating* h_masked, floating* hh, Py_ssize_t ld_out) noexcept nogil:
+    # hh[:, block g] = (h * mask[g]) @ w_hh[block g].T for g in [g0, g1); h (B, H) rows H apart
+    cdef Py_ssize_t g, i
+    for g in range(g0, g1):
+        for i in range(B * H):
+            h_masked[i] = h[i] * mask[g * B * H + i]
+        gemm(False, True, <int>B, <int>H, <int>H, 1, h_masked, <int>H, w_hh + g * H * ld_hh,
+             ld_hh, 0, hh + g * H, <int>ld_out)
+
+
+cdef void _masked_products_backward(const floating* d, Py_ssize_t ldd, const floating* mask,
+                                    const floating* w_hh, int ld_hh, Py_ssize_t blocks,
+                                    Py_ssize_t B, Py_ssize_t H, floating* d_masked,
+                                    floating* dh) noexcept nogil:
+    # dh += sum over blocks g < blocks of (d[:, block g] @ w_hh[block g]) * mask[g]
+    cdef Py_ssize_t g, i
+    for g in range(blocks):
+        gemm(False, False, <int>B, <int>H, <int>H, 1, d + g * H, <int>ldd, w_hh + g * H * ld_hh,
+             ld_hh, 0, d_masked, <int>H)
+        for i in range(B * H):
+            dh[i] = dh[i] + d_masked[i] * mask[g * B * H + i]
+
+
+cdef inline void _scale_rows(floating* a, Py_ssize_t lda, const floating* scale, Py_ssize_t B,
+                             Py_ssize_t H) noexcept nogil:
+    # a[:, :H] *= scale (B, H), a's rows lda apart
+    cdef Py_ssize_t b, j
+    for b in range(B):
+        for j in range(H):
+            a[b * lda + j] = a[b * lda + j] * scale[b * H + j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1212,7 +1263,11 @@ cdef void backward_loop(const Call* call, const floating* ws, floating* bws, int
     cdef floating* packed = NULL
     cdef bint pooled = False               # no BLAS call at all (see forward_rows_loop)
     cdef Py_ssize_t grad_rows = min(T * B, _GRAD_CHUNK)
-    if _packs(T, B):
+    cdef const floating* mask = <const floating*>call.mask
+    cdef floating* d_masked = NULL
+    if mask != NULL:
+        d_masked = <floating*>malloc(B * H * sizeof(floating))
+    if _packs(T, B) and mask == NULL:
         # one buffer: w_hh's columns for the steps, then the operands of the products after
         # the loop (_parameter_gradients)
         packed = <floating*>malloc(max(n_at + _packed_size(bws, H, GH - k0, amx_h),
@@ -1239,6 +1294,11 @@ cdef void backward_loop(const Call* call, const floating* ws, floating* bws, int
                 _state_product(w_hh + k0 * ld_hh, ld_hh, packed + n_at if packed != NULL else NULL,
                                GH - k0, d_hidden + k0, GH, B, H, bws + call.K.dsaved, False,
                                threads, amx_h)
+                if mask != NULL:            # rh = r * (h * mask[n])
+                    _scale_rows(bws + call.K.dsaved, H, mask + call.cell.second_block * BH, B, H)
+            elif active and not cut and mask != NULL:
+                _masked_products_backward(d_hidden, GH, mask, w_hh, ld_hh,
+                                          call.cell.second_block, B, H, d_masked, dh)
             elif active and not cut:
                 # dh += d_hidden[:, product 0's blocks] @ w_hh[those blocks]
                 _state_product(w_hh, ld_hh, packed, k0, d_hidden, GH, B, H, dh, True, threads,
@@ -1249,6 +1309,7 @@ cdef void backward_loop(const Call* call, const floating* ws, floating* bws, int
                 memset(bws + call.K.dc, 0, BH * sizeof(floating))
     _parameter_gradients(call, ws, bws, packed if pooled else NULL, threads)
     free(packed)
+    free(d_masked)
 
 
 cdef inline void _state_product(const floating* w, int ldw, const floating* packed,
@@ -1286,6 +1347,9 @@ cdef void _parameter_gradients(const Call* call, const floating* ws, floating* b
     cdef bint whole = call.d.dx_step == B * call.d.dx_row     # dx's rows: one (T*B, I) matrix
     cdef bint amx = _amx(dgates, TB if whole else B)
     cdef int phase
+    cdef const floating* mask = <const floating*>call.mask
+    cdef floating* source_masked = NULL
+    cdef Py_ssize_t row, j, b_row
     if packed == NULL:
         ones = bws + call.K.ones                   # the bias sums as GEMV
         for i in range(TB):
@@ -1310,16 +1374,32 @@ cdef void _parameter_gradients(const Call* call, const floating* ws, floating* b
         # dw_hh[blocks] += D[:, blocks].T @ source, in runs of blocks with one D
         _phase_blocks(&call.cell, phase, &g, &end)
         source = _source(call, <floating*>ws, phase, 0, 0, &ld_source)   # (T*B, ld_source)
+        if mask != NULL and phase == 0 and source_masked == NULL:
+            source_masked = <floating*>malloc(TB * H * sizeof(floating))
         while g < end:
             if h0 <= g < h1:
                 d, ld_d, i = bws + call.K.dgates_hh + (g - h0) * H, h1 * H - h0 * H, min(end, h1)
             else:
                 d, ld_d, i = dgates + g * H, GH, min(end, h0) if g < h0 else end
-            _gradient_product(d, ld_d, (i - g) * H, source, ld_source, H, TB,
-                              dw_hh + g * H * call.d.ld_dw_hh, call.d.ld_dw_hh, packed, threads)
+            if mask != NULL and phase == 0:
+                # recurrent dropout: block by block, of h * mask[block] (rows t*B + b)
+                i = g + 1
+                for row in range(TB):
+                    b_row = row % B
+                    for j in range(H):
+                        source_masked[row * H + j] = source[row * ld_source + j] * \
+                            mask[(g * B + b_row) * H + j]
+                _gradient_product(d, ld_d, H, source_masked, H, H, TB,
+                                  dw_hh + g * H * call.d.ld_dw_hh, call.d.ld_dw_hh, NULL,
+                                  threads)
+            else:
+                _gradient_product(d, ld_d, (i - g) * H, source, ld_source, H, TB,
+                                  dw_hh + g * H * call.d.ld_dw_hh, call.d.ld_dw_hh, packed,
+                                  threads)
             _gradient_sums(d, ld_d, (i - g) * H, TB, db_hh + g * H * call.d.inc_db_hh,
                            call.d.inc_db_hh, ones, threads)
             g = i
+    free(source_masked)
 
 
 cdef inline void _gradient_product(const floating* d, Py_ssize_t ldd, Py_ssize_t M,
@@ -1464,7 +1544,7 @@ def _blas_ready(a):
 
 
 def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bint train, y,
-                  tuple state_n, threads=None):
+                  tuple state_n, threads=None, recurrent_mask=None):
     """One layer, one direction, all T steps; see fastrnn.cells for the contract."""
     cdef Call call
     cdef Plan plan
@@ -1482,6 +1562,10 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
     call.lengths = <const int64_t*>_data(lengths)
     call.reverse, call.train = reverse, train
     call.x = _data(x)
+    call.mask = NULL
+    if recurrent_mask is not None and train:
+        recurrent_mask = np.require(recurrent_mask, x.dtype, "C")
+        call.mask = _data(recurrent_mask)
     ws = _scratch.empty(max(1, call.L.size), x.dtype)   # kept by the cache; pooled (_scratch)
     cdef void* ws_data = cnp.PyArray_DATA(<cnp.ndarray>ws)
     first, final = _first_slot(T, reverse, train), _final_slot(T, train)
@@ -1494,7 +1578,8 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         call.y_step, call.y_row = y_work.strides[0] // item, y_work.strides[1] // item
         limit = _thread_limit(threads)
         units = _unit_threads(G, H, H, B, limit, _UNIT_PARALLEL_MIN) \
-            if B <= (_small_batch_max_train if train else _small_batch_max) else 0
+            if B <= (_small_batch_max_train if train else _small_batch_max) \
+            and call.mask == NULL else 0
         plan.loop = UNITS if units else ROWS
         plan.threads = units if units else min(_pass_threads, limit)
         plan.pool = _pool_threads(limit, threads is not None)
@@ -1517,7 +1602,7 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         return None
     cdef _Cache cache = _Cache()
     cache.workspace, cache.call = ws, call
-    cache.arrays = (x, state0, params, lengths)       # what call's pointers point into
+    cache.arrays = (x, state0, params, lengths, recurrent_mask)  # what call's pointers point into
     return cache
 
 
@@ -1689,6 +1774,7 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     call.sizes.T, call.sizes.B, call.sizes.H = 1, B, H
     call.L = _layout(&call.cell, call.sizes, False)
     call.lengths = NULL
+    call.mask = NULL                    # inference: no recurrent dropout
     call.reverse = call.train = False
     cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
     cdef Py_ssize_t ws_bytes = max(1, call.L.size) * item

@@ -61,11 +61,12 @@ def _signatures(dtype):
     forward = types.none(
         spec, const(3), params, lengths, flag, flag, plan,     # x ... reverse train plan
         array(3, "A"),                                         # y
-        types.Tuple((array(3), array(3), array(3), array(3), array(2))),  # gates h_slots
-        types.Tuple((array(4), array(3))))                     # c_slots saved hh; own
+        types.Tuple((array(3), array(3), array(3), array(3), array(2),   # gates h_slots
+                     const(3))),                               # c_slots saved hh mask
+        types.Tuple((array(4), array(3))))                     # own
     backward = types.none(
         spec, const(3), params, lengths, flag, i64, plan,      # x ... reverse truncate plan
-        types.UniTuple(const(3), 4),                           # gates h_slots c_slots saved
+        types.UniTuple(const(3), 5),                # gates h_slots c_slots saved mask
         const(3, "A"),                                         # dy
         types.Tuple((array(3), array(3), array(2), array(2), array(2), array(2), array(2),
                      const(1))),      # dgates dgates_hh dhh dh dc dsaved dpeep ones
@@ -219,7 +220,7 @@ class ForwardCache:
 
     def __init__(self, x, params, lengths, reverse, buffer, arrays):
         self.x, self.params, self.lengths, self.reverse = x, params, lengths, reverse
-        self.buffer, self.arrays = buffer, arrays       # (gates, h_slots, c_slots, saved)
+        self.buffer, self.arrays = buffer, arrays  # (gates, h_slots, c_slots, saved, mask)
 
 
 class _Output:
@@ -261,7 +262,8 @@ def _cell_spec(cell):
     return cell.kernel_spec()
 
 
-def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None):
+def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
+                  recurrent_mask=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
     dtype = x.dtype
     T, B, I = x.shape
@@ -276,9 +278,10 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
                         (1, B, saved_width * H) if second < G else (1, 0, 0)),
               "hh": (B, GH)}
     limit = _thread_limit(threads)
-    packed, pool = _gemm_packs(T, B), False
+    masked = recurrent_mask is not None and train
+    packed, pool = _gemm_packs(T, B) and not masked, False   # masks: the BLAS path only
     own = (_empty(dtype, (0, 0, 0, 0)), _empty(dtype, (0, 0, 0)))
-    if B <= _small_batch_max[bool(train)]:
+    if B <= _small_batch_max[bool(train)] and not masked:
         # the unit-split loop on `threads` parts
         loop = kernels.UNITS
         work = GH * H * B                              # multiply-adds of h W_hh^T per step
@@ -307,7 +310,8 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
     ws["h_slots"][first] = state0[0]
     if states == 2:
         ws["c_slots"][first] = state0[1]
-    arrays = (ws["gates"], ws["h_slots"], ws["c_slots"], ws["saved"])
+    arrays = (ws["gates"], ws["h_slots"], ws["c_slots"], ws["saved"],
+              np.require(recurrent_mask, dtype, "C") if masked else _empty(dtype, (0, 0, 0)))
     if T * B > 0:
         if "gates_own" in ws:
             own = (ws["gates_own"], ws["hh_own"])
@@ -315,7 +319,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
         _launch(_kernel(dtype, "forward_units" if loop == kernels.UNITS else "forward_rows"),
                 launch_threads, spec, x, _params(dtype, params, cell), lengths,
                 bool(reverse), bool(train), (loop, threads, packed, pool, _uses_amx(dtype)),
-                out.array, arrays + (ws["hh"],), own)
+                out.array, arrays[:4] + (ws["hh"], arrays[4]), own)
         out.finish()
     for s_n, s_slots in zip(state_n, (ws["h_slots"], ws["c_slots"])):
         s_n[...] = s_slots[final]
@@ -348,7 +352,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     if T * B > 0:
         grads = [_Output(g, "add") for g in (dx, *dparams)]
         grads += [_Output(_empty(dtype, (0, 0)), "add")] * (6 - len(grads))
-        packed = _gemm_packs(T, B)
+        packed = _gemm_packs(T, B) and cache.arrays[4].shape[0] == 0   # masks: BLAS only
         limit = _thread_limit(threads)
         pool = packed and _pool[0]
         threads = _pool_threads(B, GH, H, limit) if pool else 1

@@ -1855,7 +1855,7 @@ def units_substep(q, k, P, spec, reverse, train, lengths, params, units, ws, y):
     G*C) and hh_own (P, B, G*C) each part's own (see forward_units_loop), or empty: the parts
     share the gates and hh of ws."""
     x2, packed_ih, packed_hh, amx_ih, gates_own, hh_own = units
-    gates, h_slots, c_slots, saved, hh = ws
+    gates, h_slots, c_slots, saved, hh, mask = ws
     own = gates_own.shape[0] > 0
     gq = gates_own[q] if own else gates
     hq = hh_own[q] if own else hh
@@ -1942,6 +1942,41 @@ def forward_units_loop(spec, x, params, lengths, reverse, train, plan, y, ws, ow
             units_substep(0, k, 1, spec, reverse, train, lengths, params, units, ws, y)
 
 
+# Recurrent dropout (recurrent_mask (G, B, H)): gate block g's product is of h * mask[g]. The
+# loops take masks on their BLAS path only (fastrnn._numba runs a masked call unpacked, on the
+# batch-row loop): block by block, through a (B, H) buffer of the masked state.
+
+@njit(**config.KERNEL)
+def masked_products(h, mask, w_hh, blocks, h_masked, hh):
+    """hh[:, block g] = (h * mask[g]) @ w_hh[block g].T for the first ``blocks`` blocks."""
+    B, H = h.shape
+    for g in range(blocks):
+        for b in range(B):
+            for j in range(H):
+                h_masked[b, j] = h[b, j] * mask[g, b, j]
+        gemm(h_masked, NO_TRANS, w_hh[g * H:(g + 1) * H], TRANS, hh[:, g * H:(g + 1) * H], 0.0)
+
+
+@njit(**config.KERNEL)
+def masked_products_backward(d, mask, w_hh, blocks, d_masked, dh):
+    """dh += sum over the first ``blocks`` blocks g of (d[:, block g] @ w_hh[block g]) * mask[g]."""
+    B, H = dh.shape
+    for g in range(blocks):
+        gemm(d[:, g * H:(g + 1) * H], NO_TRANS, w_hh[g * H:(g + 1) * H], NO_TRANS, d_masked, 0.0)
+        for b in range(B):
+            for j in range(H):
+                dh[b, j] += d_masked[b, j] * mask[g, b, j]
+
+
+@njit(**config.KERNEL)
+def scale_columns(a, scale):
+    """a[:, :H] *= scale (B, H): the first H columns of each row."""
+    B, H = scale.shape
+    for b in range(B):
+        for j in range(H):
+            a[b, j] *= scale[b, j]
+
+
 @njit(**config.KERNEL)
 def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
     """The batch-row loop: the input projection of all steps, then per step and phase the
@@ -1953,7 +1988,7 @@ def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
     _, G, _, _, second, _, _ = spec
     _, threads, packed, pool, use_amx = plan
     w_ih, w_hh = params[0], params[1]
-    gates, h_slots, c_slots, saved, hh = ws
+    gates, h_slots, c_slots, saved, hh, mask = ws
     T, B, I = x.shape
     H = w_hh.shape[1]
     GH = G * H
@@ -1961,6 +1996,8 @@ def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
     n0, n1 = second * H, GH - second * H        # the rows of w_hh of products 0 and 1
     P = threads if pool else 1
     NR = panel_width(x)
+    masked = mask.shape[0] > 0                  # recurrent dropout (never packed)
+    h_masked = np.empty((B, H) if masked else (0, 0), x.dtype)
     amx_in = use_amx and pool and T * B >= amx.MIN_ROWS
     amx_h = use_amx and packed and B >= amx.MIN_ROWS
     # w_hh's panels, product 0's then product 1's (none when the tile unit takes them), in
@@ -1998,9 +2035,14 @@ def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
                 # hh[:, :n0] = h @ w_hh[:n0].T                                 (B, n0)
                 if packed:
                     step_product(P, amx_h, amx_flat, panels0, n0, step[2], hh, 0, False)
+                elif masked:
+                    masked_products(step[2], mask, w_hh, second, h_masked, hh)
                 else:
                     gemm(step[2], NO_TRANS, w_hh[:n0], TRANS, hh[:, :n0], 0.0)
             elif active:
+                if masked:
+                    # rh = r * (h * mask[n]): the phase made r * h
+                    scale_columns(step[6], mask[second])
                 # hh[:, n0:] = saved @ w_hh[n0:].T                             (B, n1)
                 if packed:
                     step_product(P, amx_h, amx_1, panels1, n1, step[6], hh, n0, False)
@@ -2035,11 +2077,13 @@ def backward_loop(spec, x, params, lengths, reverse, truncate, plan, cache, dy, 
     _, G, _, _, second, hidden_blocks, _ = spec
     _, threads, packed, pool, use_amx = plan
     w_hh = params[1]
-    gates, h_slots, c_slots, saved = cache
+    gates, h_slots, c_slots, saved, mask = cache
     dgates, dgates_hh, dhh, dh, dc, dsaved, dpeep, _ = grads
     T, B, _ = x.shape
     H = w_hh.shape[1]
     phases = 1 if second == G else 2
+    masked = mask.shape[0] > 0                  # recurrent dropout (never packed)
+    d_masked = np.empty((B, H) if masked else (0, 0), x.dtype)
     n0, n1 = second * H, (G - second) * H
     P = threads if pool else 1
     # the columns of w_hh as panels, W[u, g] = w_hh[g, u], product 0's and product 1's
@@ -2076,10 +2120,14 @@ def backward_loop(spec, x, params, lengths, reverse, truncate, plan, cache, dy, 
                     step_product(P, amx_h, amx_1, panels1, H, d[:, n0:], dsaved, 0, False)
                 else:
                     gemm(d[:, n0:], NO_TRANS, w_hh[n0:], NO_TRANS, dsaved, 0.0)
+                if masked:
+                    scale_columns(dsaved, mask[second])       # rh = r * (h * mask[n])
             elif active and not cut:
                 # dh += d[:, :n0] @ w_hh[:n0]                                  (B, H)
                 if packed:
                     step_product(P, amx_h, amx_hh, panels0, H, d[:, :n0], dh, 0, True)
+                elif masked:
+                    masked_products_backward(d, mask, w_hh, second, d_masked, dh)
                 else:
                     gemm(d[:, :n0], NO_TRANS, w_hh[:n0], NO_TRANS, dh, 1.0)
         if cut:
@@ -2105,7 +2153,7 @@ def hidden_side_runs(g0, g1, first_hidden, hidden_blocks):
 def gradient_operands(k, spec, T, cache, grads):
     """(source, d_in, d_hh) of product k over all T*B rows: its source (h before each step,
     or the saved buffer), and dgates and dgates_hh as (T*B, .) matrices."""
-    _, h_slots, _, saved = cache
+    _, h_slots, _, saved, _ = cache
     dgates, dgates_hh = grads[0], grads[1]
     B, H = h_slots.shape[1], h_slots.shape[2]
     if k == 0:
@@ -2144,6 +2192,8 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
         amx_flat = amx.buffer(need)
     ones2 = ones.reshape((1, TB))
     sums = np.zeros(GH if P > 0 else 0, x.dtype)    # dgates.sum(0), shared by db_ih and db_hh
+    mask = cache[4]                                 # recurrent dropout: P == 0 then
+    source_masked = np.empty((TB, H) if mask.shape[0] > 0 else (0, 0), x.dtype)
     for k in range(1 if second == G else 2):
         source, d_in, d_hh = gradient_operands(k, spec, T, cache, grads)
         if k == 0:
@@ -2169,6 +2219,17 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
             d = d_hh[:, (a0 - first_hidden) * H:(a1 - first_hidden) * H] if r == 1 \
                 else d_in[:, a0 * H:a1 * H]
             db = db_hh[a0 * H:a1 * H]
+            if P == 0 and k == 0 and mask.shape[0] > 0:
+                # block g of product 0 was of h * mask[g]
+                for g in range(a0, a1):
+                    for row in range(TB):
+                        b = row % B
+                        for j in range(H):
+                            source_masked[row, j] = source[row, j] * mask[g, b, j]
+                    gemm(d[:, (g - a0) * H:(g - a0 + 1) * H], TRANS, source_masked, NO_TRANS,
+                         dw_hh[g * H:(g + 1) * H], 1.0)
+                gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
+                continue
             if P == 0:
                 gemm(d, TRANS, source, NO_TRANS, dw_hh[a0 * H:a1 * H], 1.0)
                 gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
