@@ -31,10 +31,10 @@ Arguments (H hidden size, G = cell.num_gates, I input size; every array has the 
                            the (T, B, D*H) layer output (unit stride along H)
     state_n     tuple like state0: the final state, written
     recurrent_mask
-                None, or (G, B, H) with train: recurrent dropout, one mask per gate block (as
+                None, or (G, B, H): with train, recurrent dropout, one mask per gate block (as
                 Keras's): the product of gate block g is of h * recurrent_mask[g] instead of h
                 (GRU reset-before: rh = r * (h * recurrent_mask[2])); the carried state is not
-                masked. The cache keeps it for backward.
+                masked. The cache keeps it for backward. Ignored without train.
 
     cache       what layer_forward returned with train=True; it refers to x, state0, params,
                 lengths and reverse of that call, which backward reads again: the caller keeps
@@ -273,7 +273,8 @@ def activation_slots(mode, activations):
                 raise ValueError(f"activations: {'alpha' if k == 0 else 'beta'} of {name!r} "
                                  f"must be a finite number, got {v!r}")
             values[k] = float(v)
-        if len(entry) > 1 and name not in ACTIVATION_DEFAULTS:
+        if len(entry) > 1 and name not in ACTIVATION_DEFAULTS and any(entry[1:]):
+            # (name, 0.0, 0.0), the record's own form, is taken back
             raise ValueError(f"activations: {name!r} takes no alpha or beta, got {entry!r}")
         if len(entry) > 2 and name in ("leakyrelu", "thresholdedrelu", "elu"):
             raise ValueError(f"activations: {name!r} takes alpha only, got {entry!r}")

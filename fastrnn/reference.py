@@ -337,6 +337,8 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
     # threads: accepted for the contract; the reference runs on the calling thread
     step_forward, _ = STEPS[cell.name]
     p = dict(zip(cell.param_names, params))
+    if not train:
+        recurrent_mask = None                                 # masks act in training only
     T = x.shape[0]
     x_proj = x @ p["w_ih"].T + p["b_ih"]                      # (T, B, G*H)
     state = tuple(s.copy() for s in state0)
