@@ -4,6 +4,8 @@
                                             train=True, out=y_buffer)
     grads = functional.backward("lstm", cache, dy=dy)
 
+``cell`` is a name of ``fastrnn.cells.CELLS`` or a cell record: a layer's ``m.cell``, or
+``fastrnn.cells.cell_for(...)``, for ONNX's activations, clip and input_forget.
 Arrays follow the kernel contract in ``fastrnn.cells`` (x (T, B, I), states (B, H), PyTorch's
 weight shapes and gate orders). Output buffers given with ``out=``, ``h_n=``, ``c_n=`` are
 written in place (``out`` may be a strided view, e.g. one direction's half of a wider array);
@@ -15,7 +17,7 @@ import numbers
 import numpy as np
 
 from . import dispatch as _backends
-from .cells import CELLS
+from .cells import CELLS, Cell
 from .layers import _flag, _kept_copy
 
 __all__ = ["forward", "backward", "FunctionalCache"]
@@ -32,8 +34,11 @@ class FunctionalCache:
 
 
 def _cell(name):
+    if isinstance(name, Cell):          # a record with options, e.g. a layer's m.cell
+        return name
     if name not in CELLS:
-        raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {name!r}")
+        raise ValueError(f"cell: expected one of {sorted(CELLS)} or a fastrnn.cells.Cell, "
+                         f"got {name!r}")
     return CELLS[name]
 
 

@@ -203,7 +203,8 @@ def _forward(args, **changes):
 
 
 FORWARD_ERRORS = [
-    ({"cell": "lstmm"}, ValueError, r"cell: expected one of \[.*'lstm'.*\], got 'lstmm'"),
+    ({"cell": "lstmm"}, ValueError,
+     r"cell: expected one of \[.*'lstm'.*\] or a fastrnn.cells.Cell, got 'lstmm'"),
     ({"w_ih": np.zeros((4 * H, I), np.int64)}, TypeError, r"w_ih: expected float32 or float64"),
     ({"w_ih": np.zeros((4 * H, I), np.float16)}, TypeError, r"w_ih: .*float16"),
     ({"x": np.zeros((T, B))}, ValueError, r"x: expected 3 dimensions \(T, B, I\), got shape"),
@@ -288,3 +289,27 @@ def test_backward_refuses_what_is_not_its_cache():
     # and an inference call keeps none
     assert _forward(_args(), backend="reference")[3] is None
 
+
+
+OPTIONS = {"lstm_peephole": {"clip": 1.0, "input_forget": True,
+                             "activations": ("hardsigmoid", "softsign", ("scaledtanh", 1.5, 0.5))},
+           "gru_reset_before": {"clip": 1.5, "activations": ("sigmoid", "softsign")},
+           "gru": {"activations": (("hardsigmoid", 0.3, 0.4), "elu")},
+           "rnn_tanh": {"activations": (("leakyrelu", 0.1),), "clip": 2.0}}
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", sorted(OPTIONS))
+def test_a_cell_record_with_options(backend, cell, reverse):
+    """A layer's cell record (ONNX's activations, clip, input_forget) as the cell argument."""
+    dtype = np.float64
+    layer = make_layer(cell, I, H, 1, bidirectional=True, dtype=dtype, seed=2, **OPTIONS[cell])
+    for p in layer.params.values():
+        p *= 2
+    _, data = _problem(cell, dtype, seed=2)
+    assert not layer.cell.plain
+    got = _functional(layer.cell, layer, data, reverse, backend)
+    expected = _expected(layer, data, reverse)
+    assert_all_close(got, expected, dtype, f"{cell} with options reverse={reverse}")
+    plain = _functional(cell, layer, data, reverse, backend)    # the options mattered
+    assert max_rel_error(got["y"], plain["y"]) > 1e-3
