@@ -28,7 +28,7 @@
 # write one or two arrays; the row (a few KB) stays in L1 between them.
 from cython cimport floating
 
-from libc.math cimport exp, expm1, fabs, log1p
+from libc.math cimport INFINITY, exp, expm1, fabs, log1p
 
 from activations cimport relu, relu_backward, sigmoid, sigmoid_inplace, tanh_, tanh_inplace, tanh_into
 
@@ -376,18 +376,43 @@ cdef inline floating activation_slope(Activation act, floating a) noexcept nogil
     return sigmoid(a)
 
 
-cdef inline floating gate(Activation act, floating a) noexcept nogil:
-    # act(clip(a)); NaN stays NaN
-    cdef floating clip = <floating>act.clip
-    return activate(act, clip if a > clip else (-clip if a < -clip else a))
+cdef inline void gate_block(Activation act, const floating* a, floating* out,
+                            Py_ssize_t n) noexcept nogil:
+    # out = act(clip(a)) over a block of n units; the kind is switched on once, so that the
+    # usual ones (sigmoid, tanh) vectorise; NaN stays NaN
+    cdef Py_ssize_t k
+    cdef floating clip = <floating>act.clip, v
+    if act.kind == 2:
+        for k in range(n):
+            v = a[k]
+            out[k] = sigmoid(clip if v > clip else (-clip if v < -clip else v))
+    elif act.kind == 1:
+        for k in range(n):
+            v = a[k]
+            out[k] = tanh_(clip if v > clip else (-clip if v < -clip else v))
+    else:
+        for k in range(n):
+            v = a[k]
+            out[k] = activate(act, clip if v > clip else (-clip if v < -clip else v))
 
 
-cdef inline floating gate_slope(Activation act, floating a) noexcept nogil:
-    # d act(clip(a)) / da: zero where the clip cuts a
-    cdef floating clip = <floating>act.clip
-    if a < -clip or a > clip:
-        return 0
-    return activation_slope(act, a)
+cdef inline void slope_block(Activation act, const floating* a, floating* d,
+                             Py_ssize_t n) noexcept nogil:
+    # d *= d act(clip(a)) / da over a block of n units: zero where the clip cut a, NaN where a
+    # is NaN
+    cdef Py_ssize_t k
+    cdef floating clip = <floating>act.clip, s
+    if act.kind == 2:
+        for k in range(n):
+            s = sigmoid(a[k])
+            d[k] = 0 if a[k] < -clip or a[k] > clip else d[k] * (s * (1 - s))
+    elif act.kind == 1:
+        for k in range(n):
+            s = tanh_(a[k])
+            d[k] = 0 if a[k] < -clip or a[k] > clip else d[k] * (1 - s * s)
+    else:
+        for k in range(n):
+            d[k] = 0 if a[k] < -clip or a[k] > clip else d[k] * activation_slope(act, a[k])
 
 
 # RNN with options: h' = f(clip(W_ih x + b_ih + W_hh h + b_hh))
@@ -397,10 +422,8 @@ cdef inline void rnn_options_forward_row(floating* gates, floating* h_new, float
                                          const floating* b_hh, const double* options,
                                          Py_ssize_t n, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
-    cdef Activation f = option_slot(options, 0)
     _preactivation(gates, hh, b_ih, b_hh, 1, n, H)        # gates keeps the pre-activation
-    for j in range(n):
-        h_new[j] = gate(f, gates[j])
+    gate_block(option_slot(options, 0), gates, h_new, n)
     for j in range(n):
         y[j] = h_new[j]
 
@@ -408,9 +431,9 @@ cdef inline void rnn_options_forward_row(floating* gates, floating* h_new, float
 cdef inline void rnn_options_backward_row(floating* dgates, floating* dh, const floating* gates,
                                           const double* options, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
-    cdef Activation f = option_slot(options, 0)
     for j in range(H):
-        dgates[j] = dh[j] * gate_slope(f, gates[j])
+        dgates[j] = dh[j]
+    slope_block(option_slot(options, 0), gates, dgates, H)
     for j in range(H):
         dh[j] = 0          # dL/dh is all dgates @ W_hh: the loop's product after this pass
 
@@ -418,34 +441,44 @@ cdef inline void rnn_options_backward_row(floating* dgates, floating* dh, const 
 # LSTM with options (peephole NULL: none):
 #     i = f(clip(a_i [+ p_i c]));  f = 1 - i with input_forget, else f(clip(a_f [+ p_f c]))
 #     g = g(clip(a_g));  c' = f c + i g;  o = f(clip(a_o [+ p_o c']));  h' = o h(c')
+# The forward keeps the activated gates in hh's row (the products are added in by then).
 
 cdef inline void lstm_options_forward_row(floating* gates, floating* h_new, floating* c_new,
-                                          floating* y, const floating* hh, const floating* b_ih,
+                                          floating* y, floating* hh, const floating* b_ih,
                                           const floating* b_hh, const floating* c,
                                           const floating* peephole, const double* options,
                                           Py_ssize_t n, Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
     cdef Activation act_h = option_slot(options, 2)
-    cdef bint input_forget = options[1] != 0
-    cdef floating i, f, o, c_nw, p_i = 0, p_f = 0, p_o = 0
+    cdef floating* i = hh
+    cdef floating* f = hh + H
+    cdef floating* g = hh + 2 * H
+    cdef floating* o = hh + 3 * H
+    act_h.clip = INFINITY                                  # the cell output is not clipped
     _preactivation(gates, hh, b_ih, b_hh, 4, n, H)
+    if peephole != NULL:
+        for j in range(n):
+            gates[j] = gates[j] + peephole[j] * c[j]
+        for j in range(n):
+            gates[H + j] = gates[H + j] + peephole[H + j] * c[j]
+    gate_block(act_f, gates, i, n)
+    if options[1] != 0:                                    # input_forget: f = 1 - i
+        for j in range(n):
+            f[j] = 1 - i[j]
+    else:
+        gate_block(act_f, gates + H, f, n)
+    gate_block(act_g, gates + 2 * H, g, n)
     for j in range(n):
-        if peephole != NULL:
-            p_i, p_f, p_o = peephole[j], peephole[H + j], peephole[2 * H + j]
-        gates[j] = gates[j] + p_i * c[j]
-        i = gate(act_f, gates[j])
-        if input_forget:
-            f = 1 - i
-        else:
-            gates[H + j] = gates[H + j] + p_f * c[j]
-            f = gate(act_f, gates[H + j])
-        # c' = f * c + i * g
-        c_nw = f * c[j] + i * gate(act_g, gates[2 * H + j])
-        c_new[j] = c_nw
-        gates[3 * H + j] = gates[3 * H + j] + p_o * c_nw
-        # h' = o * h(c')
-        y[j] = gate(act_f, gates[3 * H + j]) * activate(act_h, c_nw)
+        c_new[j] = f[j] * c[j] + i[j] * g[j]
+    if peephole != NULL:
+        for j in range(n):
+            gates[3 * H + j] = gates[3 * H + j] + peephole[2 * H + j] * c_new[j]
+    gate_block(act_f, gates + 3 * H, o, n)
+    # h' = o * h(c'), h(c') passing through y
+    gate_block(act_h, c_new, y, n)
+    for j in range(n):
+        y[j] = o[j] * y[j]
     for j in range(n):
         h_new[j] = y[j]
 
@@ -455,48 +488,72 @@ cdef inline void lstm_options_backward_row(floating* dgates, floating* dh, float
                                            const floating* c, const floating* c_new,
                                            const floating* peephole, const double* options,
                                            Py_ssize_t H) noexcept nogil:
+    # the blocks of dgates hold the gates and h(c') on the way to the gradients
     cdef Py_ssize_t j
     cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
     cdef Activation act_h = option_slot(options, 2)
     cdef bint input_forget = options[1] != 0
-    cdef floating a_i, a_f, a_g, a_o, i, f, g, o, da_i, da_f, da_o, di, df, dc_new
+    cdef floating* da_i = dgates
+    cdef floating* da_f = dgates + H
+    cdef floating* da_g = dgates + 2 * H
+    cdef floating* da_o = dgates + 3 * H
+    cdef floating i, f, g, dc_new
+    act_h.clip = INFINITY
+    gate_block(act_f, gates + 3 * H, da_o, H)                              # o
+    gate_block(act_h, c_new, da_i, H)                                      # h(c')
     for j in range(H):
-        a_i, a_f, a_g, a_o = gates[j], gates[H + j], gates[2 * H + j], gates[3 * H + j]
-        i, g, o = gate(act_f, a_i), gate(act_g, a_g), gate(act_f, a_o)
-        f = 1 - i if input_forget else gate(act_f, a_f)
-        # h' = o * h(c')
-        da_o = dh[j] * activate(act_h, c_new[j]) * gate_slope(act_f, a_o)
-        dc_new = dc[j] + dh[j] * o * activation_slope(act_h, c_new[j])
-        if peephole != NULL:
-            # a_o = ... + p_o * c'
-            dc_new = dc_new + da_o * peephole[2 * H + j]
-        # c' = f * c + i * g
-        di = dc_new * g
-        df = dc_new * c[j]
-        if input_forget:
-            di = di - df             # f = 1 - i: the f block's pre-activation is not used
-            da_f = 0
-        else:
-            da_f = df * gate_slope(act_f, a_f)
-        da_i = di * gate_slope(act_f, a_i)
-        dgates[j], dgates[H + j], dgates[3 * H + j] = da_i, da_f, da_o
-        dgates[2 * H + j] = dc_new * i * gate_slope(act_g, a_g)
-        dc[j] = dc_new * f
-        if peephole != NULL:
-            # a_i = ... + p_i * c;  a_f = ... + p_f * c
-            dc[j] = dc[j] + da_i * peephole[j] + da_f * peephole[H + j]
+        da_f[j] = dh[j] * da_o[j]
+    slope_block(act_h, c_new, da_f, H)
+    # h' = o * h(c')
+    for j in range(H):
+        dc[j] = dc[j] + da_f[j]                                            # dc'
+    for j in range(H):
+        da_o[j] = dh[j] * da_i[j]                                          # do
+    slope_block(act_f, gates + 3 * H, da_o, H)                             # da_o
     if peephole != NULL:
+        # a_o = ... + p_o * c'
         for j in range(H):
-            dpeep[j] = dpeep[j] + dgates[j] * c[j]
-            dpeep[H + j] = dpeep[H + j] + dgates[H + j] * c[j]
-            dpeep[2 * H + j] = dpeep[2 * H + j] + dgates[3 * H + j] * c_new[j]
+            dc[j] = dc[j] + da_o[j] * peephole[2 * H + j]
+        for j in range(H):
+            dpeep[2 * H + j] = dpeep[2 * H + j] + da_o[j] * c_new[j]
+    gate_block(act_f, gates, da_i, H)                                      # i
+    if not input_forget:
+        gate_block(act_f, gates + H, da_f, H)                              # f
+    gate_block(act_g, gates + 2 * H, da_g, H)                              # g
+    for j in range(H):
+        # c' = f * c + i * g
+        dc_new = dc[j]
+        i, g = da_i[j], da_g[j]
+        f = 1 - i if input_forget else da_f[j]
+        da_i[j] = dc_new * g                                               # di
+        da_f[j] = dc_new * c[j]                                            # df
+        da_g[j] = dc_new * i                                               # dg
+        dc[j] = dc_new * f                                                 # dc
+    if input_forget:
+        # f = 1 - i: the f block's pre-activation is not used
+        for j in range(H):
+            da_i[j] = da_i[j] - da_f[j]
+        for j in range(H):
+            da_f[j] = 0
+    else:
+        slope_block(act_f, gates + H, da_f, H)                             # da_f
+    slope_block(act_f, gates, da_i, H)                                     # da_i
+    slope_block(act_g, gates + 2 * H, da_g, H)                             # da_g
+    if peephole != NULL:
+        # a_i = ... + p_i * c;  a_f = ... + p_f * c
+        for j in range(H):
+            dc[j] = dc[j] + da_i[j] * peephole[j] + da_f[j] * peephole[H + j]
+        for j in range(H):
+            dpeep[j] = dpeep[j] + da_i[j] * c[j]
+            dpeep[H + j] = dpeep[H + j] + da_f[j] * c[j]
     for j in range(H):
         dh[j] = 0          # dL/dh is all dgates @ W_hh: the loop's product after this pass
 
 
 # GRU with options, both forms:
 #     r = f(clip(.)), z = f(clip(.)), n = g(clip(x_n + r * hn)) or g(clip(x_n + W_hn (r h) + b_hn))
-# saved: hn or rh, as the plain GRU's
+# saved: hn or rh, as the plain GRU's. The forward keeps r and z in hh's row once the products
+# are added in (reset-before: hh's r and z blocks last until phase 1), and n in its n block.
 
 cdef inline void gru_options_forward_row(int phase, bint reset_after, floating* gates,
                                          floating* saved, floating* h_new, floating* y,
@@ -506,30 +563,33 @@ cdef inline void gru_options_forward_row(int phase, bint reset_after, floating* 
                                          Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j
     cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
-    cdef floating* nn = gates + 2 * H
-    cdef floating* hn = hh + 2 * H
-    cdef floating z
+    cdef floating* r = hh
+    cdef floating* z = hh + H
+    cdef floating* nn = hh + 2 * H
+    cdef floating* a_n = gates + 2 * H
     if phase == 0:
         _preactivation(gates, hh, b_ih, b_hh, 2, n, H)
+        gate_block(act_f, gates, r, n)
+        gate_block(act_f, gates + H, z, n)
     if reset_after:
         for j in range(n):
-            hn[j] = hn[j] + b_hh[2 * H + j]   # W_hn h + b_hn, in place in the scratch
-        for j in range(n):
-            nn[j] = nn[j] + b_ih[2 * H + j] + gate(act_f, gates[j]) * hn[j]
+            nn[j] = nn[j] + b_hh[2 * H + j]   # hn = W_hn h + b_hn, in place in the scratch
         if saved != NULL:
             for j in range(n):
-                saved[j] = hn[j]
+                saved[j] = nn[j]
+        for j in range(n):
+            a_n[j] = a_n[j] + b_ih[2 * H + j] + r[j] * nn[j]
     elif phase == 0:
         for j in range(n):
-            saved[j] = gate(act_f, gates[j]) * h[j]     # rh, the source of product 1
+            saved[j] = r[j] * h[j]            # rh, the source of product 1
         return
     else:
         for j in range(n):
-            nn[j] = nn[j] + b_ih[2 * H + j] + hh[2 * H + j] + b_hh[2 * H + j]
+            a_n[j] = a_n[j] + b_ih[2 * H + j] + nn[j] + b_hh[2 * H + j]
+    gate_block(act_g, a_n, nn, n)             # n
+    # h' = (1 - z) * n + z * h
     for j in range(n):
-        # h' = (1 - z) * n + z * h
-        z = gate(act_f, gates[H + j])
-        y[j] = (1 - z) * gate(act_g, nn[j]) + z * h[j]
+        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
     for j in range(n):
         h_new[j] = y[j]
 
@@ -543,28 +603,38 @@ cdef inline void gru_options_backward_row(int phase, bint reset_after, floating*
     # the z and n blocks, phase 0 (dsaved = dL/d(r*h)) the r block
     cdef Py_ssize_t j
     cdef Activation act_f = option_slot(options, 0), act_g = option_slot(options, 1)
-    cdef floating a_z, a_n, a_r, z
+    cdef floating* da_r = dgates
+    cdef floating* da_z = dgates + H
+    cdef floating* da_n = dgates + 2 * H
+    cdef floating z
     if reset_after or phase == 1:
+        gate_block(act_f, gates + H, da_z, H)                            # z
+        gate_block(act_g, gates + 2 * H, da_n, H)                        # n
         for j in range(H):
             # h' = (1 - z) * n + z * h
-            a_z, a_n = gates[H + j], gates[2 * H + j]
-            z = gate(act_f, a_z)
-            dgates[H + j] = dh[j] * (h[j] - gate(act_g, a_n)) * gate_slope(act_f, a_z)
-            dgates[2 * H + j] = dh[j] * (1 - z) * gate_slope(act_g, a_n)
+            z = da_z[j]
+            da_z[j] = dh[j] * (h[j] - da_n[j])                           # dz
+            da_n[j] = dh[j] * (1 - z)                                    # dn
             dh[j] = dh[j] * z
+        slope_block(act_f, gates + H, da_z, H)                           # da_z
+        slope_block(act_g, gates + 2 * H, da_n, H)                       # da_n
     if reset_after:
         # a_n = x_n + r * hn, hn = W_hn h + b_hn: the hidden side of the n block is da_n * r
+        gate_block(act_f, gates, dhh, H)                                 # r
         for j in range(H):
-            a_r = gates[j]
-            dgates[j] = dgates[2 * H + j] * saved[j] * gate_slope(act_f, a_r)
-            dhh[2 * H + j] = dgates[2 * H + j] * gate(act_f, a_r)
+            dhh[2 * H + j] = da_n[j] * dhh[j]
+        for j in range(H):
+            da_r[j] = da_n[j] * saved[j]                                 # dr
+        slope_block(act_f, gates, da_r, H)                               # da_r
         for j in range(2 * H):
             dhh[j] = dgates[j]
         for j in range(H):
             dgates_hh[j] = dhh[2 * H + j]
     elif phase == 0:
+        gate_block(act_f, gates, da_r, H)                                # r
         for j in range(H):
             # rh = r * h
-            a_r = gates[j]
-            dgates[j] = dsaved[j] * h[j] * gate_slope(act_f, a_r)
-            dh[j] = dh[j] + dsaved[j] * gate(act_f, a_r)
+            dh[j] = dh[j] + dsaved[j] * da_r[j]
+        for j in range(H):
+            da_r[j] = dsaved[j] * h[j]                                   # dr
+        slope_block(act_f, gates, da_r, H)                               # da_r

@@ -571,29 +571,56 @@ def activation_slope(kind, alpha, beta, one, a):
 
 
 @njit(**config.KERNEL)
-def option_slot(options, slot, one):
-    """(kind, alpha, beta, clip) of activation slot ``slot`` of options, in one's type."""
+def option_slot(options, slot, like):
+    """(kind, alpha, beta, clip) of activation slot ``slot`` of options, alpha, beta and clip
+    in the dtype of the array ``like`` (a float64 one would take the float32 kernels' gates
+    through float64, libm and scalar code)."""
     k = 2 + 3 * slot
-    return np.int64(options[k]), one * options[k + 1], one * options[k + 2], one * options[0]
+    real = like.dtype.type
+    return np.int64(options[k]), real(options[k + 1]), real(options[k + 2]), real(options[0])
 
 
 @njit(**config.KERNEL)
-def gate(act, a):
-    """act(clip(a)), act = option_slot(...); NaN stays NaN."""
+def gate_block(act, a, out):
+    """out = act(clip(a)) over a block of units, act = option_slot(...); the kind is switched
+    on once, so that the usual ones (sigmoid, tanh) vectorise; NaN stays NaN."""
     kind, alpha, beta, clip = act
-    one = alpha - alpha + 1
-    a = clip if a > clip else (-clip if a < -clip else a)
-    return activate(kind, alpha, beta, one, a)
+    one = out.dtype.type(1)
+    if kind == 2:
+        for k in range(a.shape[0]):
+            v = a[k]
+            out[k] = sigmoid(clip if v > clip else (-clip if v < -clip else v))
+    elif kind == 1:
+        for k in range(a.shape[0]):
+            v = a[k]
+            out[k] = tanh(clip if v > clip else (-clip if v < -clip else v))
+    else:
+        for k in range(a.shape[0]):
+            v = a[k]
+            out[k] = activate(kind, alpha, beta, one,
+                              clip if v > clip else (-clip if v < -clip else v))
 
 
 @njit(**config.KERNEL)
-def gate_slope(act, a):
-    """d act(clip(a)) / da: zero where the clip cuts a."""
+def slope_block(act, a, d):
+    """d *= d act(clip(a)) / da over a block of units: zero where the clip cut a, NaN where a
+    is NaN."""
     kind, alpha, beta, clip = act
-    one = alpha - alpha + 1
-    if a < -clip or a > clip:
-        return one - one
-    return activation_slope(kind, alpha, beta, one, a)
+    one = d.dtype.type(1)
+    zero = one - one
+    if kind == 2:
+        for k in range(a.shape[0]):
+            s = sigmoid(a[k])
+            d[k] = zero if a[k] < -clip or a[k] > clip else d[k] * (s * (one - s))
+    elif kind == 1:
+        for k in range(a.shape[0]):
+            t = tanh(a[k])
+            d[k] = zero if a[k] < -clip or a[k] > clip else d[k] * (one - t * t)
+    else:
+        for k in range(a.shape[0]):
+            v = a[k]
+            d[k] = zero if v < -clip or v > clip else \
+                d[k] * activation_slope(kind, alpha, beta, one, v)
 
 
 # RNN with options: h' = f(clip(W_ih x + b_ih + W_hh h + b_hh))
@@ -603,15 +630,13 @@ def rnn_options_forward_row(b, cols, params, step):
     j0, j1, gs, go = cols
     _, _, b_ih, b_hh, _, options = params
     gates, hh, _, h_new, _, _, _, y = step
-    f = option_slot(options, 0, gates.dtype.type(1))
     n = j1 - j0
     a, hg = gates[b, go:go + n], hh[b, go:go + n]
     bi, bh = b_ih[j0:j1], b_hh[j0:j1]
     h_row, y_row = h_new[b, j0:j1], y[b, j0:j1]
     for k in range(n):
         a[k] = a[k] + bi[k] + (hg[k] + bh[k])                        # kept: the pre-activation
-    for k in range(n):
-        h_row[k] = gate(f, a[k])
+    gate_block(option_slot(options, 0, gates), a, h_row)
     for k in range(n):
         y_row[k] = h_row[k]
 
@@ -620,10 +645,10 @@ def rnn_options_forward_row(b, cols, params, step):
 def rnn_options_backward_row(b, params, cache_t, grads_t):
     gates = cache_t[0]
     dgates, dh = grads_t[0], grads_t[3]
-    f = option_slot(params[5], 0, dh.dtype.type(1))
     a, da, dh_row = gates[b], dgates[b], dh[b]
     for j in range(dh.shape[1]):
-        da[j] = dh_row[j] * gate_slope(f, a[j])
+        da[j] = dh_row[j]
+    slope_block(option_slot(params[5], 0, dh), a, da)
     for j in range(dh.shape[1]):
         dh_row[j] = 0  # dL/dh is all dgates @ w_hh: the product after this pass
 
@@ -631,6 +656,7 @@ def rnn_options_backward_row(b, params, cache_t, grads_t):
 # LSTM with options (peepholes when params[4] has them):
 #     i = f(clip(a_i [+ p_i c]));  f = 1 - i with input_forget, else f(clip(a_f [+ p_f c]))
 #     g = g(clip(a_g));  c' = f c + i g;  o = f(clip(a_o [+ p_o c']));  h' = o h(c')
+# The forward keeps the activated gates in hh's row (the products are added in by then).
 
 @njit(**config.KERNEL)
 def lstm_options_forward_row(b, cols, params, step):
@@ -638,38 +664,45 @@ def lstm_options_forward_row(b, cols, params, step):
     _, _, b_ih, b_hh, peephole, options = params
     gates, hh, h, h_new, c, c_new, _, y = step
     one = gates.dtype.type(1)
-    zero = one - one
-    act_f, act_g = option_slot(options, 0, one), option_slot(options, 1, one)
-    kh, ah, bh_, _ = option_slot(options, 2, one)
-    input_forget = options[1] != 0
-    peep = peephole.shape[0] > 0
+    act_f, act_g = option_slot(options, 0, gates), option_slot(options, 1, gates)
+    kh, ah, bh_, _ = option_slot(options, 2, gates)
+    act_h = (kh, ah, bh_, gates.dtype.type(math.inf))     # the cell output is not clipped
     H = h.shape[1]
     n = j1 - j0
     a, hg = gates[b], hh[b]
     a_i, a_f = a[go:go + n], a[gs + go:gs + go + n]
     a_g, a_o = a[2 * gs + go:2 * gs + go + n], a[3 * gs + go:3 * gs + go + n]
+    i, f = hg[go:go + n], hg[gs + go:gs + go + n]
+    g, o = hg[2 * gs + go:2 * gs + go + n], hg[3 * gs + go:3 * gs + go + n]
     c_row, c_new_row, h_new_row = c[b, j0:j1], c_new[b, j0:j1], h_new[b, j0:j1]
-    preactivation_row(a, hg, b_ih, b_hh, 4, H, j0, n, gs, go)
-    for k in range(n):
-        p_i = peephole[0, j0 + k] if peep else zero
-        p_f = peephole[1, j0 + k] if peep else zero
-        p_o = peephole[2, j0 + k] if peep else zero
-        a_i[k] += p_i * c_row[k]
-        i = gate(act_f, a_i[k])
-        if input_forget:
-            f = one - i
-        else:
-            a_f[k] += p_f * c_row[k]
-            f = gate(act_f, a_f[k])
-        # c' = f * c + i * g
-        c_nw = f * c_row[k] + i * gate(act_g, a_g[k])
-        c_new_row[k] = c_nw
-        a_o[k] += p_o * c_nw
-        # h' = o * h(c')
-        h_new_row[k] = gate(act_f, a_o[k]) * activate(kh, ah, bh_, one, c_nw)
     y_row = y[b, j0:j1]
+    preactivation_row(a, hg, b_ih, b_hh, 4, H, j0, n, gs, go)
+    if peephole.shape[0] > 0:
+        p_i, p_f = peephole[0, j0:j1], peephole[1, j0:j1]
+        for k in range(n):
+            a_i[k] += p_i[k] * c_row[k]
+            a_f[k] += p_f[k] * c_row[k]
+    gate_block(act_f, a_i, i)
+    if options[1] != 0:                                   # input_forget: f = 1 - i
+        for k in range(n):
+            f[k] = one - i[k]
+    else:
+        gate_block(act_f, a_f, f)
+    gate_block(act_g, a_g, g)
     for k in range(n):
-        y_row[k] = h_new_row[k]
+        # c' = f * c + i * g
+        c_new_row[k] = f[k] * c_row[k] + i[k] * g[k]
+    if peephole.shape[0] > 0:
+        p_o = peephole[2, j0:j1]
+        for k in range(n):
+            a_o[k] += p_o[k] * c_new_row[k]
+    gate_block(act_f, a_o, o)
+    # h' = o * h(c'), h(c') passing through y
+    gate_block(act_h, c_new_row, y_row)
+    for k in range(n):
+        y_row[k] = o[k] * y_row[k]
+    for k in range(n):
+        h_new_row[k] = y_row[k]
 
 
 @njit(**config.KERNEL)
@@ -678,51 +711,69 @@ def lstm_options_backward_row(b, params, cache_t, grads_t):
     gates, _, c, c_new, _ = cache_t
     dgates, _, _, dh, dc, _, dpeep, _ = grads_t
     one = dh.dtype.type(1)
-    zero = one - one
-    act_f, act_g = option_slot(options, 0, one), option_slot(options, 1, one)
-    kh, ah, bh_, _ = option_slot(options, 2, one)
+    act_f, act_g = option_slot(options, 0, dh), option_slot(options, 1, dh)
+    kh, ah, bh_, _ = option_slot(options, 2, dh)
+    act_h = (kh, ah, bh_, dh.dtype.type(math.inf))
     input_forget = options[1] != 0
     peep = peephole.shape[0] > 0
     H = dh.shape[1]
     a, c_old, c_nw, da, dh_row, dc_row = gates[b], c[b], c_new[b], dgates[b], dh[b], dc[b]
+    a_i, a_f, a_g, a_o = a[:H], a[H:2 * H], a[2 * H:3 * H], a[3 * H:]
+    da_i, da_f, da_g, da_o = da[:H], da[H:2 * H], da[2 * H:3 * H], da[3 * H:]
+    # the blocks of da hold the gates and h(c') on the way to the gradients
+    gate_block(act_f, a_o, da_o)                                             # o
+    gate_block(act_h, c_nw, da_i)                                            # h(c')
     for j in range(H):
-        a_i, a_f, a_g, a_o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
-        i, g, o = gate(act_f, a_i), gate(act_g, a_g), gate(act_f, a_o)
-        f = one - i if input_forget else gate(act_f, a_f)
+        da_f[j] = dh_row[j] * da_o[j]
+    slope_block(act_h, c_nw, da_f)
+    for j in range(H):
         # h' = o * h(c')
-        da_o = dh_row[j] * activate(kh, ah, bh_, one, c_nw[j]) * gate_slope(act_f, a_o)
-        dc_new = dc_row[j] + dh_row[j] * o * activation_slope(kh, ah, bh_, one, c_nw[j])
-        if peep:
-            # a_o = ... + p_o * c'
-            dc_new += da_o * peephole[2, j]
-        # c' = f * c + i * g
-        di = dc_new * g
-        df = dc_new * c_old[j]
-        if input_forget:
-            di -= df                 # f = 1 - i: the f block's pre-activation is not used
-            da_f = zero
-        else:
-            da_f = df * gate_slope(act_f, a_f)
-        da_i = di * gate_slope(act_f, a_i)
-        da[j], da[H + j], da[3 * H + j] = da_i, da_f, da_o
-        da[2 * H + j] = dc_new * i * gate_slope(act_g, a_g)
-        dc_row[j] = dc_new * f
-        if peep:
-            # a_i = ... + p_i * c;  a_f = ... + p_f * c
-            dc_row[j] += da_i * peephole[0, j] + da_f * peephole[1, j]
+        dc_row[j] += da_f[j]                                                 # dc'
+        da_o[j] = dh_row[j] * da_i[j]                                        # do
+    slope_block(act_f, a_o, da_o)                                            # da_o
     if peep:
         dp = dpeep[b]
         for j in range(H):
-            dp[j] += da[j] * c_old[j]
-            dp[H + j] += da[H + j] * c_old[j]
-            dp[2 * H + j] += da[3 * H + j] * c_nw[j]
+            # a_o = ... + p_o * c'
+            dc_row[j] += da_o[j] * peephole[2, j]
+            dp[2 * H + j] += da_o[j] * c_nw[j]
+    gate_block(act_f, a_i, da_i)                                             # i
+    if not input_forget:
+        gate_block(act_f, a_f, da_f)                                         # f
+    gate_block(act_g, a_g, da_g)                                             # g
+    for j in range(H):
+        # c' = f * c + i * g
+        dc_new = dc_row[j]
+        i, g = da_i[j], da_g[j]
+        f = one - i if input_forget else da_f[j]
+        da_i[j] = dc_new * g                                                 # di
+        da_f[j] = dc_new * c_old[j]                                          # df
+        da_g[j] = dc_new * i                                                 # dg
+        dc_row[j] = dc_new * f                                               # dc
+    if input_forget:
+        for j in range(H):
+            # f = 1 - i: the f block's pre-activation is not used
+            da_i[j] -= da_f[j]
+            da_f[j] = 0
+    else:
+        slope_block(act_f, a_f, da_f)                                        # da_f
+    slope_block(act_f, a_i, da_i)                                            # da_i
+    slope_block(act_g, a_g, da_g)                                            # da_g
+    if peep:
+        dp = dpeep[b]
+        for j in range(H):
+            # a_i = ... + p_i * c;  a_f = ... + p_f * c
+            dc_row[j] += da_i[j] * peephole[0, j] + da_f[j] * peephole[1, j]
+            dp[j] += da_i[j] * c_old[j]
+            dp[H + j] += da_f[j] * c_old[j]
     for j in range(H):
         dh_row[j] = 0  # dL/dh is all dgates @ w_hh: the product after this pass
 
 
 # GRU with options, both forms (reset_after: spec has one product):
 #     r = f(clip(.)), z = f(clip(.)), n = g(clip(x_n + r * hn)) or g(clip(x_n + W_hn (r h) + b_hn))
-# saved: hn or rh, as the plain GRU's
+# saved: hn or rh, as the plain GRU's. The forward keeps r and z in hh's row once the products
+# are added in (reset-before: hh's r and z blocks last until phase 1), and n in its n block.
 
 @njit(**config.KERNEL)
 def gru_options_forward_row(b, cols, phase, reset_after, params, step):
@@ -730,38 +781,40 @@ def gru_options_forward_row(b, cols, phase, reset_after, params, step):
     _, _, b_ih, b_hh, _, options = params
     gates, hh, h, h_new, _, _, saved, y = step
     one = gates.dtype.type(1)
-    act_f, act_g = option_slot(options, 0, one), option_slot(options, 1, one)
+    act_f, act_g = option_slot(options, 0, gates), option_slot(options, 1, gates)
     H = b_ih.shape[0] // 3
     n = j1 - j0
     a, hg = gates[b], hh[b]
     a_r, a_z, a_n = a[go:go + n], a[gs + go:gs + go + n], a[2 * gs + go:2 * gs + go + n]
+    r, z, nn = hg[go:go + n], hg[gs + go:gs + go + n], hg[2 * gs + go:2 * gs + go + n]
     if phase == 0:
         preactivation_row(a, hg, b_ih, b_hh, 2, H, j0, n, gs, go)
+        gate_block(act_f, a_r, r)
+        gate_block(act_f, a_z, z)
     n0 = 2 * H + j0
     bi_n, bh_n = b_ih[n0:n0 + n], b_hh[n0:n0 + n]
-    hg_n = hg[2 * gs + go:2 * gs + go + n]
     if reset_after:
         for k in range(n):
-            hg_n[k] += bh_n[k]                                           # hn = W_hn h + b_hn
-        for k in range(n):
-            a_n[k] = a_n[k] + bi_n[k] + gate(act_f, a_r[k]) * hg_n[k]
+            nn[k] += bh_n[k]                                             # hn = W_hn h + b_hn
         if saved.shape[0] > 0:
             hn_row = saved[b, j0:j1]
             for k in range(n):
-                hn_row[k] = hg_n[k]
+                hn_row[k] = nn[k]
+        for k in range(n):
+            a_n[k] = a_n[k] + bi_n[k] + r[k] * nn[k]
     elif phase == 0:
         h_row, rh_row = h[b, j0:j1], saved[b, j0:j1]
         for k in range(n):
-            rh_row[k] = gate(act_f, a_r[k]) * h_row[k]   # product 1: hh's n block = rh @ W_hn.T
+            rh_row[k] = r[k] * h_row[k]     # product 1: hh's n block = rh @ W_hn.T
         return
     else:
         for k in range(n):
-            a_n[k] = a_n[k] + bi_n[k] + (hg_n[k] + bh_n[k])
+            a_n[k] = a_n[k] + bi_n[k] + (nn[k] + bh_n[k])
+    gate_block(act_g, a_n, nn)                                           # n
     h_row, h_new_row, y_row = h[b, j0:j1], h_new[b, j0:j1], y[b, j0:j1]
     for k in range(n):
         # h' = (1 - z) * n + z * h
-        z = gate(act_f, a_z[k])
-        h_new_row[k] = (one - z) * gate(act_g, a_n[k]) + z * h_row[k]
+        h_new_row[k] = (one - z[k]) * nn[k] + z[k] * h_row[k]
     for k in range(n):
         y_row[k] = h_new_row[k]
 
@@ -771,35 +824,42 @@ def gru_options_backward_row(b, phase, reset_after, params, cache_t, grads_t):
     gates, h, _, _, saved = cache_t
     dgates, dgates_hh, dhh, dh, _, dsaved, _, _ = grads_t
     one = dh.dtype.type(1)
-    act_f, act_g = option_slot(params[5], 0, one), option_slot(params[5], 1, one)
+    act_f, act_g = option_slot(params[5], 0, dh), option_slot(params[5], 1, dh)
     H = dh.shape[1]
     a, h_old, da, dh_row = gates[b], h[b], dgates[b], dh[b]
+    a_r, a_z, a_n = a[:H], a[H:2 * H], a[2 * H:]
+    da_r, da_z, da_n = da[:H], da[H:2 * H], da[2 * H:]
     if reset_after or phase == 1:
+        gate_block(act_f, a_z, da_z)                                     # z
+        gate_block(act_g, a_n, da_n)                                     # n
         for j in range(H):
             # h' = (1 - z) * n + z * h
-            a_z, a_n = a[H + j], a[2 * H + j]
-            z, n = gate(act_f, a_z), gate(act_g, a_n)
-            da[H + j] = dh_row[j] * (h_old[j] - n) * gate_slope(act_f, a_z)   # da_z
-            da[2 * H + j] = dh_row[j] * (one - z) * gate_slope(act_g, a_n)    # da_n
+            z = da_z[j]
+            da_z[j] = dh_row[j] * (h_old[j] - da_n[j])                   # dz
+            da_n[j] = dh_row[j] * (one - z)                              # dn
             dh_row[j] *= z
+        slope_block(act_f, a_z, da_z)                                    # da_z
+        slope_block(act_g, a_n, da_n)                                    # da_n
     if reset_after:
         # a_n = x_n + r * hn, hn = W_hn h + b_hn: the hidden side of the n block is da_n * r
         hn, d_hidden, da_hh = saved[b], dhh[b], dgates_hh[b]
+        gate_block(act_f, a_r, d_hidden[:H])                             # r
         for j in range(H):
-            a_r = a[j]
-            da[j] = da[2 * H + j] * hn[j] * gate_slope(act_f, a_r)           # da_r
-            d_hidden[2 * H + j] = da[2 * H + j] * gate(act_f, a_r)
+            d_hidden[2 * H + j] = da_n[j] * d_hidden[j]
+            da_r[j] = da_n[j] * hn[j]                                    # dr
+        slope_block(act_f, a_r, da_r)                                    # da_r
         for j in range(2 * H):
             d_hidden[j] = da[j]
         for j in range(H):
             da_hh[j] = d_hidden[2 * H + j]
     elif phase == 0:
         ds = dsaved[b]
+        gate_block(act_f, a_r, da_r)                                     # r
         for j in range(H):
             # rh = r * h
-            a_r = a[j]
-            da[j] = ds[j] * h_old[j] * gate_slope(act_f, a_r)                # da_r
-            dh_row[j] += ds[j] * gate(act_f, a_r)
+            dh_row[j] += ds[j] * da_r[j]
+            da_r[j] = ds[j] * h_old[j]                                   # dr
+        slope_block(act_f, a_r, da_r)                                    # da_r
 
 
 # =============================================================================================
