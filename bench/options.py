@@ -26,9 +26,11 @@ SHAPES = (
 VARIANTS = {
     "LSTM": (("plain", {}), ("clip=3", {"clip": 3.0}),
              ("input_forget", {"input_forget": True}),
-             ("activations", {"activations": ("hardsigmoid", "softsign", "softsign")})),
+             ("activations", {"activations": ("hardsigmoid", "softsign", "softsign")}),
+             ("recurrent_dropout", {"recurrent_dropout": 0.25})),
     "GRU": (("plain", {}), ("clip=3", {"clip": 3.0}),
-            ("activations", {"activations": ("hardsigmoid", "softsign")})),
+            ("activations", {"activations": ("hardsigmoid", "softsign")}),
+            ("recurrent_dropout", {"recurrent_dropout": 0.25})),
 }
 
 
@@ -59,7 +61,9 @@ def measure(backends, rounds, repeat):
     rows = []
     for name, mode, kind, B, I, H, T in SHAPES:
         for backend in backends:
-            variants = VARIANTS[mode]
+            # recurrent dropout acts in training only
+            variants = [v for v in VARIANTS[mode]
+                        if kind == "train" or "recurrent_dropout" not in v[1]]
             runners = [_runner(mode, kind, B, I, H, T, backend, opts) for _, opts in variants]
             for fn in runners:
                 fn()                                    # compile, warm the caches

@@ -239,7 +239,8 @@ def _act(name):
     return (name,) + ACTIVATION_DEFAULTS.get(name, (0.0, 0.0))
 
 
-DEFAULT_ACTIVATIONS = {"RNN": (_act("tanh"),), "LSTM": (_act("sigmoid"), _act("tanh"), _act("tanh")),
+DEFAULT_ACTIVATIONS = {"RNN": (_act("tanh"),),
+                       "LSTM": (_act("sigmoid"), _act("tanh"), _act("tanh")),
                        "GRU": (_act("sigmoid"), _act("tanh"))}
 
 

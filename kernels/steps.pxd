@@ -30,7 +30,8 @@ from cython cimport floating
 
 from libc.math cimport INFINITY, exp, expm1, fabs, log1p
 
-from activations cimport relu, relu_backward, sigmoid, sigmoid_inplace, tanh_, tanh_inplace, tanh_into
+from activations cimport (relu, relu_backward, sigmoid, sigmoid_inplace, tanh_, tanh_inplace,
+                          tanh_into)
 
 # cells.Cell.code, read only by the two switches (layers.pyx forward_row / backward_row)
 cdef enum:
@@ -398,21 +399,21 @@ cdef inline void gate_block(Activation act, const floating* a, floating* out,
 
 cdef inline void slope_block(Activation act, const floating* a, floating* d,
                              Py_ssize_t n) noexcept nogil:
-    # d *= d act(clip(a)) / da over a block of n units: zero where the clip cut a, NaN where a
-    # is NaN
+    # d *= d act(clip(a)) / da over a block of n units: zero where the clip cut a (a NaN in d
+    # stays NaN), NaN where a is NaN
     cdef Py_ssize_t k
     cdef floating clip = <floating>act.clip, s
     if act.kind == 2:
         for k in range(n):
             s = sigmoid(a[k])
-            d[k] = 0 if a[k] < -clip or a[k] > clip else d[k] * (s * (1 - s))
+            d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else s * (1 - s))
     elif act.kind == 1:
         for k in range(n):
             s = tanh_(a[k])
-            d[k] = 0 if a[k] < -clip or a[k] > clip else d[k] * (1 - s * s)
+            d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else 1 - s * s)
     else:
         for k in range(n):
-            d[k] = 0 if a[k] < -clip or a[k] > clip else d[k] * activation_slope(act, a[k])
+            d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else activation_slope(act, a[k]))
 
 
 # RNN with options: h' = f(clip(W_ih x + b_ih + W_hh h + b_hh))

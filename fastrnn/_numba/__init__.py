@@ -72,9 +72,11 @@ def _signatures(dtype):
                      const(1))),      # dgates dgates_hh dhh dh dc dsaved dpeep ones
         types.Tuple((array(2), array(2), array(1), array(1), array(2))),  # dparams
         array(3))                                              # dx
+    # the one-step kernel takes plain cells only: options None, no options step pairs compiled
+    step_params = types.Tuple(params.types[:5] + (types.none,))
     step = types.int64(
         spec, i64, flag, const(3), types.UniTuple(const(3), 2),  # threads batch_first x state0
-        i64, params, types.UniTuple(array(3), 2), array(3), i64)  # row params state_n out col
+        i64, step_params, types.UniTuple(array(3), 2), array(3), i64)  # row params state_n out col
     return {"forward_rows": forward, "forward_units": forward, "backward": backward,
             "step": step}
 
@@ -431,7 +433,7 @@ def layer_call_step(spec, params, batch_first, x, state):
                          zero_bias if b_ih is None else params[b_ih],
                          zero_bias if b_hh is None else params[b_hh],
                          absent_peephole if peephole is None else params[peephole],
-                         _NO_OPTIONS),
+                         None),
                         (h_n, c_n), out, col)
                 if kernel(*args) if launch is None else launch(kernel, threads, *args):
                     return None

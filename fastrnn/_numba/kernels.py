@@ -603,24 +603,24 @@ def gate_block(act, a, out):
 
 @njit(**config.KERNEL)
 def slope_block(act, a, d):
-    """d *= d act(clip(a)) / da over a block of units: zero where the clip cut a, NaN where a
-    is NaN."""
+    """d *= d act(clip(a)) / da over a block of units: zero where the clip cut a (a NaN in d
+    stays NaN), NaN where a is NaN."""
     kind, alpha, beta, clip = act
     one = d.dtype.type(1)
     zero = one - one
     if kind == 2:
         for k in range(a.shape[0]):
             s = sigmoid(a[k])
-            d[k] = zero if a[k] < -clip or a[k] > clip else d[k] * (s * (one - s))
+            d[k] = d[k] * (zero if a[k] < -clip or a[k] > clip else s * (one - s))
     elif kind == 1:
         for k in range(a.shape[0]):
             t = tanh(a[k])
-            d[k] = zero if a[k] < -clip or a[k] > clip else d[k] * (one - t * t)
+            d[k] = d[k] * (zero if a[k] < -clip or a[k] > clip else one - t * t)
     else:
         for k in range(a.shape[0]):
             v = a[k]
-            d[k] = zero if v < -clip or v > clip else \
-                d[k] * activation_slope(kind, alpha, beta, one, v)
+            d[k] = d[k] * (zero if v < -clip or v > clip else
+                           activation_slope(kind, alpha, beta, one, v))
 
 
 # RNN with options: h' = f(clip(W_ih x + b_ih + W_hh h + b_hh))
@@ -862,6 +862,49 @@ def gru_options_backward_row(b, phase, reset_after, params, cache_t, grads_t):
         slope_block(act_f, a_r, da_r)                                    # da_r
 
 
+# The options cells' part of the switch, through an overload on the type of params[5]: the
+# one-step kernel, which takes plain cells only, has it None and compiles none of the options
+# step pairs; the loops have the options array and compile them.
+
+def options_forward_row(code, phase, reset_after, b, cols, params, step, options):
+    """The forward row of an options cell (compiled through the overload below)."""
+
+
+def options_backward_row(code, phase, reset_after, b, params, cache_t, grads_t, options):
+    """The backward row of an options cell (compiled through the overload below)."""
+
+
+@overload(options_forward_row, jit_options=config.KERNEL)
+def _options_forward_row_overload(code, phase, reset_after, b, cols, params, step, options):
+    if isinstance(options, types.NoneType):
+        return lambda code, phase, reset_after, b, cols, params, step, options: None
+
+    def impl(code, phase, reset_after, b, cols, params, step, options):
+        if code == RNN_OPTIONS:
+            rnn_options_forward_row(b, cols, params, step)
+        elif code == LSTM_OPTIONS:
+            lstm_options_forward_row(b, cols, params, step)
+        elif code == GRU_OPTIONS:
+            gru_options_forward_row(b, cols, phase, reset_after, params, step)
+    return impl
+
+
+@overload(options_backward_row, jit_options=config.KERNEL)
+def _options_backward_row_overload(code, phase, reset_after, b, params, cache_t, grads_t,
+                                   options):
+    if isinstance(options, types.NoneType):
+        return lambda code, phase, reset_after, b, params, cache_t, grads_t, options: None
+
+    def impl(code, phase, reset_after, b, params, cache_t, grads_t, options):
+        if code == RNN_OPTIONS:
+            rnn_options_backward_row(b, params, cache_t, grads_t)
+        elif code == LSTM_OPTIONS:
+            lstm_options_backward_row(b, params, cache_t, grads_t)
+        elif code == GRU_OPTIONS:
+            gru_options_backward_row(b, phase, reset_after, params, cache_t, grads_t)
+    return impl
+
+
 # =============================================================================================
 # The switch: the only place that reads the cell's code
 
@@ -895,12 +938,8 @@ def forward_row(spec, phase, b, cols, padding, params, step):
         gru_forward_row(b, cols, params, step)
     elif code == GRU_RESET_BEFORE:
         gru_reset_before_forward_row(b, cols, phase, params, step)
-    elif code == RNN_OPTIONS:
-        rnn_options_forward_row(b, cols, params, step)
-    elif code == LSTM_OPTIONS:
-        lstm_options_forward_row(b, cols, params, step)
-    elif code == GRU_OPTIONS:
-        gru_options_forward_row(b, cols, phase, second == G, params, step)
+    else:
+        options_forward_row(code, phase, second == G, b, cols, params, step, params[5])
 
 
 @njit(**config.KERNEL)
@@ -931,12 +970,8 @@ def backward_row(spec, phase, b, padding, params, cache_t, grads_t):
         gru_backward_row(b, cache_t, grads_t)
     elif code == GRU_RESET_BEFORE:
         gru_reset_before_backward_row(b, phase, cache_t, grads_t)
-    elif code == RNN_OPTIONS:
-        rnn_options_backward_row(b, params, cache_t, grads_t)
-    elif code == LSTM_OPTIONS:
-        lstm_options_backward_row(b, params, cache_t, grads_t)
-    elif code == GRU_OPTIONS:
-        gru_options_backward_row(b, phase, second == G, params, cache_t, grads_t)
+    else:
+        options_backward_row(code, phase, second == G, b, params, cache_t, grads_t, params[5])
 
 
 @njit(**config.PARALLEL)
@@ -2019,7 +2054,8 @@ def masked_products(h, mask, w_hh, blocks, h_masked, hh):
 
 @njit(**config.KERNEL)
 def masked_products_backward(d, mask, w_hh, blocks, d_masked, dh):
-    """dh += sum over the first ``blocks`` blocks g of (d[:, block g] @ w_hh[block g]) * mask[g]."""
+    """dh += (d[:, block g] @ w_hh[block g]) * mask[g], summed over the first ``blocks``
+    blocks g."""
     B, H = dh.shape
     for g in range(blocks):
         gemm(d[:, g * H:(g + 1) * H], NO_TRANS, w_hh[g * H:(g + 1) * H], NO_TRANS, d_masked, 0.0)
@@ -2370,7 +2406,7 @@ def step(spec, threads, batch_first, x, state0, row, params, state_n, out, col):
              borrowed(h0)[row], h_new, borrowed(c0)[rc], borrowed(c_n)[rc],
              flat[2 * B * GH:].reshape((B, saved_width * H) if second < G else (0, 0)), h_new)
     params = (borrowed(w_ih), borrowed(w_hh), borrowed(b_ih), borrowed(b_hh), borrowed(peephole),
-              borrowed(options))
+              options)                                  # None: plain cells only here
     x2 = borrowed(x).reshape((B, I))
     P = 1
     if GH * (I + H) * B >= config.STEP_PARALLEL_MIN_WORK:
