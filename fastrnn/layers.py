@@ -340,8 +340,8 @@ class _RNNBase:
                 "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "num_directions": self.num_directions, "merge": self.merge, "bias": self.bias,
                 "recurrent_dropout": self.recurrent_dropout,
-                "activations": self.cell.activations, "clip": self.cell.clip,
-                "input_forget": self.cell.input_forget,
+                "options": None if self.cell.plain else (   # ONNX's: a cell with options
+                    self.cell.activations, self.cell.clip, self.cell.input_forget),
                 "dtype": self.dtype.name, "backend": self.backend}
 
     # -- parameters ------------------------------------------------------------------------

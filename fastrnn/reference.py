@@ -148,6 +148,7 @@ def _hidden_backward(d, h, p, grads, g0, g1):
 
 def rnn_step_forward(cell, x_proj, state, p):
     (h,) = state
+    _blocks(x_proj, 1, h.shape[1])
     (a,) = _blocks(x_proj + _hidden(h, p, 0, 1), 1, h.shape[1])
     h_new, kept = _gate(cell, 0, a)
     return (h_new,), {"h": h, "h_new": h_new, "a": kept}
@@ -168,6 +169,7 @@ def rnn_step_backward(cell, d_state_new, saved, p, grads):
 
 def lstm_step_forward(cell, x_proj, state, p):
     h, c = state
+    _blocks(x_proj, 4, h.shape[1])
     peephole = p.get("peephole")
     a_i, a_f, a_g, a_o = _blocks(x_proj + _hidden(h, p, 0, 4), 4, h.shape[1])
     if peephole is not None:

@@ -72,7 +72,7 @@ def test_one_region_loop_any_thread_count(cell, threads):
     lengths = np.array([T, 4, 1], np.int64)
     forward = nb._kernel(dtype, "forward_units")
     spec = c.kernel_spec()
-    params = nb._params(dtype, (w_ih, w_hh, b_ih, b_hh))
+    params = nb._params(dtype, (w_ih, w_hh, b_ih, b_hh), c)
     second = spec[4]
 
     def run(parts, pack, reverse):
@@ -90,7 +90,8 @@ def test_one_region_loop_any_thread_count(cell, threads):
                    np.full((parts, B, G * C), np.nan, dtype))
         forward(spec, x, params, lengths, reverse, False,
                 (nb.kernels.UNITS, parts, pack, False, False), y,
-                (gates, h_slots, c_slots, saved, np.empty((B, G * H), dtype)), own)
+                (gates, h_slots, c_slots, saved, np.empty((B, G * H), dtype),
+                 np.empty((0, 0, 0), dtype)), own)
         return y, h_slots[T % 2], c_slots[T % 2]
 
     old = numba.get_num_threads()
