@@ -22,8 +22,10 @@ Arguments (H hidden size, G = cell.num_gates, I input size; every array has the 
     x           (T, B, I)  layer input, C-contiguous
     state0      tuple, one (B, H) C-contiguous array per ``cell.state_names``: the initial state
     params      tuple, one array per ``cell.param_names`` with the shapes ``cell.param_shapes``:
-                w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh (G*H,) (always arrays: zeros when the
-                layer has no bias), then the cell's extra parameters (peephole (3, H))
+                w_ih (G*H, I), w_hh (G*H, P), b_ih, b_hh (G*H,) (always arrays: zeros when the
+                layer has no bias), then the cell's extra parameters (peephole (3, H), then
+                w_hr (P, H) of a projected LSTM); P = H but in a projected cell, whose h is
+                (B, P) in the states, y and their gradients, c (B, H)
     lengths     (B,) int64 every value in [0, T]; steps t >= lengths[b] are padding for row b
     reverse     bool       process t = T-1 .. 0 instead of 0 .. T-1
     train       bool       keep what backward needs and return it as the cache; else return None
@@ -72,7 +74,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-__all__ = ["Cell", "Param", "Product", "CELLS", "cell_for", "ACTIVATIONS", "activation_slots"]
+__all__ = ["Cell", "Param", "Product", "CELLS", "cell_for", "unprojected", "ACTIVATIONS",
+           "activation_slots"]
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,9 @@ class Product:
     blocks: tuple
 
 
-# the parameters every cell has, in this order
-WEIGHTS = (Param("w_ih", "weight_ih", ("G*H", "I")), Param("w_hh", "weight_hh", ("G*H", "H")),
+# the parameters every cell has, in this order; "P" is the width of h, the hidden size H
+# except in an LSTM with a projection (PyTorch's proj_size)
+WEIGHTS = (Param("w_ih", "weight_ih", ("G*H", "I")), Param("w_hh", "weight_hh", ("G*H", "P")),
            Param("b_ih", "bias_ih", ("G*H",)), Param("b_hh", "bias_hh", ("G*H",)))
 
 
@@ -201,9 +205,17 @@ class Cell:
     def param_names(self):
         return tuple(p.name for p in self.params)
 
-    def param_shapes(self, input_size, hidden_size):
-        """{name: shape} of one layer and direction's parameters, in ``param_names`` order."""
-        sizes = {"G*H": self.num_gates * hidden_size, "H": hidden_size, "I": input_size}
+    @property
+    def projected(self):
+        """Whether h is a projection of the LSTM's output, ``h = w_hr (o * tanh(c))`` (PyTorch's
+        proj_size): h is P wide, c and the gates H."""
+        return any(p.name == "w_hr" for p in self.extra_params)
+
+    def param_shapes(self, input_size, hidden_size, proj_size=0):
+        """{name: shape} of one layer and direction's parameters, in ``param_names`` order;
+        ``proj_size`` the width of h of a projected cell (0: none)."""
+        sizes = {"G*H": self.num_gates * hidden_size, "H": hidden_size, "I": input_size,
+                 "P": proj_size if self.projected else hidden_size}
         return {p.name: tuple(sizes.get(d, d) for d in p.shape) for p in self.params}
 
     @property
@@ -284,6 +296,7 @@ def activation_slots(mode, activations):
 
 
 _PEEPHOLE = Param("peephole", "peephole", (3, "H"))   # rows i, f, o
+_PROJECTION = Param("w_hr", "weight_hr", ("P", "H"))  # h = w_hr (o * tanh(c)), PyTorch's
 
 RNN_TANH = Cell("rnn_tanh", 0, "RNN", ("h",))
 RNN_RELU = Cell("rnn_relu", 1, "RNN", ("h",), activations=(_act("relu"),))
@@ -310,9 +323,26 @@ OPTIONS_CODES = {"RNN": 6, "LSTM": 7, "GRU": 8}
 
 
 def cell_for(mode, nonlinearity="tanh", peephole=False, reset_after=True, activations=None,
-             clip=None, input_forget=False):
+             clip=None, input_forget=False, projected=False):
     """The cell record a layer class with these options uses (``activations`` already
-    resolved by ``activation_slots``)."""
+    resolved by ``activation_slots``; ``projected``: an LSTM with PyTorch's proj_size)."""
+    cell = _options_cell(mode, nonlinearity, peephole, reset_after, activations, clip,
+                         input_forget)
+    if projected:
+        if mode != "LSTM":
+            raise ValueError(f"projected: only LSTM cells have a projection, not {mode}")
+        cell = dataclasses.replace(cell, extra_params=cell.extra_params + (_PROJECTION,))
+    return cell
+
+
+def unprojected(cell):
+    """The record of ``cell`` without its projection: what the compiled backends run a projected
+    cell as (see ``fastrnn.projection``)."""
+    return dataclasses.replace(cell, extra_params=tuple(p for p in cell.extra_params
+                                                        if p.name != "w_hr"))
+
+
+def _options_cell(mode, nonlinearity, peephole, reset_after, activations, clip, input_forget):
     if mode == "RNN":
         cell = RNN_TANH if nonlinearity == "tanh" else RNN_RELU
     elif mode == "LSTM":

@@ -35,6 +35,9 @@ class FunctionalCache:
 
 def _cell(name):
     if isinstance(name, Cell):          # a record with options, e.g. a layer's m.cell
+        if name.projected:
+            raise ValueError("cell: a projected LSTM (proj_size) is not taken here, whose h0 "
+                             "and w_hh are not H wide; use fastrnn.LSTM(..., proj_size=P)")
         return name
     if name not in CELLS:
         raise ValueError(f"cell: expected one of {sorted(CELLS)} or a fastrnn.cells.Cell, "

@@ -233,10 +233,15 @@ class _RNNBase:
                  recurrent_dropout=0.0, activations=None, clip=None, activation=None,
                  recurrent_activation=None,
                  dtype=np.float32, backend="auto", seed=None, _cell_options=None,
-                 _input_forget=False):
+                 _input_forget=False, _proj_size=0):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
+        if isinstance(_proj_size, bool) or not isinstance(_proj_size, numbers.Integral) \
+                or not 0 <= _proj_size < self.hidden_size:
+            raise ValueError(f"proj_size: expected an int in [0, hidden_size) = "
+                             f"[0, {self.hidden_size}) (0: no projection), got {_proj_size!r}")
+        self.proj_size = int(_proj_size)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
                 or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
@@ -254,6 +259,9 @@ class _RNNBase:
             raise ValueError(f"recurrent_dropout: expected a number in [0, 1), got "
                              f"{recurrent_dropout!r}")
         self.recurrent_dropout = float(recurrent_dropout)
+        if self.recurrent_dropout and self.proj_size:
+            raise ValueError("recurrent_dropout: not available with proj_size (neither PyTorch "
+                             "nor Keras has the two together)")
         self.bidirectional = _flag("bidirectional", bidirectional)
         self.num_directions = 2 if self.bidirectional else 1
         if merge not in MERGES:
@@ -266,8 +274,10 @@ class _RNNBase:
         if init not in INITS:
             raise ValueError(f"init: expected one of {', '.join(map(repr, INITS))}, got {init!r}")
         self.init = init
-        self.cell = _cell_choice(self.mode, _cell_options or {}, activations, activation,
-                                 recurrent_activation, clip, _input_forget)
+        self.cell = _cell_choice(self.mode, dict(_cell_options or {},
+                                                 projected=self.proj_size > 0),
+                                 activations, activation, recurrent_activation, clip,
+                                 _input_forget)
         self.backend = _backends.resolve(backend)
         self._kernels = _backends.get_backend(self.backend)
         seed_seq = _seed_sequence(seed)
@@ -306,6 +316,7 @@ class _RNNBase:
         return state
 
     def __setstate__(self, state):
+        state.setdefault("proj_size", 0)         # pickled before proj_size existed
         self.__dict__.update(state)
         for store in (self.params, self.grads):     # copies come 16-byte aligned
             for name, p in store.items():
@@ -323,21 +334,35 @@ class _RNNBase:
         return self.merge != "concat"
 
     @property
+    def _h_size(self):
+        """Width of h, of each direction's output and of the recurrent weights' rows: H, or
+        proj_size for a projected LSTM."""
+        return self.proj_size or self.hidden_size
+
+    @property
     def output_size(self):
-        """Width of y and of each layer's output: D*H, or H when two directions are merged
-        by sum, mul or ave."""
-        return self.hidden_size * (1 if self._merged else self.num_directions)
+        """Width of y and of each layer's output: D*H (H: proj_size when projected), or H when
+        two directions are merged by sum, mul or ave."""
+        return self._h_size * (1 if self._merged else self.num_directions)
+
+    def _state_shapes(self, B):
+        """Shapes of the state's parts, (h[, c]): h (L*D, B, P), c (L*D, B, H)."""
+        rows = self.num_layers * self.num_directions
+        shapes = ((rows, B, self._h_size), (rows, B, self.hidden_size))
+        return shapes[:len(self.cell.state_names)]
 
     def _backend_call_step(self):
-        """The backend's one-step call, which knows only concatenated directions."""
-        if self._merged:
+        """The backend's one-step call, which knows only concatenated directions of cells
+        without a projection."""
+        if self._merged or self.proj_size:
             return None
         return getattr(self._kernels, "layer_call_step", None)
 
     def _describe(self):
         """What a cache records of the layer that made it, for backward to compare."""
         return {"cell": self.cell.name, "input_size": self.input_size,
-                "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "hidden_size": self.hidden_size, "proj_size": self.proj_size,
+                "num_layers": self.num_layers,
                 "num_directions": self.num_directions, "merge": self.merge, "bias": self.bias,
                 "recurrent_dropout": self.recurrent_dropout,
                 "options": None if self.cell.plain else (   # ONNX's: a cell with options
@@ -351,7 +376,7 @@ class _RNNBase:
         shapes = {}
         for layer in range(self.num_layers):
             layer_input = self.input_size if layer == 0 else self.output_size
-            cell_shapes = self.cell.param_shapes(layer_input, H)
+            cell_shapes = self.cell.param_shapes(layer_input, H, self.proj_size)
             for direction in range(self.num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 for p in self.cell.params:
@@ -362,14 +387,15 @@ class _RNNBase:
     def _init_params(self, rng):
         """init="pytorch": every parameter uniform in +-1/sqrt(H). init="keras": Keras's
         defaults, Glorot-uniform input weights, orthogonal recurrent weights, zero biases but
-        the LSTM forget gate's b_ih (1, unit_forget_bias), zero peepholes."""
+        the LSTM forget gate's b_ih (1, unit_forget_bias), zero peepholes; a projection
+        (Keras has none) Glorot-uniform like the input weights."""
         bound = 1.0 / np.sqrt(self.hidden_size)
         params = {}
         for name, shape in self._param_shapes().items():
             params[name] = _aligned_zeros(shape, self.dtype)
             if self.init == "pytorch":
                 params[name][...] = rng.uniform(-bound, bound, size=shape)
-            elif name.startswith("weight_ih"):
+            elif name.startswith(("weight_ih", "weight_hr")):
                 # Keras's kernel is this transposed, (I, G*H): fans I and G*H either way
                 limit = np.sqrt(6.0 / (shape[0] + shape[1]))
                 params[name][...] = rng.uniform(-limit, limit, size=shape)
@@ -433,28 +459,30 @@ class _RNNBase:
 
     # -- forward and backward ------------------------------------------------------------
     def _check_state(self, state, B):
-        """The initial state as a tuple of (L*D, B, H) arrays, zeros where None."""
-        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        """The initial state as a tuple of (L*D, B, H) arrays (h: P wide when projected),
+        zeros where None."""
+        shapes = self._state_shapes(B)
         names = ("h0", "c0") if self.cell.has_cell_state else ("h0",)
         if state is None:
-            return tuple(np.zeros(shape, self.dtype) for _ in names)
+            return tuple(np.zeros(shape, self.dtype) for shape in shapes)
         if self.cell.has_cell_state:
+            expected = (f"arrays of shape {shapes[0]}" if shapes[0] == shapes[1]
+                        else f"arrays of shapes {shapes[0]} and {shapes[1]}")
             if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError(f"state: expected a tuple (h0, c0) of arrays of shape {shape}, "
+                raise TypeError(f"state: expected a tuple (h0, c0) of {expected}, "
                                 f"got {type(state).__name__}")
             for name, part in zip(names, state):
                 if part is None:
-                    raise TypeError(f"state: expected a tuple (h0, c0) of arrays of shape "
-                                    f"{shape}, got {name} None (state=None starts both "
-                                    f"from zeros)")
+                    raise TypeError(f"state: expected a tuple (h0, c0) of {expected}, got "
+                                    f"{name} None (state=None starts both from zeros)")
             parts = state
         else:
             if isinstance(state, (tuple, list)):
-                raise TypeError(f"state: expected an array of shape {shape}, "
+                raise TypeError(f"state: expected an array of shape {shapes[0]}, "
                                 f"got {type(state).__name__}")
             parts = (state,)
         return tuple(_float_array(f"state {name}", part, self.dtype, shape)
-                     for name, part in zip(names, parts))
+                     for name, part, shape in zip(names, parts, shapes))
 
     def _check_input(self, x):
         x_arr = np.asarray(x)
@@ -496,7 +524,7 @@ class _RNNBase:
         x_tbi = self._check_input(x)
         self._check_params()
         T, B, _ = x_tbi.shape
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        L, D, H = self.num_layers, self.num_directions, self._h_size
         initial = self._check_state(state, B)
         if lengths is None:
             lengths_arr = np.full(B, T, dtype=np.int64)
@@ -548,7 +576,7 @@ class _RNNBase:
                     out[:, :, direction * H:(direction + 1) * H],
                     tuple(s[row] for s in final), threads=threads,
                     recurrent_mask=recurrent_masks[direction])
-            work = T * B * self.cell.num_gates * H * (layer_input.shape[2] + H)
+            work = T * B * self.cell.num_gates * self.hidden_size * (layer_input.shape[2] + H)
             if D == 2 and _at_once(self._kernels, T, B, train, work):
                 kernel_caches = _both_directions(run)
             else:
@@ -600,7 +628,7 @@ class _RNNBase:
         T, B = cache.T, cache.B
         truncate = _truncation(truncate, T)
         self._check_params()    # backward reads the cache's copies, but a broken layer is named
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        L, D, H = self.num_layers, self.num_directions, self._h_size
         if dy is not None:
             width = self.output_size
             y_shape = (B, T, width) if cache.batch_first else (T, B, width)
@@ -608,14 +636,14 @@ class _RNNBase:
             if cache.batch_first:
                 dy = dy.transpose(1, 0, 2)
         d_final = self._check_dstate(dstate, B)
-        d_initial = tuple(np.zeros((L * D, B, H), self.dtype) for _ in d_final)
+        d_initial = tuple(np.zeros(shape, self.dtype) for shape in self._state_shapes(B))
         scratch_bias = {}
         for layer in reversed(range(L)):
             if self._merged and dy is not None:     # the gradient of each direction's output
                 dy = _unmerge_gradient(self.merge, dy, cache.outputs[layer], H)
             layer_input = cache.inputs[layer]
             d_input = _scratch.zeros(layer_input.shape, self.dtype)
-            work = T * B * self.cell.num_gates * H * (layer_input.shape[2] + H)
+            work = T * B * self.cell.num_gates * self.hidden_size * (layer_input.shape[2] + H)
             at_once = D == 2 and _at_once(self._kernels, T, B, True, work)
             # directions at once add into d_input each on its own, then the sum
             d_inputs = [d_input, _scratch.zeros(layer_input.shape, self.dtype)] if at_once \
@@ -653,16 +681,19 @@ class _RNNBase:
 
     def _check_dstate(self, dstate, B):
         """Gradient of the final state as a tuple (dh_n[, dc_n]); entries may be None."""
-        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        shapes = self._state_shapes(B)
+        shape = shapes[0]
         if self.cell.has_cell_state:
             if dstate is None:
                 return (None, None)
             if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
-                raise TypeError(f"dstate: expected a tuple (dh_n, dc_n) of arrays of shape "
-                                f"{shape} (either may be None), got {type(dstate).__name__}")
+                expected = (f"arrays of shape {shape}" if shapes[0] == shapes[1]
+                            else f"arrays of shapes {shapes[0]} and {shapes[1]}")
+                raise TypeError(f"dstate: expected a tuple (dh_n, dc_n) of {expected} "
+                                f"(either may be None), got {type(dstate).__name__}")
             return tuple(None if part is None else _float_array(f"dstate {name}", part,
-                                                                self.dtype, shape)
-                         for name, part in zip(("dh_n", "dc_n"), dstate))
+                                                                self.dtype, part_shape)
+                         for name, part, part_shape in zip(("dh_n", "dc_n"), dstate, shapes))
         if dstate is None:
             return (None,)
         if isinstance(dstate, (tuple, list)):
@@ -677,6 +708,8 @@ class _RNNBase:
         options = [f"{self.input_size}, {self.hidden_size}"]
         if self.num_layers != 1:
             options.append(f"num_layers={self.num_layers}")
+        if self.proj_size:
+            options.append(f"proj_size={self.proj_size}")
         if self.bidirectional:
             options.append("bidirectional=True")
         if self.batch_first:
@@ -771,16 +804,17 @@ class RNN(_RNNBase):
 
 
 class LSTM(_RNNBase):
-    """LSTM with PyTorch's gate order i, f, g, o; ``peephole=True`` adds p_i, p_f, p_o."""
+    """LSTM with PyTorch's gate order i, f, g, o; ``peephole=True`` adds p_i, p_f, p_o;
+    ``proj_size=P`` (PyTorch's) makes h = W_hr (o * tanh(c)), P wide."""
 
     mode = "LSTM"
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, peephole=False,
-                 input_forget=False, **options):
+                 input_forget=False, proj_size=0, **options):
         self.peephole = _flag("peephole", peephole)
         super().__init__(input_size, hidden_size, num_layers,
                          _cell_options={"peephole": self.peephole},
-                         _input_forget=input_forget, **options)
+                         _input_forget=input_forget, _proj_size=proj_size, **options)
 
 
 class GRU(_RNNBase):

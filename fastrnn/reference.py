@@ -116,21 +116,22 @@ def _blocks(a, count, H):
 # The recurrent products, with recurrent dropout: p["mask"] (G, rows, H), one mask per gate
 # block (Keras's), the step's rows, or absent. Block g's product is of h * mask[g].
 
-def _hidden(h, p, g0, g1):
-    """h @ w_hh[blocks g0..g1-1].T + b_hh there, each block of h * mask[g] when masked."""
+def _hidden(h, p, g0, g1, H=None):
+    """h @ w_hh[blocks g0..g1-1].T + b_hh there, each block of h * mask[g] when masked; H the
+    width of a gate block when it is not h's (a projected LSTM)."""
     w, b, mask = p["w_hh"], p["b_hh"], p.get("mask")
-    H = h.shape[1]
+    H = h.shape[1] if H is None else H
     if mask is None:
         return h @ w[g0 * H:g1 * H].T + b[g0 * H:g1 * H]
     return np.concatenate([(h * mask[g]) @ w[g * H:(g + 1) * H].T for g in range(g0, g1)],
                           axis=1) + b[g0 * H:g1 * H]
 
 
-def _hidden_backward(d, h, p, grads, g0, g1):
+def _hidden_backward(d, h, p, grads, g0, g1, H=None):
     """Backward of _hidden for d = dL/d(its result): ADDS into grads' w_hh, b_hh; returns
     dL/dh."""
     w, mask = p["w_hh"], p.get("mask")
-    H = h.shape[1]
+    H = h.shape[1] if H is None else H
     grads["b_hh"][g0 * H:g1 * H] += d.sum(axis=0)
     if mask is None:
         grads["w_hh"][g0 * H:g1 * H] += d.T @ h
@@ -169,9 +170,10 @@ def rnn_step_backward(cell, d_state_new, saved, p, grads):
 
 def lstm_step_forward(cell, x_proj, state, p):
     h, c = state
-    _blocks(x_proj, 4, h.shape[1])
+    H = c.shape[1]                                            # h is P wide when projected
+    _blocks(x_proj, 4, H)
     peephole = p.get("peephole")
-    a_i, a_f, a_g, a_o = _blocks(x_proj + _hidden(h, p, 0, 4), 4, h.shape[1])
+    a_i, a_f, a_g, a_o = _blocks(x_proj + _hidden(h, p, 0, 4, H), 4, H)
     if peephole is not None:
         p_i, p_f, p_o = peephole
         a_i = a_i + p_i * c
@@ -186,9 +188,10 @@ def lstm_step_forward(cell, x_proj, state, p):
     if peephole is not None:
         a_o = a_o + p_o * c_new
     o, kept_o = _gate(cell, 0, a_o)
-    h_new = o * _activate(cell.activations[2], c_new)         # ONNX clips gates, not c_new
+    m = o * _activate(cell.activations[2], c_new)             # ONNX clips gates, not c_new
+    h_new = m @ p["w_hr"].T if "w_hr" in p else m             # PyTorch's proj_size
     return (h_new, c_new), {"h": h, "c": c, "i": i, "f": f, "g": g, "o": o, "c_new": c_new,
-                            "a": (kept_i, kept_f, kept_g, kept_o)}
+                            "m": m, "a": (kept_i, kept_f, kept_g, kept_o)}
 
 
 def lstm_step_backward(cell, d_state_new, saved, p, grads):
@@ -197,9 +200,15 @@ def lstm_step_backward(cell, d_state_new, saved, p, grads):
     peephole = p.get("peephole")
     kept_i, kept_f, kept_g, kept_o = saved["a"]
     h_act = cell.activations[2]
-    # h_new = o * h_act(c_new)
-    do = dh_new * _activate(h_act, c_new)
-    dc = dc_new + dh_new * o * _slope(h_act, c_new)
+    if "w_hr" in p:
+        # h_new = w_hr m
+        grads["w_hr"] += dh_new.T @ saved["m"]
+        dm = dh_new @ p["w_hr"]
+    else:
+        dm = dh_new
+    # m = o * h_act(c_new)
+    do = dm * _activate(h_act, c_new)
+    dc = dc_new + dm * o * _slope(h_act, c_new)
     da_o = do * _gate_slope(cell, 0, kept_o)
     if peephole is not None:
         # a_o = ... + p_o * c_new
@@ -224,7 +233,7 @@ def lstm_step_backward(cell, d_state_new, saved, p, grads):
         grads["peephole"][1] += (da_f * c).sum(axis=0)
         grads["peephole"][2] += (da_o * c_new).sum(axis=0)
     da = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
-    dh_prev = _hidden_backward(da, h, p, grads, 0, 4)
+    dh_prev = _hidden_backward(da, h, p, grads, 0, 4, c.shape[1])
     return da, (dh_prev, dc_prev)
 
 

@@ -62,7 +62,7 @@ import os
 
 import numpy as np
 
-from fastrnn import _scratch
+from fastrnn import _scratch, projection
 from fastrnn.cells import CELLS
 
 from cython cimport floating
@@ -1546,6 +1546,9 @@ def _blas_ready(a):
 def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bint train, y,
                   tuple state_n, threads=None, recurrent_mask=None):
     """One layer, one direction, all T steps; see fastrnn.cells for the contract."""
+    if cell.projected:          # run on the unprojected cell's kernels (fastrnn.projection)
+        return projection.forward(layer_forward, cell, x, state0, params, lengths, reverse,
+                                  train, y, state_n, threads, recurrent_mask)
     cdef Call call
     cdef Plan plan
     cdef bint f32 = _is_float32(x)
@@ -1610,6 +1613,9 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
                    threads=None):
     """Gradients of one layer_forward call, ADDED into dx, dstate0 and dparams; see
     fastrnn.cells."""
+    if cell.projected:
+        return projection.backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx,
+                                   dstate0, dparams, threads)
     if not isinstance(cache, _Cache):
         raise TypeError(f"cache: expected what the Cython layer_forward returned with "
                         f"train=True, got {type(cache).__name__}")

@@ -29,7 +29,7 @@ import numba
 from numba import njit, types
 
 from . import amx, config, kernels
-from .. import _scratch, cells
+from .. import _scratch, cells, projection
 
 __all__ = ["layer_forward", "layer_backward", "layer_call_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
@@ -267,6 +267,9 @@ def _cell_spec(cell):
 def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
                   recurrent_mask=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
+    if cell.projected:          # run on the unprojected cell's kernels (fastrnn.projection)
+        return projection.forward(layer_forward, cell, x, state0, params, lengths, reverse,
+                                  train, y, state_n, threads, recurrent_mask)
     dtype = x.dtype
     T, B, I = x.shape
     spec = _cell_spec(cell)
@@ -333,6 +336,9 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
 def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None):
     """Backward of ``layer_forward``; ADDS into dx, dstate0 and dparams (see
     ``fastrnn.cells``)."""
+    if cell.projected:
+        return projection.backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx,
+                                   dstate0, dparams, threads)
     x = cache.x
     dtype = x.dtype
     T, B, I = x.shape

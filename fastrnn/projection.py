@@ -1,0 +1,130 @@
+"""A projected LSTM (PyTorch's ``proj_size``) on a backend's unprojected layer kernels.
+
+The cell is ``m = o * tanh(c')``, ``h' = w_hr m``: h is P wide, c and the gates H. h enters the
+next step only through ``w_hh h = (w_hh w_hr) m``, so after its first step a projected layer is
+the unprojected one run on m, H wide, with the recurrent weight ``w_eff = w_hh w_hr`` (G*H, H),
+and its output is ``y = m w_hr^T``, one product after the loop. What the first step reads of h0
+(``w_hh h0``) enters as P more input columns: ``x_aug = [x, e]``, e is h0 at each row's first
+step (t = 0 forward, lengths[b] - 1 reverse) and zero elsewhere, ``w_ih_aug = [w_ih, w_hh]``;
+the kernel starts from m0 = 0. Their gradients give dh0 (dx_aug's last P columns at the first
+steps) and dw_hh (the last P columns of dw_ih_aug, plus dw_eff w_hr^T); dw_hr = w_hh^T dw_eff
+plus the outputs' and the final state's share.
+
+So the compiled backends run a projected LSTM with the kernels of the unprojected cell,
+unchanged: each step multiplies by a (G*H, H) matrix rather than (G*H, P), the cost of an LSTM
+without projection (docs/kernels.md, "Projection"). The reference runs the cell as written.
+Rows of length 0 have no first step: their final h is h0 and its gradient goes to dh0. With
+truncation, dh0 is cut where the kernels cut dc0: at the boundaries between h0 and a row's
+first step (the reverse direction's padding).
+
+``forward`` and ``backward`` have the contract of ``fastrnn.cells`` (``layer_forward`` /
+``layer_backward``), with the backend's own two functions as their first argument.
+"""
+import numpy as np
+
+from .cells import unprojected
+
+__all__ = ["forward", "backward"]
+
+
+class Cache:
+    """What ``forward`` keeps for ``backward``."""
+
+    def __init__(self, kernel_cache, m, m_n, params, first, lengths, reverse, input_size):
+        self.kernel_cache, self.m, self.m_n, self.params = kernel_cache, m, m_n, params
+        self.first, self.lengths, self.reverse = first, lengths, reverse
+        self.input_size = input_size
+
+
+def _first_steps(T, lengths, reverse):
+    """(rows, t): the rows that have a step and the time index of each one's first."""
+    rows = np.flatnonzero(lengths > 0)
+    t = lengths[rows] - 1 if reverse else np.zeros(rows.size, np.int64)
+    return rows, t
+
+
+def _cut(low, T, truncate):
+    """Per row: whether a truncation boundary (a multiple of ``truncate``) lies in
+    [low, T - 1]: the kernels carry a row's state gradient through its padding steps and cut
+    it at each boundary there, so these rows' dh0 or dh_n, which this module routes around
+    the kernels, are cut too."""
+    if truncate is None:
+        return np.zeros(low.shape, bool)
+    return -(-low // truncate) * truncate <= T - 1
+
+
+def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, state_n,
+            threads=None, recurrent_mask=None):
+    if recurrent_mask is not None and train:
+        # the masks act on h, P wide, which this form never forms before the product
+        raise ValueError("recurrent_mask: a projected LSTM takes no recurrent dropout")
+    w_ih, w_hh = params[0], params[1]
+    w_hr = params[-1]
+    T, B, I = x.shape
+    H, P = w_hr.shape[1], w_hr.shape[0]
+    h0, c0 = state0
+    first = _first_steps(T, lengths, reverse)
+    x_aug = np.zeros((T, B, I + P), x.dtype)
+    x_aug[:, :, :I] = x
+    x_aug[first[1], first[0], I:] = h0[first[0]]
+    w_aug = np.ascontiguousarray(np.concatenate([w_ih, w_hh], axis=1))
+    w_eff = w_hh @ w_hr
+    kernel_params = (w_aug, w_eff) + tuple(params[2:-1])
+    m = np.empty((T, B, H), x.dtype)
+    m_n = np.empty((B, H), x.dtype)
+    kernel_cache = layer_forward(unprojected(cell), x_aug, (np.zeros((B, H), x.dtype), c0),
+                                 kernel_params, lengths, reverse, train, m, (m_n, state_n[1]),
+                                 threads=threads)
+    np.matmul(m, w_hr.T, out=y)
+    h_n = m_n @ w_hr.T
+    stayed = lengths == 0                      # no step: the final h is h0
+    h_n[stayed] = h0[stayed]
+    state_n[0][...] = h_n
+    if not train:
+        return None
+    return Cache(kernel_cache, m, m_n, (w_hh, w_hr), first, lengths, bool(reverse), I)
+
+
+def backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams,
+             threads=None):
+    w_hh, w_hr = cache.params
+    m, m_n, I = cache.m, cache.m_n, cache.input_size
+    T, B, H = m.shape
+    dtype = m.dtype
+    dh_n, dc_n = dstate_n
+    dw_hr = dparams[-1]
+    dm = None
+    if dy is not None:
+        dm = dy @ w_hr                                         # (T, B, H)
+        dw_hr += dy.reshape(T * B, -1).T @ m.reshape(T * B, H)
+    lengths = cache.lengths
+    dm_n = None
+    if dh_n is not None:
+        dm_n = dh_n @ w_hr            # the kernel cuts it on the way as it must
+        # h_n = w_hr m_n, made at each row's last step: forward, the padding lies between
+        reaches = ~_cut(np.where(cache.reverse, T, np.maximum(lengths, 1)), T, truncate)
+        dw_hr += dh_n[reaches].T @ m_n[reaches]
+        stayed = (lengths == 0) & ~_cut(np.ones_like(lengths), T, truncate)
+        dstate0[0][stayed] += dh_n[stayed]
+    dx_aug = np.zeros((T, B, I + w_hr.shape[0]), dtype)
+    dw_aug = np.zeros((w_hh.shape[0], I + w_hr.shape[0]), dtype)
+    dw_eff = np.zeros((w_hh.shape[0], H), dtype)
+    layer_backward(unprojected(cell), cache.kernel_cache, dm, (dm_n, dc_n), truncate, dx_aug,
+                   (np.zeros((B, H), dtype), dstate0[1]),
+                   (dw_aug, dw_eff) + tuple(dparams[2:-1]), threads=threads)
+    dx += dx_aug[:, :, :I]
+    rows, t = cache.first
+    # h0 enters at each row's first step: reverse, the padding lies between
+    kept = ~_cut(lengths[rows] if cache.reverse else np.full(rows.size, T), T, truncate)
+    dstate0[0][rows[kept]] += dx_aug[t[kept], rows[kept], I:]
+    dw_ih, dw_hh = dparams[0], dparams[1]
+    dw_ih += dw_aug[:, :I]
+    dw_hh += dw_aug[:, I:] + dw_eff @ w_hr.T
+    dw_hr += w_hh.T @ dw_eff
+    if truncate is not None:
+        # a window's first step: the kernels still give dw_eff its share of da m_prev^T, whose
+        # w_hr part, (w_hh^T da) m_prev^T, crosses the cut (h_prev = w_hr m_prev is the state
+        # the window starts from); w_hh^T da is dx_aug's last P columns at that step
+        for boundary in range(truncate, T, truncate):
+            step, prev = (boundary - 1, boundary) if cache.reverse else (boundary, boundary - 1)
+            dw_hr -= dx_aug[step, :, I:].T @ m[prev]
