@@ -1,5 +1,6 @@
-"""What ONNX's options cost: a layer with ``activations``, ``clip`` or ``input_forget`` against
-the same layer without them, per compiled backend, training and inference.
+"""What the layers' options cost: a layer with ONNX's ``activations``, ``clip`` or
+``input_forget``, Keras's ``recurrent_dropout`` or PyTorch's ``proj_size`` (H/2) against the
+same layer without them, per compiled backend, training and inference.
 
     python -m bench.options [--backends numba,cython] [--rounds 7] [--markdown FILE]
 
@@ -27,7 +28,8 @@ VARIANTS = {
     "LSTM": (("plain", {}), ("clip=3", {"clip": 3.0}),
              ("input_forget", {"input_forget": True}),
              ("activations", {"activations": ("hardsigmoid", "softsign", "softsign")}),
-             ("recurrent_dropout", {"recurrent_dropout": 0.25})),
+             ("recurrent_dropout", {"recurrent_dropout": 0.25}),
+             ("proj_size=H/2", {"proj_size": "H/2"})),
     "GRU": (("plain", {}), ("clip=3", {"clip": 3.0}),
             ("activations", {"activations": ("hardsigmoid", "softsign")}),
             ("recurrent_dropout", {"recurrent_dropout": 0.25})),
@@ -35,10 +37,11 @@ VARIANTS = {
 
 
 def _runner(mode, kind, B, I, H, T, backend, options):
+    options = {k: H // 2 if v == "H/2" else v for k, v in options.items()}
     layer = getattr(fastrnn, mode)(I, H, dtype=np.float32, backend=backend, seed=0, **options)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
-    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    dy = rng.standard_normal((T, B, layer.output_size)).astype(np.float32)
     if kind == "infer":
         return lambda: layer(x)
 

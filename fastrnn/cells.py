@@ -130,6 +130,9 @@ class Cell:
     clip: float = None      # ONNX's clip: gate pre-activations clipped to [-clip, clip]
     input_forget: bool = False  # ONNX's input_forget (LSTM): f = 1 - i
     params: tuple = field(init=False)
+    # whether h is a projection of the LSTM's output, h = w_hr (o * tanh(c)) (PyTorch's
+    # proj_size): h is P wide, c and the gates H; from extra_params (w_hr)
+    projected: bool = field(init=False)
 
     def __post_init__(self):
         G = len(self.gate_names)
@@ -138,6 +141,7 @@ class Cell:
         if self.products is None:
             object.__setattr__(self, "products", (Product("h", tuple(range(G))),))
         object.__setattr__(self, "params", WEIGHTS + tuple(self.extra_params))
+        object.__setattr__(self, "projected", any(p.name == "w_hr" for p in self.extra_params))
         covered = [b for p in self.products for b in p.blocks]
         if sorted(covered) != list(range(G)) or any(
                 list(p.blocks) != list(range(p.blocks[0], p.blocks[-1] + 1))
@@ -204,12 +208,6 @@ class Cell:
     @property
     def param_names(self):
         return tuple(p.name for p in self.params)
-
-    @property
-    def projected(self):
-        """Whether h is a projection of the LSTM's output, ``h = w_hr (o * tanh(c))`` (PyTorch's
-        proj_size): h is P wide, c and the gates H."""
-        return any(p.name == "w_hr" for p in self.extra_params)
 
     def param_shapes(self, input_size, hidden_size, proj_size=0):
         """{name: shape} of one layer and direction's parameters, in ``param_names`` order;
