@@ -20,9 +20,14 @@ first step (the reverse direction's padding).
 ``forward`` and ``backward`` have the contract of ``fastrnn.cells`` (``layer_forward`` /
 ``layer_backward``), with the backend's own two functions as their first argument.
 """
+import contextlib
+import threading
+
 import numpy as np
+from scipy.linalg import blas as _blas
 
 from .cells import unprojected
+from .dispatch import _openblas_threads_functions
 
 __all__ = ["forward", "backward"]
 
@@ -34,6 +39,65 @@ class Cache:
         self.kernel_cache, self.m, self.m_n, self.params = kernel_cache, m, m_n, params
         self.first, self.lengths, self.reverse = first, lengths, reverse
         self.input_size = input_size
+
+
+def _fortran(a):
+    """(f, trans): a Fortran-ordered array f with op(f) = a (trans: transposed), a copy only
+    where a is neither C- nor Fortran-ordered."""
+    if a.flags.f_contiguous:
+        return a, 0
+    if a.flags.c_contiguous:
+        return a.T, 1
+    return np.asfortranarray(a), 0
+
+
+_blas_threads = None         # (set, get) of SciPy's OpenBLAS thread count, found on first use
+_blas_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """SciPy's BLAS on one thread for the products here. Run on two, OpenBLAS's second thread
+    spins after each product for a while, on the core that the kernels' own thread pool needs
+    next (their packed loops make no BLAS call): numba, LSTM training T=150 B=32 H=256 P=128,
+    Intel Xeon, 2 cores: 280-370 ms a call with the products on two BLAS threads, 165 on one
+    (the unprojected layer: 113)."""
+    global _blas_threads
+    if _blas_threads is None:
+        _blas_threads = _openblas_threads_functions("scipy")
+    setter, getter = _blas_threads
+    if setter is None:
+        yield
+        return
+    with _blas_lock:
+        threads = getter()
+        setter(1)
+        try:
+            yield
+        finally:
+            setter(threads)
+
+
+def _product(a, b, out=None):
+    """a @ b for 2-D arrays (ADDED into out, C-ordered, when given) on SciPy's BLAS, the one
+    the kernels call, not NumPy's (another OpenBLAS, with threads of its own)."""
+    if 0 in a.shape or 0 in b.shape or (out is not None and not out.flags.c_contiguous):
+        result = np.asarray(a @ b, a.dtype)
+        if out is None:
+            return result
+        out += result
+        return out
+    gemm = _blas.dgemm if a.dtype == np.float64 else _blas.sgemm
+    # (a b)^T = b^T a^T: Fortran-ordered operands and result, no copies of C-ordered arrays
+    bt, trans_b = _fortran(b.T)
+    at, trans_a = _fortran(a.T)
+    if out is None:
+        return gemm(1.0, bt, at, trans_a=trans_b, trans_b=trans_a).T
+    result = gemm(1.0, bt, at, beta=1.0, c=out.T, trans_a=trans_b, trans_b=trans_a,
+                  overwrite_c=1)
+    if not np.shares_memory(result, out):
+        out[...] = result.T
+    return out
 
 
 def _first_steps(T, lengths, reverse):
@@ -68,15 +132,17 @@ def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, 
     x_aug[:, :, :I] = x
     x_aug[first[1], first[0], I:] = h0[first[0]]
     w_aug = np.ascontiguousarray(np.concatenate([w_ih, w_hh], axis=1))
-    w_eff = w_hh @ w_hr
+    with _one_blas_thread():
+        w_eff = _product(w_hh, w_hr)
     kernel_params = (w_aug, w_eff) + tuple(params[2:-1])
     m = np.empty((T, B, H), x.dtype)
     m_n = np.empty((B, H), x.dtype)
     kernel_cache = layer_forward(unprojected(cell), x_aug, (np.zeros((B, H), x.dtype), c0),
                                  kernel_params, lengths, reverse, train, m, (m_n, state_n[1]),
                                  threads=threads)
-    np.matmul(m, w_hr.T, out=y)
-    h_n = m_n @ w_hr.T
+    with _one_blas_thread():
+        y[...] = _product(m.reshape(T * B, H), w_hr.T).reshape(T, B, P)
+        h_n = _product(m_n, w_hr.T)
     stayed = lengths == 0                      # no step: the final h is h0
     h_n[stayed] = h0[stayed]
     state_n[0][...] = h_n
@@ -90,24 +156,26 @@ def backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx, dstate0, d
     w_hh, w_hr = cache.params
     m, m_n, I = cache.m, cache.m_n, cache.input_size
     T, B, H = m.shape
+    P = w_hr.shape[0]
     dtype = m.dtype
-    dh_n, dc_n = dstate_n
-    dw_hr = dparams[-1]
-    dm = None
-    if dy is not None:
-        dm = dy @ w_hr                                         # (T, B, H)
-        dw_hr += dy.reshape(T * B, -1).T @ m.reshape(T * B, H)
     lengths = cache.lengths
-    dm_n = None
-    if dh_n is not None:
-        dm_n = dh_n @ w_hr            # the kernel cuts it on the way as it must
-        # h_n = w_hr m_n, made at each row's last step: forward, the padding lies between
-        reaches = ~_cut(np.where(cache.reverse, T, np.maximum(lengths, 1)), T, truncate)
-        dw_hr += dh_n[reaches].T @ m_n[reaches]
-        stayed = (lengths == 0) & ~_cut(np.ones_like(lengths), T, truncate)
-        dstate0[0][stayed] += dh_n[stayed]
-    dx_aug = np.zeros((T, B, I + w_hr.shape[0]), dtype)
-    dw_aug = np.zeros((w_hh.shape[0], I + w_hr.shape[0]), dtype)
+    dh_n, dc_n = dstate_n
+    dw_ih, dw_hh, dw_hr = dparams[0], dparams[1], dparams[-1]
+    dm = dm_n = None
+    with _one_blas_thread():
+        if dy is not None:
+            dy2 = np.ascontiguousarray(dy).reshape(T * B, P)
+            dm = _product(dy2, w_hr).reshape(T, B, H)
+            _product(dy2.T, m.reshape(T * B, H), out=dw_hr)
+        if dh_n is not None:
+            dm_n = _product(dh_n, w_hr)    # the kernel cuts it on the way as it must
+            # h_n = w_hr m_n, made at each row's last step: forward, the padding lies between
+            reaches = ~_cut(np.where(cache.reverse, T, np.maximum(lengths, 1)), T, truncate)
+            _product(dh_n[reaches].T, m_n[reaches], out=dw_hr)
+            stayed = (lengths == 0) & ~_cut(np.ones_like(lengths), T, truncate)
+            dstate0[0][stayed] += dh_n[stayed]
+    dx_aug = np.zeros((T, B, I + P), dtype)
+    dw_aug = np.zeros((w_hh.shape[0], I + P), dtype)
     dw_eff = np.zeros((w_hh.shape[0], H), dtype)
     layer_backward(unprojected(cell), cache.kernel_cache, dm, (dm_n, dc_n), truncate, dx_aug,
                    (np.zeros((B, H), dtype), dstate0[1]),
@@ -117,14 +185,16 @@ def backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx, dstate0, d
     # h0 enters at each row's first step: reverse, the padding lies between
     kept = ~_cut(lengths[rows] if cache.reverse else np.full(rows.size, T), T, truncate)
     dstate0[0][rows[kept]] += dx_aug[t[kept], rows[kept], I:]
-    dw_ih, dw_hh = dparams[0], dparams[1]
     dw_ih += dw_aug[:, :I]
-    dw_hh += dw_aug[:, I:] + dw_eff @ w_hr.T
-    dw_hr += w_hh.T @ dw_eff
-    if truncate is not None:
-        # a window's first step: the kernels still give dw_eff its share of da m_prev^T, whose
-        # w_hr part, (w_hh^T da) m_prev^T, crosses the cut (h_prev = w_hr m_prev is the state
-        # the window starts from); w_hh^T da is dx_aug's last P columns at that step
-        for boundary in range(truncate, T, truncate):
-            step, prev = (boundary - 1, boundary) if cache.reverse else (boundary, boundary - 1)
-            dw_hr -= dx_aug[step, :, I:].T @ m[prev]
+    dw_hh += dw_aug[:, I:]
+    with _one_blas_thread():
+        _product(dw_eff, w_hr.T, out=dw_hh)
+        _product(w_hh.T, dw_eff, out=dw_hr)
+        if truncate is not None:
+            # a window's first step: the kernels still give dw_eff its share of da m_prev^T,
+            # whose w_hr part, (w_hh^T da) m_prev^T, crosses the cut (h_prev = w_hr m_prev is
+            # the state the window starts from); w_hh^T da is dx_aug's last P columns there
+            for boundary in range(truncate, T, truncate):
+                step, prev = ((boundary - 1, boundary) if cache.reverse
+                              else (boundary, boundary - 1))
+                dw_hr -= _product(dx_aug[step, :, I:].T, m[prev])
