@@ -165,6 +165,12 @@ class Cell:
         if self.state_names not in (("h",), ("h", "c")):
             raise ValueError(f"cell {self.name}: state_names must be ('h',) or ('h', 'c')")
 
+    def __setstate__(self, state):
+        # unpickled: the fields derived in __post_init__ again (a record pickled by an older
+        # fastrnn may lack one)
+        self.__dict__.update(state)
+        self.__post_init__()
+
     @property
     def activation(self):
         """The name of the first activation (RNN: "tanh" or "relu")."""
