@@ -21,6 +21,7 @@ needed. The correspondence (U = units, I = input features):
                                               those of layers.KERAS_ACTIVATIONS, the ones
                                               ONNX has too
     use_bias=False                            bias=False
+    recurrent_dropout=p                       recurrent_dropout=p
     Bidirectional(merge_mode=m)               bidirectional=True, merge=m ("concat", "sum",
                                               "mul", "ave"); the backward layer's
                                               weights are the ``_reverse`` ones
@@ -29,8 +30,10 @@ needed. The correspondence (U = units, I = input features):
                                               merged (Bidirectional)
     return_state: h (and c)                   h_n[d], c_n[d]
 
-Keras's ``h = z * h + (1 - z) * hh`` is fastrnn's ``h' = (1 - z) n + z h``. Options that only
-act in training (dropout, recurrent_dropout, initializers, regularizers, constraints) or on
+Keras's ``h = z * h + (1 - z) * hh`` is fastrnn's ``h' = (1 - z) n + z h``.
+``recurrent_dropout`` becomes the layer's (the same masks, one per gate block, in training
+only). Options that only act in training otherwise (dropout, initializers, regularizers,
+constraints) or on
 what Keras returns (return_sequences, return_state, stateful, unroll) are accepted and do not
 change the layer; anything else that fastrnn cannot compute (an activation that is not in
 ``layers.KERAS_ACTIVATIONS``, such as "selu" or "gelu", or that is not given by name,
@@ -51,11 +54,11 @@ _INFERENCE_NEUTRAL = {
     "zero_output_for_mask", "kernel_initializer", "recurrent_initializer", "bias_initializer",
     "unit_forget_bias", "kernel_regularizer", "recurrent_regularizer", "bias_regularizer",
     "activity_regularizer", "kernel_constraint", "recurrent_constraint", "bias_constraint",
-    "dropout", "recurrent_dropout", "seed", "implementation", "use_cudnn"}
+    "dropout", "seed", "implementation", "use_cudnn"}
 _CELL_OPTIONS = {"units", "activation", "recurrent_activation", "use_bias", "go_backwards",
-                 "reset_after"}
+                 "reset_after", "recurrent_dropout"}
 _DEFAULTS = {"activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True,
-             "go_backwards": False, "reset_after": True}
+             "go_backwards": False, "reset_after": True, "recurrent_dropout": 0.0}
 
 
 def from_keras(layer, weights=None, config=None, *, dtype=None, backend="auto", batch_first=True):
@@ -180,6 +183,8 @@ def _direction(kind, weights, config, where):
         cell_options["nonlinearity"] = options["activation"]
     elif (options["activation"], options["recurrent_activation"]) != ("tanh", "sigmoid"):
         cell_options.update({key: options[key] for key in activations})
+    if options["recurrent_dropout"]:     # Keras's masks are fastrnn's (one per gate block)
+        cell_options["recurrent_dropout"] = options["recurrent_dropout"]
     return {"class": cls, "input_size": kernel.shape[0], "units": U, "use_bias": use_bias,
             "cell_options": cell_options, "go_backwards": bool(options["go_backwards"]),
             "params": params, "dtype": kernel.dtype, "kind": kind}

@@ -148,6 +148,32 @@ def test_from_keras_refuses_what_it_cannot_compute(call, message):
         call(weights)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "SimpleRNN"])
+def test_from_keras_carries_recurrent_dropout(kind):
+    """recurrent_dropout becomes the layer's: masks in training (as test_recurrent_dropout
+    shows them equal to Keras's), none at inference; directions must agree."""
+    rng = np.random.default_rng(1)
+    weights = keras_weights(kind, 2, 3, rng)
+    x = rng.standard_normal((4, 5, 2))
+    plain = from_keras(kind, weights, {}, dtype=np.float64, backend="reference")
+    m = from_keras(kind, weights, {"recurrent_dropout": 0.3}, dtype=np.float64,
+                   backend="reference")
+    assert m.recurrent_dropout == 0.3 and plain.recurrent_dropout == 0.0
+    np.testing.assert_array_equal(m(x)[0], plain(x)[0])
+    y_train = m.forward(x)[0]
+    assert max_rel_error(y_train, plain(x)[0]) > 1e-3         # the masks acted
+    inner = {"class_name": kind, "config": {"recurrent_dropout": 0.3}}
+    both = from_keras("Bidirectional", weights + weights, {"layer": inner},
+                      dtype=np.float64, backend="reference")
+    assert both.recurrent_dropout == 0.3
+    with pytest.raises(ValueError, match=r"backward_layer: its cell_options"):
+        from_keras("Bidirectional", weights + weights, {
+            "layer": inner, "backward_layer": {"class_name": kind,
+                                               "config": {"go_backwards": True}}})
+    with pytest.raises(ValueError, match=r"recurrent_dropout: expected a number in \[0, 1\)"):
+        from_keras(kind, weights, {"recurrent_dropout": 1.0})
+
+
 # ---------------------------------------------------------------------------------------------
 # Keras itself, on its PyTorch backend, when installed
 
