@@ -26,7 +26,7 @@ import fastrnn
 from conftest import (CELL_OPTIONS, COMPILED_BACKENDS, TOLERANCE, assert_all_close,
                       central_difference, make_layer, max_rel_error, packing, random_state,
                       result_dict, small_batch_max, state_parts)
-from fastrnn.cells import ACTIVATION_DEFAULTS, CELLS
+from fastrnn.cells import CELLS
 from fastrnn.convert import from_keras
 from fastrnn.dispatch import get_backend
 
@@ -101,21 +101,6 @@ def _keras_layer(keras, case, units, p):
                                              return_state=True, **config)
 
 
-def _with_recurrent_dropout(base, p, backend):
-    """A layer like ``base`` (from_keras's, which leaves recurrent dropout out: it only acts in
-    training) but with recurrent_dropout=p, the same parameters."""
-    cls, cell_options = CELL_OPTIONS[base.cell.name]
-    # the record's (name, alpha, beta) with the alpha and beta of names that take none dropped:
-    # activations= refuses them
-    extra = {} if base.cell.plain else {"activations": tuple(
-        a if a[0] in ACTIVATION_DEFAULTS else a[:1] for a in base.cell.activations)}
-    m = cls(base.input_size, base.hidden_size, base.num_layers, bidirectional=base.bidirectional,
-            merge=base.merge, bias=base.bias, batch_first=base.batch_first, dtype=base.dtype,
-            backend=backend, recurrent_dropout=p, **cell_options, **extra)
-    m.load_state_dict(base.state_dict())
-    return m
-
-
 def _keras_train(keras, layer, cells_masks, x, states0, dy, dstates):
     """Keras's training forward with each cell's recurrent dropout masks forced (one list per
     cell, in Keras's order), and torch autograd of <y, dy> + <states, dstates>: outputs, states
@@ -152,13 +137,12 @@ def test_training_forward_and_gradients_equal_keras(keras, backend, case):
                        for w in layer.get_weights()])
     x = rng.standard_normal((B, T, I)).astype(np.float32)
 
-    base = from_keras(layer, backend=backend)
-    assert base.recurrent_dropout == 0.0
+    m = from_keras(layer, backend=backend)          # carries Keras's recurrent_dropout
+    assert m.recurrent_dropout == P
     # inference: no masks on either side
     y_keras_inference = keras.ops.convert_to_numpy(layer(x, training=False)[0])
-    assert max_rel_error(base(x)[0], y_keras_inference) <= 1e-4
+    assert max_rel_error(m(x)[0], y_keras_inference) <= 1e-4
 
-    m = _with_recurrent_dropout(base, P, backend)
     D, G = m.num_directions, GATES[m.mode]
     state = random_state(m, B, rng)
     dstate = random_state(m, B, rng)
