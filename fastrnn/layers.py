@@ -232,16 +232,19 @@ class _RNNBase:
                  dropout=0.0, bidirectional=False, merge="concat", init="pytorch",
                  recurrent_dropout=0.0, activations=None, clip=None, activation=None,
                  recurrent_activation=None,
-                 dtype=np.float32, backend="auto", seed=None, _cell_options=None,
-                 _input_forget=False, _proj_size=0):
+                 dtype=np.float32, backend="auto", seed=None, proj_size=0, _cell_options=None,
+                 _input_forget=False):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
-        if isinstance(_proj_size, bool) or not isinstance(_proj_size, numbers.Integral) \
-                or not 0 <= _proj_size < self.hidden_size:
+        if self.mode != "LSTM" and proj_size != 0:
+            raise ValueError(f"proj_size: only an LSTM has a projection (PyTorch's proj_size), "
+                             f"not {self.mode}")
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) \
+                or not 0 <= proj_size < self.hidden_size:
             raise ValueError(f"proj_size: expected an int in [0, hidden_size) = "
-                             f"[0, {self.hidden_size}) (0: no projection), got {_proj_size!r}")
-        self.proj_size = int(_proj_size)
+                             f"[0, {self.hidden_size}) (0: no projection), got {proj_size!r}")
+        self.proj_size = int(proj_size)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
                 or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
@@ -814,7 +817,7 @@ class LSTM(_RNNBase):
         self.peephole = _flag("peephole", peephole)
         super().__init__(input_size, hidden_size, num_layers,
                          _cell_options={"peephole": self.peephole},
-                         _input_forget=input_forget, _proj_size=proj_size, **options)
+                         _input_forget=input_forget, proj_size=proj_size, **options)
 
 
 class GRU(_RNNBase):

@@ -199,8 +199,10 @@ def test_refuses_bad_proj_size(value):
 def test_refusals():
     with pytest.raises(ValueError, match="recurrent_dropout: not available with proj_size"):
         fastrnn.LSTM(3, 6, proj_size=2, recurrent_dropout=0.2)
-    with pytest.raises(TypeError, match="proj_size"):
-        fastrnn.GRU(3, 6, proj_size=2)
+    for cls in (fastrnn.GRU, fastrnn.RNN):
+        with pytest.raises(ValueError, match="proj_size: only an LSTM has a projection"):
+            cls(3, 6, proj_size=2)
+        assert cls(3, 6, proj_size=0).proj_size == 0
     m = fastrnn.LSTM(3, 6, 1, proj_size=2)
     x = np.zeros((2, 1, 3), np.float32)
     with pytest.raises(ValueError, match=r"state h0: expected shape \(1, 1, 2\), got "
