@@ -21,6 +21,7 @@ first step (the reverse direction's padding).
 ``layer_backward``), with the backend's own two functions as their first argument.
 """
 import contextlib
+import os
 import threading
 
 import numpy as np
@@ -53,6 +54,8 @@ def _fortran(a):
 
 _blas_threads = None         # (set, get) of SciPy's OpenBLAS thread count, found on first use
 _blas_lock = threading.Lock()
+# A thread that held the lock at a fork does not exist in the child: give the child a free one.
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_blas_lock", threading.Lock()))
 
 
 @contextlib.contextmanager

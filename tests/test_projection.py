@@ -6,7 +6,9 @@ what PyTorch has not (peepholes, lengths of 0, truncation, merge modes, ONNX's o
 compiled backends run it on the unprojected kernels (fastrnn.projection), so these tests are
 what says that rewriting is right.
 """
+import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -225,3 +227,25 @@ def test_onnx_export_refuses():
     onnx_io = pytest.importorskip("fastrnn.onnx")
     with pytest.raises(ValueError, match="proj_size=2 has no ONNX form"):
         onnx_io.export(fastrnn.LSTM(3, 6, proj_size=2))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("compiled", COMPILED_BACKENDS)
+def test_a_fork_while_another_thread_holds_the_blas_lock(compiled):
+    """A child forked while another thread is inside the projection's products (holding its
+    lock) runs a projected layer rather than waiting for ever on a lock nobody will free."""
+    from fastrnn import projection
+    m = fastrnn.LSTM(3, 6, proj_size=2, backend=compiled)
+    x = np.ones((4, 2, 3), np.float32)
+    expected, _ = m(x)
+    with projection._blas_lock:
+        pid = os.fork()
+        if pid == 0:                                    # the child: exit 0 on success
+            signal.alarm(30)                            # a hang ends the child, not the suite
+            try:
+                y, _ = m(x)
+                os._exit(0 if np.allclose(y, expected, rtol=1e-5, atol=1e-6) else 1)
+            finally:
+                os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
