@@ -354,6 +354,14 @@ class _RNNBase:
         shapes = ((rows, B, self._h_size), (rows, B, self.hidden_size))
         return shapes[:len(self.cell.state_names)]
 
+    @staticmethod
+    def _describe_shapes(shapes):
+        """How the state's parts are named in errors: one shape, or h's and c's when they
+        differ (a projected LSTM)."""
+        if len(shapes) == 1 or shapes[0] == shapes[1]:
+            return f"arrays of shape {shapes[0]}"
+        return f"arrays of shapes {shapes[0]} and {shapes[1]}"
+
     def _backend_call_step(self):
         """The backend's one-step call, which knows only concatenated directions of cells
         without a projection."""
@@ -469,8 +477,7 @@ class _RNNBase:
         if state is None:
             return tuple(np.zeros(shape, self.dtype) for shape in shapes)
         if self.cell.has_cell_state:
-            expected = (f"arrays of shape {shapes[0]}" if shapes[0] == shapes[1]
-                        else f"arrays of shapes {shapes[0]} and {shapes[1]}")
+            expected = self._describe_shapes(shapes)
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError(f"state: expected a tuple (h0, c0) of {expected}, "
                                 f"got {type(state).__name__}")
@@ -690,9 +697,8 @@ class _RNNBase:
             if dstate is None:
                 return (None, None)
             if not isinstance(dstate, (tuple, list)) or len(dstate) != 2:
-                expected = (f"arrays of shape {shape}" if shapes[0] == shapes[1]
-                            else f"arrays of shapes {shapes[0]} and {shapes[1]}")
-                raise TypeError(f"dstate: expected a tuple (dh_n, dc_n) of {expected} "
+                raise TypeError(f"dstate: expected a tuple (dh_n, dc_n) of "
+                                f"{self._describe_shapes(shapes)} "
                                 f"(either may be None), got {type(dstate).__name__}")
             return tuple(None if part is None else _float_array(f"dstate {name}", part,
                                                                 self.dtype, part_shape)
