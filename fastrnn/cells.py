@@ -70,6 +70,7 @@ anything it does not take (the layer's general path then converts or says what i
 ``spec`` is the layer's fixed description (``fastrnn.layers._RNNBase._step_spec``).
 """
 import dataclasses
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -339,9 +340,10 @@ def cell_for(mode, nonlinearity="tanh", peephole=False, reset_after=True, activa
     return cell
 
 
+@functools.lru_cache(maxsize=None)
 def unprojected(cell):
     """The record of ``cell`` without its projection: what the compiled backends run a projected
-    cell as (see ``fastrnn.projection``)."""
+    cell as (see ``fastrnn.projection``); made once per record, not on every call."""
     return dataclasses.replace(cell, extra_params=tuple(p for p in cell.extra_params
                                                         if p.name != "w_hr"))
 
