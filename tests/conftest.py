@@ -6,11 +6,24 @@ the suite per backend); by default every backend available here is tested.
 """
 import contextlib
 import os
+import re
 
-import numpy as np
-import pytest
+# Under pytest-xdist (the README's `pytest` runs two workers, see pyproject.toml) each worker
+# compiles into a Numba cache of its own: Numba's cache is not safe for two processes writing
+# the same function's index at once (each numbers its new entry 1 and one overwrites the
+# other's machine code). The first worker keeps the usual cache, so a run without workers
+# (or the benchmarks after CI's run) finds its float32 kernels there. Set before fastrnn
+# imports Numba, which reads it when its dispatchers are made.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+if _WORKER != "gw0":
+    _base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".numba-cache")
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(_base, _WORKER)
 
-import fastrnn
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import fastrnn  # noqa: E402
 from fastrnn.cells import CELLS
 
 # relative to the largest magnitude of the reference array, with a floor for tiny arrays
@@ -170,3 +183,69 @@ def packing(backend_name, on):
     finally:
         kernels._set_pack_limits(*old)
 
+
+
+# Numba compiles each of its loops once per dtype, most of this suite's time when its cache is
+# cold (about 260 s a dtype on a 2-core machine). The Numba tests go to two groups by the dtype
+# they run, and pytest-xdist (`--dist loadgroup`) keeps each group on one worker, so the two
+# dtypes compile at the same time on two cores and neither is compiled twice. A test whose dtype
+# is not among its parameters goes with float64, make_layer's default, unless it is marked
+# ``float32_kernels``. A test in the wrong group still passes; the other worker then compiles
+# that dtype's loops as well (minutes, on a cold cache). A test runs one dtype's kernels only.
+_NUMBA_FILES = ("test_numba_panel.py", "test_numba_pool.py", "test_amx.py")
+
+
+def _param_dtype(value):
+    if isinstance(value, str):
+        return value if value in ("float32", "float64") else None
+    if isinstance(value, (type, np.dtype)) and value in (np.float32, np.float64):
+        return np.dtype(value).name
+    return None
+
+
+def numba_group(item):
+    """The xdist group of a test that runs Numba kernels ("numba-float32" or "numba-float64"),
+    None for the others."""
+    callspec = getattr(item, "callspec", None)
+    values = list(callspec.params.values()) if callspec else []
+    float32_marked = item.get_closest_marker("float32_kernels") is not None
+    if not any(isinstance(v, str) and v == "numba" for v in values) \
+            and item.path.name not in _NUMBA_FILES and not float32_marked:
+        return None
+    dtypes = {_param_dtype(v) for v in values} - {None}
+    dtypes |= {{"f32": "float32", "f64": "float64"}.get(part)
+               for part in re.split(r"[-\[\]_]", item.name)} - {None}
+    if float32_marked:
+        dtypes.add("float32")
+    assert len(dtypes) <= 1, f"{item.nodeid}: Numba kernels of both dtypes in one test"
+    return "numba-float32" if dtypes == {"float32"} else "numba-float64"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "float32_kernels: the test runs Numba kernels in float32 though no parameter "
+        "says so (see numba_group)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """A plain ``pytest`` (the suite from its testpaths, no -n given) runs on two pytest-xdist
+    workers with the groups above; ``pytest -n 0`` runs it in one process, and a run of named
+    files or tests stays in one process unless -n says otherwise. (Called for this conftest
+    because pyproject.toml's testpaths make it an initial one; before xdist's own hook.)"""
+    if (getattr(config.option, "numprocesses", "absent") is None
+            and "PYTEST_XDIST_WORKER" not in os.environ     # a worker starts no workers
+            and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not config.option.collectonly and not config.option.usepdb):
+        config.option.numprocesses = 2
+        config.option.dist = "loadgroup"
+        if hasattr(config.option, "benchmark_disable"):
+            config.option.benchmark_disable = True     # no test times anything (bench/ does)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = numba_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

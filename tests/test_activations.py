@@ -276,6 +276,7 @@ def _ort_case(mode, options, bidirectional, rng, backend="reference"):
     return m, x, state, np.array([6, 3, 1, 5])
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
 @pytest.mark.parametrize("case", sorted(ORT_CASES))
 def test_forward_matches_onnxruntime(backend, case, bidirectional):
@@ -304,6 +305,7 @@ def test_forward_matches_onnxruntime(backend, case, bidirectional):
         assert not np.allclose(y_unclipped, expected[0], rtol=0, atol=1e-2)
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("name", [n for n in ACTIVATIONS if n in TAKES_ALPHA])
 def test_default_alpha_and_beta_against_onnxruntime(backend, name):
     """A node that gives no activation_alpha / activation_beta: for leakyrelu, hardsigmoid and

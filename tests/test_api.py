@@ -266,6 +266,7 @@ def test_parameters_and_gradients_start_on_a_cache_line(dtype):
     assert not any(g.any() for g in m.grads.values())
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("backend", ["reference", *COMPILED_BACKENDS])
 def test_layers_deepcopy_and_pickle(backend):
     """A copy (copy.deepcopy, pickle) gives the same numbers, owns its parameters (aligned as
@@ -331,6 +332,7 @@ def test_functional_matches_layer(backend):
     assert_all_close(got, expected, np.float64, "functional")
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("step", [False, True], ids=["sequence", "one-step"])
 def test_a_replaced_parameter_is_named_by_every_backend(backend, step):
     """A parameter replaced in ``params`` by something unusable: every backend's forward (and

@@ -73,6 +73,7 @@ def test_directions_at_once_match_the_reference(backend, cell, dtype, counted):
         assert_all_close(results[1][1], results[0][1], dtype, f"{backend} {cell} inference")
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_failure_on_either_thread_reaches_the_caller(backend, failing, counted, monkeypatch):
@@ -106,6 +107,7 @@ def test_bad_threads_argument_names_it(backend, threads):
                                  threads=threads)
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_one_thread_runs_the_directions_one_after_the_other(backend, counted):
     kernels = fastrnn.get_backend(backend)

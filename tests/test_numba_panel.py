@@ -45,6 +45,7 @@ def test_panel_product_keeps_nan():
     assert not np.isnan(np.delete(out, 5, axis=0)).any()
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "gru_reset_before", "rnn_tanh"])
 def test_one_region_loop_any_thread_count(cell, threads):

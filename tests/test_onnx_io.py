@@ -32,6 +32,7 @@ def feeds_for(m, x, state, lengths):
     return feeds
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("layout", ["time-major", "batch-first"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", sorted(CELLS))
@@ -152,6 +153,7 @@ def options_layer(case, bidirectional, dtype, backend="reference", num_layers=2,
                seed=11, **options)
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_export_with_options_runs_in_onnxruntime_as_the_layer(backend, case, bidirectional):

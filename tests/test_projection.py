@@ -152,6 +152,7 @@ def test_reference_gradients_central_differences():
         assert max_rel_error(ours[key], numeric) < 1e-6, key
 
 
+@pytest.mark.float32_kernels
 def test_state_and_output_shapes(backend):
     m = fastrnn.LSTM(3, 8, 2, proj_size=5, bidirectional=True, backend=backend)
     assert m.params["weight_hh_l1_reverse"].shape == (32, 5)
@@ -229,6 +230,7 @@ def test_onnx_export_refuses():
         onnx_io.export(fastrnn.LSTM(3, 6, proj_size=2))
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.parametrize("compiled", COMPILED_BACKENDS)
 def test_a_fork_while_another_thread_holds_the_blas_lock(compiled):

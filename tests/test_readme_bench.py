@@ -71,6 +71,7 @@ def timed_here(command, compiled):
     return (["torch"] if with_torch else []) + (["onnxruntime"] if with_ort else []) + compiled
 
 
+@pytest.mark.float32_kernels          # the commands' Numba cases, in children
 def test_readme_benchmark_commands_time_every_backend_of_the_installed_package(tmp_path):
     try:
         importlib.metadata.distribution("fastrnn")
@@ -88,8 +89,10 @@ def test_readme_benchmark_commands_time_every_backend_of_the_installed_package(t
     clone = tmp_path / "clone"
     clean_copy(clone)
     assert not list(clone.glob("fastrnn/_cy/*.so"))
+    # not this run's: a pytest-xdist worker's variables would make the child's pytest-benchmark
+    # think it runs under xdist too and turn itself off
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FASTRNN_BENCH_") and k != "PYTHONPATH"}
+           if not k.startswith(("FASTRNN_BENCH_", "PYTEST_XDIST_")) and k != "PYTHONPATH"}
     env.update(FASTRNN_BENCH_QUICK="1", FASTRNN_BENCH_CASES=CASE,
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
 

@@ -127,6 +127,7 @@ def _keras_train(keras, layer, cells_masks, x, states0, dy, dstates):
             [v.value.grad.numpy() for v in layer.trainable_weights])
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("case", list(KERAS_CASES))
 def test_training_forward_and_gradients_equal_keras(keras, backend, case):
     rng = _rng("keras", case)

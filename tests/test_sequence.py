@@ -54,6 +54,7 @@ def test_length_mask():
         length_mask([[1]], 4)
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -211,6 +211,7 @@ def test_one_step_call_keeps_nan_and_inputs(backend, cell):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_one_step_call_follows_the_layer_as_it_changes(backend):
     """The one-step path reads the layer on every call: a parameter array replaced in
@@ -240,11 +241,13 @@ def test_one_step_call_follows_the_layer_as_it_changes(backend):
     m.params["weight_ih_l0"] = np.zeros((4 * 19, 4), np.float32)         # wrong shape
     with pytest.raises(ValueError, match=r"params\['weight_ih_l0'\]: expected shape \(76, 5\)"):
         m(x.transpose(1, 0, 2).copy(), state)
-    m = make_layer("gru", 5, 19, bias=False, dtype=np.float64, backend=backend, seed=4)
+    m = make_layer("gru", 5, 19, bias=False, dtype=np.float32, backend=backend, seed=4)
     state = random_state(m, 2, rng)
-    y, final = m(x.astype(np.float64), state)
-    want_y, want_state, _ = m.forward(x.astype(np.float64), state, train=False)
-    assert_all_close({"y": y, "h": final}, {"y": want_y, "h": want_state}, np.float64,
+    calls = _call_counter(m)
+    y, final = m(x, state)
+    assert calls, "bias=False: the one-step path was not taken"
+    want_y, want_state, _ = m.forward(x, state, train=False)
+    assert_all_close({"y": y, "h": final}, {"y": want_y, "h": want_state}, np.float32,
                      "bias=False")
 
 
@@ -259,6 +262,7 @@ def test_step_benchmark_call_takes_the_fast_path(backend_name):
     assert len(calls) == 2
 
 
+@pytest.mark.float32_kernels
 @pytest.mark.parametrize("backend_name", COMPILED_BACKENDS)
 def test_calls_from_several_threads_at_once(backend_name):
     """Layers called from two Python threads at the same time (both loops and the one-step path
