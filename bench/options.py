@@ -108,10 +108,15 @@ def main(argv=None):
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
-    text = markdown(measure(backends, args.rounds, args.repeat), args.rounds, args.repeat)
+    report(markdown(measure(backends, args.rounds, args.repeat), args.rounds, args.repeat),
+           args.markdown)
+
+
+def report(text, path=None):
+    """Print the table, and write it to ``path`` too when one is given."""
     print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text)
 
 

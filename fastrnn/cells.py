@@ -130,6 +130,9 @@ class Cell:
     activations: tuple = None
     clip: float = None      # ONNX's clip: gate pre-activations clipped to [-clip, clip]
     input_forget: bool = False  # ONNX's input_forget (LSTM): f = 1 - i
+    # layer normalization (Ba, Kiros and Hinton 2016): the epsilon of its variance, None for a
+    # cell without; the step's products and (LSTM) its new cell state are normalized
+    layer_norm_eps: float = None
     params: tuple = field(init=False)
     # whether h is a projection of the LSTM's output, h = w_hr (o * tanh(c)) (PyTorch's
     # proj_size): h is P wide, c and the gates H; from extra_params (w_hr)
@@ -179,14 +182,18 @@ class Cell:
 
     @property
     def plain(self):
-        """Whether the cell has the mode's usual activations, no clip and no input_forget: the
-        compiled backends then run its own step pair, else the step pair with options."""
+        """Whether the cell has the mode's usual activations, no clip and no input_forget (and
+        no layer norm): the compiled backends then run its own step pair, else the step pair
+        with options (or the layer-normalized one)."""
         return self.code in PLAIN_CODES
 
     def option_values(self):
         """The options as the compiled step pairs with options read them, a tuple of floats:
         (clip (inf: none), input_forget (0 or 1), then per activation slot of ACTIVATION_SLOTS
-        (kind, alpha, beta), kind the index in ACTIVATIONS; unused slots (-1, 0, 0))."""
+        (kind, alpha, beta), kind the index in ACTIVATIONS; unused slots (-1, 0, 0)). A
+        layer-normalized cell's: (eps,)."""
+        if self.layer_norm:
+            return (self.layer_norm_eps,)       # a layer-normalized cell has no other option
         values = [math.inf if self.clip is None else float(self.clip), float(self.input_forget)]
         for k in range(ACTIVATION_SLOTS):
             if k < len(self.activations):
@@ -207,6 +214,18 @@ class Cell:
     @property
     def phases(self):
         return len(self.products)
+
+    @property
+    def layer_norm(self):
+        """Whether the cell is layer-normalized (see LAYER_NORM_CODES)."""
+        return self.layer_norm_eps is not None
+
+    @property
+    def norm_rows(self):
+        """How many gain and shift vectors the normalization has (LSTM 6: ln_ih, ln_hh,
+        ln_cell; GRU 4), 0 without; the compiled backends take them as the rows of one
+        (norm_rows, G*H) array, the cell's ones in their first H entries."""
+        return sum(p.name.startswith("ln_") for p in self.extra_params)
 
     @property
     def peephole(self):
@@ -318,6 +337,28 @@ GRU_RESET_BEFORE = Cell("gru_reset_before", 5, "GRU", ("r", "z", "n"),
                         saved=(("rh", 1),))
 
 CELLS = {c.name: c for c in (RNN_TANH, RNN_RELU, LSTM, LSTM_PEEPHOLE, GRU, GRU_RESET_BEFORE)}
+
+# Layer-normalized cells (Ba, Kiros and Hinton 2016, section 3.1): the input product W_ih x and
+# the recurrent product W_hh h are each normalized over the step's G*H gate pre-activations,
+# with a gain and a shift of their own, before the biases are added:
+#     a = LN(W_ih x; ln_ih) + LN(W_hh h; ln_hh) + b_ih + b_hh
+# LSTM: c' = f c + i g as usual, and h' = o tanh(LN(c'; ln_cell)) over the H units; the
+# carried c' is not normalized. GRU reset after: the n block's recurrent part is the
+# normalized product's n block (plus b_hn), which r then multiplies. GRU reset before: its two
+# products are normalized apart (r, z over 2H, the n block's product of r * h over H); the
+# input product over all 3H. LN(v; w) = (v - mean(v)) / sqrt(var(v) + eps) * w.weight +
+# w.bias, var the biased variance, eps ``layer_norm_eps``. Gains start at 1, shifts at 0.
+# The records keep the raw products of each step ("ax", "ah") for backward, which recomputes
+# the means and variances from them.
+LAYER_NORM_CODES = {"LSTM": 9, "GRU": 10}
+LAYER_NORM_EPS = 1e-5
+_LN_PARAMS = {
+    "LSTM": tuple(Param(f"ln_{part}_{kind}", f"ln_{part}_{kind}", (size,))
+                  for part, size in (("ih", "G*H"), ("hh", "G*H"), ("cell", "H"))
+                  for kind in ("weight", "bias")),
+    "GRU": tuple(Param(f"ln_{part}_{kind}", f"ln_{part}_{kind}", ("G*H",))
+                 for part in ("ih", "hh") for kind in ("weight", "bias")),
+}
 PLAIN_CODES = tuple(c.code for c in CELLS.values())
 
 # The step pairs with options (ONNX's activations, clip, input_forget), one per mode: a cell
@@ -328,11 +369,14 @@ OPTIONS_CODES = {"RNN": 6, "LSTM": 7, "GRU": 8}
 
 
 def cell_for(mode, nonlinearity="tanh", peephole=False, reset_after=True, activations=None,
-             clip=None, input_forget=False, projected=False):
+             clip=None, input_forget=False, projected=False, layer_norm_eps=None):
     """The cell record a layer class with these options uses (``activations`` already
-    resolved by ``activation_slots``; ``projected``: an LSTM with PyTorch's proj_size)."""
+    resolved by ``activation_slots``; ``projected``: an LSTM with PyTorch's proj_size;
+    ``layer_norm_eps``: a layer-normalized LSTM or GRU, see LAYER_NORM_CODES)."""
     cell = _options_cell(mode, nonlinearity, peephole, reset_after, activations, clip,
                          input_forget)
+    if layer_norm_eps is not None:
+        cell = _layer_norm_cell(cell, layer_norm_eps)
     if projected:
         if mode != "LSTM":
             raise ValueError(f"projected: only LSTM cells have a projection, not {mode}")
@@ -346,6 +390,23 @@ def unprojected(cell):
     cell as (see ``fastrnn.projection``); made once per record, not on every call."""
     return dataclasses.replace(cell, extra_params=tuple(p for p in cell.extra_params
                                                         if p.name != "w_hr"))
+
+
+def _layer_norm_cell(cell, eps):
+    if cell.mode not in LAYER_NORM_CODES:
+        raise ValueError(f"layer_norm: only LSTM and GRU cells are layer-normalized, not "
+                         f"{cell.mode}")
+    if not cell.plain:
+        raise ValueError("layer_norm: not with ONNX's activations, clip or input_forget")
+    if cell.peephole:
+        raise ValueError("layer_norm: not with peephole connections")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise ValueError(f"layer_norm_eps: expected a positive finite number, got {eps!r}")
+    G = cell.num_gates
+    return dataclasses.replace(cell, code=LAYER_NORM_CODES[cell.mode], layer_norm_eps=float(eps),
+                               extra_params=cell.extra_params + _LN_PARAMS[cell.mode],
+                               saved=cell.saved + (("ax", G), ("ah", G)),
+                               hidden_side=tuple(range(G)))
 
 
 def _options_cell(mode, nonlinearity, peephole, reset_after, activations, clip, input_forget):

@@ -218,10 +218,12 @@ _CELLS = {"lstm": layers.LSTM, "gru": layers.GRU}
 _GATES = {"lstm": 4, "gru": 3}
 
 
-def num_params(vocab_size, embed, hidden, layers, cell):
+def num_params(vocab_size, embed, hidden, layers, cell, layer_norm=False):
     """The parameter count of ``CharLM`` with these sizes, computed without building it."""
     V, E, H, L, G = vocab_size, embed, hidden, layers, _GATES[cell]
     rnn = G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2)
+    if layer_norm:      # gains and shifts of both products (and of an LSTM's cell state)
+        rnn += L * (4 * G * H + (2 * H if cell == "lstm" else 0))
     return V * E + rnn + H * V + V
 
 
@@ -252,13 +254,13 @@ class CharLM:
     """
 
     def __init__(self, vocab_size, *, embed=64, hidden=256, layers=2, cell="lstm",
-                 dropout=0.0, dtype=np.float32, backend="auto", seed=None):
+                 dropout=0.0, layer_norm=False, dtype=np.float32, backend="auto", seed=None):
         if cell not in _CELLS:
             raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
         sizes = {name: _positive_int(name, value) for name, value in
                  (("vocab_size", vocab_size), ("embed", embed), ("hidden", hidden),
                   ("layers", layers))}
-        count = num_params(**sizes, cell=cell)
+        count = num_params(**sizes, cell=cell, layer_norm=bool(layer_norm))
         need = 2 * count * np.dtype(dtype).itemsize              # the weights and their gradients
         have = physical_memory()
         if have is not None and need > have:
@@ -269,8 +271,8 @@ class CharLM:
                 f"{format_bytes(have)} of memory")
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3)]
         self.embedding = Embedding(vocab_size, embed, dtype=dtype, seed=seeds[0])
-        self.rnn = _CELLS[cell](embed, hidden, layers, dropout=dropout, dtype=dtype,
-                                backend=backend, seed=seeds[1])
+        self.rnn = _CELLS[cell](embed, hidden, layers, dropout=dropout, layer_norm=layer_norm,
+                                dtype=dtype, backend=backend, seed=seeds[1])
         self.head = Linear(hidden, vocab_size, dtype=dtype, seed=seeds[2])
         self.cell = cell
         self.dtype = np.dtype(dtype)
@@ -284,7 +286,8 @@ class CharLM:
         return {"vocab_size": int(self.embedding.num_embeddings),
                 "embed": int(self.embedding.embedding_dim), "hidden": int(self.rnn.hidden_size),
                 "layers": int(self.rnn.num_layers), "cell": self.cell,
-                "dropout": float(self.rnn.dropout), "dtype": self.dtype.name}
+                "dropout": float(self.rnn.dropout), "layer_norm": self.rnn.layer_norm,
+                "dtype": self.dtype.name}
 
     @property
     def backend(self):

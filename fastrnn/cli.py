@@ -38,7 +38,7 @@ BACKEND_CHOICES = ("auto", "reference", "numba", "cython")
 # The options that make a run: fixed by the checkpoint on --resume. Their defaults:
 RUN_DEFAULTS = {"cell": "lstm", "hidden": 256, "layers": 2, "embed": 64, "window": 100,
                 "bptt": None, "batch": 32, "lr": 2e-3, "clip": 5.0, "dropout": 0.0,
-                "dtype": "float32", "seed": 0}
+                "layer_norm": False, "dtype": "float32", "seed": 0}
 EXIT_STATUSES = """\
 exit status:
   0    done
@@ -137,6 +137,9 @@ def build_parser():
     train.add_argument("--dropout", type=_fraction, default=run,
                        help="dropout between recurrent layers, so only with --layers 2 or more "
                             "(default 0)")
+    train.add_argument("--layer-norm", action="store_true", default=run,
+                       help="layer-normalized LSTM or GRU cells (the products and the LSTM's "
+                            "cell state normalized; see the README)")
     train.add_argument("--dtype", choices=("float32", "float64"), default=run,
                        help="floating-point type (default float32)")
     train.add_argument("--seed", type=_int_at_least(0), default=run,
@@ -456,7 +459,7 @@ def _training_memory(options, vocab_size):
     moments, and one update's activations."""
     itemsize = np.dtype(options["dtype"]).itemsize
     params = charlm.num_params(vocab_size, options["embed"], options["hidden"],
-                               options["layers"], options["cell"])
+                               options["layers"], options["cell"], options["layer_norm"])
     steps = (options["bptt"] or options["window"]) * options["batch"]
     per_step = (options["embed"] + options["layers"] * options["hidden"] * 8 + 3 * vocab_size)
     return params, (4 * params + steps * per_step) * itemsize
@@ -499,7 +502,8 @@ def _run_options(args):
         raise charlm.CheckpointError(
             f"checkpoint {args.resume}: holds no training state (saved by an older fastrnn or "
             "without it); it can be sampled but not resumed")
-    return dict(config["options"]), (model, vocab, config, training)
+    # a checkpoint from before an option existed ran with its default
+    return {**RUN_DEFAULTS, **config["options"]}, (model, vocab, config, training)
 
 
 def _train(args):
@@ -574,8 +578,9 @@ def _prepare(args):
         _check_memory(options, len(vocab))
         model = charlm.CharLM(len(vocab), embed=options["embed"], hidden=options["hidden"],
                               layers=options["layers"], cell=options["cell"],
-                              dropout=options["dropout"], dtype=options["dtype"],
-                              backend=args.backend, seed=options["seed"])
+                              dropout=options["dropout"], layer_norm=options["layer_norm"],
+                              dtype=options["dtype"], backend=args.backend,
+                              seed=options["seed"])
     return options, resumed, corpus, text_path, digest, vocab, model
 
 
@@ -590,7 +595,8 @@ def _train_prepared(args, started, options, resumed, corpus, text_path, digest, 
     print(f"model:  {options['layers']}-layer {options['cell'].upper()}, hidden "
           f"{options['hidden']}, embedding {options['embed']}, {model.num_params():,} "
           f"parameters, {options['dtype']}, backend {model.backend}"
-          + (f", dropout {options['dropout']:g}" if options["dropout"] else ""))
+          + (f", dropout {options['dropout']:g}" if options["dropout"] else "")
+          + (", layer norm" if options["layer_norm"] else ""))
     print(("resume: " if resumed else "train:  ")
           + (f"from update {first} of {args.resume}, " if resumed else "")
           + f"{args.steps} updates of {options['batch']} streams x {options['window']} steps"

@@ -35,6 +35,9 @@ class FunctionalCache:
 
 def _cell(name):
     if isinstance(name, Cell):          # a record with options, e.g. a layer's m.cell
+        if name.layer_norm:
+            raise ValueError("cell: a layer-normalized cell is not taken here yet; use "
+                             "fastrnn.LSTM or GRU(..., layer_norm=True)")
         if name.projected:
             raise ValueError("cell: a projected LSTM (proj_size) is not taken here, whose h0 "
                              "and w_hh are not H wide; use fastrnn.LSTM(..., proj_size=P)")

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _scratch
 from . import dispatch as _backends
-from .cells import activation_slots, cell_for
+from .cells import LAYER_NORM_EPS, activation_slots, cell_for
 
 __all__ = ["RNN", "LSTM", "GRU", "Cache"]
 
@@ -231,7 +231,7 @@ class _RNNBase:
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, merge="concat", init="pytorch",
                  recurrent_dropout=0.0, activations=None, clip=None, activation=None,
-                 recurrent_activation=None,
+                 recurrent_activation=None, layer_norm=False, layer_norm_eps=LAYER_NORM_EPS,
                  dtype=np.float32, backend="auto", seed=None, proj_size=0, _cell_options=None,
                  _input_forget=False):
         self.input_size = _positive_int("input_size", input_size)
@@ -277,12 +277,30 @@ class _RNNBase:
         if init not in INITS:
             raise ValueError(f"init: expected one of {', '.join(map(repr, INITS))}, got {init!r}")
         self.init = init
-        self.cell = _cell_choice(self.mode, dict(_cell_options or {},
-                                                 projected=self.proj_size > 0),
-                                 activations, activation, recurrent_activation, clip,
-                                 _input_forget)
+        self.layer_norm = _flag("layer_norm", layer_norm)
+        cell_options = dict(_cell_options or {}, projected=self.proj_size > 0)
+        if self.layer_norm:
+            cell_options["layer_norm_eps"] = layer_norm_eps
+        self.cell = _cell_choice(self.mode, cell_options, activations, activation,
+                                 recurrent_activation, clip, _input_forget)
         self.backend = _backends.resolve(backend)
         self._kernels = _backends.get_backend(self.backend)
+        if self.layer_norm and backend == "auto" and not os.environ.get("FASTRNN_BACKEND") \
+                and not getattr(self._kernels, "HAS_LAYER_NORM", False):
+            # "auto": the fastest backend that has layer-normalized cells
+            available = _backends.backends()
+            self.backend = next(name for name in _backends.AUTO_ORDER if name in available and
+                                getattr(_backends.get_backend(name), "HAS_LAYER_NORM", False))
+            self._kernels = _backends.get_backend(self.backend)
+        if self.layer_norm and not getattr(self._kernels, "HAS_LAYER_NORM", False):
+            raise ValueError(f"layer_norm: the {self.backend} backend has no layer-normalized "
+                             f"cells yet; backend='reference' or 'numba' has them")
+        if self.layer_norm and self.proj_size and self.backend != "reference":
+            # the compiled backends run a projection as an unprojected cell whose first
+            # recurrent product is part of the input product (fastrnn.projection), which a
+            # normalization of each product apart does not allow
+            raise ValueError(f"proj_size: with layer_norm=True on the reference backend only "
+                             f"so far, not {self.backend}")
         seed_seq = _seed_sequence(seed)
         init_seed, dropout_seed = seed_seq.spawn(2)
         # the dropout masks come from this generator; set it to replay the same masks
@@ -320,6 +338,7 @@ class _RNNBase:
 
     def __setstate__(self, state):
         state.setdefault("proj_size", 0)         # pickled before proj_size existed
+        state.setdefault("layer_norm", False)    # and before layer_norm
         self.__dict__.update(state)
         for store in (self.params, self.grads):     # copies come 16-byte aligned
             for name, p in store.items():
@@ -365,7 +384,7 @@ class _RNNBase:
     def _backend_call_step(self):
         """The backend's one-step call, which knows only concatenated directions of cells
         without a projection."""
-        if self._merged or self.proj_size:
+        if self._merged or self.proj_size or self.cell.layer_norm:
             return None
         return getattr(self._kernels, "layer_call_step", None)
 
@@ -378,6 +397,7 @@ class _RNNBase:
                 "recurrent_dropout": self.recurrent_dropout,
                 "options": None if self.cell.plain else (   # ONNX's: a cell with options
                     self.cell.activations, self.cell.clip, self.cell.input_forget),
+                "layer_norm_eps": self.cell.layer_norm_eps,
                 "dtype": self.dtype.name, "backend": self.backend}
 
     # -- parameters ------------------------------------------------------------------------
@@ -404,7 +424,11 @@ class _RNNBase:
         params = {}
         for name, shape in self._param_shapes().items():
             params[name] = _aligned_zeros(shape, self.dtype)
-            if self.init == "pytorch":
+            if name.startswith("ln_"):
+                # layer norm: gains 1, shifts 0 (either init)
+                if "_weight_" in name:
+                    params[name][...] = 1.0
+            elif self.init == "pytorch":
                 params[name][...] = rng.uniform(-bound, bound, size=shape)
             elif name.startswith(("weight_ih", "weight_hr")):
                 # Keras's kernel is this transposed, (I, G*H): fans I and G*H either way

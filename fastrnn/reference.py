@@ -19,6 +19,8 @@ compiled backends, so the same tests drive all of them.
 import numpy as np
 from scipy.special import expit as sigmoid
 
+HAS_LAYER_NORM = True           # layer-normalized cells (fastrnn.cells.LAYER_NORM_CODES)
+
 
 # ---------------------------------------------------------------------------------------------
 # ONNX's activations (fastrnn.cells.ACTIVATIONS) and their slopes, of the clipped pre-activation
@@ -116,23 +118,27 @@ def _blocks(a, count, H):
 # The recurrent products, with recurrent dropout: p["mask"] (G, rows, H), one mask per gate
 # block (Keras's), the step's rows, or absent. Block g's product is of h * mask[g].
 
-def _hidden(h, p, g0, g1, H=None):
-    """h @ w_hh[blocks g0..g1-1].T + b_hh there, each block of h * mask[g] when masked; H the
-    width of a gate block when it is not h's (a projected LSTM)."""
+def _hidden(h, p, g0, g1, H=None, bias=True):
+    """h @ w_hh[blocks g0..g1-1].T + b_hh there (bias=False: without it), each block of
+    h * mask[g] when masked; H the width of a gate block when it is not h's (a projected
+    LSTM)."""
     w, b, mask = p["w_hh"], p["b_hh"], p.get("mask")
     H = h.shape[1] if H is None else H
     if mask is None:
-        return h @ w[g0 * H:g1 * H].T + b[g0 * H:g1 * H]
-    return np.concatenate([(h * mask[g]) @ w[g * H:(g + 1) * H].T for g in range(g0, g1)],
-                          axis=1) + b[g0 * H:g1 * H]
+        product = h @ w[g0 * H:g1 * H].T
+    else:
+        product = np.concatenate([(h * mask[g]) @ w[g * H:(g + 1) * H].T
+                                  for g in range(g0, g1)], axis=1)
+    return product + b[g0 * H:g1 * H] if bias else product
 
 
-def _hidden_backward(d, h, p, grads, g0, g1, H=None):
-    """Backward of _hidden for d = dL/d(its result): ADDS into grads' w_hh, b_hh; returns
-    dL/dh."""
+def _hidden_backward(d, h, p, grads, g0, g1, H=None, bias=True):
+    """Backward of _hidden for d = dL/d(its result): ADDS into grads' w_hh (and b_hh unless
+    bias=False); returns dL/dh."""
     w, mask = p["w_hh"], p.get("mask")
     H = h.shape[1] if H is None else H
-    grads["b_hh"][g0 * H:g1 * H] += d.sum(axis=0)
+    if bias:
+        grads["b_hh"][g0 * H:g1 * H] += d.sum(axis=0)
     if mask is None:
         grads["w_hh"][g0 * H:g1 * H] += d.T @ h
         return d @ w[g0 * H:g1 * H]
@@ -317,6 +323,151 @@ def gru_reset_before_step_backward(cell, d_state_new, saved, p, grads):
     return np.concatenate([da_rz, da_n], axis=1), (dh_prev,)
 
 
+# ---------------------------------------------------------------------------------------------
+# Layer normalization (fastrnn.cells.LAYER_NORM_CODES): LN(v) = (v - mean) / sqrt(var + eps)
+# * weight + bias over each row of v. The step pairs of the layer-normalized cells get x_proj
+# WITHOUT b_ih (layer_forward leaves it to them: it is added after the normalization) and
+# return the gradient of that product; they add b_ih's gradient themselves.
+
+def _layer_norm(v, weight, bias, eps):
+    """LN of each row of v, and what its backward needs (the normalized rows, 1 / std)."""
+    centered = v - v.mean(axis=1, keepdims=True)
+    rstd = 1 / np.sqrt((centered * centered).mean(axis=1, keepdims=True) + eps)
+    v_hat = centered * rstd
+    return v_hat * weight + bias, (v_hat, rstd)
+
+
+def _layer_norm_backward(d, kept, weight, grads, name, start=0, stop=None):
+    """Backward of _layer_norm for d = dL/d(its result): ADDS into grads' ln_<name>_weight and
+    _bias (entries [start, stop) of them); returns dL/dv."""
+    v_hat, rstd = kept
+    grads[f"ln_{name}_weight"][start:stop] += (d * v_hat).sum(axis=0)
+    grads[f"ln_{name}_bias"][start:stop] += d.sum(axis=0)
+    dv_hat = d * weight
+    return rstd * (dv_hat - dv_hat.mean(axis=1, keepdims=True)
+                   - v_hat * (dv_hat * v_hat).mean(axis=1, keepdims=True))
+
+
+# LSTM:  a = LN(W_ih x) + LN(W_hh h) + b_ih + b_hh;  c_new = f c + i g;
+#        h_new = o tanh(LN(c_new))  (then w_hr's projection, when the cell has one)
+
+def lstm_layer_norm_step_forward(cell, ax, state, p):
+    h, c = state
+    H = c.shape[1]
+    eps = cell.layer_norm_eps
+    _blocks(ax, 4, H)
+    ah = _hidden(h, p, 0, 4, H, bias=False)
+    nx, kept_x = _layer_norm(ax, p["ln_ih_weight"], p["ln_ih_bias"], eps)
+    nh, kept_h = _layer_norm(ah, p["ln_hh_weight"], p["ln_hh_bias"], eps)
+    a_i, a_f, a_g, a_o = _blocks(nx + nh + p["b_ih"] + p["b_hh"], 4, H)
+    i, f, g, o = sigmoid(a_i), sigmoid(a_f), np.tanh(a_g), sigmoid(a_o)
+    c_new = f * c + i * g
+    nc, kept_c = _layer_norm(c_new, p["ln_cell_weight"], p["ln_cell_bias"], eps)
+    tanh_nc = np.tanh(nc)
+    m = o * tanh_nc
+    h_new = m @ p["w_hr"].T if "w_hr" in p else m
+    return (h_new, c_new), {"h": h, "c": c, "i": i, "f": f, "g": g, "o": o, "c_new": c_new,
+                            "m": m, "tanh_nc": tanh_nc, "ax": ax, "ah": ah,
+                            "ln": (kept_x, kept_h, kept_c)}
+
+
+def lstm_layer_norm_step_backward(cell, d_state_new, saved, p, grads):
+    dh_new, dc_new = d_state_new
+    h, c, i, f, g, o, tanh_nc = (saved[k] for k in ("h", "c", "i", "f", "g", "o", "tanh_nc"))
+    kept_x, kept_h, kept_c = saved["ln"]
+    if "w_hr" in p:
+        grads["w_hr"] += dh_new.T @ saved["m"]
+        dm = dh_new @ p["w_hr"]
+    else:
+        dm = dh_new
+    # m = o * tanh(LN(c_new))
+    do = dm * tanh_nc
+    dc = dc_new + _layer_norm_backward(dm * o * (1 - tanh_nc ** 2), kept_c,
+                                       p["ln_cell_weight"], grads, "cell")
+    # c_new = f * c + i * g
+    da = np.concatenate([dc * g * i * (1 - i), dc * c * f * (1 - f), dc * i * (1 - g ** 2),
+                         do * o * (1 - o)], axis=1)
+    dc_prev = dc * f
+    # a = LN(ax) + LN(ah) + b_ih + b_hh
+    grads["b_ih"] += da.sum(axis=0)
+    grads["b_hh"] += da.sum(axis=0)
+    dax = _layer_norm_backward(da, kept_x, p["ln_ih_weight"], grads, "ih")
+    dah = _layer_norm_backward(da, kept_h, p["ln_hh_weight"], grads, "hh")
+    dh_prev = _hidden_backward(dah, h, p, grads, 0, 4, c.shape[1], bias=False)
+    return dax, (dh_prev, dc_prev)
+
+
+# GRU, reset after:  nx = LN(W_ih x) + b_ih, nh = LN(W_hh h) + b_hh (each over 3H);
+#     r = sigmoid(nx_r + nh_r), z = sigmoid(nx_z + nh_z), n = tanh(nx_n + r * nh_n)
+# GRU, reset before: nh_rz = LN(W_hrz h) + b_hrz (over 2H), nh_n = LN(W_hn (r * h)) + b_hn
+#     (over H), n = tanh(nx_n + nh_n); ln_hh's first 2H entries serve the first, the rest the
+#     second.  Both: h_new = (1 - z) * n + z * h
+
+def gru_layer_norm_step_forward(cell, ax, state, p):
+    (h,) = state
+    H = h.shape[1]
+    eps = cell.layer_norm_eps
+    ln_w, ln_b, b_hh = p["ln_hh_weight"], p["ln_hh_bias"], p["b_hh"]
+    _blocks(ax, 3, H)
+    nx, kept_x = _layer_norm(ax, p["ln_ih_weight"], p["ln_ih_bias"], eps)
+    x_r, x_z, x_n = _blocks(nx + p["b_ih"], 3, H)
+    reset_after = cell.phases == 1
+    ah = _hidden(h, p, 0, 3 if reset_after else 2, bias=False)
+    nh, kept_h = _layer_norm(ah, ln_w[:ah.shape[1]], ln_b[:ah.shape[1]], eps)
+    nh = nh + b_hh[:ah.shape[1]]
+    r = sigmoid(x_r + nh[:, :H])
+    z = sigmoid(x_z + nh[:, H:2 * H])
+    saved = {"h": h, "r": r, "z": z, "ax": ax, "ln": [kept_x, kept_h]}
+    if reset_after:
+        hn = nh[:, 2 * H:]
+        n = np.tanh(x_n + r * hn)
+        saved.update(hn=hn, ah=ah)
+    else:
+        mask = p.get("mask")
+        rh = r * (h if mask is None else h * mask[2])
+        ah_n = rh @ p["w_hh"][2 * H:].T
+        nh_n, kept_n = _layer_norm(ah_n, ln_w[2 * H:], ln_b[2 * H:], eps)
+        n = np.tanh(x_n + nh_n + b_hh[2 * H:])
+        saved.update(rh=rh, ah=np.concatenate([ah, ah_n], axis=1))
+        saved["ln"].append(kept_n)
+    h_new = (1 - z) * n + z * h
+    saved["n"] = n
+    return (h_new,), saved
+
+
+def gru_layer_norm_step_backward(cell, d_state_new, saved, p, grads):
+    (dh_new,) = d_state_new
+    h, r, z, n = (saved[k] for k in ("h", "r", "z", "n"))
+    H = h.shape[1]
+    ln_w = p["ln_hh_weight"]
+    # h_new = (1 - z) * n + z * h
+    dh_prev = dh_new * z
+    da_n = dh_new * (1 - z) * (1 - n ** 2)
+    da_z = dh_new * (h - n) * z * (1 - z)
+    if cell.phases == 1:
+        # n = tanh(nx_n + r * nh_n)
+        da_r = da_n * saved["hn"] * r * (1 - r)
+        dnh = np.concatenate([da_r, da_z, da_n * r], axis=1)
+    else:
+        # n = tanh(nx_n + LN(W_hn rh) + b_hn), rh = r * h (h * mask[2] with recurrent dropout)
+        grads["b_hh"][2 * H:] += da_n.sum(axis=0)
+        dah_n = _layer_norm_backward(da_n, saved["ln"][2], ln_w[2 * H:], grads, "hh", 2 * H)
+        grads["w_hh"][2 * H:] += dah_n.T @ saved["rh"]
+        drh = dah_n @ p["w_hh"][2 * H:]
+        mask = p.get("mask")
+        dh_prev = dh_prev + drh * (r if mask is None else r * mask[2])
+        da_r = drh * (h if mask is None else h * mask[2]) * r * (1 - r)
+        dnh = np.concatenate([da_r, da_z], axis=1)
+    width = dnh.shape[1]
+    grads["b_hh"][:width] += dnh.sum(axis=0)
+    dah = _layer_norm_backward(dnh, saved["ln"][1], ln_w[:width], grads, "hh", 0, width)
+    dh_prev = dh_prev + _hidden_backward(dah, h, p, grads, 0, width // H, bias=False)
+    da = np.concatenate([da_r, da_z, da_n], axis=1)
+    grads["b_ih"] += da.sum(axis=0)
+    dax = _layer_norm_backward(da, saved["ln"][0], p["ln_ih_weight"], grads, "ih")
+    return dax, (dh_prev,)
+
+
 # the step pair of each cell: the one place the reference chooses by cell
 STEPS = {
     "rnn_tanh": (rnn_step_forward, rnn_step_backward),
@@ -326,6 +477,14 @@ STEPS = {
     "gru": (gru_step_forward, gru_step_backward),
     "gru_reset_before": (gru_reset_before_step_forward, gru_reset_before_step_backward),
 }
+LAYER_NORM_STEPS = {
+    "LSTM": (lstm_layer_norm_step_forward, lstm_layer_norm_step_backward),
+    "GRU": (gru_layer_norm_step_forward, gru_layer_norm_step_backward),
+}
+
+
+def _step_pair(cell):
+    return LAYER_NORM_STEPS[cell.mode] if cell.layer_norm else STEPS[cell.name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +505,14 @@ def _time_order(T, reverse):
 def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
                   recurrent_mask=None):
     # threads: accepted for the contract; the reference runs on the calling thread
-    step_forward, _ = STEPS[cell.name]
+    step_forward, _ = _step_pair(cell)
     p = dict(zip(cell.param_names, params))
     if not train:
         recurrent_mask = None                                 # masks act in training only
     T = x.shape[0]
-    x_proj = x @ p["w_ih"].T + p["b_ih"]                      # (T, B, G*H)
+    x_proj = x @ p["w_ih"].T                                  # (T, B, G*H)
+    if not cell.layer_norm:
+        x_proj += p["b_ih"]
     state = tuple(s.copy() for s in state0)
     steps = []                                                # (t, rows, saved) in time order
     for t in _time_order(T, reverse):
@@ -374,7 +535,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
 
 
 def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None):
-    _, step_backward = STEPS[cell.name]
+    _, step_backward = _step_pair(cell)
     x, p, lengths, reverse = cache.x, cache.p, cache.lengths, cache.reverse
     T = x.shape[0]
     grads = dict(zip(cell.param_names, dparams))
@@ -390,9 +551,10 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
             dx_proj, d_old = step_backward(cell, tuple(d_new), saved, saved["p"], grads)
             for d, d_o in zip(d_state, d_old):
                 d[rows] = d_o
-            # x_proj = W_ih x + b_ih
+            # x_proj = W_ih x + b_ih (layer-normalized cells: b_ih is the step's)
             grads["w_ih"] += dx_proj.T @ x[t, rows]
-            grads["b_ih"] += dx_proj.sum(axis=0)
+            if not cell.layer_norm:
+                grads["b_ih"] += dx_proj.sum(axis=0)
             dx[t, rows] += dx_proj @ p["w_ih"]
         # the state gradient leaving step t crosses the boundary to the step before it in time
         # order (t - 1 forward, t + 1 reverse); truncation cuts boundaries at multiples of k

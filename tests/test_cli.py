@@ -167,8 +167,8 @@ def library_run(text, options, steps):
     train, heldout = charlm.split_text(text, 0.1)
     vocab = Vocabulary.from_text(text)
     model = CharLM(len(vocab), embed=o["embed"], hidden=o["hidden"], layers=o["layers"],
-                   cell=o["cell"], dropout=o["dropout"], dtype=o["dtype"],
-                   backend=o.get("backend", "reference"), seed=o["seed"])
+                   cell=o["cell"], dropout=o["dropout"], layer_norm=o["layer_norm"],
+                   dtype=o["dtype"], backend=o.get("backend", "reference"), seed=o["seed"])
     trainer = charlm.Trainer(model, vocab.encode(train), vocab.encode(heldout), batch=o["batch"],
                              window=o["window"], k2=o["bptt"], lr=o["lr"], clip=o["clip"])
     updates = [trainer.update() for _ in range(steps)]
@@ -176,7 +176,12 @@ def library_run(text, options, steps):
 
 
 def _argv(options):
-    return [a for k, v in options.items() for a in (f"--{k}", str(v))]
+    """The command line of these run options (a flag, such as --layer-norm, when True)."""
+    argv = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        argv += [flag] if v is True else [] if v is False else [flag, str(v)]
+    return argv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +189,8 @@ def _argv(options):
 
 # every run option away from its default (--bptt > --window: the history windows of BPTT(k1, k2))
 RUN_OPTIONS = {"cell": "gru", "hidden": 6, "layers": 3, "embed": 5, "window": 6, "bptt": 9,
-               "batch": 3, "lr": 0.01, "clip": 0.05, "dropout": 0.3, "dtype": "float64",
-               "seed": 7}
+               "batch": 3, "lr": 0.01, "clip": 0.05, "dropout": 0.3, "layer_norm": True,
+               "dtype": "float64", "seed": 7}
 
 
 def test_every_train_option_does_what_the_library_does(tmp_path, text_file):
@@ -198,7 +203,7 @@ def test_every_train_option_does_what_the_library_does(tmp_path, text_file):
                        "--backend", "reference", "--eval-every", "2", "--sample-length", "17",
                        "--temperature", "0.3", "--out", out)
     assert proc.returncode == 0, proc.stderr
-    assert "3-layer GRU, hidden 6, embedding 5" in proc.stdout
+    assert "3-layer GRU, hidden 6, embedding 5" in proc.stdout and "layer norm" in proc.stdout
     assert "backend reference" in proc.stdout                     # not auto's choice
     assert re.search(r"held-out \d\.\d{3} bits/char", proc.stderr)  # evaluated before the end
     model, vocab, config = charlm.load_checkpoint(out, backend="reference")

@@ -110,8 +110,11 @@ RNN_OPTIONS = cells.OPTIONS_CODES["RNN"]
 LSTM_OPTIONS = cells.OPTIONS_CODES["LSTM"]
 GRU_OPTIONS = cells.OPTIONS_CODES["GRU"]
 # the codes with a step pair here: fastrnn._numba refuses a record with another one
+LSTM_NORM = cells.LAYER_NORM_CODES["LSTM"]
+GRU_NORM = cells.LAYER_NORM_CODES["GRU"]
+
 CODES = (RNN_TANH, RNN_RELU, LSTM, LSTM_PEEPHOLE, GRU, GRU_RESET_BEFORE, RNN_OPTIONS,
-         LSTM_OPTIONS, GRU_OPTIONS)
+         LSTM_OPTIONS, GRU_OPTIONS, LSTM_NORM, GRU_NORM)
 
 # plan[0], the forward loop
 ROWS, UNITS = 0, 1
@@ -320,6 +323,22 @@ def lstm_forward_row(b, cols, peep, params, step):
 
 
 @njit(**config.KERNEL)
+def lstm_cell_backward(a, c_old, da, dc_row):
+    """The i, f, g blocks of an LSTM row's gate gradient from dc_row = dL/dc', which becomes
+    dL/dc (a: the row's activated gates)."""
+    one = da.dtype.type(1)
+    H = dc_row.shape[0]
+    for j in range(H):
+        # c' = f * c + i * g
+        dc_new = dc_row[j]
+        i, f, g = a[j], a[H + j], a[2 * H + j]
+        da[j] = dc_new * g * i * (one - i)                                 # da_i
+        da[H + j] = dc_new * c_old[j] * f * (one - f)                      # da_f
+        da[2 * H + j] = dc_new * i * (one - g * g)                         # da_g
+        dc_row[j] = dc_new * f                                             # dc
+
+
+@njit(**config.KERNEL)
 def lstm_backward_row(b, peep, params, cache_t, grads_t):
     peephole = params[4]
     gates, _, c, c_new, _ = cache_t
@@ -342,14 +361,7 @@ def lstm_backward_row(b, peep, params, cache_t, grads_t):
             # a_o = ... + p_o * c'
             dc_row[j] += da[3 * H + j] * p[2, j]
             dp[2 * H + j] += da[3 * H + j] * c_nw[j]
-    for j in range(H):
-        # c' = f * c + i * g
-        dc_new = dc_row[j]
-        i, f, g = a[j], a[H + j], a[2 * H + j]
-        da[j] = dc_new * g * i * (one - i)                                 # da_i
-        da[H + j] = dc_new * c_old[j] * f * (one - f)                      # da_f
-        da[2 * H + j] = dc_new * i * (one - g * g)                         # da_g
-        dc_row[j] = dc_new * f                                             # dc
+    lstm_cell_backward(a, c_old, da, dc_row)
     if peep:
         p, dp = peephole, dpeep[b]
         for j in range(H):
@@ -479,23 +491,27 @@ def gru_reset_before_forward_row(b, cols, phase, params, step):
 
 
 @njit(**config.KERNEL)
+def gru_rh_backward(a, h_old, ds, da, dh_row):
+    """rh = r * h of a reset-before GRU row, backward for ds = dL/drh: da_r into da's r block
+    and the part of dL/dh through rh added into dh_row."""
+    one = da.dtype.type(1)
+    for j in range(dh_row.shape[0]):
+        r = a[j]
+        da[j] = ds[j] * h_old[j] * r * (one - r)                           # da_r
+    for j in range(dh_row.shape[0]):
+        dh_row[j] += ds[j] * a[j]
+
+
+@njit(**config.KERNEL)
 def gru_reset_before_backward_row(b, phase, cache_t, grads_t):
     gates, h, _, _, _ = cache_t
     dgates, _, _, dh, _, dsaved, _, _ = grads_t
-    one = dh.dtype.type(1)
-    H = dh.shape[1]
     a, h_old, da, dh_row = gates[b], h[b], dgates[b], dh[b]
     if phase == 1:
         gru_zn_backward_row(a, h_old, da, dh_row)
         # product 1 after this pass: dsaved = da_n @ W_hn
     else:
-        ds = dsaved[b]
-        for j in range(H):
-            # rh = r * h
-            r = a[j]
-            da[j] = ds[j] * h_old[j] * r * (one - r)                       # da_r
-        for j in range(H):
-            dh_row[j] += ds[j] * a[j]
+        gru_rh_backward(a, h_old, dsaved[b], da, dh_row)
         # product 0 after this pass: dh += da_rz @ w_hh[:2H]
 
 
@@ -867,11 +883,13 @@ def gru_options_backward_row(b, phase, reset_after, params, cache_t, grads_t):
 # step pairs; the loops have the options array and compile them.
 
 def options_forward_row(code, phase, reset_after, b, cols, params, step, options):
-    """The forward row of an options cell (compiled through the overload below)."""
+    """The forward row of a cell that reads params[5], ``options``: an options cell or a
+    layer-normalized one (compiled through the overload below: to nothing where options is
+    None, the one-step kernel's, which runs neither)."""
 
 
 def options_backward_row(code, phase, reset_after, b, params, cache_t, grads_t, options):
-    """The backward row of an options cell (compiled through the overload below)."""
+    """The backward row of a cell that reads params[5] (see options_forward_row)."""
 
 
 @overload(options_forward_row, jit_options=config.KERNEL)
@@ -886,6 +904,10 @@ def _options_forward_row_overload(code, phase, reset_after, b, cols, params, ste
             lstm_options_forward_row(b, cols, params, step)
         elif code == GRU_OPTIONS:
             gru_options_forward_row(b, cols, phase, reset_after, params, step)
+        elif code == LSTM_NORM:
+            lstm_norm_forward_row(b, params, step)
+        elif code == GRU_NORM:
+            gru_norm_forward_row(b, phase, reset_after, params, step)
     return impl
 
 
@@ -902,7 +924,254 @@ def _options_backward_row_overload(code, phase, reset_after, b, params, cache_t,
             lstm_options_backward_row(b, params, cache_t, grads_t)
         elif code == GRU_OPTIONS:
             gru_options_backward_row(b, phase, reset_after, params, cache_t, grads_t)
+        elif code == LSTM_NORM:
+            lstm_norm_backward_row(b, params, cache_t, grads_t)
+        elif code == GRU_NORM:
+            gru_norm_backward_row(b, phase, reset_after, params, cache_t, grads_t)
     return impl
+
+
+# Layer-normalized cells (cells.LAYER_NORM_CODES), the batch-row loop only (a row's
+# normalization needs all its units). params[4], ``norm``, holds the gains and shifts as rows
+# of G*H: ln_ih weight, bias, ln_hh weight, bias (LSTM: then ln_cell weight, bias, first H
+# entries); params[5] is (eps,). In training the saved buffer keeps each step's raw products
+# after the cell's own saved columns, ax = x W_ih^T (G*H) then ah (G*H: h W_hh^T, the
+# reset-before GRU's product 0 then product 1); backward recomputes the means and variances
+# from them, and the gradients of norm's rows (ln_ih bias: that of b_ih too; ln_hh bias: of
+# b_hh) are summed per row in grads_t[6], like the peepholes'.
+
+@njit(**config.KERNEL)
+def norm_stats(v, eps):
+    """(mean, 1 / sqrt(var + eps)) of the vector v, var the biased variance; in v's dtype
+    (eps is a float64, as are the sizes' quotients in Numba: cast, or float32 rows would be
+    computed in float64)."""
+    dt = v.dtype.type
+    inv_n = dt(1) / dt(v.shape[0])
+    total = dt(0)
+    for k in range(v.shape[0]):
+        total += v[k]
+    mean = total * inv_n
+    total = dt(0)
+    for k in range(v.shape[0]):
+        d = v[k] - mean
+        total += d * d
+    return mean, dt(1) / math.sqrt(total * inv_n + dt(eps))
+
+
+@njit(**config.KERNEL)
+def norm_backward(d, raw, gain, eps, out, dgain, dshift):
+    """Backward of LN(raw) * gain + shift for d, its gradient: out = dL/draw (out may be d),
+    dgain += d * LN(raw), dshift += d."""
+    n = raw.shape[0]
+    mean, rstd = norm_stats(raw, eps)
+    s1 = raw.dtype.type(0)
+    s2 = raw.dtype.type(0)
+    inv_n = raw.dtype.type(1) / raw.dtype.type(n)
+    for k in range(n):
+        v_hat = (raw[k] - mean) * rstd
+        dgain[k] += d[k] * v_hat
+        dshift[k] += d[k]
+        dv_hat = d[k] * gain[k]
+        s1 += dv_hat
+        s2 += dv_hat * v_hat
+    s1 *= inv_n
+    s2 *= inv_n
+    for k in range(n):
+        v_hat = (raw[k] - mean) * rstd
+        out[k] = rstd * (d[k] * gain[k] - s1 - v_hat * s2)
+
+
+@njit(**config.KERNEL)
+def norm_add(v, gain, shift, bias, eps, out):
+    """out = (out +) LN(v) * gain + shift + bias; out is v itself or holds the other term."""
+    mean, rstd = norm_stats(v, eps)
+    for k in range(v.shape[0]):
+        out[k] = ((v[k] - mean) * rstd * gain[k] + shift[k]) + bias[k]
+
+
+# LSTM:  a = LN(ax) + LN(ah) + b_ih + b_hh;  c' = f c + i g;  h' = o tanh(LN(c'))
+
+@njit(**config.KERNEL)
+def lstm_norm_forward_row(b, params, step):
+    _, _, b_ih, b_hh, norm, options = params
+    gates, hh, _, h_new, c, c_new, saved, y = step
+    eps = options[0]
+    H = h_new.shape[1]
+    GH = 4 * H
+    a, hg = gates[b], hh[b]
+    if saved.shape[0] > 0:                      # training: the raw products for backward
+        kept = saved[b]
+        for k in range(GH):
+            kept[k] = a[k]
+        for k in range(GH):
+            kept[GH + k] = hg[k]
+    mean_x, rstd_x = norm_stats(a, eps)
+    mean_h, rstd_h = norm_stats(hg, eps)
+    g_x, s_x, g_h, s_h = norm[0], norm[1], norm[2], norm[3]
+    for k in range(GH):
+        a[k] = (((a[k] - mean_x) * rstd_x * g_x[k] + s_x[k])
+                + ((hg[k] - mean_h) * rstd_h * g_h[k] + s_h[k]) + b_ih[k]) + b_hh[k]
+    for k in range(H):
+        a[k] = sigmoid(a[k])
+    for k in range(H, 2 * H):
+        a[k] = sigmoid(a[k])
+    for k in range(2 * H, 3 * H):
+        a[k] = tanh(a[k])
+    for k in range(3 * H, GH):
+        a[k] = sigmoid(a[k])
+    c_row, c_new_row, h_new_row, y_row = c[b], c_new[b], h_new[b], y[b]
+    for k in range(H):
+        c_new_row[k] = a[H + k] * c_row[k] + a[k] * a[2 * H + k]          # c' = f c + i g
+    mean_c, rstd_c = norm_stats(c_new_row, eps)
+    g_c, s_c = norm[4], norm[5]
+    for k in range(H):
+        h_new_row[k] = a[3 * H + k] * tanh((c_new_row[k] - mean_c) * rstd_c * g_c[k] + s_c[k])
+    for k in range(H):
+        y_row[k] = h_new_row[k]
+
+
+@njit(**config.KERNEL)
+def lstm_norm_backward_row(b, params, cache_t, grads_t):
+    _, _, _, _, norm, options = params
+    gates, _, c, c_new, saved = cache_t
+    dgates, dgates_hh, dhh, dh, dc, _, sums, _ = grads_t
+    eps = options[0]
+    one = dh.dtype.type(1)
+    H = dh.shape[1]
+    GH = 4 * H
+    a, c_old, c_nw, da, dh_row, dc_row = gates[b], c[b], c_new[b], dgates[b], dh[b], dc[b]
+    row_sums, g_c, s_c = sums[b], norm[4], norm[5]
+    # h' = o * tanh(LN(c')); da's i block holds LN(c') without gain, its f block the gradient
+    # of the normalized c' times the gain, until the i, f, g gradients overwrite them
+    mean_c, rstd_c = norm_stats(c_nw, eps)
+    for j in range(H):
+        c_hat = (c_nw[j] - mean_c) * rstd_c
+        t = tanh(c_hat * g_c[j] + s_c[j])
+        o = a[3 * H + j]
+        da[3 * H + j] = dh_row[j] * t * o * (one - o)                     # da_o
+        d_ln = dh_row[j] * o * (one - t * t)
+        row_sums[4 * GH + j] += d_ln * c_hat                               # ln_cell weight
+        row_sums[5 * GH + j] += d_ln                                       # ln_cell bias
+        da[j] = c_hat
+        da[H + j] = d_ln * g_c[j]
+    s1 = dh.dtype.type(0)
+    s2 = dh.dtype.type(0)
+    for j in range(H):
+        s1 += da[H + j]
+        s2 += da[H + j] * da[j]
+    s1 *= one / dh.dtype.type(H)
+    s2 *= one / dh.dtype.type(H)
+    for j in range(H):
+        dc_row[j] += rstd_c * (da[H + j] - s1 - da[j] * s2)               # dc'
+    lstm_cell_backward(a, c_old, da, dc_row)
+    # a = LN(ax) + LN(ah) + b_ih + b_hh: da is the gradient of both normalizations
+    kept, d_ah = saved[b], dgates_hh[b]
+    norm_backward(da, kept[GH:2 * GH], norm[2], eps, d_ah, row_sums[2 * GH:3 * GH],
+                  row_sums[3 * GH:4 * GH])
+    norm_backward(da, kept[:GH], norm[0], eps, da, row_sums[:GH], row_sums[GH:2 * GH])
+    d_hidden = dhh[b]
+    for j in range(GH):
+        d_hidden[j] = d_ah[j]
+    for j in range(H):
+        dh_row[j] = 0  # dL/dh is all dhh @ w_hh: the product after this pass
+
+
+# GRU:  nx = LN(ax) + b_ih;  reset after: nh = LN(ah) + b_hh, n = tanh(nx_n + r * nh_n);
+# reset before (phase 0: r, z, rh; phase 1: n, h'): nh_rz = LN(ah_rz) + b_hrz, and
+# n = tanh(nx_n + LN(ah_n) + b_hn), ah_n = rh W_hn^T. Saved: the plain cell's (hn or rh),
+# then ax (3H) and ah (3H). The gates buffer keeps r, z, n as the plain cells', and between
+# the reset-before GRU's phases nx_n in the n block.
+
+@njit(**config.KERNEL)
+def gru_norm_forward_row(b, phase, reset_after, params, step):
+    _, _, b_ih, b_hh, norm, options = params
+    gates, hh, h, _, _, _, saved, _ = step
+    eps = options[0]
+    H = h.shape[1]
+    GH = 3 * H
+    a, hg = gates[b], hh[b]
+    keep = saved.shape[0] > 0 and saved.shape[1] > H      # training (else at most rh)
+    g_h, s_h = norm[2], norm[3]
+    if phase == 1:
+        # reset before: n = tanh(nx_n + LN(ah_n) + b_hn), then h'
+        hg_n = hg[2 * H:]
+        if keep:
+            kept = saved[b]
+            for k in range(H):
+                kept[6 * H + k] = hg_n[k]
+        mean_n, rstd_n = norm_stats(hg_n, eps)
+        a_n = a[2 * H:]
+        for k in range(H):
+            a_n[k] = tanh((a_n[k] + ((hg_n[k] - mean_n) * rstd_n * g_h[2 * H + k]
+                                     + s_h[2 * H + k])) + b_hh[2 * H + k])
+        gru_new_state_row(b, 0, H, a[H:2 * H], a_n, step)
+        return
+    width = GH if reset_after else 2 * H          # the normalized recurrent product
+    if keep:
+        kept = saved[b]
+        for k in range(GH):
+            kept[H + k] = a[k]
+        for k in range(width):
+            kept[4 * H + k] = hg[k]
+    norm_add(a, norm[0], norm[1], b_ih, eps, a)                           # nx
+    norm_add(hg[:width], g_h, s_h, b_hh, eps, hg)                         # nh
+    for k in range(2 * H):
+        a[k] = sigmoid(a[k] + hg[k])                                       # r, z
+    if reset_after:
+        for k in range(H):
+            a[2 * H + k] = tanh(a[2 * H + k] + a[k] * hg[2 * H + k])       # n
+        if keep:
+            kept = saved[b]
+            for k in range(H):
+                kept[k] = hg[2 * H + k]                                    # hn
+        gru_new_state_row(b, 0, H, a[H:2 * H], a[2 * H:], step)
+    else:
+        rh_row, h_row = saved[b], h[b]
+        for k in range(H):
+            rh_row[k] = a[k] * h_row[k]       # product 1: hh's n block = rh @ W_hn.T
+
+
+@njit(**config.KERNEL)
+def gru_norm_backward_row(b, phase, reset_after, params, cache_t, grads_t):
+    _, _, _, _, norm, options = params
+    gates, h, _, _, saved = cache_t
+    dgates, dgates_hh, dhh, dh, _, dsaved, sums, _ = grads_t
+    eps = options[0]
+    one = dh.dtype.type(1)
+    H = dh.shape[1]
+    GH = 3 * H
+    a, h_old, da, dh_row, kept = gates[b], h[b], dgates[b], dh[b], saved[b]
+    d_ah, d_hidden, row_sums = dgates_hh[b], dhh[b], sums[b]
+    g_h = norm[2]
+    if reset_after or phase == 1:
+        gru_zn_backward_row(a, h_old, da, dh_row)      # da_z, da_n; dh_row *= z
+    if reset_after:
+        for j in range(H):
+            r = a[j]
+            d_ah[2 * H + j] = da[2 * H + j] * r      # the n block of LN(ah)'s gradient
+            da[j] = da[2 * H + j] * kept[j] * r * (one - r)                # da_r (kept: hn)
+        for j in range(2 * H):
+            d_ah[j] = da[j]
+        norm_backward(d_ah, kept[4 * H:7 * H], g_h, eps, d_ah, row_sums[2 * GH:3 * GH],
+                      row_sums[3 * GH:4 * GH])
+    elif phase == 1:
+        # n = tanh(nx_n + LN(ah_n) + b_hn): product 1 after this pass, dsaved = d_ah_n @ W_hn
+        norm_backward(da[2 * H:], kept[6 * H:7 * H], g_h[2 * H:], eps, d_ah[2 * H:],
+                      row_sums[2 * GH + 2 * H:3 * GH], row_sums[3 * GH + 2 * H:4 * GH])
+        for j in range(2 * H, GH):
+            d_hidden[j] = d_ah[j]
+        return
+    else:
+        gru_rh_backward(a, h_old, dsaved[b], da, dh_row)
+        for j in range(2 * H):
+            d_ah[j] = da[j]
+        norm_backward(d_ah[:2 * H], kept[4 * H:6 * H], g_h[:2 * H], eps, d_ah[:2 * H],
+                      row_sums[2 * GH:2 * GH + 2 * H], row_sums[3 * GH:3 * GH + 2 * H])
+    width = GH if reset_after else 2 * H
+    for j in range(width):
+        d_hidden[j] = d_ah[j]
+    # nx = LN(ax) + b_ih: da is its gradient
+    norm_backward(da, kept[H:4 * H], norm[0], eps, da, row_sums[:GH], row_sums[GH:2 * GH])
 
 
 # =============================================================================================
@@ -2139,11 +2408,12 @@ def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
                 if masked:
                     # rh = r * (h * mask[n]): the phase made r * h
                     scale_columns(step[6], mask[second])
-                # hh[:, n0:] = saved @ w_hh[n0:].T                             (B, n1)
+                # hh[:, n0:] = saved[:, :H] @ w_hh[n0:].T  (the saved buffers' first H
+                # columns: a layer-normalized cell keeps its products after them)  (B, n1)
                 if packed:
-                    step_product(P, amx_h, amx_1, panels1, n1, step[6], hh, n0, False)
+                    step_product(P, amx_h, amx_1, panels1, n1, step[6][:, :H], hh, n0, False)
                 else:
-                    gemm(step[6], NO_TRANS, w_hh[n0:], TRANS, hh[:, n0:], 0.0)
+                    gemm(step[6][:, :H], NO_TRANS, w_hh[n0:], TRANS, hh[:, n0:], 0.0)
             forward_pass(spec, phase, t, lengths, params, step)
 
 
@@ -2267,8 +2537,10 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
     += D.T @ its source and db_hh[its blocks] += D.sum(0), D = dgates except on the
     hidden-side blocks, dgates_hh. pool = (P, use_amx, amx_flat), P > 0: packed products and
     column sums on P threads (use_amx: on the tile unit from amx.MIN_ROWS rows, packing into
-    amx_flat, the loop's, when it is big enough); P = 0: BLAS."""
-    _, G, _, _, second, hidden_blocks, first_hidden = spec
+    amx_flat, the loop's, when it is big enough); P = 0: BLAS. A layer-normalized cell's bias
+    gradients are not these sums but its row sums' (see its step pair)."""
+    code, G, _, _, second, hidden_blocks, first_hidden = spec
+    biases = code != LSTM_NORM and code != GRU_NORM
     P, use_amx, amx_flat = pool
     w_ih = params[0]
     dpeep, ones = grads[6], grads[7]
@@ -2298,13 +2570,15 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
             if P > 0:
                 one_off_product(P, use_amx, w_ih.T, I, d_in, dx2, flat, amx_flat)
                 any_weight_gradient(P, use_amx, d_in, x2, dw_ih, flat, amx_flat)
-                column_sums(P, d_in, sums)
-                for j in range(GH):
-                    db_ih[j] += sums[j]
+                if biases:
+                    column_sums(P, d_in, sums)
+                    for j in range(GH):
+                        db_ih[j] += sums[j]
             else:
                 gemm(d_in, NO_TRANS, w_ih, NO_TRANS, dx2, 1.0)
                 gemm(d_in, TRANS, x2, NO_TRANS, dw_ih, 1.0)
-                gemm(ones2, NO_TRANS, d_in, NO_TRANS, db_ih.reshape((1, GH)), 1.0)
+                if biases:
+                    gemm(ones2, NO_TRANS, d_in, NO_TRANS, db_ih.reshape((1, GH)), 1.0)
         g0, g1 = (0, second) if k == 0 else (second, G)
         runs = hidden_side_runs(g0, g1, first_hidden, hidden_blocks)
         for r in range(3):
@@ -2324,13 +2598,17 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
                             source_masked[row, j] = source[row, j] * mask[g, b, j]
                     gemm(d[:, (g - a0) * H:(g - a0 + 1) * H], TRANS, source_masked, NO_TRANS,
                          dw_hh[g * H:(g + 1) * H], 1.0)
-                gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
+                if biases:
+                    gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
                 continue
             if P == 0:
                 gemm(d, TRANS, source, NO_TRANS, dw_hh[a0 * H:a1 * H], 1.0)
-                gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
+                if biases:
+                    gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
                 continue
             any_weight_gradient(P, use_amx, d, source, dw_hh[a0 * H:a1 * H], flat, amx_flat)
+            if not biases:
+                continue
             if r == 1:
                 column_sums(P, d, db)
             else:

@@ -62,6 +62,9 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     if layer.cell.name not in ONNX_CELLS:
         raise ValueError(f"layer: its cell {layer.cell.name!r} has no ONNX form here (export "
                          f"writes {', '.join(ONNX_CELLS)})")
+    if layer.cell.layer_norm:
+        raise ValueError("layer: layer_norm=True has no ONNX form (ONNX's LSTM and GRU "
+                         "operators have no normalization)")
     if getattr(layer, "proj_size", 0):
         raise ValueError(f"layer: proj_size={layer.proj_size} has no ONNX form (ONNX's LSTM "
                          f"operator has no projection)")
