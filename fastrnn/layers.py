@@ -294,7 +294,7 @@ class _RNNBase:
             self._kernels = _backends.get_backend(self.backend)
         if self.layer_norm and not getattr(self._kernels, "HAS_LAYER_NORM", False):
             raise ValueError(f"layer_norm: the {self.backend} backend has no layer-normalized "
-                             f"cells yet; backend='reference' or 'numba' has them")
+                             f"cells")
         if self.layer_norm and self.proj_size and self.backend != "reference":
             # the compiled backends run a projection as an unprojected cell whose first
             # recurrent product is part of the input product (fastrnn.projection), which a

@@ -118,11 +118,13 @@ cdef extern from "amx.h" nogil:
                         Py_ssize_t ldo, int accumulate)
 
 from blas cimport gemm, gemv
-from steps cimport (GRU, GRU_OPTIONS, GRU_RESET_BEFORE, LSTM, LSTM_OPTIONS, LSTM_PEEPHOLE,
-                    NUM_CODES, RNN_OPTIONS, RNN_RELU, RNN_TANH,
-                    gru_backward_row, gru_forward_row, gru_options_backward_row,
+from steps cimport (GRU, GRU_NORM, GRU_OPTIONS, GRU_RESET_BEFORE, LSTM, LSTM_NORM,
+                    LSTM_OPTIONS, LSTM_PEEPHOLE, NUM_CODES, RNN_OPTIONS, RNN_RELU, RNN_TANH,
+                    gru_backward_row, gru_forward_row, gru_norm_backward_row,
+                    gru_norm_forward_row, gru_options_backward_row,
                     gru_options_forward_row, gru_reset_before_backward_row,
                     gru_reset_before_forward_row, lstm_backward_row, lstm_forward_row,
+                    lstm_norm_backward_row, lstm_norm_forward_row,
                     lstm_options_backward_row, lstm_options_forward_row, rnn_backward_row,
                     rnn_forward_row, rnn_options_backward_row, rnn_options_forward_row)
 
@@ -427,6 +429,8 @@ cdef struct CellSpec:
     Py_ssize_t first_hidden
     int phases                  # 1, or 2 with a product 1
     bint peephole               # a peephole parameter (3, H)
+    Py_ssize_t row_sums         # per-row gradient sums of Params.peephole, in units of H:
+                                # 3 (peepholes), norm rows * G (layer norm), 0
 
 
 cdef struct Sizes:
@@ -440,7 +444,8 @@ cdef struct Params:
     const void* w_hh            # (G*H, H), rows ld_hh apart
     const void* b_ih            # (G*H,)
     const void* b_hh            # (G*H,)
-    const void* peephole        # (3, H); NULL for cells without one
+    const void* peephole        # (3, H); a layer-normalized cell's gains and shifts, (rows,
+                                # G*H) (fastrnn.cells.Cell.norm_rows); NULL for other cells
     int ld_ih, ld_hh
     const double* options       # cells.Cell.option_values(); NULL for a plain cell
 
@@ -477,7 +482,8 @@ cdef struct BackLayout:
     Py_ssize_t dh               # (B, H)       dL/dh of the state the loop has reached
     Py_ssize_t dc               # (B, H)       dL/dc, states == 2
     Py_ssize_t dsaved           # (B, H)       the gradient of product 1's source
-    Py_ssize_t dpeep            # (B, 3H)      per-row sums of da_i*c, da_f*c, da_o*c'
+    Py_ssize_t dpeep            # (B, row_sums*H) per-row sums: da_i*c, da_f*c, da_o*c' (or a
+                                #              layer-normalized cell's gains and shifts)
     Py_ssize_t ones             # (T*B,)       ones, for the bias gradients as GEMV
     Py_ssize_t size
 
@@ -518,6 +524,7 @@ cdef CellSpec _cell_spec(cell) except *:
                          f"Cython backend (kernels/steps.pxd)")
     spec.phases = 2 if spec.second_block < spec.G else 1
     spec.peephole = cell.peephole
+    spec.row_sums = 3 if cell.peephole else cell.norm_rows * spec.G
     return spec
 
 
@@ -563,8 +570,8 @@ cdef BackLayout _back_layout(const CellSpec* cell, Sizes n) noexcept:
         K.dc = at; at += BH
     if cell.phases > 1:
         K.dsaved = at; at += BH
-    if cell.peephole:
-        K.dpeep = at; at += 3 * BH
+    if cell.row_sums:
+        K.dpeep = at; at += cell.row_sums * BH
     K.ones = at; at += n.T * n.B
     K.size = at
     return K
@@ -663,6 +670,13 @@ cdef void forward_row(const Call* call, floating* ws, int phase, Py_ssize_t t, P
     elif code == GRU_OPTIONS:
         gru_options_forward_row(phase, call.cell.phases == 1, gates, saved, h_new, y, hh, b_ih,
                                 b_hh, h, call.p.options, n, H)
+    elif code == LSTM_NORM:             # whole rows (the batch-row loop): j0 = 0, n = H
+        lstm_norm_forward_row(gates, h_new, c_new, y, saved if call.train else NULL, hh, b_ih,
+                              b_hh, c, peephole, call.p.options[0], H)
+    elif code == GRU_NORM:
+        gru_norm_forward_row(phase, call.cell.phases == 1, gates, saved,
+                             saved + H if call.train else NULL, h_new, y, hh, b_ih, b_hh, h,
+                             peephole, call.p.options[0], H)
 
 
 cdef void forward_pass(const Call* call, floating* ws, int phase, Py_ssize_t t, Py_ssize_t cur,
@@ -1206,7 +1220,7 @@ cdef void backward_row(const Call* call, const floating* ws, floating* bws, int 
     if call.K.dsaved >= 0:
         dsaved = bws + call.K.dsaved + b * H
     if call.K.dpeep >= 0:
-        dpeep = bws + call.K.dpeep + b * 3 * H
+        dpeep = bws + call.K.dpeep + b * call.cell.row_sums * H
     if call.L.saved >= 0:
         saved = ws + call.L.saved + row * call.cell.saved_width * H
     if phase + 1 == call.cell.phases and call.dy != NULL:
@@ -1230,6 +1244,13 @@ cdef void backward_row(const Call* call, const floating* ws, floating* bws, int 
     elif code == GRU_OPTIONS:
         gru_options_backward_row(phase, call.cell.phases == 1, dgates, dhh, dgates_hh, dh,
                                  dsaved, gates, h, saved, call.p.options, H)
+    elif code == LSTM_NORM:
+        lstm_norm_backward_row(dgates, dgates_hh, dhh, dh, dc, dpeep, gates, c, c_new, saved,
+                               <const floating*>call.p.peephole, call.p.options[0], H)
+    elif code == GRU_NORM:
+        gru_norm_backward_row(phase, call.cell.phases == 1, dgates, dgates_hh, dhh, dh, dsaved,
+                              dpeep, gates, h, saved, saved + H,
+                              <const floating*>call.p.peephole, call.p.options[0], H)
 
 
 cdef void backward_pass(const Call* call, const floating* ws, floating* bws, int phase,
@@ -1496,6 +1517,25 @@ cdef bint _is_float32(object x) except -1:
 _options = {}
 
 
+def _norm_params(tuple params, cell):
+    """A layer-normalized cell's parameters as the kernels take them: w_ih, w_hh, b_ih, b_hh
+    and the gains and shifts as the rows of one (cell.norm_rows, G*H) array (the LSTM's
+    ln_cell ones in the first H entries), in the peephole's place."""
+    norm = np.zeros((cell.norm_rows, params[0].shape[0]), params[0].dtype)
+    for row, p in zip(norm, params[4:]):
+        row[:p.shape[0]] = p
+    return tuple(params[:4]) + (norm,)
+
+
+def _norm_gradients(dnorm, tuple dparams):
+    """Adds the (norm_rows, G*H) gradient of the gains and shifts into dparams: ln_ih bias's
+    is b_ih's too, ln_hh bias's b_hh's."""
+    for row, d in zip(dnorm, dparams[4:]):
+        d += row[:d.shape[0]]
+    dparams[2][...] += dnorm[1]
+    dparams[3][...] += dnorm[3]
+
+
 cdef Params _params(tuple params, Py_ssize_t item, cell) except *:
     # params in cells.Cell.param_names order: w_ih, w_hh, b_ih, b_hh[, peephole]; the cell's
     # options (NULL for a plain cell)
@@ -1560,6 +1600,8 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
     if T * B >= 2**31 or G * H * max(I, H) >= 2**31:
         raise ValueError(f"x: T*B = {T * B} rows or G*H = {G * H} columns are too many for BLAS")
     call.sizes = Sizes(T=T, B=B, I=I, H=H)
+    if cell.layer_norm:
+        params = _norm_params(params, cell)     # kept in the cache below: call points into it
     call.p = _params(params, item, cell)
     call.L = _layout(&call.cell, call.sizes, train)
     call.lengths = <const int64_t*>_data(lengths)
@@ -1580,9 +1622,10 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         call.y = cnp.PyArray_DATA(<cnp.ndarray?>y_work)
         call.y_step, call.y_row = y_work.strides[0] // item, y_work.strides[1] // item
         limit = _thread_limit(threads)
+        # a layer-normalized row needs all its units: never the unit-split loop
         units = _unit_threads(G, H, H, B, limit, _UNIT_PARALLEL_MIN) \
             if B <= (_small_batch_max_train if train else _small_batch_max) \
-            and call.mask == NULL else 0
+            and call.mask == NULL and not cell.layer_norm else 0
         plan.loop = UNITS if units else ROWS
         plan.threads = units if units else min(_pass_threads, limit)
         plan.pool = _pool_threads(limit, threads is not None)
@@ -1632,8 +1675,9 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
     slots = (call.K.dh, call.K.dc)
     for k in range(call.cell.states):
         bws[slots[k]: slots[k] + BH] = 0 if dstate_n[k] is None else dstate_n[k].reshape(-1)
+    cdef Py_ssize_t sums = call.cell.row_sums * BH
     if call.K.dpeep >= 0:
-        bws[call.K.dpeep: call.K.dpeep + 3 * BH] = 0
+        bws[call.K.dpeep: call.K.dpeep + sums] = 0
     call.truncate = 0 if truncate is None else truncate
     cdef void* ws_data = cnp.PyArray_DATA(<cnp.ndarray>ws)
     cdef void* bws_data = cnp.PyArray_DATA(<cnp.ndarray>bws)
@@ -1647,6 +1691,11 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
         # gradients BLAS cannot add into in place are summed into zeros first, then added
         grads = [dx, *dparams[:4]]
         work = [g if _blas_ready(g) else np.zeros(g.shape, dtype) for g in grads]
+        if cell.layer_norm:
+            # the loop's bias sums are of the raw products' gradients, not the biases': they
+            # go to scratch, and the biases get the row sums' below
+            work[3], work[4] = (np.zeros(call.cell.G * H, dtype) for _ in range(2))
+            grads[3] = grads[4] = None
         call.d.dx, call.d.dw_ih, call.d.dw_hh = _data(work[0]), _data(work[1]), _data(work[2])
         call.d.db_ih, call.d.db_hh = _data(work[3]), _data(work[4])
         call.d.dx_step = work[0].strides[0] // item
@@ -1663,11 +1712,14 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
             else:
                 backward_loop[double](&call, <double*>ws_data, <double*>bws_data, passes, pool)
         for g, w in zip(grads, work):
-            if w is not g:
+            if w is not g and g is not None:
                 g += w
-        if call.K.dpeep >= 0:
+        if cell.layer_norm:
+            _norm_gradients(bws[call.K.dpeep: call.K.dpeep + sums]
+                            .reshape(B, cell.norm_rows, call.cell.G * H).sum(axis=0), dparams)
+        elif call.K.dpeep >= 0:
             dpeephole = dparams[4]
-            dpeephole += bws[call.K.dpeep: call.K.dpeep + 3 * BH].reshape(B, 3, H).sum(axis=0)
+            dpeephole += bws[call.K.dpeep: call.K.dpeep + sums].reshape(B, 3, H).sum(axis=0)
     for k in range(call.cell.states):
         d0 = dstate0[k]
         d0 += bws[slots[k]: slots[k] + BH].reshape(B, H)

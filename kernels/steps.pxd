@@ -28,7 +28,8 @@
 # write one or two arrays; the row (a few KB) stays in L1 between them.
 from cython cimport floating
 
-from libc.math cimport INFINITY, exp, expm1, fabs, log1p
+from libc.math cimport INFINITY, exp, expm1, fabs, log1p, sqrt
+from libc.string cimport memcpy
 
 from activations cimport (relu, relu_backward, sigmoid, sigmoid_inplace, tanh_, tanh_inplace,
                           tanh_into)
@@ -44,7 +45,9 @@ cdef enum:
     RNN_OPTIONS = 6             # cells.OPTIONS_CODES: the step pairs with options
     LSTM_OPTIONS = 7
     GRU_OPTIONS = 8
-    NUM_CODES = 9               # one past the last: a new cell's code goes before it
+    LSTM_NORM = 9               # cells.LAYER_NORM_CODES: the layer-normalized step pairs
+    GRU_NORM = 10
+    NUM_CODES = 11              # one past the last: a new cell's code goes before it
 
 
 cdef inline void _preactivation(floating* gates, const floating* hh, const floating* b_ih,
@@ -128,6 +131,22 @@ cdef inline void lstm_forward_row(floating* gates, floating* h_new, floating* c_
         h_new[j] = y[j]
 
 
+cdef inline void _lstm_igf_backward(floating* dgates, const floating* dc,
+                                    const floating* gates, const floating* c,
+                                    Py_ssize_t H) noexcept nogil:
+    # c' = f * c + i * g: the i, f, g blocks of dgates from dc = dL/dc'
+    cdef Py_ssize_t j
+    cdef const floating* i = gates
+    cdef const floating* f = gates + H
+    cdef const floating* g = gates + 2 * H
+    for j in range(H):
+        dgates[j] = dc[j] * g[j] * i[j] * (1 - i[j])
+    for j in range(H):
+        dgates[H + j] = dc[j] * c[j] * f[j] * (1 - f[j])
+    for j in range(H):
+        dgates[2 * H + j] = dc[j] * i[j] * (1 - g[j] * g[j])
+
+
 cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
                                    floating* dpeephole,
                                    const floating* gates, const floating* c,
@@ -135,13 +154,10 @@ cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
                                    Py_ssize_t H) noexcept nogil:
     # dpeephole (3H): this row's running sums of da_i*c, da_f*c, da_o*c' (NULL without peepholes)
     cdef Py_ssize_t j
-    cdef const floating* i = gates
     cdef const floating* f = gates + H
-    cdef const floating* g = gates + 2 * H
     cdef const floating* o = gates + 3 * H
     cdef floating* da_i = dgates
     cdef floating* da_f = dgates + H
-    cdef floating* da_g = dgates + 2 * H
     cdef floating* da_o = dgates + 3 * H
     # h' = o * tanh(c'); tanh(c') passes through da_o
     tanh_into(da_o, c_new, H)
@@ -154,12 +170,7 @@ cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
         for j in range(H):
             dc[j] = dc[j] + da_o[j] * peephole[2 * H + j]
     # c' = f * c + i * g
-    for j in range(H):
-        da_i[j] = dc[j] * g[j] * i[j] * (1 - i[j])
-    for j in range(H):
-        da_f[j] = dc[j] * c[j] * f[j] * (1 - f[j])
-    for j in range(H):
-        da_g[j] = dc[j] * i[j] * (1 - g[j] * g[j])
+    _lstm_igf_backward(dgates, dc, gates, c, H)
     if peephole != NULL:
         # a_i = ... + p_i * c;  a_f = ... + p_f * c
         for j in range(H):
@@ -639,3 +650,231 @@ cdef inline void gru_options_backward_row(int phase, bint reset_after, floating*
         for j in range(H):
             da_r[j] = dsaved[j] * h[j]                                   # dr
         slope_block(act_f, gates, da_r, H)                               # da_r
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-normalized cells (cells.LAYER_NORM_CODES), whole rows only (the batch-row loop): see
+# the Numba backend's kernels.py, whose step pairs these are. ``norm``: the gains and shifts as
+# rows of G*H (ln_ih weight, bias, ln_hh weight, bias; the LSTM's ln_cell weight, bias in the
+# first H entries of rows 4 and 5); ``kept``: the row's saved buffer from its ax column on
+# (after the plain cell's own), where training keeps the raw products, NULL in inference;
+# ``sums`` (rows * G*H): this row's running sums of the gradients of norm's rows.
+
+cdef inline void _norm_stats(const floating* v, Py_ssize_t n, double eps, floating* mean,
+                             floating* rstd) noexcept nogil:
+    # mean and 1 / sqrt(var + eps) of v[0..n), the biased variance, two passes
+    cdef Py_ssize_t k
+    cdef floating total = 0, m, d
+    for k in range(n):
+        total = total + v[k]
+    m = total / n
+    total = 0
+    for k in range(n):
+        d = v[k] - m
+        total = total + d * d
+    mean[0] = m
+    rstd[0] = <floating>(1 / sqrt(total / n + eps))
+
+
+cdef inline void _norm_backward(const floating* d, const floating* raw, const floating* gain,
+                                double eps, floating* out, floating* dgain, floating* dshift,
+                                Py_ssize_t n) noexcept nogil:
+    # backward of LN(raw) * gain + shift for d, its gradient: out = dL/draw (out may be d),
+    # dgain += d * LN(raw), dshift += d
+    cdef Py_ssize_t k
+    cdef floating mean, rstd, v_hat, dv, s1 = 0, s2 = 0
+    _norm_stats(raw, n, eps, &mean, &rstd)
+    for k in range(n):
+        v_hat = (raw[k] - mean) * rstd
+        dgain[k] = dgain[k] + d[k] * v_hat
+        dshift[k] = dshift[k] + d[k]
+        dv = d[k] * gain[k]
+        s1 = s1 + dv
+        s2 = s2 + dv * v_hat
+    s1 = s1 / n
+    s2 = s2 / n
+    for k in range(n):
+        v_hat = (raw[k] - mean) * rstd
+        out[k] = rstd * (d[k] * gain[k] - s1 - v_hat * s2)
+
+
+cdef inline void _norm_add(floating* out, const floating* v, const floating* gain,
+                           const floating* shift, const floating* bias, double eps,
+                           Py_ssize_t n) noexcept nogil:
+    # out = LN(v) * gain + shift + bias (out may be v)
+    cdef Py_ssize_t k
+    cdef floating mean, rstd
+    _norm_stats(v, n, eps, &mean, &rstd)
+    for k in range(n):
+        out[k] = ((v[k] - mean) * rstd * gain[k] + shift[k]) + bias[k]
+
+
+# LSTM:  a = LN(ax) + LN(ah) + b_ih + b_hh;  c' = f c + i g;  h' = o tanh(LN(c'))
+
+cdef inline void lstm_norm_forward_row(floating* gates, floating* h_new, floating* c_new,
+                                       floating* y, floating* kept, const floating* hh,
+                                       const floating* b_ih, const floating* b_hh,
+                                       const floating* c, const floating* norm, double eps,
+                                       Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j, GH = 4 * H
+    cdef floating mean_x, rstd_x, mean_h, rstd_h, mean_c, rstd_c
+    cdef floating* i = gates
+    cdef floating* f = gates + H
+    cdef floating* g = gates + 2 * H
+    cdef floating* o = gates + 3 * H
+    if kept != NULL:                    # training: the raw products for backward
+        memcpy(kept, gates, GH * sizeof(floating))
+        memcpy(kept + GH, hh, GH * sizeof(floating))
+    _norm_stats(gates, GH, eps, &mean_x, &rstd_x)
+    _norm_stats(hh, GH, eps, &mean_h, &rstd_h)
+    for j in range(GH):
+        gates[j] = (((gates[j] - mean_x) * rstd_x * norm[j] + norm[GH + j])
+                    + ((hh[j] - mean_h) * rstd_h * norm[2 * GH + j] + norm[3 * GH + j])
+                    + b_ih[j]) + b_hh[j]
+    sigmoid_inplace(i, H)
+    sigmoid_inplace(f, H)
+    tanh_inplace(g, H)
+    sigmoid_inplace(o, H)
+    for j in range(H):
+        c_new[j] = f[j] * c[j] + i[j] * g[j]
+    _norm_stats(c_new, H, eps, &mean_c, &rstd_c)
+    for j in range(H):
+        y[j] = (c_new[j] - mean_c) * rstd_c * norm[4 * GH + j] + norm[5 * GH + j]
+    tanh_inplace(y, H)
+    for j in range(H):
+        y[j] = o[j] * y[j]
+    for j in range(H):
+        h_new[j] = y[j]
+
+
+cdef inline void lstm_norm_backward_row(floating* dgates, floating* dgates_hh, floating* dhh,
+                                        floating* dh, floating* dc, floating* sums,
+                                        const floating* gates, const floating* c,
+                                        const floating* c_new, const floating* kept,
+                                        const floating* norm, double eps,
+                                        Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j, GH = 4 * H
+    cdef floating mean_c, rstd_c, c_hat, t, d_ln, s1 = 0, s2 = 0
+    cdef const floating* f = gates + H
+    cdef const floating* o = gates + 3 * H
+    cdef floating* da_i = dgates
+    cdef floating* da_f = dgates + H
+    cdef floating* da_o = dgates + 3 * H
+    # h' = o * tanh(LN(c')); da_i holds LN(c') without gain and da_f the gradient of the
+    # normalized c' times the gain, until the i, f, g gradients overwrite them
+    _norm_stats(c_new, H, eps, &mean_c, &rstd_c)
+    for j in range(H):
+        c_hat = (c_new[j] - mean_c) * rstd_c
+        t = tanh_(c_hat * norm[4 * GH + j] + norm[5 * GH + j])
+        da_o[j] = dh[j] * t * o[j] * (1 - o[j])
+        d_ln = dh[j] * o[j] * (1 - t * t)
+        sums[4 * GH + j] = sums[4 * GH + j] + d_ln * c_hat
+        sums[5 * GH + j] = sums[5 * GH + j] + d_ln
+        da_i[j] = c_hat
+        da_f[j] = d_ln * norm[4 * GH + j]
+    for j in range(H):
+        s1 = s1 + da_f[j]
+        s2 = s2 + da_f[j] * da_i[j]
+    s1 = s1 / H
+    s2 = s2 / H
+    for j in range(H):
+        dc[j] = dc[j] + rstd_c * (da_f[j] - s1 - da_i[j] * s2)
+    # c' = f * c + i * g
+    _lstm_igf_backward(dgates, dc, gates, c, H)
+    for j in range(H):
+        dc[j] = dc[j] * f[j]
+    # a = LN(ax) + LN(ah) + b_ih + b_hh: dgates is the gradient of both normalizations
+    _norm_backward(dgates, kept + GH, norm + 2 * GH, eps, dgates_hh, sums + 2 * GH,
+                   sums + 3 * GH, GH)
+    _norm_backward(dgates, kept, norm, eps, dgates, sums, sums + GH, GH)
+    memcpy(dhh, dgates_hh, GH * sizeof(floating))
+    for j in range(H):
+        dh[j] = 0                          # dL/dh is all dhh @ W_hh
+
+
+# GRU:  nx = LN(ax) + b_ih;  reset after: nh = LN(ah) + b_hh, n = tanh(nx_n + r * nh_n);
+# reset before (phase 0: r, z, rh; phase 1: n, h'): nh_rz = LN(ah_rz) + b_hrz,
+# n = tanh(nx_n + LN(ah_n) + b_hn). saved: hn (reset after) or rh (reset before), then kept:
+# ax (3H), ah (3H).
+
+cdef inline void gru_norm_forward_row(int phase, bint reset_after, floating* gates,
+                                      floating* saved, floating* kept, floating* h_new,
+                                      floating* y, floating* hh, const floating* b_ih,
+                                      const floating* b_hh, const floating* h,
+                                      const floating* norm, double eps,
+                                      Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j, GH = 3 * H, width = 3 * H if reset_after else 2 * H
+    cdef floating mean_n, rstd_n
+    cdef floating* z = gates + H
+    cdef floating* nn = gates + 2 * H
+    if phase == 1:
+        # reset before: n = tanh(nx_n + LN(ah_n) + b_hn), then h'
+        if kept != NULL:
+            memcpy(kept + 5 * H, hh + 2 * H, H * sizeof(floating))
+        _norm_stats(hh + 2 * H, H, eps, &mean_n, &rstd_n)
+        for j in range(H):
+            nn[j] = (nn[j] + ((hh[2 * H + j] - mean_n) * rstd_n * norm[2 * GH + 2 * H + j]
+                              + norm[3 * GH + 2 * H + j])) + b_hh[2 * H + j]
+        tanh_inplace(nn, H)
+    else:
+        if kept != NULL:
+            memcpy(kept, gates, GH * sizeof(floating))
+            memcpy(kept + GH, hh, width * sizeof(floating))
+        _norm_add(gates, gates, norm, norm + GH, b_ih, eps, GH)                  # nx
+        _norm_add(hh, hh, norm + 2 * GH, norm + 3 * GH, b_hh, eps, width)       # nh
+        for j in range(2 * H):
+            gates[j] = gates[j] + hh[j]
+        sigmoid_inplace(gates, 2 * H)                                            # r, z
+        if not reset_after:
+            for j in range(H):
+                saved[j] = gates[j] * h[j]     # product 1: hh's n block = rh W_hn^T
+            return
+        for j in range(H):
+            nn[j] = nn[j] + gates[j] * hh[2 * H + j]
+        tanh_inplace(nn, H)
+        if kept != NULL:
+            memcpy(saved, hh + 2 * H, H * sizeof(floating))                    # hn
+    # h' = (1 - z) * n + z * h
+    for j in range(H):
+        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
+    for j in range(H):
+        h_new[j] = y[j]
+
+
+cdef inline void gru_norm_backward_row(int phase, bint reset_after, floating* dgates,
+                                       floating* dgates_hh, floating* dhh, floating* dh,
+                                       const floating* dsaved, floating* sums,
+                                       const floating* gates, const floating* h,
+                                       const floating* saved, const floating* kept,
+                                       const floating* norm, double eps,
+                                       Py_ssize_t H) noexcept nogil:
+    cdef Py_ssize_t j, GH = 3 * H, width = 3 * H if reset_after else 2 * H
+    cdef const floating* r = gates
+    if reset_after or phase == 1:
+        _gru_zn_backward_row(dgates, dh, gates, h, H)      # da_z, da_n; dh *= z
+    if reset_after:
+        for j in range(H):
+            dgates_hh[2 * H + j] = dgates[2 * H + j] * r[j]
+        for j in range(H):
+            dgates[j] = dgates[2 * H + j] * saved[j] * r[j] * (1 - r[j])    # da_r (saved: hn)
+        memcpy(dgates_hh, dgates, 2 * H * sizeof(floating))
+        _norm_backward(dgates_hh, kept + GH, norm + 2 * GH, eps, dgates_hh, sums + 2 * GH,
+                       sums + 3 * GH, GH)
+    elif phase == 1:
+        # n = tanh(nx_n + LN(ah_n) + b_hn): the loop then makes dsaved = dhh_n @ W_hn
+        _norm_backward(dgates + 2 * H, kept + 5 * H, norm + 2 * GH + 2 * H, eps,
+                       dgates_hh + 2 * H, sums + 2 * GH + 2 * H, sums + 3 * GH + 2 * H, H)
+        memcpy(dhh + 2 * H, dgates_hh + 2 * H, H * sizeof(floating))
+        return
+    else:
+        # rh = r * h
+        for j in range(H):
+            dgates[j] = dsaved[j] * h[j] * r[j] * (1 - r[j])
+        for j in range(H):
+            dh[j] = dh[j] + dsaved[j] * r[j]
+        memcpy(dgates_hh, dgates, 2 * H * sizeof(floating))
+        _norm_backward(dgates_hh, kept + GH, norm + 2 * GH, eps, dgates_hh, sums + 2 * GH,
+                       sums + 3 * GH, 2 * H)
+    memcpy(dhh, dgates_hh, width * sizeof(floating))
+    # nx = LN(ax) + b_ih: dgates is its gradient
+    _norm_backward(dgates, kept, norm, eps, dgates, sums, sums + GH, GH)

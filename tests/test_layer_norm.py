@@ -349,7 +349,7 @@ def test_compiled_backends_without_it_refuse_by_name(backend):
             fastrnn.LSTM(3, 4, layer_norm=True, proj_size=2, backend=backend)
         return
     with pytest.raises(ValueError, match=f"layer_norm: the {backend} backend has no "
-                                         f"layer-normalized cells yet"):
+                                         f"layer-normalized cells"):
         fastrnn.LSTM(3, 4, layer_norm=True, backend=backend)
 
 
@@ -370,5 +370,5 @@ def test_auto_takes_the_fastest_backend_that_has_the_cells(monkeypatch):
                 getattr(fastrnn.get_backend(b), "HAS_LAYER_NORM", False))
     assert fastrnn.GRU(3, 4, layer_norm=True).backend == want
     assert fastrnn.GRU(3, 4).backend == fastrnn.dispatch.resolve("auto")
-    if "cython" in fastrnn.backends() and "numba" in fastrnn.backends():
-        assert want == "numba"      # until the Cython backend has the cells
+    if "cython" in fastrnn.backends():
+        assert want == "cython"

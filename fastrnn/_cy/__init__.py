@@ -15,6 +15,8 @@ except ImportError as exc:
         f"load: {exc}). Install with a C compiler available: `pip install .` from the source tree, "
         "or for development `python setup.py build_ext --inplace`") from exc
 
+HAS_LAYER_NORM = True           # layer-normalized cells (fastrnn.cells.LAYER_NORM_CODES)
+
 __all__ = ["layer_forward", "layer_backward", "layer_call_step",
            "concurrent_directions",
            "set_num_threads", "get_num_threads", "effective_num_threads", "set_small_batch_max",
