@@ -3,11 +3,12 @@ GRU (``layer_norm=True``) training call against the same layer without it, per b
 has the cells, and against the same model in PyTorch written as its users must (a loop over
 time of torch products and ``nn.LayerNorm``, autograd; PyTorch fuses no such cell).
 
-    python -m bench.layer_norm [--backends numba] [--rounds 7] [--markdown FILE]
+    python -m bench.layer_norm [--backends cython,numba] [--rounds 7] [--markdown FILE]
 
-Each round times every variant once, in turn (alternating, in one process); a variant's figure
-is the median over rounds of its best of ``--repeat`` calls, a ratio the median of the
-per-round ratios. Float32, 2 threads (fastrnn's default; PyTorch's set to the same).
+Each round times every variant once, in turn (alternating; the PyTorch loop in a process of
+its own); a variant's figure is the median over rounds of its best of ``--repeat`` calls, a
+ratio the median of the per-round ratios. Float32; fastrnn on its default threads (every
+core), PyTorch on 2.
 """
 import argparse
 import statistics
@@ -90,6 +91,35 @@ def _torch_runner(mode, B, I, H, T):
     return train
 
 
+def _torch_process(connection, mode, B, I, H, T, repeat):
+    """In a process of its own (PyTorch's threads would otherwise spin on the cores fastrnn's
+    threads need, and the other way round): time the PyTorch loop once per request."""
+    fn = _torch_runner(mode, B, I, H, T)
+    fn()
+    while connection.recv():
+        connection.send(_best(fn, repeat))
+
+
+class _InChild:
+    """A runner whose best-of-``repeat`` time comes from _torch_process."""
+
+    def __init__(self, mode, B, I, H, T, repeat):
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_torch_process,
+                                       args=(child, mode, B, I, H, T, repeat), daemon=True)
+        self.process.start()
+
+    def time(self):
+        self.connection.send(True)
+        return self.connection.recv()
+
+    def close(self):
+        self.connection.send(False)
+        self.process.join()
+
+
 def measure(backends, rounds, repeat, with_torch=True):
     rows = []
     for name, mode, B, I, H, T in SHAPES:
@@ -98,15 +128,19 @@ def measure(backends, rounds, repeat, with_torch=True):
             labels += [(backend, "plain"), (backend, "layer_norm")]
             runners += [_fastrnn_runner(mode, B, I, H, T, backend, False),
                         _fastrnn_runner(mode, B, I, H, T, backend, True)]
+        child = _InChild(mode, B, I, H, T, repeat) if with_torch else None
         if with_torch:
             labels.append(("torch", "layer_norm, Python loop"))
-            runners.append(_torch_runner(mode, B, I, H, T))
         for fn in runners:
             fn()                                    # compile, warm the caches
-        times = [[] for _ in runners]
+        times = [[] for _ in labels]
         for _ in range(rounds):
             for k, fn in enumerate(runners):
                 times[k].append(_best(fn, repeat))
+            if child is not None:
+                times[-1].append(child.time())
+        if child is not None:
+            child.close()
         for k, (impl, label) in enumerate(labels):
             row = {"case": name, "impl": impl, "variant": label,
                    "ms": statistics.median(times[k]) * 1e3}

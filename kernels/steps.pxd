@@ -28,7 +28,7 @@
 # write one or two arrays; the row (a few KB) stays in L1 between them.
 from cython cimport floating
 
-from libc.math cimport INFINITY, exp, expm1, fabs, log1p, sqrt
+from libc.math cimport INFINITY, exp, expm1, fabs, log1p
 from libc.string cimport memcpy
 
 from activations cimport (relu, relu_backward, sigmoid, sigmoid_inplace, tanh_, tanh_inplace,
@@ -660,20 +660,29 @@ cdef inline void gru_options_backward_row(int phase, bint reset_after, floating*
 # (after the plain cell's own), where training keeps the raw products, NULL in inference;
 # ``sums`` (rows * G*H): this row's running sums of the gradients of norm's rows.
 
+cdef extern from "norm.h" nogil:
+    # the sums, vectorised (see the header)
+    void fr_norm_stats_f32(const float* v, Py_ssize_t n, double eps, float* mean, float* rstd)
+    void fr_norm_stats_f64(const double* v, Py_ssize_t n, double eps, double* mean,
+                           double* rstd)
+    void fr_norm_grad_sums_f32(const float* d, const float* raw, const float* gain, float mean,
+                               float rstd, Py_ssize_t n, float* dgain, float* dshift,
+                               float* s1, float* s2)
+    void fr_norm_grad_sums_f64(const double* d, const double* raw, const double* gain,
+                               double mean, double rstd, Py_ssize_t n, double* dgain,
+                               double* dshift, double* s1, double* s2)
+    void fr_pair_sums_f32(const float* x, const float* y, Py_ssize_t n, float* sx, float* sxy)
+    void fr_pair_sums_f64(const double* x, const double* y, Py_ssize_t n, double* sx,
+                          double* sxy)
+
+
 cdef inline void _norm_stats(const floating* v, Py_ssize_t n, double eps, floating* mean,
                              floating* rstd) noexcept nogil:
     # mean and 1 / sqrt(var + eps) of v[0..n), the biased variance, two passes
-    cdef Py_ssize_t k
-    cdef floating total = 0, m, d
-    for k in range(n):
-        total = total + v[k]
-    m = total / n
-    total = 0
-    for k in range(n):
-        d = v[k] - m
-        total = total + d * d
-    mean[0] = m
-    rstd[0] = <floating>(1 / sqrt(total / n + eps))
+    if floating is float:
+        fr_norm_stats_f32(v, n, eps, mean, rstd)
+    else:
+        fr_norm_stats_f64(v, n, eps, mean, rstd)
 
 
 cdef inline void _norm_backward(const floating* d, const floating* raw, const floating* gain,
@@ -682,15 +691,12 @@ cdef inline void _norm_backward(const floating* d, const floating* raw, const fl
     # backward of LN(raw) * gain + shift for d, its gradient: out = dL/draw (out may be d),
     # dgain += d * LN(raw), dshift += d
     cdef Py_ssize_t k
-    cdef floating mean, rstd, v_hat, dv, s1 = 0, s2 = 0
+    cdef floating mean, rstd, v_hat, s1, s2
     _norm_stats(raw, n, eps, &mean, &rstd)
-    for k in range(n):
-        v_hat = (raw[k] - mean) * rstd
-        dgain[k] = dgain[k] + d[k] * v_hat
-        dshift[k] = dshift[k] + d[k]
-        dv = d[k] * gain[k]
-        s1 = s1 + dv
-        s2 = s2 + dv * v_hat
+    if floating is float:
+        fr_norm_grad_sums_f32(d, raw, gain, mean, rstd, n, dgain, dshift, &s1, &s2)
+    else:
+        fr_norm_grad_sums_f64(d, raw, gain, mean, rstd, n, dgain, dshift, &s1, &s2)
     s1 = s1 / n
     s2 = s2 / n
     for k in range(n):
@@ -754,7 +760,7 @@ cdef inline void lstm_norm_backward_row(floating* dgates, floating* dgates_hh, f
                                         const floating* norm, double eps,
                                         Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j, GH = 4 * H
-    cdef floating mean_c, rstd_c, c_hat, t, d_ln, s1 = 0, s2 = 0
+    cdef floating mean_c, rstd_c, c_hat, t, d_ln, s1, s2
     cdef const floating* f = gates + H
     cdef const floating* o = gates + 3 * H
     cdef floating* da_i = dgates
@@ -772,9 +778,10 @@ cdef inline void lstm_norm_backward_row(floating* dgates, floating* dgates_hh, f
         sums[5 * GH + j] = sums[5 * GH + j] + d_ln
         da_i[j] = c_hat
         da_f[j] = d_ln * norm[4 * GH + j]
-    for j in range(H):
-        s1 = s1 + da_f[j]
-        s2 = s2 + da_f[j] * da_i[j]
+    if floating is float:
+        fr_pair_sums_f32(da_f, da_i, H, &s1, &s2)
+    else:
+        fr_pair_sums_f64(da_f, da_i, H, &s1, &s2)
     s1 = s1 / H
     s2 = s2 / H
     for j in range(H):
