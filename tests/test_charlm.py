@@ -433,7 +433,17 @@ def test_charlm_too_large_for_memory_and_numpy_integer_sizes(tmp_path):
     charlm.save_checkpoint(path, m, Vocabulary("abcde"), {"steps": np.int64(3)})
     loaded, _, config = charlm.load_checkpoint(path, backend="reference")
     assert config["model"] == {"vocab_size": 5, "embed": 3, "hidden": 4, "layers": 2,
-                               "cell": "lstm", "dropout": 0.0, "dtype": "float32"}
+                               "cell": "lstm", "dropout": 0.0, "layer_norm": False,
+                               "dtype": "float32"}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_parameter_count_without_building_the_model(cell, layer_norm):
+    """charlm.num_params, which the memory check uses before building, counts what is built."""
+    m = CharLM(7, embed=3, hidden=5, layers=3, cell=cell, layer_norm=layer_norm,
+               backend="reference")
+    assert charlm.num_params(7, 3, 5, 3, cell, layer_norm) == m.num_params()
 
 
 def test_a_non_finite_model_is_not_saved_over_a_checkpoint(tmp_path):
