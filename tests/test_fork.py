@@ -27,6 +27,9 @@ from fastrnn.train import Adam, TruncatedBPTT, mse_loss
 
 from conftest import BACKENDS, COMPILED_BACKENDS, assert_all_close
 
+# the layers are float32: their Numba kernels compile with the other float32 ones (conftest)
+pytestmark = pytest.mark.float32_kernels
+
 THREADS = 2
 TIMEOUT = 120       # seconds for a worker's answer: spawned workers import Numba first
 I, H = 32, 128

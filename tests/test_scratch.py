@@ -116,7 +116,9 @@ def test_sigint_while_pooled_arrays_die_is_never_lost():
                                     lambda: os.kill(os.getpid(), signal.SIGINT))
             timer.start()
             with pytest.raises(KeyboardInterrupt):
-                deadline = time.monotonic() + 2
+                # long enough for a loaded machine to run the timer's thread (2 s was not,
+                # under two pytest-xdist workers: the signal came after, and stopped the run)
+                deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
                     a = _scratch.empty(BIG, np.float64)      # pooled
                     del a
