@@ -170,8 +170,7 @@ def markdown(rows, rounds, repeat):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default=",".join(
-        b for b in fastrnn.backends()
-        if getattr(fastrnn.get_backend(b), "HAS_LAYER_NORM", False) and b != "reference"))
+        b for b in fastrnn.backends() if b != "reference"))
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="without the PyTorch loop")

@@ -75,6 +75,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+import numpy as np
+
 __all__ = ["Cell", "Param", "Product", "CELLS", "cell_for", "unprojected", "ACTIVATIONS",
            "activation_slots"]
 
@@ -226,6 +228,34 @@ class Cell:
         ln_cell; GRU 4), 0 without; the compiled backends take them as the rows of one
         (norm_rows, G*H) array, the cell's ones in their first H entries."""
         return sum(p.name.startswith("ln_") for p in self.extra_params)
+
+    def norm_array(self, params):
+        """A layer-normalized cell's gains and shifts (``params[4:]``, in ``param_names``
+        order) as the compiled backends take them: the rows of one (norm_rows, G*H) array, the
+        H-wide ones in their first H entries."""
+        norm = np.zeros((self.norm_rows, params[0].shape[0]), params[0].dtype)
+        for row, p in zip(norm, params[4:]):
+            row[:p.shape[0]] = p
+        return norm
+
+    def add_norm_gradients(self, dnorm, dparams):
+        """Adds the compiled backends' gradient of ``norm_array`` (norm_rows, G*H) into
+        ``dparams``: each row into its parameter's, and ln_ih's shift's into b_ih's, ln_hh's into
+        b_hh's, since a bias and the shift of the product it is added to get the same gradient
+        (see ``whole_rows``)."""
+        for row, d in zip(dnorm, dparams[4:]):
+            d += row[:d.shape[0]]
+        dparams[2][...] += dnorm[1]
+        dparams[3][...] += dnorm[3]
+
+    @property
+    def whole_rows(self):
+        """Whether a step needs all of a batch row's units at once (a layer normalization's
+        mean and variance): the compiled backends then run the batch-row loop only, never the
+        unit-split loop or the one-step kernel, and take the bias gradients from the step's
+        per-row sums (``add_norm_gradients``), not from their loop's sums of the gate
+        gradients."""
+        return self.layer_norm
 
     @property
     def peephole(self):

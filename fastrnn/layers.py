@@ -285,16 +285,6 @@ class _RNNBase:
                                  recurrent_activation, clip, _input_forget)
         self.backend = _backends.resolve(backend)
         self._kernels = _backends.get_backend(self.backend)
-        if self.layer_norm and backend == "auto" and not os.environ.get("FASTRNN_BACKEND") \
-                and not getattr(self._kernels, "HAS_LAYER_NORM", False):
-            # "auto": the fastest backend that has layer-normalized cells
-            available = _backends.backends()
-            self.backend = next(name for name in _backends.AUTO_ORDER if name in available and
-                                getattr(_backends.get_backend(name), "HAS_LAYER_NORM", False))
-            self._kernels = _backends.get_backend(self.backend)
-        if self.layer_norm and not getattr(self._kernels, "HAS_LAYER_NORM", False):
-            raise ValueError(f"layer_norm: the {self.backend} backend has no layer-normalized "
-                             f"cells")
         if self.layer_norm and self.proj_size and self.backend != "reference":
             # the compiled backends run a projection as an unprojected cell whose first
             # recurrent product is part of the input product (fastrnn.projection), which a
@@ -384,7 +374,7 @@ class _RNNBase:
     def _backend_call_step(self):
         """The backend's one-step call, which knows only concatenated directions of cells
         without a projection."""
-        if self._merged or self.proj_size or self.cell.layer_norm:
+        if self._merged or self.proj_size or self.cell.whole_rows:
             return None
         return getattr(self._kernels, "layer_call_step", None)
 
@@ -753,6 +743,10 @@ class _RNNBase:
             options.append(f"dropout={self.dropout}")
         if self.recurrent_dropout:
             options.append(f"recurrent_dropout={self.recurrent_dropout}")
+        if self.layer_norm:
+            options.append("layer_norm=True")
+            if self.cell.layer_norm_eps != LAYER_NORM_EPS:
+                options.append(f"layer_norm_eps={self.cell.layer_norm_eps}")
         if self.init != "pytorch":
             options.append(f"init={self.init!r}")
         if not self.cell.plain:

@@ -19,7 +19,6 @@ compiled backends, so the same tests drive all of them.
 import numpy as np
 from scipy.special import expit as sigmoid
 
-HAS_LAYER_NORM = True           # layer-normalized cells (fastrnn.cells.LAYER_NORM_CODES)
 
 
 # ---------------------------------------------------------------------------------------------

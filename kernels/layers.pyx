@@ -1517,25 +1517,6 @@ cdef bint _is_float32(object x) except -1:
 _options = {}
 
 
-def _norm_params(tuple params, cell):
-    """A layer-normalized cell's parameters as the kernels take them: w_ih, w_hh, b_ih, b_hh
-    and the gains and shifts as the rows of one (cell.norm_rows, G*H) array (the LSTM's
-    ln_cell ones in the first H entries), in the peephole's place."""
-    norm = np.zeros((cell.norm_rows, params[0].shape[0]), params[0].dtype)
-    for row, p in zip(norm, params[4:]):
-        row[:p.shape[0]] = p
-    return tuple(params[:4]) + (norm,)
-
-
-def _norm_gradients(dnorm, tuple dparams):
-    """Adds the (norm_rows, G*H) gradient of the gains and shifts into dparams: ln_ih bias's
-    is b_ih's too, ln_hh bias's b_hh's."""
-    for row, d in zip(dnorm, dparams[4:]):
-        d += row[:d.shape[0]]
-    dparams[2][...] += dnorm[1]
-    dparams[3][...] += dnorm[3]
-
-
 cdef Params _params(tuple params, Py_ssize_t item, cell) except *:
     # params in cells.Cell.param_names order: w_ih, w_hh, b_ih, b_hh[, peephole]; the cell's
     # options (NULL for a plain cell)
@@ -1601,7 +1582,9 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         raise ValueError(f"x: T*B = {T * B} rows or G*H = {G * H} columns are too many for BLAS")
     call.sizes = Sizes(T=T, B=B, I=I, H=H)
     if cell.layer_norm:
-        params = _norm_params(params, cell)     # kept in the cache below: call points into it
+        # the gains and shifts in the peephole's place; kept in the cache below (call points
+        # into it)
+        params = tuple(params[:4]) + (cell.norm_array(params),)
     call.p = _params(params, item, cell)
     call.L = _layout(&call.cell, call.sizes, train)
     call.lengths = <const int64_t*>_data(lengths)
@@ -1622,10 +1605,9 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         call.y = cnp.PyArray_DATA(<cnp.ndarray?>y_work)
         call.y_step, call.y_row = y_work.strides[0] // item, y_work.strides[1] // item
         limit = _thread_limit(threads)
-        # a layer-normalized row needs all its units: never the unit-split loop
         units = _unit_threads(G, H, H, B, limit, _UNIT_PARALLEL_MIN) \
             if B <= (_small_batch_max_train if train else _small_batch_max) \
-            and call.mask == NULL and not cell.layer_norm else 0
+            and call.mask == NULL and not cell.whole_rows else 0
         plan.loop = UNITS if units else ROWS
         plan.threads = units if units else min(_pass_threads, limit)
         plan.pool = _pool_threads(limit, threads is not None)
@@ -1691,9 +1673,8 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
         # gradients BLAS cannot add into in place are summed into zeros first, then added
         grads = [dx, *dparams[:4]]
         work = [g if _blas_ready(g) else np.zeros(g.shape, dtype) for g in grads]
-        if cell.layer_norm:
-            # the loop's bias sums are of the raw products' gradients, not the biases': they
-            # go to scratch, and the biases get the row sums' below
+        if cell.whole_rows:
+            # the loop's bias sums are of the gate gradients, not the biases': to scratch
             work[3], work[4] = (np.zeros(call.cell.G * H, dtype) for _ in range(2))
             grads[3] = grads[4] = None
         call.d.dx, call.d.dw_ih, call.d.dw_hh = _data(work[0]), _data(work[1]), _data(work[2])
@@ -1715,8 +1696,9 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
             if w is not g and g is not None:
                 g += w
         if cell.layer_norm:
-            _norm_gradients(bws[call.K.dpeep: call.K.dpeep + sums]
-                            .reshape(B, cell.norm_rows, call.cell.G * H).sum(axis=0), dparams)
+            cell.add_norm_gradients(bws[call.K.dpeep: call.K.dpeep + sums]
+                                    .reshape(B, cell.norm_rows, call.cell.G * H).sum(axis=0),
+                                    dparams)
         elif call.K.dpeep >= 0:
             dpeephole = dparams[4]
             dpeephole += bws[call.K.dpeep: call.K.dpeep + sums].reshape(B, 3, H).sum(axis=0)

@@ -236,3 +236,24 @@ def pytest_collection_modifyitems(config, items):
         group = numba_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+def check_caller_arrays_untouched(backend, cell, **options):
+    """A two-layer bidirectional layer's forward and backward, with lengths and padding NaN,
+    on read-only caller arrays: each left as it was, the padding's outputs zero."""
+    m = make_layer(cell, 3, 4, 2, bidirectional=True, backend=backend, **options)
+    rng = np.random.default_rng(1)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    x[4, 1] = np.nan                       # padding: ignored, and left as it is
+    lengths = np.array([5, 3])
+    state, dstate = random_state(m, 2, rng), random_state(m, 2, rng)
+    dy = rng.standard_normal((5, 2, 8))
+    originals = [a.copy() for a in [x, lengths, dy] + state_parts(state) + state_parts(dstate)]
+    arrays = [x, lengths, dy] + state_parts(state) + state_parts(dstate)
+    for a in arrays:
+        a.flags.writeable = False           # read-only arrays are accepted, too
+    result = run_layer(m, x, state, lengths, dy, dstate)
+    for a, original in zip(arrays, originals):
+        np.testing.assert_array_equal(a, original)
+    assert not np.isnan(result["y"]).any() and not np.isnan(result["grad weight_ih_l0"]).any()
+    assert (result["y"][3:, 1] == 0).all() and (result["dx"][3:, 1] == 0).all()

@@ -4,8 +4,8 @@ The outside oracle is PyTorch written the way its users must write a layer-norma
 GRU: a loop over time of torch products and ``F.layer_norm``, differentiated by autograd
 (outputs, final states, every gradient). The reference runs the cells; central differences
 check its gradients where PyTorch's loop is not written (lengths, truncation, recurrent
-dropout masks, a projection). Only the reference backend has these cells so far; the compiled
-backends refuse them by name.
+dropout masks, a projection). Each compiled backend is checked against the reference on each
+path of its loop.
 """
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import pytest
 import fastrnn
 from fastrnn import cells, reference
 from conftest import (COMPILED_BACKENDS, assert_all_close, central_difference,
-                      max_rel_error, run_layer)
+                      check_caller_arrays_untouched, max_rel_error, run_layer)
 
 CASES = {   # name: (layer class, options)
     "lstm": (fastrnn.LSTM, {}),
@@ -304,8 +304,6 @@ def test_refusals(options, match):
         cls(3, 4, backend="reference", **options)
 
 
-LN_BACKENDS = [b for b in COMPILED_BACKENDS if getattr(fastrnn.get_backend(b),
-                                                        "HAS_LAYER_NORM", False)]
 # (T, B, layers, bidirectional, lengths, recurrent dropout, truncate): small rows; many rows
 # (the packed products on the thread pool); lengths with a 0 and states; both directions of a
 # stack with recurrent dropout (the BLAS path); truncation
@@ -321,7 +319,7 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("kernel_case", sorted(KERNEL_CASES))
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("backend", LN_BACKENDS)
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_backend_matches_reference(backend, case, kernel_case, dtype):
     """Outputs, final states and every gradient of a compiled backend's layer-normalized
     kernels against the reference, on each path its loop takes."""
@@ -342,15 +340,15 @@ def test_backend_matches_reference(backend, case, kernel_case, dtype):
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
-def test_compiled_backends_without_it_refuse_by_name(backend):
-    if backend in LN_BACKENDS:
-        with pytest.raises(ValueError, match=f"proj_size: with layer_norm=True on the "
-                                             f"reference backend only so far, not {backend}"):
-            fastrnn.LSTM(3, 4, layer_norm=True, proj_size=2, backend=backend)
-        return
-    with pytest.raises(ValueError, match=f"layer_norm: the {backend} backend has no "
-                                         f"layer-normalized cells"):
-        fastrnn.LSTM(3, 4, layer_norm=True, backend=backend)
+def test_compiled_projection_refused_by_name(backend):
+    with pytest.raises(ValueError, match=f"proj_size: with layer_norm=True on the reference "
+                                         f"backend only so far, not {backend}"):
+        fastrnn.LSTM(3, 4, layer_norm=True, proj_size=2, backend=backend)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_caller_arrays_are_never_written(backend, case):
+    check_caller_arrays_untouched(backend, case, layer_norm=True)
 
 
 def test_export_and_functional_refuse():
@@ -362,13 +360,3 @@ def test_export_and_functional_refuse():
     with pytest.raises(ValueError, match="layer-normalized cell is not taken here"):
         fastrnn.functional.forward(m.cell, np.zeros((2, 1, 3)), np.zeros((1, 4)), None,
                                    m.params["weight_ih_l0"], m.params["weight_hh_l0"])
-
-
-def test_auto_takes_the_fastest_backend_that_has_the_cells(monkeypatch):
-    monkeypatch.delenv("FASTRNN_BACKEND", raising=False)
-    want = next(b for b in fastrnn.dispatch.AUTO_ORDER if b in fastrnn.backends() and
-                getattr(fastrnn.get_backend(b), "HAS_LAYER_NORM", False))
-    assert fastrnn.GRU(3, 4, layer_norm=True).backend == want
-    assert fastrnn.GRU(3, 4).backend == fastrnn.dispatch.resolve("auto")
-    if "cython" in fastrnn.backends():
-        assert want == "cython"

@@ -15,7 +15,6 @@ except ImportError as exc:
         f"load: {exc}). Install with a C compiler available: `pip install .` from the source tree, "
         "or for development `python setup.py build_ext --inplace`") from exc
 
-HAS_LAYER_NORM = True           # layer-normalized cells (fastrnn.cells.LAYER_NORM_CODES)
 
 __all__ = ["layer_forward", "layer_backward", "layer_call_step",
            "concurrent_directions",

@@ -31,7 +31,6 @@ from numba import njit, types
 from . import amx, config, kernels
 from .. import _scratch, cells, projection
 
-HAS_LAYER_NORM = True           # layer-normalized cells (fastrnn.cells.LAYER_NORM_CODES)
 
 __all__ = ["layer_forward", "layer_backward", "layer_call_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
@@ -207,7 +206,7 @@ def _params(dtype, params, cell):
     """The parameter tuple the kernels take: (w_ih, w_hh, b_ih, b_hh, peephole, options), an
     empty peephole for the cells without one, options the cell's option values (float64, see
     kernels), empty for a plain cell. A layer-normalized cell's gains and shifts take the
-    peephole's place, as the rows of one array (see kernels)."""
+    peephole's place (``cell.norm_array``)."""
     options = _NO_OPTIONS
     if not cell.plain:
         options = _options.get(cell)
@@ -215,20 +214,8 @@ def _params(dtype, params, cell):
             options = _options[cell] = np.array(cell.option_values(), np.float64)
             options.flags.writeable = False
     if cell.layer_norm:
-        norm = np.zeros((cell.norm_rows, params[0].shape[0]), dtype)
-        for row, p in zip(norm, params[4:]):
-            row[:p.shape[0]] = p
-        params = tuple(params[:4]) + (norm,)
+        params = tuple(params[:4]) + (cell.norm_array(params),)
     return tuple(params) + (_empty(dtype, (0, 0)),) * (5 - len(params)) + (options,)
-
-
-def _norm_gradients(cell, dnorm, dparams):
-    """Adds the kernels' (norm_rows, G*H) gradient of a layer-normalized cell's gains and
-    shifts into dparams: ln_ih bias's is b_ih's too, ln_hh bias's b_hh's."""
-    for row, d in zip(dnorm, dparams[4:]):
-        d += row[:d.shape[0]]
-    dparams[2][...] += dnorm[1]
-    dparams[3][...] += dnorm[3]
 
 
 class ForwardCache:
@@ -303,8 +290,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
     masked = recurrent_mask is not None and train
     packed, pool = _gemm_packs(T, B) and not masked, False   # masks: the BLAS path only
     own = (_empty(dtype, (0, 0, 0, 0)), _empty(dtype, (0, 0, 0)))
-    if B <= _small_batch_max[bool(train)] and not masked and not cell.layer_norm:
-        # the unit-split loop on `threads` parts (a row's normalization needs all its units)
+    if B <= _small_batch_max[bool(train)] and not masked and not cell.whole_rows:
         loop = kernels.UNITS
         work = GH * H * B                              # multiply-adds of h W_hh^T per step
         unit_threads = limit if work >= config.UNITS_PARALLEL_MIN_WORK else 1
@@ -341,7 +327,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
         _launch(_kernel(dtype, "forward_units" if loop == kernels.UNITS else "forward_rows"),
                 launch_threads, spec, x, _params(dtype, params, cell), lengths,
                 bool(reverse), bool(train), (loop, threads, packed, pool, _uses_amx(dtype)),
-                out.array, arrays[:4] + (ws["hh"], arrays[4]), own)
+                out.array, arrays[:4] + (ws["hh"],) + arrays[4:], own)
         out.finish()
     for s_n, s_slots in zip(state_n, (ws["h_slots"], ws["c_slots"])):
         s_n[...] = s_slots[final]
@@ -377,6 +363,9 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     dnorm = np.zeros(params[4].shape, dtype) if cell.layer_norm else None
     if T * B > 0:
         grads = [_Output(g, "add") for g in (dx, *dparams[:4])]
+        if cell.whole_rows:
+            # the loop's bias sums are of the gate gradients, not the biases': to scratch
+            grads[3:5] = [_Output(np.zeros(GH, dtype), "add") for _ in range(2)]
         grads.append(_Output(dnorm if cell.layer_norm else
                              dparams[4] if len(dparams) > 4 else _empty(dtype, (0, 0)), "add"))
         packed = _gemm_packs(T, B) and cache.arrays[4].shape[0] == 0   # masks: BLAS only
@@ -394,7 +383,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
         for g in grads:
             g.finish()
         if cell.layer_norm:
-            _norm_gradients(cell, dnorm, dparams)
+            cell.add_norm_gradients(dnorm, dparams)
     for d0, d in zip(dstate0, (ws["dh"], ws["dc"])):
         d0 += d
 

@@ -2519,7 +2519,7 @@ def hidden_side_runs(g0, g1, first_hidden, hidden_blocks):
 def gradient_operands(k, spec, T, cache, grads):
     """(source, d_in, d_hh) of product k over all T*B rows: its source (h before each step,
     or the saved buffer), and dgates and dgates_hh as (T*B, .) matrices."""
-    _, h_slots, _, saved, _ = cache
+    h_slots, saved = cache[1], cache[3]
     dgates, dgates_hh = grads[0], grads[1]
     B, H = h_slots.shape[1], h_slots.shape[2]
     if k == 0:
@@ -2537,10 +2537,8 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
     += D.T @ its source and db_hh[its blocks] += D.sum(0), D = dgates except on the
     hidden-side blocks, dgates_hh. pool = (P, use_amx, amx_flat), P > 0: packed products and
     column sums on P threads (use_amx: on the tile unit from amx.MIN_ROWS rows, packing into
-    amx_flat, the loop's, when it is big enough); P = 0: BLAS. A layer-normalized cell's bias
-    gradients are not these sums but its row sums' (see its step pair)."""
-    code, G, _, _, second, hidden_blocks, first_hidden = spec
-    biases = code != LSTM_NORM and code != GRU_NORM
+    amx_flat, the loop's, when it is big enough); P = 0: BLAS."""
+    _, G, _, _, second, hidden_blocks, first_hidden = spec
     P, use_amx, amx_flat = pool
     w_ih = params[0]
     dpeep, ones = grads[6], grads[7]
@@ -2570,15 +2568,13 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
             if P > 0:
                 one_off_product(P, use_amx, w_ih.T, I, d_in, dx2, flat, amx_flat)
                 any_weight_gradient(P, use_amx, d_in, x2, dw_ih, flat, amx_flat)
-                if biases:
-                    column_sums(P, d_in, sums)
-                    for j in range(GH):
-                        db_ih[j] += sums[j]
+                column_sums(P, d_in, sums)
+                for j in range(GH):
+                    db_ih[j] += sums[j]
             else:
                 gemm(d_in, NO_TRANS, w_ih, NO_TRANS, dx2, 1.0)
                 gemm(d_in, TRANS, x2, NO_TRANS, dw_ih, 1.0)
-                if biases:
-                    gemm(ones2, NO_TRANS, d_in, NO_TRANS, db_ih.reshape((1, GH)), 1.0)
+                gemm(ones2, NO_TRANS, d_in, NO_TRANS, db_ih.reshape((1, GH)), 1.0)
         g0, g1 = (0, second) if k == 0 else (second, G)
         runs = hidden_side_runs(g0, g1, first_hidden, hidden_blocks)
         for r in range(3):
@@ -2598,17 +2594,13 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
                             source_masked[row, j] = source[row, j] * mask[g, b, j]
                     gemm(d[:, (g - a0) * H:(g - a0 + 1) * H], TRANS, source_masked, NO_TRANS,
                          dw_hh[g * H:(g + 1) * H], 1.0)
-                if biases:
-                    gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
+                gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
                 continue
             if P == 0:
                 gemm(d, TRANS, source, NO_TRANS, dw_hh[a0 * H:a1 * H], 1.0)
-                if biases:
-                    gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
+                gemm(ones2, NO_TRANS, d, NO_TRANS, db.reshape((1, db.shape[0])), 1.0)
                 continue
             any_weight_gradient(P, use_amx, d, source, dw_hh[a0 * H:a1 * H], flat, amx_flat)
-            if not biases:
-                continue
             if r == 1:
                 column_sums(P, d, db)
             else:
