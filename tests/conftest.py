@@ -13,9 +13,10 @@ import re
 # the same function's index at once (each numbers its new entry 1 and one overwrites the
 # other's machine code). The first worker keeps the usual cache, so a run without workers
 # (or the benchmarks after CI's run) finds its float32 kernels there. Set before fastrnn
-# imports Numba, which reads it when its dispatchers are made.
+# imports Numba, which reads it when its dispatchers are made. A worker's spawned children
+# (test_fork) import this module again with the worker's directory already set: they keep it.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-if _WORKER != "gw0":
+if _WORKER != "gw0" and os.path.basename(os.environ.get("NUMBA_CACHE_DIR", "")) != _WORKER:
     _base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".numba-cache")
     os.environ["NUMBA_CACHE_DIR"] = os.path.join(_base, _WORKER)
@@ -186,12 +187,9 @@ def packing(backend_name, on):
 
 
 # Numba compiles each of its loops once per dtype, most of this suite's time when its cache is
-# cold (about 260 s a dtype on a 2-core machine). With `pytest -n 2 --dist loadgroup`
-# (pytest-xdist) the Numba tests go to two groups by the dtype they run, each group on one
-# worker, so the two dtypes compile at the same time on two cores and neither twice. Not the
-# default: under two workers two timing-sensitive tests failed in two of three CI runs
-# (test_scratch's SIGINT test stopped its worker; a spawned test_fork worker did not answer in
-# 120 s). A test whose dtype
+# cold (about 260 s a dtype on a 2-core machine). The Numba tests go to two groups by the dtype
+# they run, and pytest-xdist (`--dist loadgroup`) keeps each group on one worker, so the two
+# dtypes compile at the same time on two cores and neither is compiled twice. A test whose dtype
 # is not among its parameters goes with float64, make_layer's default, unless it is marked
 # ``float32_kernels``. A test in the wrong group still passes; the other worker then compiles
 # that dtype's loops as well (minutes, on a cold cache). A test runs one dtype's kernels only.
@@ -228,6 +226,22 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "float32_kernels: the test runs Numba kernels in float32 though no parameter "
         "says so (see numba_group)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """A plain ``pytest`` (the suite from its testpaths, no -n given) runs on two pytest-xdist
+    workers with the groups above; ``pytest -n 0`` runs it in one process, and a run of named
+    files or tests stays in one process unless -n says otherwise. (Called for this conftest
+    because pyproject.toml's testpaths make it an initial one; before xdist's own hook.)"""
+    if (getattr(config.option, "numprocesses", "absent") is None
+            and "PYTEST_XDIST_WORKER" not in os.environ     # a worker starts no workers
+            and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not config.option.collectonly and not config.option.usepdb):
+        config.option.numprocesses = 2
+        config.option.dist = "loadgroup"
+        if hasattr(config.option, "benchmark_disable"):
+            config.option.benchmark_disable = True     # no test times anything (bench/ does)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -114,8 +114,10 @@ def test_sigint_while_pooled_arrays_die_is_never_lost():
         for trial in range(40):
             timer = threading.Timer(0.002 + (trial % 10) * 0.0003,
                                     lambda: os.kill(os.getpid(), signal.SIGINT))
-            timer.start()
             with pytest.raises(KeyboardInterrupt):
+                # started in here: on a loaded machine the timer may fire before start()
+                # returns (start waits for the thread), which outside the block stopped a run
+                timer.start()
                 # long enough for a loaded machine to run the timer's thread (2 s was not,
                 # under two pytest-xdist workers: the signal came after, and stopped the run)
                 deadline = time.monotonic() + 60
