@@ -203,6 +203,24 @@ def _lengths(value, T, B):
     return np.array(arr, dtype=np.int64)   # a copy: a training cache keeps it until backward
 
 
+def _checked_zoneout(mode, zoneout):
+    """``zoneout`` checked: LSTM (z_c, z_h) (one number: both), else z; each in [0, 1)."""
+    def rate(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f"zoneout: expected {expected}, each in [0, 1), got {zoneout!r}")
+        return float(value)
+    if mode == "LSTM":
+        expected = "a number or a pair (z_c, z_h) for LSTM"
+        if isinstance(zoneout, (tuple, list)):
+            if len(zoneout) != 2:
+                raise ValueError(f"zoneout: expected {expected}, each in [0, 1), got "
+                                 f"{zoneout!r}")
+            return rate(zoneout[0]), rate(zoneout[1])
+        return rate(zoneout), rate(zoneout)
+    expected = f"a number for {mode}"
+    return rate(zoneout)
+
+
 class Cache:
     """What ``forward(train=True)`` keeps for ``backward``: one entry per layer and direction.
 
@@ -219,6 +237,9 @@ class Cache:
         self.masks = []                 # per layer k >= 1: dropout mask applied to its input
         self.recurrent_masks = []       # per layer and direction: (G, B, H) recurrent dropout
                                         # masks, or None
+        self.zoneout_masks = []         # per layer and direction: zoneout's keep masks, one
+                                        # (T, B, width) array per state (0.0: that state's
+                                        # rate is 0), or None
         self.outputs = []               # per layer, merge other than concat: both directions'
                                         # outputs (T, B, 2H) before the merge
         self.kernel_caches = []         # per layer and direction: the backend's own cache, which
@@ -232,8 +253,8 @@ class _RNNBase:
                  dropout=0.0, bidirectional=False, merge="concat", init="pytorch",
                  recurrent_dropout=0.0, activations=None, clip=None, activation=None,
                  recurrent_activation=None, layer_norm=False, layer_norm_eps=LAYER_NORM_EPS,
-                 dtype=np.float32, backend="auto", seed=None, proj_size=0, _cell_options=None,
-                 _input_forget=False):
+                 zoneout=0.0, dtype=np.float32, backend="auto", seed=None, proj_size=0,
+                 _cell_options=None, _input_forget=False):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
@@ -265,6 +286,7 @@ class _RNNBase:
         if self.recurrent_dropout and self.proj_size:
             raise ValueError("recurrent_dropout: not available with proj_size (neither PyTorch "
                              "nor Keras has the two together)")
+        self.zoneout = _checked_zoneout(self.mode, zoneout)
         self.bidirectional = _flag("bidirectional", bidirectional)
         self.num_directions = 2 if self.bidirectional else 1
         if merge not in MERGES:
@@ -291,6 +313,11 @@ class _RNNBase:
             # normalization of each product apart does not allow
             raise ValueError(f"proj_size: with layer_norm=True on the reference backend only "
                              f"so far, not {self.backend}")
+        if any(self._zoneout_rates) and self.proj_size and self.backend != "reference":
+            # the compiled backends run a projection on the unprojected cell's kernels, which
+            # never form the projected h that zoneout mixes (fastrnn.projection)
+            raise ValueError(f"zoneout: with proj_size on the reference backend only so far, "
+                             f"not {self.backend}")
         seed_seq = _seed_sequence(seed)
         init_seed, dropout_seed = seed_seq.spawn(2)
         # the dropout masks come from this generator; set it to replay the same masks
@@ -329,6 +356,7 @@ class _RNNBase:
     def __setstate__(self, state):
         state.setdefault("proj_size", 0)         # pickled before proj_size existed
         state.setdefault("layer_norm", False)    # and before layer_norm
+        state.setdefault("zoneout", (0.0, 0.0) if self.mode == "LSTM" else 0.0)    # zoneout
         self.__dict__.update(state)
         for store in (self.params, self.grads):     # copies come 16-byte aligned
             for name, p in store.items():
@@ -338,6 +366,12 @@ class _RNNBase:
         self._kernels = _backends.get_backend(self.backend)
         self._call_step = self._backend_call_step()
         self._identity = self._describe()
+
+    @property
+    def _zoneout_rates(self):
+        """The zoneout rate of each state, in ``cell.state_names`` order: (z_h,) or, LSTM,
+        (z_h, z_c) (``zoneout`` is LSTM's (z_c, z_h))."""
+        return (self.zoneout[1], self.zoneout[0]) if self.mode == "LSTM" else (self.zoneout,)
 
     @property
     def _merged(self):
@@ -374,7 +408,7 @@ class _RNNBase:
     def _backend_call_step(self):
         """The backend's one-step call, which knows only concatenated directions of cells
         without a projection."""
-        if self._merged or self.proj_size or self.cell.whole_rows:
+        if self._merged or self.proj_size or self.cell.whole_rows or any(self._zoneout_rates):
             return None
         return getattr(self._kernels, "layer_call_step", None)
 
@@ -385,6 +419,7 @@ class _RNNBase:
                 "num_layers": self.num_layers,
                 "num_directions": self.num_directions, "merge": self.merge, "bias": self.bias,
                 "recurrent_dropout": self.recurrent_dropout,
+                "zoneout": self.zoneout if any(self._zoneout_rates) else 0.0,   # none alike
                 "options": None if self.cell.plain else (   # ONNX's: a cell with options
                     self.cell.activations, self.cell.clip, self.cell.input_forget),
                 "layer_norm_eps": self.cell.layer_norm_eps,
@@ -591,6 +626,9 @@ class _RNNBase:
             recurrent_masks = [self._recurrent_mask(B) if train else None for _ in range(D)]
             if train:
                 cache.recurrent_masks.extend(recurrent_masks)
+            zoneouts = [self._zoneout_keeps(T, B, train) for _ in range(D)]
+            if train:
+                cache.zoneout_masks.extend(zoneouts)
 
             def run(direction, threads=None, layer=layer, layer_input=layer_input, out=out):
                 row = layer * D + direction
@@ -599,7 +637,7 @@ class _RNNBase:
                     lengths_arr, bool(direction), train,
                     out[:, :, direction * H:(direction + 1) * H],
                     tuple(s[row] for s in final), threads=threads,
-                    recurrent_mask=recurrent_masks[direction])
+                    recurrent_mask=recurrent_masks[direction], zoneout=zoneouts[direction])
             work = T * B * self.cell.num_gates * self.hidden_size * (layer_input.shape[2] + H)
             if D == 2 and _at_once(self._kernels, T, B, train, work):
                 kernel_caches = _both_directions(run)
@@ -625,6 +663,20 @@ class _RNNBase:
             return None
         keep = self.rng.random((self.cell.num_gates, B, self.hidden_size)) >= p
         return (keep / (1 - p)).astype(self.dtype)
+
+    def _zoneout_keeps(self, T, B, train):
+        """Zoneout of one layer and direction, the kernels' ``zoneout`` argument (one entry per
+        state): with train, keep masks (T, B, width) from self.rng, 1 where a unit keeps its
+        value before the step (probability z), 0 where it takes the new one; else the rates
+        (the expectation). None without zoneout."""
+        rates = self._zoneout_rates
+        if not any(rates):
+            return None
+        if not train:
+            return rates
+        widths = (self._h_size, self.hidden_size)
+        return tuple((self.rng.random((T, B, width)) < z).astype(self.dtype) if z else 0.0
+                     for z, width in zip(rates, widths))
 
     def backward(self, dy, cache, dstate=None, truncate=None, grads_ready=None):
         """``dx, dstate0``: gradients of the input and the initial state; ADDS the parameter
@@ -743,6 +795,8 @@ class _RNNBase:
             options.append(f"dropout={self.dropout}")
         if self.recurrent_dropout:
             options.append(f"recurrent_dropout={self.recurrent_dropout}")
+        if any(self._zoneout_rates):
+            options.append(f"zoneout={self.zoneout}")
         if self.layer_norm:
             options.append("layer_norm=True")
             if self.cell.layer_norm_eps != LAYER_NORM_EPS:

@@ -121,10 +121,13 @@ def _cut(low, T, truncate):
 
 
 def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, state_n,
-            threads=None, recurrent_mask=None):
+            threads=None, recurrent_mask=None, zoneout=None):
     if recurrent_mask is not None and train:
         # the masks act on h, P wide, which this form never forms before the product
         raise ValueError("recurrent_mask: a projected LSTM takes no recurrent dropout")
+    if zoneout is not None:
+        # zoneout mixes h, P wide, with the one before: neither is formed here
+        raise ValueError("zoneout: a projected LSTM takes no zoneout on the compiled backends")
     w_ih, w_hh = params[0], params[1]
     w_hr = params[-1]
     T, B, I = x.shape

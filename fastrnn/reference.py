@@ -501,8 +501,13 @@ def _time_order(T, reverse):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
+def _zoneout_keeps(zoneout, t, rows):
+    """Step t's keep weights of each state for ``rows``: a rate as it is, masks' rows."""
+    return tuple(z if np.isscalar(z) else z[t, rows] for z in zoneout)
+
+
 def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
-                  recurrent_mask=None):
+                  recurrent_mask=None, zoneout=None):
     # threads: accepted for the contract; the reference runs on the calling thread
     step_forward, _ = _step_pair(cell)
     p = dict(zip(cell.param_names, params))
@@ -521,8 +526,13 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
             continue
         # recurrent dropout: the step's rows of the masks, kept for its backward
         p_t = p if recurrent_mask is None else dict(p, mask=recurrent_mask[:, rows])
-        new, saved = step_forward(cell, x_proj[t, rows], tuple(s[rows] for s in state), p_t)
+        old = tuple(s[rows] for s in state)
+        new, saved = step_forward(cell, x_proj[t, rows], old, p_t)
         saved["p"] = p_t
+        if zoneout is not None:
+            # each unit keeps its value before the step with weight k: s = k s_old + (1-k) s_new
+            saved["keeps"] = keeps = _zoneout_keeps(zoneout, t, rows)
+            new = tuple(k * s_old + (1 - k) * s_new for k, s_old, s_new in zip(keeps, old, new))
         for s, s_new in zip(state, new):
             s[rows] = s_new                                   # padded rows keep their state
         y[t, rows] = new[0]
@@ -547,9 +557,11 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
             d_new = [d[rows] for d in d_state]
             if dy is not None:
                 d_new[0] = d_new[0] + dy[t, rows]
-            dx_proj, d_old = step_backward(cell, tuple(d_new), saved, saved["p"], grads)
-            for d, d_o in zip(d_state, d_old):
-                d[rows] = d_o
+            keeps = saved.get("keeps", (0,) * len(d_new))      # zoneout's (0: none)
+            dx_proj, d_old = step_backward(cell, tuple((1 - k) * d for k, d in zip(keeps, d_new)),
+                                           saved, saved["p"], grads)
+            for d, d_o, k, d_n in zip(d_state, d_old, keeps, d_new):
+                d[rows] = d_o + k * d_n
             # x_proj = W_ih x + b_ih (layer-normalized cells: b_ih is the step's)
             grads["w_ih"] += dx_proj.T @ x[t, rows]
             if not cell.layer_norm:

@@ -471,6 +471,8 @@ cdef struct Layout:
     Py_ssize_t saved            # (T, B, saved_width*H) train: the cell's saved buffers;
                                 # inference: (B, saved_width*H) when product 1 reads it
     Py_ssize_t hh               # (B, G*H)     scratch: the step's recurrent products
+    Py_ssize_t raw_c            # (T, B, H)    train with zoneout and states == 2: each step's
+                                #              own c' (backward reads tanh(c'), not the mixed c)
     Py_ssize_t size
 
 
@@ -485,6 +487,7 @@ cdef struct BackLayout:
     Py_ssize_t dpeep            # (B, row_sums*H) per-row sums: da_i*c, da_f*c, da_o*c' (or a
                                 #              layer-normalized cell's gains and shifts)
     Py_ssize_t ones             # (T*B,)       ones, for the bias gradients as GEMV
+    Py_ssize_t carry            # (B, states*H) zoneout: the state gradient that skips the step
     Py_ssize_t size
 
 
@@ -498,6 +501,9 @@ cdef struct Call:
     bint reverse, train
     const void* x               # (T, B, I) C-contiguous
     const void* mask            # (G, B, H) recurrent dropout masks; NULL: none
+    const void* zone            # zoneout's keep weights, (states*H) per step and row, steps
+    Py_ssize_t zone_step, zone_row  # zone_step and rows zone_row apart (0: the same for all);
+                                # NULL: no zoneout (see Zoneout)
     void* y                     # forward: (T, B, H), steps y_step and rows y_row apart
     Py_ssize_t y_step, y_row
     BackLayout K                # backward only from here
@@ -542,7 +548,19 @@ def _fill_specs_by_code():
 _fill_specs_by_code()
 
 
-cdef Layout _layout(const CellSpec* cell, Sizes n, bint train) noexcept:
+def _zone(zoneout, dtype, T, B, H):
+    """Zoneout's keep weights as the kernels read them (call.zone): one H-wide part per state,
+    (1, 1, states*H) for rates, (T, B, states*H) with masks; None for no zoneout."""
+    if zoneout is None:
+        return None
+    rates = all(np.isscalar(z) for z in zoneout)
+    zone = np.empty(((1, 1) if rates else (T, B)) + (len(zoneout) * H,), dtype)
+    for k, z in enumerate(zoneout):
+        zone[:, :, k * H:(k + 1) * H] = z
+    return zone
+
+
+cdef Layout _layout(const CellSpec* cell, Sizes n, bint train, bint zoned) noexcept:
     cdef Layout L
     cdef Py_ssize_t slots = n.T + 1 if train else 2, BH = n.B * n.H, at = 0
     L.gates = at; at += n.T * n.B * cell.G * n.H
@@ -553,11 +571,14 @@ cdef Layout _layout(const CellSpec* cell, Sizes n, bint train) noexcept:
     if cell.saved_width > 0 and (train or cell.phases > 1):
         L.saved = at; at += (n.T if train else 1) * BH * cell.saved_width
     L.hh = at; at += n.B * cell.G * n.H
+    L.raw_c = -1
+    if zoned and train and cell.states == 2:
+        L.raw_c = at; at += n.T * BH
     L.size = at
     return L
 
 
-cdef BackLayout _back_layout(const CellSpec* cell, Sizes n) noexcept:
+cdef BackLayout _back_layout(const CellSpec* cell, Sizes n, bint zoned) noexcept:
     cdef BackLayout K
     cdef Py_ssize_t BH = n.B * n.H, at = 0
     K.dgates = at; at += n.T * n.B * cell.G * n.H
@@ -573,6 +594,9 @@ cdef BackLayout _back_layout(const CellSpec* cell, Sizes n) noexcept:
     if cell.row_sums:
         K.dpeep = at; at += cell.row_sums * BH
     K.ones = at; at += n.T * n.B
+    K.carry = -1
+    if zoned:
+        K.carry = at; at += cell.states * BH
     K.size = at
     return K
 
@@ -677,6 +701,61 @@ cdef void forward_row(const Call* call, floating* ws, int phase, Py_ssize_t t, P
         gru_norm_forward_row(phase, call.cell.phases == 1, gates, saved,
                              saved + H if call.train else NULL, h_new, y, hh, b_ih, b_hh, h,
                              peephole, call.p.options[0], H)
+    if call.zone != NULL and phase + 1 == call.cell.phases:
+        _zoneout_row(call, ws, t, b, j0, n, h, h_new, c, c_new, y)
+
+
+# Zoneout (Krueger et al. 2016), the same for every cell, after its step: each state unit
+# becomes k * (its value before the step) + (1 - k) * (the cell's new value), k the unit's
+# keep weight from call.zone (h's H weights, then c's; a 0/1 mask in training, the rate for
+# the expectation), and y the new h so made. Backward splits the gradient of the mixed state:
+# (1 - k) of it goes into the cell's step, k of it (the carry) straight to the state before.
+
+cdef inline void _zoneout_row(const Call* call, floating* ws, Py_ssize_t t, Py_ssize_t b,
+                              Py_ssize_t j0, Py_ssize_t n, const floating* h, floating* h_new,
+                              const floating* c, floating* c_new, floating* y) noexcept nogil:
+    cdef const floating* k = <const floating*>call.zone + t * call.zone_step \
+        + b * call.zone_row + j0
+    cdef Py_ssize_t H = call.sizes.H, j
+    cdef floating one = 1
+    for j in range(n):
+        h_new[j] = k[j] * h[j] + (one - k[j]) * h_new[j]
+        y[j] = h_new[j]
+    if c != NULL:
+        k = k + H
+        if call.L.raw_c >= 0:
+            memcpy(ws + call.L.raw_c + (t * call.sizes.B + b) * H + j0, c_new,
+                   n * sizeof(floating))
+        for j in range(n):
+            c_new[j] = k[j] * c[j] + (one - k[j]) * c_new[j]
+
+
+cdef inline void _zoneout_split(const Call* call, floating* bws, Py_ssize_t t, Py_ssize_t b,
+                                floating* dh, floating* dc) noexcept nogil:
+    # before the step's backward: k of the state gradient to the carry, (1 - k) stays
+    cdef Py_ssize_t H = call.sizes.H, j
+    cdef const floating* k = <const floating*>call.zone + t * call.zone_step + b * call.zone_row
+    cdef floating* carry = bws + call.K.carry + b * call.cell.states * H
+    cdef floating one = 1
+    for j in range(H):
+        carry[j] = k[j] * dh[j]
+        dh[j] = (one - k[j]) * dh[j]
+    if dc != NULL:
+        for j in range(H):
+            carry[H + j] = k[H + j] * dc[j]
+            dc[j] = (one - k[H + j]) * dc[j]
+
+
+cdef inline void _zoneout_carry(const Call* call, floating* bws, Py_ssize_t b, floating* dh,
+                                floating* dc) noexcept nogil:
+    # after the step's backward: the carry added to the gradient of the state before it
+    cdef Py_ssize_t H = call.sizes.H, j
+    cdef const floating* carry = bws + call.K.carry + b * call.cell.states * H
+    for j in range(H):
+        dh[j] += carry[j]
+    if dc != NULL:
+        for j in range(H):
+            dc[j] += carry[H + j]
 
 
 cdef void forward_pass(const Call* call, floating* ws, int phase, Py_ssize_t t, Py_ssize_t cur,
@@ -1217,6 +1296,8 @@ cdef void backward_row(const Call* call, const floating* ws, floating* bws, int 
         c = ws + call.L.c_slots + row * H
         c_new = ws + call.L.c_slots + \
             (_state_slot(0, t, call.sizes.T, call.reverse, True, True) * B + b) * H
+        if call.L.raw_c >= 0:
+            c_new = ws + call.L.raw_c + row * H    # zoneout: the step's own, not the mixed
     if call.K.dsaved >= 0:
         dsaved = bws + call.K.dsaved + b * H
     if call.K.dpeep >= 0:
@@ -1227,6 +1308,8 @@ cdef void backward_row(const Call* call, const floating* ws, floating* bws, int 
         dy = <const floating*>call.dy + t * call.dy_step + b * call.dy_row
         for j in range(H):
             dh[j] = dh[j] + dy[j]                         # dL/dh' = from later steps + from y
+    if call.zone != NULL and phase + 1 == call.cell.phases:
+        _zoneout_split(call, bws, t, b, dh, dc)
     if code == RNN_TANH or code == RNN_RELU:
         rnn_backward_row(dgates, dh, gates, H, code == RNN_RELU)
     elif code == LSTM or code == LSTM_PEEPHOLE:
@@ -1251,6 +1334,8 @@ cdef void backward_row(const Call* call, const floating* ws, floating* bws, int 
         gru_norm_backward_row(phase, call.cell.phases == 1, dgates, dgates_hh, dhh, dh, dsaved,
                               dpeep, gates, h, saved, saved + H,
                               <const floating*>call.p.peephole, call.p.options[0], H)
+    if call.zone != NULL and phase == 0:
+        _zoneout_carry(call, bws, b, dh, dc)
 
 
 cdef void backward_pass(const Call* call, const floating* ws, floating* bws, int phase,
@@ -1565,11 +1650,11 @@ def _blas_ready(a):
 
 
 def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bint train, y,
-                  tuple state_n, threads=None, recurrent_mask=None):
+                  tuple state_n, threads=None, recurrent_mask=None, zoneout=None):
     """One layer, one direction, all T steps; see fastrnn.cells for the contract."""
     if cell.projected:          # run on the unprojected cell's kernels (fastrnn.projection)
         return projection.forward(layer_forward, cell, x, state0, params, lengths, reverse,
-                                  train, y, state_n, threads, recurrent_mask)
+                                  train, y, state_n, threads, recurrent_mask, zoneout)
     cdef Call call
     cdef Plan plan
     cdef bint f32 = _is_float32(x)
@@ -1586,7 +1671,12 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         # into it)
         params = tuple(params[:4]) + (cell.norm_array(params),)
     call.p = _params(params, item, cell)
-    call.L = _layout(&call.cell, call.sizes, train)
+    zone = _zone(zoneout, x.dtype, T, B, H)
+    call.zone = NULL if zone is None else _data(zone)
+    call.zone_step = call.zone_row = 0
+    if zone is not None and zone.shape[0] > 1:
+        call.zone_step, call.zone_row = zone.shape[1] * zone.shape[2], zone.shape[2]
+    call.L = _layout(&call.cell, call.sizes, train, call.zone != NULL)
     call.lengths = <const int64_t*>_data(lengths)
     call.reverse, call.train = reverse, train
     call.x = _data(x)
@@ -1630,7 +1720,7 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         return None
     cdef _Cache cache = _Cache()
     cache.workspace, cache.call = ws, call
-    cache.arrays = (x, state0, params, lengths, recurrent_mask)  # what call's pointers point into
+    cache.arrays = (x, state0, params, lengths, recurrent_mask, zone)  # what call points into
     return cache
 
 
@@ -1652,7 +1742,7 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
     cdef Py_ssize_t item = 4 if f32 else 8, T = call.sizes.T, B = call.sizes.B, H = call.sizes.H
     cdef Py_ssize_t k, BH = B * H
     cdef int passes, pool
-    call.K = _back_layout(&call.cell, call.sizes)
+    call.K = _back_layout(&call.cell, call.sizes, call.zone != NULL)
     bws = _scratch.empty(max(1, call.K.size), dtype)
     slots = (call.K.dh, call.K.dc)
     for k in range(call.cell.states):
@@ -1812,9 +1902,10 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     cdef Plan* plans = <Plan*>malloc(nlayers * sizeof(Plan))
     cdef char* ws = NULL
     call.sizes.T, call.sizes.B, call.sizes.H = 1, B, H
-    call.L = _layout(&call.cell, call.sizes, False)
+    call.L = _layout(&call.cell, call.sizes, False, False)
     call.lengths = NULL
     call.mask = NULL                    # inference: no recurrent dropout
+    call.zone = NULL                    # the layers take no zoneout here
     call.reverse = call.train = False
     cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
     cdef Py_ssize_t ws_bytes = max(1, call.L.size) * item

@@ -96,6 +96,46 @@ def state_parts(state):
     return list(state) if isinstance(state, tuple) else [state]
 
 
+def state_arg(parts):
+    """A state as the layers take it: (h, c) for an LSTM, h alone for the others."""
+    return tuple(parts) if len(parts) == 2 else parts[0]
+
+
+def layer_arrays(m, T, B, rng):
+    """Random x, initial state (a tuple of parts, h as wide as the layer's output h: proj_size's
+    when it has one), dy and dstate (the same shapes) in m's dtype."""
+    L, D = m.num_layers, m.num_directions
+    widths = (m._h_size, m.hidden_size)[:len(m.cell.state_names)]
+    state = tuple((0.5 * rng.standard_normal((L * D, B, w))).astype(m.dtype) for w in widths)
+    x = rng.standard_normal((T, B, m.input_size)).astype(m.dtype)
+    dy = rng.standard_normal((T, B, m.output_size)).astype(m.dtype)
+    dstate = tuple(rng.standard_normal(s.shape).astype(m.dtype) for s in state)
+    return x, state, dy, dstate
+
+
+def torch_loop_results(torch, y, finals, leaves, dy=None, dstate=None):
+    """A PyTorch loop oracle's outputs as run_layer's dict: y and state_n[s] (finals[s], one
+    tensor per layer and direction, stacked) and, given dy, the gradients of sum(y * dy) +
+    sum(state_n[s] * dstate[s]): dx, dstate0[s] and "grad " + every parameter's name.
+    leaves = (x, state0 parts, {name: parameter}), the tensors that require grad."""
+    xt, s0, P = leaves
+    result = {"y": y}
+    for s in range(len(s0)):
+        result[f"state_n[{s}]"] = torch.stack(finals[s])
+    if dy is not None:
+        loss = (y * torch.tensor(dy)).sum() + sum(
+            (result[f"state_n[{s}]"] * torch.tensor(dstate[s])).sum() for s in range(len(s0)))
+        loss.backward()
+    result = {key: v.detach().numpy() for key, v in result.items()}
+    if dy is not None:
+        result["dx"] = xt.grad.numpy()
+        for s in range(len(s0)):
+            result[f"dstate0[{s}]"] = s0[s].grad.numpy()
+        for name, p in P.items():
+            result["grad " + name] = p.grad.numpy()
+    return result
+
+
 def run_layer(m, x, state=None, lengths=None, dy=None, dstate=None, truncate=None):
     """Forward with the cache and backward; every output and gradient in a flat dict."""
     y, final, cache = m.forward(x, state, lengths, train=True)

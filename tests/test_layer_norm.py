@@ -13,7 +13,8 @@ import pytest
 import fastrnn
 from fastrnn import cells, reference
 from conftest import (COMPILED_BACKENDS, assert_all_close, central_difference,
-                      check_caller_arrays_untouched, max_rel_error, run_layer)
+                      check_caller_arrays_untouched, layer_arrays, max_rel_error,
+                      run_layer, state_arg, torch_loop_results)
 
 CASES = {   # name: (layer class, options)
     "lstm": (fastrnn.LSTM, {}),
@@ -25,21 +26,6 @@ CASES = {   # name: (layer class, options)
 def _layer(case, I, H, L=1, **options):
     cls, cell_options = CASES[case]
     return cls(I, H, L, layer_norm=True, backend="reference", **cell_options, **options)
-
-
-def _inputs(m, T, B, rng):
-    L, D = m.num_layers, m.num_directions
-    widths = (m._h_size, m.hidden_size)[:len(m.cell.state_names)]
-    state = tuple((0.5 * rng.standard_normal((L * D, B, w))).astype(m.dtype) for w in widths)
-    x = rng.standard_normal((T, B, m.input_size)).astype(m.dtype)
-    dy = rng.standard_normal((T, B, m.output_size)).astype(m.dtype)
-    dstate = tuple(rng.standard_normal(s.shape).astype(m.dtype) for s in state)
-    return x, state, dy, dstate
-
-
-def _arg(parts):
-    """A state as the layers take it: (h, c) for an LSTM, h alone for a GRU."""
-    return parts if len(parts) == 2 else parts[0]
 
 
 def _torch_stack(torch, m, x, state, dy, dstate):
@@ -99,19 +85,7 @@ def _torch_stack(torch, m, x, state, dy, dstate):
             finals[0].append(h)
             finals[1].append(c)
         inp = torch.cat(outs, dim=2)
-    result = {"y": inp}
-    for k in range(len(state)):
-        result[f"state_n[{k}]"] = torch.stack(finals[k])
-    loss = (inp * torch.tensor(dy)).sum() + sum(
-        (result[f"state_n[{k}]"] * torch.tensor(dstate[k])).sum() for k in range(len(state)))
-    loss.backward()
-    result = {k: v.detach().numpy() for k, v in result.items()}
-    result["dx"] = xt.grad.numpy()
-    for k in range(len(state)):
-        result[f"dstate0[{k}]"] = s0[k].grad.numpy()
-    for name, p in P.items():
-        result["grad " + name] = p.grad.numpy()
-    return result
+    return torch_loop_results(torch, inp, finals, (xt, s0, P), dy, dstate)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -127,8 +101,8 @@ def test_reference_matches_pytorch_loop(case, stack, dtype):
     for name, p in m.params.items():          # gains and shifts away from 1 and 0
         if name.startswith("ln_"):
             p += (0.3 * rng.standard_normal(p.shape)).astype(dtype)
-    x, state, dy, dstate = _inputs(m, 7, 3, rng)
-    ours = run_layer(m, x, _arg(state), None, dy, _arg(dstate))
+    x, state, dy, dstate = layer_arrays(m, 7, 3, rng)
+    ours = run_layer(m, x, state_arg(state), None, dy, state_arg(dstate))
     theirs = _torch_stack(torch, m, x, state, dy, dstate)
     assert sorted(ours) == sorted(theirs)
     assert_all_close(ours, theirs, dtype, case)
@@ -139,8 +113,8 @@ def test_projected_reference_matches_pytorch_loop(dtype):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(11)
     m = _layer("lstm", 4, 6, 2, proj_size=3, bidirectional=True, dtype=dtype, seed=4)
-    x, state, dy, dstate = _inputs(m, 5, 2, rng)
-    assert_all_close(run_layer(m, x, _arg(state), None, dy, _arg(dstate)),
+    x, state, dy, dstate = layer_arrays(m, 5, 2, rng)
+    assert_all_close(run_layer(m, x, state_arg(state), None, dy, state_arg(dstate)),
                      _torch_stack(torch, m, x, state, dy, dstate), dtype, "proj_size=3")
 
 
@@ -172,15 +146,15 @@ def test_reference_gradients_central_differences(case):
     for name, p in m.params.items():
         if name.startswith("ln_"):
             p += 0.3 * rng.standard_normal(p.shape)
-    x, state, dy, dstate = _inputs(m, T, B, rng)
+    x, state, dy, dstate = layer_arrays(m, T, B, rng)
     lengths = [4, 0, 2]
 
     def loss():
-        y, final = m(x, _arg(state), lengths)
+        y, final = m(x, state_arg(state), lengths)
         final = final if isinstance(final, tuple) else (final,)
         return float((y * dy).sum() + sum((f * d).sum() for f, d in zip(final, dstate)))
 
-    ours = run_layer(m, x, _arg(state), lengths, dy, _arg(dstate))
+    ours = run_layer(m, x, state_arg(state), lengths, dy, state_arg(dstate))
     checks = {"dx": x}
     checks.update({f"dstate0[{k}]": s for k, s in enumerate(state)})
     checks.update({"grad " + name: p for name, p in m.params.items()})
@@ -333,8 +307,8 @@ def test_backend_matches_reference(backend, case, kernel_case, dtype):
         for key, p in m.params.items():
             if key.startswith("ln_"):
                 p += (0.3 * rng.standard_normal(p.shape)).astype(dtype)
-        x, state, dy, dstate = _inputs(m, T, B, rng)
-        results[name] = run_layer(m, x, _arg(state), lengths, dy, _arg(dstate),
+        x, state, dy, dstate = layer_arrays(m, T, B, rng)
+        results[name] = run_layer(m, x, state_arg(state), lengths, dy, state_arg(dstate),
                                   truncate=truncate)
     assert_all_close(results[backend], results["reference"], dtype, f"{backend} {case}")
 

@@ -92,7 +92,8 @@ def test_one_region_loop_any_thread_count(cell, threads):
         forward(spec, x, params, lengths, reverse, False,
                 (nb.kernels.UNITS, parts, pack, False, False), y,
                 (gates, h_slots, c_slots, saved, np.empty((B, G * H), dtype),
-                 np.empty((0, 0, 0), dtype)), own)
+                 np.empty((0, 0, 0), dtype), np.empty((1, 1, 0), dtype),
+                 np.empty((1, 0, 0), dtype)), own)     # no mask, no zoneout
         return y, h_slots[T % 2], c_slots[T % 2]
 
     old = numba.get_num_threads()

@@ -63,14 +63,14 @@ def _signatures(dtype):
         spec, const(3), params, lengths, flag, flag, plan,     # x ... reverse train plan
         array(3, "A"),                                         # y
         types.Tuple((array(3), array(3), array(3), array(3), array(2),   # gates h_slots
-                     const(3))),                               # c_slots saved hh mask
+                     const(3), const(3), array(3))),   # c_slots saved hh mask zone raw_c
         types.Tuple((array(4), array(3))))                     # own
     backward = types.none(
         spec, const(3), params, lengths, flag, i64, plan,      # x ... reverse truncate plan
-        types.UniTuple(const(3), 5),                # gates h_slots c_slots saved mask
+        types.UniTuple(const(3), 7),    # gates h_slots c_slots saved mask zone raw_c
         const(3, "A"),                                         # dy
         types.Tuple((array(3), array(3), array(2), array(2), array(2), array(2), array(2),
-                     const(1))),      # dgates dgates_hh dhh dh dc dsaved dpeep ones
+                     const(1), array(2))),  # dgates dgates_hh dhh dh dc dsaved dpeep ones carry
         types.Tuple((array(2), array(2), array(1), array(1), array(2))),  # dparams
         array(3))                                              # dx
     # the one-step kernel takes plain cells only: options None, no options step pairs compiled
@@ -226,7 +226,8 @@ class ForwardCache:
 
     def __init__(self, x, params, lengths, reverse, buffer, arrays):
         self.x, self.params, self.lengths, self.reverse = x, params, lengths, reverse
-        self.buffer, self.arrays = buffer, arrays  # (gates, h_slots, c_slots, saved, mask)
+        self.buffer, self.arrays = buffer, arrays  # (gates, h_slots, c_slots, saved, mask,
+                                                   # zone, raw_c)
 
 
 class _Output:
@@ -268,12 +269,24 @@ def _cell_spec(cell):
     return cell.kernel_spec()
 
 
+def _zone(dtype, zoneout, T, B, H):
+    """The kernels' zone (see kernels, Zoneout): zoneout's keep weights, one H-wide part per
+    state, (1, 1, states*H) for rates, (T, B, states*H) with masks; (1, 1, 0) for none."""
+    if zoneout is None:
+        return _empty(dtype, (1, 1, 0))
+    rates = all(np.isscalar(z) for z in zoneout)
+    zone = np.empty(((1, 1) if rates else (T, B)) + (len(zoneout) * H,), dtype)
+    for k, z in enumerate(zoneout):
+        zone[:, :, k * H:(k + 1) * H] = z
+    return zone
+
+
 def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
-                  recurrent_mask=None):
+                  recurrent_mask=None, zoneout=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
     if cell.projected:          # run on the unprojected cell's kernels (fastrnn.projection)
         return projection.forward(layer_forward, cell, x, state0, params, lengths, reverse,
-                                  train, y, state_n, threads, recurrent_mask)
+                                  train, y, state_n, threads, recurrent_mask, zoneout)
     dtype = x.dtype
     T, B, I = x.shape
     spec = _cell_spec(cell)
@@ -285,12 +298,15 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
               "c_slots": (slots, B, H) if states == 2 else (slots, 0, 0),
               "saved": ((T, B, saved_width * H) if train else
                         (1, B, saved_width * H) if second < G else (1, 0, 0)),
-              "hh": (B, GH)}
+              "hh": (B, GH),
+              # zoneout in training: the cell's own c' of each step, for backward
+              "raw_c": (T, B, H) if zoneout is not None and train and states == 2 else (1, 0, 0)}
     limit = _thread_limit(threads)
     masked = recurrent_mask is not None and train
     packed, pool = _gemm_packs(T, B) and not masked, False   # masks: the BLAS path only
     own = (_empty(dtype, (0, 0, 0, 0)), _empty(dtype, (0, 0, 0)))
     if B <= _small_batch_max[bool(train)] and not masked and not cell.whole_rows:
+        # the unit-split loop on `threads` parts
         loop = kernels.UNITS
         work = GH * H * B                              # multiply-adds of h W_hh^T per step
         unit_threads = limit if work >= config.UNITS_PARALLEL_MIN_WORK else 1
@@ -319,7 +335,8 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
     if states == 2:
         ws["c_slots"][first] = state0[1]
     arrays = (ws["gates"], ws["h_slots"], ws["c_slots"], ws["saved"],
-              np.require(recurrent_mask, dtype, "C") if masked else _empty(dtype, (0, 0, 0)))
+              np.require(recurrent_mask, dtype, "C") if masked else _empty(dtype, (0, 0, 0)),
+              _zone(dtype, zoneout, T, B, H), ws["raw_c"])
     if T * B > 0:
         if "gates_own" in ws:
             own = (ws["gates_own"], ws["hh_own"])
@@ -355,7 +372,8 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
         "dgates": (T, B, GH), "dgates_hh": (T, B, hidden_blocks * H),
         "dhh": (B, GH) if hidden_blocks else (0, 0),
         "dh": (B, H), "dc": has[states == 2], "dsaved": has[second < G],
-        "dpeep": (B, params[4].size) if params[4].size else (0, 0), "ones": (T * B,)})
+        "dpeep": (B, params[4].size) if params[4].size else (0, 0), "ones": (T * B,),
+        "carry": (B, cache.arrays[5].shape[2])})
     ws["ones"][...] = 1  # the BLAS bias gradients are ones @ dgates
     ws["dpeep"][...] = 0
     for d, d_n in zip((ws["dh"], ws["dc"]), dstate_n):
@@ -378,7 +396,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
                 (kernels.ROWS, threads, packed, pool, _uses_amx(dtype)), cache.arrays,
                 _empty(dtype, (T, 0, 0)) if dy is None else np.require(dy, requirements="A"),
                 tuple(ws[name] for name in ("dgates", "dgates_hh", "dhh", "dh", "dc", "dsaved",
-                                            "dpeep", "ones")),
+                                            "dpeep", "ones", "carry")),
                 tuple(g.array for g in grads[1:]), grads[0].array)
         for g in grads:
             g.finish()

@@ -18,6 +18,10 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}  # a set: Numba refuses
 # Serial compiled code: the generic time loops, the row steps, the BLAS wrapper.
 KERNEL = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 
+# Zoneout's mix, k * old + (1 - k) * new: without "reassoc", so that a unit whose mask keeps it
+# (k = 1) keeps its value exactly (reassociated, the mix rounded it in the last bit).
+EXACT_MIX = dict(KERNEL, fastmath=FASTMATH - {"reassoc"})
+
 # The elementwise passes, which split the batch rows over threads with prange.
 PARALLEL = dict(KERNEL, parallel=True)
 

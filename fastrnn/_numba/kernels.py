@@ -1175,12 +1175,97 @@ def gru_norm_backward_row(b, phase, reset_after, params, cache_t, grads_t):
 
 
 # =============================================================================================
+# Zoneout (Krueger et al. 2016), the same for every cell, after its step: each state unit
+# becomes k * (its value before the step) + (1 - k) * (the cell's new value), k the unit's
+# keep weight (a 0/1 mask in training, the rate for the expectation), and y the new h so made.
+# ``zone_t = (keep, raw_c)`` of step t: keep (B, states*H), h's weights then c's, or (1, .)
+# for the same weights in every row; raw_c (B, H), training with a cell state: where the
+# forward keeps the cell's own c' (the LSTM's backward reads tanh(c'), not the mixed c),
+# else (0, 0). Backward splits the gradient of the mixed state: (1 - k) of it goes into the
+# cell's step, k of it (``carry`` (B, states*H)) straight to the state before the step.
+# ``zone_t`` None (the one-step kernel): no zoneout compiled in.
+
+def zoneout_forward_row(b, cols, states, zone_t, step):
+    """Zoneout of the units cols of row b after the step (see above)."""
+
+
+def zoneout_split_row(b, zone_t, dh, dc):
+    """Backward, before the step: the gradient of the mixed state split (see above)."""
+
+
+def zoneout_carry_row(b, zone_t, dh, dc):
+    """Backward, after the step: the carried part added to the state's gradient."""
+
+
+@overload(zoneout_forward_row, jit_options=config.EXACT_MIX)
+def _zoneout_forward_row_overload(b, cols, states, zone_t, step):
+    if isinstance(zone_t, types.NoneType):
+        return lambda b, cols, states, zone_t, step: None
+
+    def impl(b, cols, states, zone_t, step):
+        keep, raw_c = zone_t
+        if keep.shape[1] == 0:
+            return
+        j0, j1, _, _ = cols
+        _, _, h, h_new, c, c_new, _, y = step
+        H = h.shape[1]
+        one = h.dtype.type(1)
+        k = keep[b if keep.shape[0] > 1 else 0]
+        kh, old, new, out = k[j0:j1], h[b, j0:j1], h_new[b, j0:j1], y[b, j0:j1]
+        for j in range(j1 - j0):
+            new[j] = kh[j] * old[j] + (one - kh[j]) * new[j]
+            out[j] = new[j]
+        if states == 2:
+            kc, old, new = k[H + j0:H + j1], c[b, j0:j1], c_new[b, j0:j1]
+            if raw_c.shape[0] > 0:
+                raw = raw_c[b, j0:j1]
+                for j in range(j1 - j0):
+                    raw[j] = new[j]
+            for j in range(j1 - j0):
+                new[j] = kc[j] * old[j] + (one - kc[j]) * new[j]
+    return impl
+
+
+@overload(zoneout_split_row, jit_options=config.KERNEL)
+def _zoneout_split_row_overload(b, zone_t, dh, dc):
+    def impl(b, zone_t, dh, dc):
+        keep, carry = zone_t
+        if keep.shape[1] == 0:
+            return
+        H = dh.shape[1]
+        one = dh.dtype.type(1)
+        k, kept = keep[b if keep.shape[0] > 1 else 0], carry[b]
+        for s in range(keep.shape[1] // H):
+            d = dh[b] if s == 0 else dc[b]
+            for j in range(H):
+                kept[s * H + j] = k[s * H + j] * d[j]
+                d[j] *= one - k[s * H + j]
+    return impl
+
+
+@overload(zoneout_carry_row, jit_options=config.KERNEL)
+def _zoneout_carry_row_overload(b, zone_t, dh, dc):
+    def impl(b, zone_t, dh, dc):
+        keep, carry = zone_t
+        if keep.shape[1] == 0:
+            return
+        H = dh.shape[1]
+        kept = carry[b]
+        for s in range(keep.shape[1] // H):
+            d = dh[b] if s == 0 else dc[b]
+            for j in range(H):
+                d[j] += kept[s * H + j]
+    return impl
+
+
+# =============================================================================================
 # The switch: the only place that reads the cell's code
 
 @njit(**config.KERNEL)
-def forward_row(spec, phase, b, cols, padding, params, step):
+def forward_row(spec, phase, b, cols, padding, params, step, zone_t):
     """One phase of the forward step of row b, units cols[0]..cols[1]-1, for the cell of
-    spec; a padding row (t >= lengths[b]) keeps its state and outputs zero."""
+    spec, and after the last phase zone_t's zoneout; a padding row (t >= lengths[b]) keeps
+    its state and outputs zero."""
     code, G, states, saved_width, second, _, _ = spec
     if padding:
         # the state passes through, the output is zero; before the last phase the saved row,
@@ -1209,14 +1294,17 @@ def forward_row(spec, phase, b, cols, padding, params, step):
         gru_reset_before_forward_row(b, cols, phase, params, step)
     else:
         options_forward_row(code, phase, second == G, b, cols, params, step, params[5])
+    if not padding and phase == (0 if second == G else 1):
+        zoneout_forward_row(b, cols, states, zone_t, step)
 
 
 @njit(**config.KERNEL)
-def backward_row(spec, phase, b, padding, params, cache_t, grads_t):
+def backward_row(spec, phase, b, padding, params, cache_t, grads_t, zone_t):
     """One phase of the backward step of row b (phases run last to first): dgates (and the
-    hidden side) of the row, and the part of dh, dc that does not go through w_hh."""
+    hidden side) of the row, and the part of dh, dc that does not go through w_hh; zone_t's
+    zoneout around the step."""
     code, G, _, _, second, hidden_blocks, _ = spec
-    dgates, dgates_hh, dhh, dh, _, _, _, dy = grads_t
+    dgates, dgates_hh, dhh, dh, dc, _, _, dy = grads_t
     H = dh.shape[1]
     first_phase = phase == (0 if second == G else 1)
     if padding:
@@ -1231,6 +1319,8 @@ def backward_row(spec, phase, b, padding, params, cache_t, grads_t):
         dh_row, dy_row = dh[b], dy[b]
         for j in range(H):
             dh_row[j] += dy_row[j]             # dL/dh' = from later steps + from y
+    if first_phase:
+        zoneout_split_row(b, zone_t, dh, dc)
     if code == RNN_TANH or code == RNN_RELU:
         rnn_backward_row(b, code == RNN_RELU, cache_t, grads_t)
     elif code == LSTM or code == LSTM_PEEPHOLE:
@@ -1241,24 +1331,34 @@ def backward_row(spec, phase, b, padding, params, cache_t, grads_t):
         gru_reset_before_backward_row(b, phase, cache_t, grads_t)
     else:
         options_backward_row(code, phase, second == G, b, params, cache_t, grads_t, params[5])
+    if phase == 0:
+        zoneout_carry_row(b, zone_t, dh, dc)
 
 
 @njit(**config.PARALLEL)
-def forward_pass(spec, phase, t, lengths, params, step):
+def forward_pass(spec, phase, t, lengths, params, step, zone_t):
     """One phase of step t for every batch row, the rows split over threads."""
     H = step[2].shape[1]
     cols = (np.int64(0), np.int64(H), np.int64(H), np.int64(0))
     for row in prange(step[2].shape[0]):
         b = np.int64(row)  # one type for the row steps in the serial and the parallel typing
-        forward_row(spec, phase, b, cols, t >= lengths[b], params, step)
+        forward_row(spec, phase, b, cols, t >= lengths[b], params, step, zone_t)
 
 
 @njit(**config.PARALLEL)
-def backward_pass(spec, phase, t, lengths, params, cache_t, grads_t):
+def backward_pass(spec, phase, t, lengths, params, cache_t, grads_t, zone_t):
     """One backward phase of step t for every batch row, the rows split over threads."""
     for row in prange(grads_t[3].shape[0]):
         b = np.int64(row)
-        backward_row(spec, phase, b, t >= lengths[b], params, cache_t, grads_t)
+        backward_row(spec, phase, b, t >= lengths[b], params, cache_t, grads_t, zone_t)
+
+
+@njit(**config.KERNEL)
+def step_zone(zone, raw, t):
+    """Step t's zone_t (see Zoneout) from the call's zone (T, B, states*H), or (1, ., .) for
+    the same weights at every step, and raw (T, B, H) (training with a cell state: the
+    forward's raw c, backward's carry source) or (1, 0, 0)."""
+    return zone[t if zone.shape[0] > 1 else 0], raw[t if raw.shape[0] > 1 else 0]
 
 
 @njit(**config.KERNEL)
@@ -2063,7 +2163,7 @@ def any_weight_gradient(P, use_amx, d, v, out, flat, amx_flat):
 # the unit threads).
 
 @njit(**config.KERNEL)
-def units_pass(p, P, spec, phase, t, lengths, params, packed_hh, own, step, backwards):
+def units_pass(p, P, spec, phase, t, lengths, params, packed_hh, own, step, backwards, zone_t):
     """Thread p's share of one phase of a step of the unit-split loop: the product of the
     phase's blocks for its units, then their rows. packed_hh (P, G, panels, H, NR): each
     thread's rows of w_hh as panels (units_input), or empty: dot products on w_hh (backwards:
@@ -2088,7 +2188,7 @@ def units_pass(p, P, spec, phase, t, lengths, params, packed_hh, own, step, back
             dot_rows(w_hh, H, g0, g1 - g0, j0, j1, v, hh, gs, go, backwards and phase == 0)
     cols = (j0, j1, gs, go)
     for row in range(B):
-        forward_row(spec, phase, np.int64(row), cols, t >= lengths[row], params, step)
+        forward_row(spec, phase, np.int64(row), cols, t >= lengths[row], params, step, zone_t)
 
 
 @njit(**config.KERNEL)
@@ -2219,7 +2319,7 @@ def units_substep(q, k, P, spec, reverse, train, lengths, params, units, ws, y):
     G*C) and hh_own (P, B, G*C) each part's own (see forward_units_loop), or empty: the parts
     share the gates and hh of ws."""
     x2, packed_ih, packed_hh, amx_ih, gates_own, hh_own = units
-    gates, h_slots, c_slots, saved, hh, mask = ws
+    gates, h_slots, c_slots, saved, hh, _, zone, raw_c = ws
     own = gates_own.shape[0] > 0
     gq = gates_own[q] if own else gates
     hq = hh_own[q] if own else hh
@@ -2232,7 +2332,8 @@ def units_substep(q, k, P, spec, reverse, train, lengths, params, units, ws, y):
     phase = k - 1 - s * phases
     t, cur, nxt, ts = step_slots(s, y.shape[0], reverse, train)
     step = (gq[t], hq, h_slots[cur], h_slots[nxt], c_slots[cur], c_slots[nxt], saved[ts], y[t])
-    units_pass(q, P, spec, phase, t, lengths, params, packed_hh, own, step, s % 2 == 1)
+    units_pass(q, P, spec, phase, t, lengths, params, packed_hh, own, step, s % 2 == 1,
+               step_zone(zone, raw_c, t))
 
 
 @njit(**config.KERNEL)
@@ -2353,7 +2454,7 @@ def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
     _, G, _, _, second, _, _ = spec
     _, threads, packed, pool, use_amx = plan
     w_ih, w_hh = params[0], params[1]
-    gates, h_slots, c_slots, saved, hh, mask = ws
+    gates, h_slots, c_slots, saved, hh, mask, zone, raw_c = ws
     T, B, I = x.shape
     H = w_hh.shape[1]
     GH = G * H
@@ -2414,7 +2515,7 @@ def forward_rows_loop(spec, x, params, lengths, reverse, train, plan, y, ws):
                     step_product(P, amx_h, amx_1, panels1, n1, step[6][:, :H], hh, n0, False)
                 else:
                     gemm(step[6][:, :H], NO_TRANS, w_hh[n0:], TRANS, hh[:, n0:], 0.0)
-            forward_pass(spec, phase, t, lengths, params, step)
+            forward_pass(spec, phase, t, lengths, params, step, step_zone(zone, raw_c, t))
 
 
 def forward_units(spec, x, params, lengths, reverse, train, plan, y, ws, own):
@@ -2443,8 +2544,8 @@ def backward_loop(spec, x, params, lengths, reverse, truncate, plan, cache, dy, 
     _, G, _, _, second, hidden_blocks, _ = spec
     _, threads, packed, pool, use_amx = plan
     w_hh = params[1]
-    gates, h_slots, c_slots, saved, mask = cache
-    dgates, dgates_hh, dhh, dh, dc, dsaved, dpeep, _ = grads
+    gates, h_slots, c_slots, saved, mask, zone, raw_c = cache
+    dgates, dgates_hh, dhh, dh, dc, dsaved, dpeep, _, carry = grads
     T, B, _ = x.shape
     H = w_hh.shape[1]
     phases = 1 if second == G else 2
@@ -2473,13 +2574,16 @@ def backward_loop(spec, x, params, lengths, reverse, truncate, plan, cache, dy, 
         # order (t - 1 forward, t + 1 reverse); truncation cuts boundaries at multiples of k
         boundary = t + 1 if reverse else t
         cut = truncate > 0 and 0 < boundary < T and boundary % truncate == 0
-        cache_t = (gates[t], h_slots[t], c_slots[t], c_slots[slot_after(t, T, reverse)],
+        # the cell's own c' of the step: with zoneout, the forward's raw c, not the mixed slot
+        cache_t = (gates[t], h_slots[t], c_slots[t],
+                   raw_c[t] if raw_c.shape[1] > 0 else c_slots[slot_after(t, T, reverse)],
                    saved[t])
+        zone_t = (zone[t if zone.shape[0] > 1 else 0], carry)
         grads_t = (dgates[t], dgates_hh[t], dhh, dh, dc, dsaved, dpeep, dy[t])
         d = dhh if hidden_blocks > 0 else dgates[t]      # the hidden side of step t
         for i in range(phases):
             phase = phases - 1 - i
-            backward_pass(spec, phase, t, lengths, params, cache_t, grads_t)
+            backward_pass(spec, phase, t, lengths, params, cache_t, grads_t, zone_t)
             if active and phase == 1:
                 # dsaved = d[:, n0:] @ w_hh[n0:]                               (B, H)
                 if packed:
@@ -2631,7 +2735,7 @@ def step_pass(p, P, spec, phase, x2, params, step):
         dot_rows(w_hh, H, second, G - second, j0, j1, saved, hh, H, j0)
     cols = (j0, j1, H, j0)
     for row in range(B):
-        forward_row(spec, phase, np.int64(row), cols, False, params, step)
+        forward_row(spec, phase, np.int64(row), cols, False, params, step, None)
 
 
 @njit(**config.PARALLEL)

@@ -65,6 +65,9 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     if layer.cell.layer_norm:
         raise ValueError("layer: layer_norm=True has no ONNX form (ONNX's LSTM and GRU "
                          "operators have no normalization)")
+    if any(layer._zoneout_rates):
+        raise ValueError(f"layer: zoneout={layer.zoneout} has no ONNX form (its inference mixes "
+                         f"each state with the one before, which ONNX's operators do not)")
     if getattr(layer, "proj_size", 0):
         raise ValueError(f"layer: proj_size={layer.proj_size} has no ONNX form (ONNX's LSTM "
                          f"operator has no projection)")
