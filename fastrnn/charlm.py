@@ -242,6 +242,14 @@ def format_bytes(n):
         n /= 1024
 
 
+def _zoneout_config(zoneout):
+    """A layer's zoneout as the config keeps it: one number, or an LSTM's [z_c, z_h] when
+    they differ."""
+    if isinstance(zoneout, tuple):
+        return zoneout[0] if zoneout[0] == zoneout[1] else list(zoneout)
+    return zoneout
+
+
 class CharLM:
     """Embedding -> ``layers``-layer LSTM or GRU -> Linear: next-character logits.
 
@@ -254,7 +262,8 @@ class CharLM:
     """
 
     def __init__(self, vocab_size, *, embed=64, hidden=256, layers=2, cell="lstm",
-                 dropout=0.0, layer_norm=False, dtype=np.float32, backend="auto", seed=None):
+                 dropout=0.0, layer_norm=False, zoneout=0.0, dtype=np.float32, backend="auto",
+                 seed=None):
         if cell not in _CELLS:
             raise ValueError(f"cell: expected 'lstm' or 'gru', got {cell!r}")
         sizes = {name: _positive_int(name, value) for name, value in
@@ -272,7 +281,7 @@ class CharLM:
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3)]
         self.embedding = Embedding(vocab_size, embed, dtype=dtype, seed=seeds[0])
         self.rnn = _CELLS[cell](embed, hidden, layers, dropout=dropout, layer_norm=layer_norm,
-                                dtype=dtype, backend=backend, seed=seeds[1])
+                                zoneout=zoneout, dtype=dtype, backend=backend, seed=seeds[1])
         self.head = Linear(hidden, vocab_size, dtype=dtype, seed=seeds[2])
         self.cell = cell
         self.dtype = np.dtype(dtype)
@@ -287,6 +296,7 @@ class CharLM:
                 "embed": int(self.embedding.embedding_dim), "hidden": int(self.rnn.hidden_size),
                 "layers": int(self.rnn.num_layers), "cell": self.cell,
                 "dropout": float(self.rnn.dropout), "layer_norm": self.rnn.layer_norm,
+                "zoneout": _zoneout_config(self.rnn.zoneout),
                 "dtype": self.dtype.name}
 
     @property

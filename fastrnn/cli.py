@@ -38,7 +38,7 @@ BACKEND_CHOICES = ("auto", "reference", "numba", "cython")
 # The options that make a run: fixed by the checkpoint on --resume. Their defaults:
 RUN_DEFAULTS = {"cell": "lstm", "hidden": 256, "layers": 2, "embed": 64, "window": 100,
                 "bptt": None, "batch": 32, "lr": 2e-3, "clip": 5.0, "dropout": 0.0,
-                "layer_norm": False, "dtype": "float32", "seed": 0}
+                "layer_norm": False, "zoneout": 0.0, "dtype": "float32", "seed": 0}
 EXIT_STATUSES = """\
 exit status:
   0    done
@@ -140,6 +140,9 @@ def build_parser():
     train.add_argument("--layer-norm", action="store_true", default=run,
                        help="layer-normalized LSTM or GRU cells (the products and the LSTM's "
                             "cell state normalized; see the README)")
+    train.add_argument("--zoneout", type=_fraction, default=run, metavar="Z",
+                       help="zoneout: in training each state unit keeps its previous value "
+                            "with probability Z at each step (LSTM: h and c alike; default 0)")
     train.add_argument("--dtype", choices=("float32", "float64"), default=run,
                        help="floating-point type (default float32)")
     train.add_argument("--seed", type=_int_at_least(0), default=run,
@@ -579,8 +582,8 @@ def _prepare(args):
         model = charlm.CharLM(len(vocab), embed=options["embed"], hidden=options["hidden"],
                               layers=options["layers"], cell=options["cell"],
                               dropout=options["dropout"], layer_norm=options["layer_norm"],
-                              dtype=options["dtype"], backend=args.backend,
-                              seed=options["seed"])
+                              zoneout=options["zoneout"], dtype=options["dtype"],
+                              backend=args.backend, seed=options["seed"])
     return options, resumed, corpus, text_path, digest, vocab, model
 
 
@@ -596,7 +599,8 @@ def _train_prepared(args, started, options, resumed, corpus, text_path, digest, 
           f"{options['hidden']}, embedding {options['embed']}, {model.num_params():,} "
           f"parameters, {options['dtype']}, backend {model.backend}"
           + (f", dropout {options['dropout']:g}" if options["dropout"] else "")
-          + (", layer norm" if options["layer_norm"] else ""))
+          + (", layer norm" if options["layer_norm"] else "")
+          + (f", zoneout {options['zoneout']:g}" if options["zoneout"] else ""))
     print(("resume: " if resumed else "train:  ")
           + (f"from update {first} of {args.resume}, " if resumed else "")
           + f"{args.steps} updates of {options['batch']} streams x {options['window']} steps"

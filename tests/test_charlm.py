@@ -434,7 +434,7 @@ def test_charlm_too_large_for_memory_and_numpy_integer_sizes(tmp_path):
     loaded, _, config = charlm.load_checkpoint(path, backend="reference")
     assert config["model"] == {"vocab_size": 5, "embed": 3, "hidden": 4, "layers": 2,
                                "cell": "lstm", "dropout": 0.0, "layer_norm": False,
-                               "dtype": "float32"}
+                               "zoneout": 0.0, "dtype": "float32"}
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -444,6 +444,17 @@ def test_parameter_count_without_building_the_model(cell, layer_norm):
     m = CharLM(7, embed=3, hidden=5, layers=3, cell=cell, layer_norm=layer_norm,
                backend="reference")
     assert charlm.num_params(7, 3, 5, 3, cell, layer_norm) == m.num_params()
+
+
+@pytest.mark.parametrize("cell, zoneout, kept", [("lstm", 0.2, 0.2), ("lstm", (0.1, 0.3), [0.1, 0.3]),
+                                                 ("gru", 0.25, 0.25)])
+def test_zoneout_in_the_config_and_checkpoint(tmp_path, cell, zoneout, kept):
+    m = CharLM(5, embed=3, hidden=4, cell=cell, zoneout=zoneout, backend="reference", seed=1)
+    assert m.config()["zoneout"] == kept
+    path = str(tmp_path / "m.npz")
+    charlm.save_checkpoint(path, m, Vocabulary("abcde"), {"steps": 1})
+    loaded, _, config = charlm.load_checkpoint(path, backend="reference")
+    assert loaded.rnn.zoneout == m.rnn.zoneout and config["model"]["zoneout"] == kept
 
 
 def test_a_non_finite_model_is_not_saved_over_a_checkpoint(tmp_path):

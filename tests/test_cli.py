@@ -168,7 +168,7 @@ def library_run(text, options, steps):
     vocab = Vocabulary.from_text(text)
     model = CharLM(len(vocab), embed=o["embed"], hidden=o["hidden"], layers=o["layers"],
                    cell=o["cell"], dropout=o["dropout"], layer_norm=o["layer_norm"],
-                   dtype=o["dtype"], backend=o.get("backend", "reference"), seed=o["seed"])
+                   zoneout=o["zoneout"], dtype=o["dtype"], backend=o.get("backend", "reference"), seed=o["seed"])
     trainer = charlm.Trainer(model, vocab.encode(train), vocab.encode(heldout), batch=o["batch"],
                              window=o["window"], k2=o["bptt"], lr=o["lr"], clip=o["clip"])
     updates = [trainer.update() for _ in range(steps)]
@@ -190,7 +190,7 @@ def _argv(options):
 # every run option away from its default (--bptt > --window: the history windows of BPTT(k1, k2))
 RUN_OPTIONS = {"cell": "gru", "hidden": 6, "layers": 3, "embed": 5, "window": 6, "bptt": 9,
                "batch": 3, "lr": 0.01, "clip": 0.05, "dropout": 0.3, "layer_norm": True,
-               "dtype": "float64", "seed": 7}
+               "zoneout": 0.2, "dtype": "float64", "seed": 7}
 
 
 def test_every_train_option_does_what_the_library_does(tmp_path, text_file):
@@ -204,6 +204,7 @@ def test_every_train_option_does_what_the_library_does(tmp_path, text_file):
                        "--temperature", "0.3", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "3-layer GRU, hidden 6, embedding 5" in proc.stdout and "layer norm" in proc.stdout
+    assert "zoneout 0.2" in proc.stdout
     assert "backend reference" in proc.stdout                     # not auto's choice
     assert re.search(r"held-out \d\.\d{3} bits/char", proc.stderr)  # evaluated before the end
     model, vocab, config = charlm.load_checkpoint(out, backend="reference")
