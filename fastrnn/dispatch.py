@@ -8,7 +8,6 @@ import importlib
 import numbers
 import os
 
-import numpy as np
 
 __all__ = ["BackendUnavailable", "backends", "get_backend", "resolve", "set_num_threads",
            "AUTO_ORDER"]
@@ -88,15 +87,18 @@ def get_backend(name="auto"):
 
 
 def set_num_threads(n):
-    """Threads of the compiled kernels, in every backend (the numba backend sets SciPy's BLAS,
-    which it calls, too; the cython backend's BLAS keeps its own, and NumPy's BLAS is apart:
-    see ``limit_numpy_blas_threads``).
+    """Threads of the compiled kernels, in every backend, and of SciPy's BLAS, which both
+    compiled backends call (NumPy's BLAS is apart: see ``limit_numpy_blas_threads``).
 
     A forked child process (``os.fork``, multiprocessing's "fork" start method) starts on one
     thread, as if it had called ``set_num_threads(1)``; calling it there gives the child a pool
     of its own (see ``_after_fork_in_child``)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    # SciPy's BLAS first: the cython backend sizes its passes by the BLAS threads it finds
+    blas, _ = _openblas_threads_functions("scipy")
+    if blas is not None:
+        blas(int(n))
     for name in backends():
         _set_backend_threads(_loaded[name], int(n))
 

@@ -545,7 +545,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
 
 def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None):
     _, step_backward = _step_pair(cell)
-    x, p, lengths, reverse = cache.x, cache.p, cache.lengths, cache.reverse
+    x, p, reverse = cache.x, cache.p, cache.reverse
     T = x.shape[0]
     grads = dict(zip(cell.param_names, dparams))
     d_state = [np.zeros_like(s) if d is None else np.array(d, copy=True)

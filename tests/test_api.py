@@ -381,6 +381,27 @@ def test_limit_numpy_blas_threads_sets_numpys_own_blas():
         fastrnn.limit_numpy_blas_threads(before)
 
 
+def test_set_num_threads_sets_scipys_blas_without_numba_too():
+    """SciPy's BLAS is the cython backend's: set_num_threads sets it whether or not the numba
+    backend (whose own setter sets it too) is there; here in a child without Numba."""
+    if "cython" not in fastrnn.backends() or _openblas_threads("scipy") is None:
+        pytest.skip("no cython backend, or SciPy without a bundled OpenBLAS")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: BLAS keeps one thread whatever is asked")
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import fastrnn\n"
+            "from fastrnn import dispatch\n"
+            "assert 'numba' not in fastrnn.backends(), fastrnn.backends()\n"
+            "get = dispatch._openblas_threads_functions('scipy')[1]\n"
+            "for n in (1, 2, 1):\n"
+            "    fastrnn.set_num_threads(n)\n"
+            "    print(get(), fastrnn.get_backend('cython').get_num_threads())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, **child_python())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:3] == ["1 1", "2 2", "1 1"]
+
+
 def test_cli_threads_set_scipys_blas_and_quiet_numpys():
     from fastrnn import cli
     if _openblas_threads("numpy") is None or _openblas_threads("scipy") is None:
