@@ -227,6 +227,8 @@ def _run(args):
     try:
         if args.command == "train" and distributed.launched_by_mpiexec():
             _join_ranks(args)
+        if args.command == "sample" and distributed.rank_from_environment() > 0:
+            return 0, False     # sampling is not distributed: under mpiexec rank 0 alone does it
         if args.threads is not None:
             _set_threads(args.threads, args.backend)
         _quiet_numpy_blas(args.backend)

@@ -69,6 +69,16 @@ def launched_by_mpiexec():
     return False
 
 
+def rank_from_environment():
+    """This process's rank as mpiexec's launcher tells it in the environment (0 when not
+    launched by one), without importing MPI."""
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def timeout_seconds():
     """The collective timeout: ``FASTRNN_MPI_TIMEOUT`` seconds, default ``DEFAULT_TIMEOUT``."""
     text = os.environ.get("FASTRNN_MPI_TIMEOUT")

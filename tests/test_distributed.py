@@ -175,6 +175,17 @@ def test_mpiexec_fastrnn_train_writes_the_checkpoint_of_one_process(tmp_path, te
     assert_same_checkpoints(resumed_on_ranks, longer)
 
 
+def test_mpiexec_fastrnn_sample_samples_once(tmp_path, text):
+    checkpoint = str(tmp_path / "one.npz")
+    run_one_process("train", "--text", text, "--steps", "1", "--out", checkpoint, *CLI_OPTIONS)
+    argv = ("sample", checkpoint, "--prime", "def ", "--length", "40", "--seed", "3",
+            "--backend", "reference")
+    one = run_one_process(*argv)
+    done = mpiexec(2, *fastrnn_command(*argv))
+    assert done.returncode == 0, done.stderr
+    assert one.stdout.strip() and done.stdout == one.stdout      # rank 0's alone
+
+
 def test_mpiexec_fastrnn_train_refuses_an_uneven_split_on_every_rank(tmp_path, text):
     done = mpiexec(3, *fastrnn_command("train", "--text", text, "--steps", "3", "--out",
                                        str(tmp_path / "x.npz"), *CLI_OPTIONS))
