@@ -91,7 +91,7 @@ cdef inline void rnn_backward_row(floating* dgates, floating* dh, const floating
     else:
         for j in range(H):
             # h' = tanh(a)
-            dgates[j] = dh[j] * (1 - gates[j] * gates[j])
+            dgates[j] = dh[j] * (<floating>1 - gates[j] * gates[j])
     for j in range(H):
         dh[j] = 0                          # dL/dh is all dgates @ W_hh
 
@@ -140,11 +140,11 @@ cdef inline void _lstm_igf_backward(floating* dgates, const floating* dc,
     cdef const floating* f = gates + H
     cdef const floating* g = gates + 2 * H
     for j in range(H):
-        dgates[j] = dc[j] * g[j] * i[j] * (1 - i[j])
+        dgates[j] = dc[j] * g[j] * i[j] * (<floating>1 - i[j])
     for j in range(H):
-        dgates[H + j] = dc[j] * c[j] * f[j] * (1 - f[j])
+        dgates[H + j] = dc[j] * c[j] * f[j] * (<floating>1 - f[j])
     for j in range(H):
-        dgates[2 * H + j] = dc[j] * i[j] * (1 - g[j] * g[j])
+        dgates[2 * H + j] = dc[j] * i[j] * (<floating>1 - g[j] * g[j])
 
 
 cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
@@ -162,9 +162,9 @@ cdef inline void lstm_backward_row(floating* dgates, floating* dh, floating* dc,
     # h' = o * tanh(c'); tanh(c') passes through da_o
     tanh_into(da_o, c_new, H)
     for j in range(H):
-        dc[j] = dc[j] + dh[j] * o[j] * (1 - da_o[j] * da_o[j])
+        dc[j] = dc[j] + dh[j] * o[j] * (<floating>1 - da_o[j] * da_o[j])
     for j in range(H):
-        da_o[j] = dh[j] * da_o[j] * o[j] * (1 - o[j])
+        da_o[j] = dh[j] * da_o[j] * o[j] * (<floating>1 - o[j])
     if peephole != NULL:
         # a_o = ... + p_o * c'
         for j in range(H):
@@ -210,7 +210,7 @@ cdef inline void gru_forward_row(floating* gates, floating* saved, floating* h_n
     tanh_inplace(nn, n)
     # h' = (1 - z) * n + z * h
     for j in range(n):
-        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
+        y[j] = (<floating>1 - z[j]) * nn[j] + z[j] * h[j]
     for j in range(n):
         h_new[j] = y[j]
     if saved != NULL:
@@ -228,10 +228,10 @@ cdef inline void _gru_zn_backward_row(floating* dgates, floating* dh,
     cdef const floating* n = gates + 2 * H
     # h' = (1 - z) * n + z * h
     for j in range(H):
-        dgates[H + j] = dh[j] * (h[j] - n[j]) * z[j] * (1 - z[j])
+        dgates[H + j] = dh[j] * (h[j] - n[j]) * z[j] * (<floating>1 - z[j])
     # n = tanh(...)
     for j in range(H):
-        dgates[2 * H + j] = dh[j] * (1 - z[j]) * (1 - n[j] * n[j])
+        dgates[2 * H + j] = dh[j] * (<floating>1 - z[j]) * (<floating>1 - n[j] * n[j])
     for j in range(H):
         dh[j] = dh[j] * z[j]
 
@@ -248,7 +248,7 @@ cdef inline void gru_backward_row(floating* dgates, floating* dhh, floating* dga
     cdef floating* da_n = dgates + 2 * H
     _gru_zn_backward_row(dgates, dh, gates, h, H)   # n = tanh(x_n + r * hn)
     for j in range(H):
-        da_r[j] = da_n[j] * hn[j] * r[j] * (1 - r[j])
+        da_r[j] = da_n[j] * hn[j] * r[j] * (<floating>1 - r[j])
     # a_n = x_n + r * (W_hn h + b_hn): the hidden side of the n block
     for j in range(H):
         dhh[2 * H + j] = da_n[j] * r[j]
@@ -284,7 +284,7 @@ cdef inline void gru_reset_before_forward_row(int phase, floating* gates, floati
     tanh_inplace(nn, n)
     # h' = (1 - z) * n + z * h
     for j in range(n):
-        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
+        y[j] = (<floating>1 - z[j]) * nn[j] + z[j] * h[j]
     for j in range(n):
         h_new[j] = y[j]
 
@@ -301,7 +301,7 @@ cdef inline void gru_reset_before_backward_row(int phase, floating* dgates, floa
         return
     # rh = r * h
     for j in range(H):
-        dgates[j] = dsaved[j] * h[j] * r[j] * (1 - r[j])
+        dgates[j] = dsaved[j] * h[j] * r[j] * (<floating>1 - r[j])
     for j in range(H):
         dh[j] = dh[j] + dsaved[j] * r[j]
 
@@ -350,7 +350,7 @@ cdef inline floating activate(Activation act, floating a) noexcept nogil:
     if act.kind == 8:
         return <floating>(alpha * expm1(a)) if a < 0 else a        # elu
     if act.kind == 9:
-        return a / (1 + fabs(a))                                   # softsign
+        return a / (<floating>1 + fabs(a))                                   # softsign
     # softplus, log(1 + e^a) without overflow
     return <floating>((a if a > 0 else 0) + log1p(exp(-fabs(a))))
 
@@ -362,10 +362,10 @@ cdef inline floating activation_slope(Activation act, floating a) noexcept nogil
         return a
     if act.kind == 1:
         t = tanh_(a)
-        return 1 - t * t
+        return <floating>1 - t * t
     if act.kind == 2:
         t = sigmoid(a)
-        return t * (1 - t)
+        return t * (<floating>1 - t)
     if act.kind == 0:
         return 1 if a > 0 else 0
     if act.kind == 3:
@@ -376,15 +376,15 @@ cdef inline floating activation_slope(Activation act, floating a) noexcept nogil
         return 1 if a > alpha else 0
     if act.kind == 6:
         t = tanh_(beta * a)
-        return alpha * beta * (1 - t * t)
+        return alpha * beta * (<floating>1 - t * t)
     if act.kind == 7:
         u = alpha * a + beta
         return alpha if u > 0 and u < 1 else 0
     if act.kind == 8:
         return <floating>(alpha * exp(a)) if a < 0 else 1
     if act.kind == 9:
-        t = 1 + fabs(a)
-        return 1 / (t * t)
+        t = <floating>1 + fabs(a)
+        return <floating>1 / (t * t)
     return sigmoid(a)
 
 
@@ -417,11 +417,11 @@ cdef inline void slope_block(Activation act, const floating* a, floating* d,
     if act.kind == 2:
         for k in range(n):
             s = sigmoid(a[k])
-            d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else s * (1 - s))
+            d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else s * (<floating>1 - s))
     elif act.kind == 1:
         for k in range(n):
             s = tanh_(a[k])
-            d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else 1 - s * s)
+            d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else <floating>1 - s * s)
     else:
         for k in range(n):
             d[k] = d[k] * (0 if a[k] < -clip or a[k] > clip else activation_slope(act, a[k]))
@@ -477,7 +477,7 @@ cdef inline void lstm_options_forward_row(floating* gates, floating* h_new, floa
     gate_block(act_f, gates, i, n)
     if options[1] != 0:                                    # input_forget: f = 1 - i
         for j in range(n):
-            f[j] = 1 - i[j]
+            f[j] = <floating>1 - i[j]
     else:
         gate_block(act_f, gates + H, f, n)
     gate_block(act_g, gates + 2 * H, g, n)
@@ -536,7 +536,7 @@ cdef inline void lstm_options_backward_row(floating* dgates, floating* dh, float
         # c' = f * c + i * g
         dc_new = dc[j]
         i, g = da_i[j], da_g[j]
-        f = 1 - i if input_forget else da_f[j]
+        f = <floating>1 - i if input_forget else da_f[j]
         da_i[j] = dc_new * g                                               # di
         da_f[j] = dc_new * c[j]                                            # df
         da_g[j] = dc_new * i                                               # dg
@@ -601,7 +601,7 @@ cdef inline void gru_options_forward_row(int phase, bint reset_after, floating* 
     gate_block(act_g, a_n, nn, n)             # n
     # h' = (1 - z) * n + z * h
     for j in range(n):
-        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
+        y[j] = (<floating>1 - z[j]) * nn[j] + z[j] * h[j]
     for j in range(n):
         h_new[j] = y[j]
 
@@ -626,7 +626,7 @@ cdef inline void gru_options_backward_row(int phase, bint reset_after, floating*
             # h' = (1 - z) * n + z * h
             z = da_z[j]
             da_z[j] = dh[j] * (h[j] - da_n[j])                           # dz
-            da_n[j] = dh[j] * (1 - z)                                    # dn
+            da_n[j] = dh[j] * (<floating>1 - z)                                    # dn
             dh[j] = dh[j] * z
         slope_block(act_f, gates + H, da_z, H)                           # da_z
         slope_block(act_g, gates + 2 * H, da_n, H)                       # da_n
@@ -760,23 +760,26 @@ cdef inline void lstm_norm_backward_row(floating* dgates, floating* dgates_hh, f
                                         const floating* norm, double eps,
                                         Py_ssize_t H) noexcept nogil:
     cdef Py_ssize_t j, GH = 4 * H
-    cdef floating mean_c, rstd_c, c_hat, t, d_ln, s1, s2
+    cdef floating mean_c, rstd_c, t, d_ln, s1, s2
     cdef const floating* f = gates + H
     cdef const floating* o = gates + 3 * H
     cdef floating* da_i = dgates
     cdef floating* da_f = dgates + H
     cdef floating* da_o = dgates + 3 * H
     # h' = o * tanh(LN(c')); da_i holds LN(c') without gain and da_f the gradient of the
-    # normalized c' times the gain, until the i, f, g gradients overwrite them
+    # normalized c' times the gain, until the i, f, g gradients overwrite them; da_o holds
+    # tanh(LN(c')) until it is overwritten
     _norm_stats(c_new, H, eps, &mean_c, &rstd_c)
     for j in range(H):
-        c_hat = (c_new[j] - mean_c) * rstd_c
-        t = tanh_(c_hat * norm[4 * GH + j] + norm[5 * GH + j])
-        da_o[j] = dh[j] * t * o[j] * (1 - o[j])
-        d_ln = dh[j] * o[j] * (1 - t * t)
-        sums[4 * GH + j] = sums[4 * GH + j] + d_ln * c_hat
+        da_i[j] = (c_new[j] - mean_c) * rstd_c
+        da_o[j] = da_i[j] * norm[4 * GH + j] + norm[5 * GH + j]
+    tanh_inplace(da_o, H)       # apart: in the loop below it kept the loop scalar
+    for j in range(H):
+        t = da_o[j]
+        da_o[j] = dh[j] * t * o[j] * (<floating>1 - o[j])
+        d_ln = dh[j] * o[j] * (<floating>1 - t * t)
+        sums[4 * GH + j] = sums[4 * GH + j] + d_ln * da_i[j]
         sums[5 * GH + j] = sums[5 * GH + j] + d_ln
-        da_i[j] = c_hat
         da_f[j] = d_ln * norm[4 * GH + j]
     if floating is float:
         fr_pair_sums_f32(da_f, da_i, H, &s1, &s2)
@@ -843,7 +846,7 @@ cdef inline void gru_norm_forward_row(int phase, bint reset_after, floating* gat
             memcpy(saved, hh + 2 * H, H * sizeof(floating))                    # hn
     # h' = (1 - z) * n + z * h
     for j in range(H):
-        y[j] = (1 - z[j]) * nn[j] + z[j] * h[j]
+        y[j] = (<floating>1 - z[j]) * nn[j] + z[j] * h[j]
     for j in range(H):
         h_new[j] = y[j]
 
@@ -863,7 +866,7 @@ cdef inline void gru_norm_backward_row(int phase, bint reset_after, floating* dg
         for j in range(H):
             dgates_hh[2 * H + j] = dgates[2 * H + j] * r[j]
         for j in range(H):
-            dgates[j] = dgates[2 * H + j] * saved[j] * r[j] * (1 - r[j])    # da_r (saved: hn)
+            dgates[j] = dgates[2 * H + j] * saved[j] * r[j] * (<floating>1 - r[j])    # da_r (saved: hn)
         memcpy(dgates_hh, dgates, 2 * H * sizeof(floating))
         _norm_backward(dgates_hh, kept + GH, norm + 2 * GH, eps, dgates_hh, sums + 2 * GH,
                        sums + 3 * GH, GH)
@@ -876,7 +879,7 @@ cdef inline void gru_norm_backward_row(int phase, bint reset_after, floating* dg
     else:
         # rh = r * h
         for j in range(H):
-            dgates[j] = dsaved[j] * h[j] * r[j] * (1 - r[j])
+            dgates[j] = dsaved[j] * h[j] * r[j] * (<floating>1 - r[j])
         for j in range(H):
             dh[j] = dh[j] + dsaved[j] * r[j]
         memcpy(dgates_hh, dgates, 2 * H * sizeof(floating))

@@ -1042,17 +1042,21 @@ def lstm_norm_backward_row(b, params, cache_t, grads_t):
     a, c_old, c_nw, da, dh_row, dc_row = gates[b], c[b], c_new[b], dgates[b], dh[b], dc[b]
     row_sums, g_c, s_c = sums[b], norm[4], norm[5]
     # h' = o * tanh(LN(c')); da's i block holds LN(c') without gain, its f block the gradient
-    # of the normalized c' times the gain, until the i, f, g gradients overwrite them
+    # of the normalized c' times the gain, until the i, f, g gradients overwrite them; its o
+    # block tanh(LN(c')), until da_o does
     mean_c, rstd_c = norm_stats(c_nw, eps)
     for j in range(H):
-        c_hat = (c_nw[j] - mean_c) * rstd_c
-        t = tanh(c_hat * g_c[j] + s_c[j])
+        da[j] = (c_nw[j] - mean_c) * rstd_c
+        da[3 * H + j] = da[j] * g_c[j] + s_c[j]
+    for j in range(3 * H, GH):
+        da[j] = tanh(da[j])     # apart, as the Cython step does (there it kept a loop scalar)
+    for j in range(H):
+        t = da[3 * H + j]
         o = a[3 * H + j]
         da[3 * H + j] = dh_row[j] * t * o * (one - o)                     # da_o
         d_ln = dh_row[j] * o * (one - t * t)
-        row_sums[4 * GH + j] += d_ln * c_hat                               # ln_cell weight
+        row_sums[4 * GH + j] += d_ln * da[j]                               # ln_cell weight
         row_sums[5 * GH + j] += d_ln                                       # ln_cell bias
-        da[j] = c_hat
         da[H + j] = d_ln * g_c[j]
     s1 = dh.dtype.type(0)
     s2 = dh.dtype.type(0)
