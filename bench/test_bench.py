@@ -17,7 +17,7 @@ medians over alternating rounds, use ``python -m bench.report``.
 import pytest
 
 from bench.cases import flops
-from bench.conftest import PAIRS, QUICK, case_run
+from bench.conftest import IMPLS, PAIRS, QUICK, case_run
 
 
 # ids "<case>-<impl>", in case order, as two stacked parametrize marks would give them
@@ -31,3 +31,20 @@ def test_case(benchmark, case, impl, threads):
         benchmark.pedantic(run, rounds=3, iterations=1)
     else:
         benchmark(run)
+
+
+def test_regularizers_script_runs(monkeypatch):
+    """``python -m bench.regularizers`` on small shapes, one round: every compiled backend
+    under test with each variant, and the PyTorch loops when torch is."""
+    from bench import regularizers
+    monkeypatch.setattr(regularizers, "SHAPES", (("lstm-train-8", "LSTM", 2, 3, 8, 5),
+                                                 ("gru-train-8", "GRU", 2, 3, 8, 5)))
+    backends = [impl for impl in IMPLS if impl in ("numba", "cython")]
+    rows = regularizers.measure(backends, rounds=1, repeat=1, with_torch="torch" in IMPLS)
+    for backend in backends:
+        for variant in ("layer_norm", "zoneout"):
+            row = next(r for r in rows if r["impl"] == backend and r["variant"] == variant
+                       and r["case"] == "gru-train-8")
+            assert row["x plain"] > 0 and row["ms"] > 0
+            assert ("speedup over torch" in row) == ("torch" in IMPLS)
+    assert "| gru-train-8 |" in regularizers.markdown(rows, 1, 1)

@@ -1,9 +1,10 @@
-"""What layer normalization costs, and what it saves over PyTorch: a layer-normalized LSTM or
-GRU (``layer_norm=True``) training call against the same layer without it, per backend that
-has the cells, and against the same model in PyTorch written as its users must (a loop over
-time of torch products and ``nn.LayerNorm``, autograd; PyTorch fuses no such cell).
+"""What the fused regularizers cost, and what they save over PyTorch: a layer-normalized
+(``layer_norm=True``) or zoned-out (``zoneout=0.1``) LSTM or GRU training call against the same
+layer without them, per compiled backend, and against the same model in PyTorch written as its
+users must (a loop over time: of torch products and ``nn.LayerNorm``, or of ``nn.LSTMCell`` /
+``nn.GRUCell`` mixing the states with zoneout's masks; autograd; PyTorch fuses neither).
 
-    python -m bench.layer_norm [--backends cython,numba] [--rounds 7] [--markdown FILE]
+    python -m bench.regularizers [--backends cython,numba] [--rounds 7] [--markdown FILE]
 
 Each round times every variant once, in turn (alternating; the PyTorch loop in a process of
 its own); a variant's figure is the median over rounds of its best of ``--repeat`` calls, a
@@ -23,9 +24,13 @@ SHAPES = (("lstm-train-256", "LSTM", 32, 256, 256, 150),
           ("gru-train-256", "GRU", 32, 256, 256, 150))
 
 
-def _fastrnn_runner(mode, B, I, H, T, backend, layer_norm):
+# variant: the layer's options
+VARIANTS = {"plain": {}, "layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": 0.1}}
+
+
+def _fastrnn_runner(mode, B, I, H, T, backend, variant):
     layer = getattr(fastrnn, mode)(I, H, dtype=np.float32, backend=backend, seed=0,
-                                   layer_norm=layer_norm)
+                                   **VARIANTS[variant])
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
@@ -73,10 +78,25 @@ def torch_loop(torch, mode, I, H):
     return Cell()
 
 
-def _torch_runner(mode, B, I, H, T):
+def torch_zoneout_loop(torch, mode, I, H, z):
+    """Zoneout as a PyTorch user writes it: PyTorch's own cell, its new state mixed with the
+    one before by masks drawn per step (as fastrnn's layer draws them)."""
+    nn = torch.nn
+    cell = nn.LSTMCell(I, H) if mode == "LSTM" else nn.GRUCell(I, H)
+
+    def step(x, state):
+        new = cell(x, state if mode == "LSTM" else state[0])
+        new = new if mode == "LSTM" else (new,)
+        keeps = [(torch.rand(s.shape) < z).float() for s in new]
+        return tuple(k * s + (1 - k) * n for k, s, n in zip(keeps, state, new))
+    return step
+
+
+def _torch_runner(mode, B, I, H, T, variant):
     import torch
     torch.set_num_threads(2)
-    cell = torch_loop(torch, mode, I, H)
+    cell = torch_loop(torch, mode, I, H) if variant == "layer_norm" else \
+        torch_zoneout_loop(torch, mode, I, H, VARIANTS[variant]["zoneout"])
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.standard_normal((T, B, I)).astype(np.float32), requires_grad=True)
     dy = torch.tensor(rng.standard_normal((T, B, H)).astype(np.float32))
@@ -91,24 +111,27 @@ def _torch_runner(mode, B, I, H, T):
     return train
 
 
-def _torch_process(connection, mode, B, I, H, T, repeat):
+def _torch_process(connection, mode, B, I, H, T, repeat, variants):
     """In a process of its own (PyTorch's threads would otherwise spin on the cores fastrnn's
-    threads need, and the other way round): time the PyTorch loop once per request."""
-    fn = _torch_runner(mode, B, I, H, T)
-    fn()
+    threads need, and the other way round): time each variant's PyTorch loop once per
+    request."""
+    fns = [_torch_runner(mode, B, I, H, T, variant) for variant in variants]
+    for fn in fns:
+        fn()
     while connection.recv():
-        connection.send(_best(fn, repeat))
+        connection.send([_best(fn, repeat) for fn in fns])
 
 
 class _InChild:
-    """A runner whose best-of-``repeat`` time comes from _torch_process."""
+    """Runners whose best-of-``repeat`` times come from _torch_process."""
 
-    def __init__(self, mode, B, I, H, T, repeat):
+    def __init__(self, mode, B, I, H, T, repeat, variants):
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.process = context.Process(target=_torch_process,
-                                       args=(child, mode, B, I, H, T, repeat), daemon=True)
+                                       args=(child, mode, B, I, H, T, repeat, variants),
+                                       daemon=True)
         self.process.start()
 
     def time(self):
@@ -120,34 +143,36 @@ class _InChild:
         self.process.join()
 
 
-def measure(backends, rounds, repeat, with_torch=True):
+def measure(backends, rounds, repeat, with_torch=True, variants=("layer_norm", "zoneout")):
     rows = []
     for name, mode, B, I, H, T in SHAPES:
         labels, runners = [], []
         for backend in backends:
-            labels += [(backend, "plain"), (backend, "layer_norm")]
-            runners += [_fastrnn_runner(mode, B, I, H, T, backend, False),
-                        _fastrnn_runner(mode, B, I, H, T, backend, True)]
-        child = _InChild(mode, B, I, H, T, repeat) if with_torch else None
-        if with_torch:
-            labels.append(("torch", "layer_norm, Python loop"))
+            for variant in ("plain",) + tuple(variants):
+                labels.append((backend, variant))
+                runners.append(_fastrnn_runner(mode, B, I, H, T, backend, variant))
+        child = _InChild(mode, B, I, H, T, repeat, variants) if with_torch else None
+        torch_labels = [("torch", f"{variant}, Python loop") for variant in variants] \
+            if with_torch else []
         for fn in runners:
             fn()                                    # compile, warm the caches
-        times = [[] for _ in labels]
+        times = [[] for _ in labels + torch_labels]
         for _ in range(rounds):
             for k, fn in enumerate(runners):
                 times[k].append(_best(fn, repeat))
             if child is not None:
-                times[-1].append(child.time())
+                for k, seconds in enumerate(child.time()):
+                    times[len(labels) + k].append(seconds)
         if child is not None:
             child.close()
-        for k, (impl, label) in enumerate(labels):
+        for k, (impl, label) in enumerate(labels + torch_labels):
             row = {"case": name, "impl": impl, "variant": label,
                    "ms": statistics.median(times[k]) * 1e3}
-            if impl != "torch" and label == "layer_norm":
-                plain, torch_k = labels.index((impl, "plain")), len(labels) - 1
+            if impl != "torch" and label != "plain":
+                plain = labels.index((impl, "plain"))
                 row["x plain"] = statistics.median(a / b for a, b in zip(times[k], times[plain]))
                 if with_torch:
+                    torch_k = len(labels) + list(variants).index(label)
                     row["speedup over torch"] = statistics.median(
                         b / a for a, b in zip(times[k], times[torch_k]))
             rows.append(row)
@@ -171,13 +196,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default=",".join(
         b for b in fastrnn.backends() if b != "reference"))
+    p.add_argument("--variants", default="layer_norm,zoneout",
+                   help="of " + ", ".join(v for v in VARIANTS if v != "plain"))
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="without the PyTorch loop")
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
-    rows = measure(backends, args.rounds, args.repeat, with_torch=not args.no_torch)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS) | {"plain"} & set(variants)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}")
+    rows = measure(backends, args.rounds, args.repeat, with_torch=not args.no_torch,
+                   variants=variants)
     report(markdown(rows, args.rounds, args.repeat), args.markdown)
 
 
