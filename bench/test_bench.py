@@ -48,3 +48,16 @@ def test_regularizers_script_runs(monkeypatch):
             assert row["x plain"] > 0 and row["ms"] > 0
             assert ("speedup over torch" in row) == ("torch" in IMPLS)
     assert "| gru-train-8 |" in regularizers.markdown(rows, 1, 1)
+
+
+def test_cold_start_script_runs():
+    """``python -m bench.cold_start`` once, cold then warm, on a backend that compiles nothing
+    at run time (a Numba cold start takes minutes: that is what the script measures)."""
+    from bench import cold_start
+    backend = "cython" if "cython" in IMPLS else "reference"
+    rows = cold_start.measure([backend], ["infer"], runs=1)
+    assert [(r["backend"], r["kind"], r["cache"]) for r in rows] == [
+        (backend, "infer", "cold"), (backend, "infer", "warm")]
+    for r in rows:
+        assert all(r[part] > 0 for part in cold_start.PARTS)
+    assert f"| {backend} | infer | warm |" in cold_start.markdown(rows, 1)
