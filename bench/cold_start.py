@@ -101,6 +101,8 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--markdown", metavar="FILE", help="also write the table to this file")
     args = p.parse_args(argv)
+    for line in installed.summary():       # which fastrnn is timed, as bench.report says
+        print(line)
     backends = [b for b in args.backends.split(",") if b]
     kinds = [k for k in args.kinds.split(",") if k]
     bad = [k for k in kinds if k not in ("infer", "train")]

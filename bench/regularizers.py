@@ -17,6 +17,7 @@ import statistics
 import numpy as np
 
 import fastrnn
+from bench import installed
 from bench.options import _best, cpu_name, report
 
 # (name, layer class, B, I, H, T): bench/cases.py's lstm-train-256, and a GRU of that size
@@ -203,6 +204,8 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="without the PyTorch loop")
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
+    for line in installed.summary():       # which fastrnn is timed, as bench.report says
+        print(line)
     backends = [b for b in args.backends.split(",") if b]
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS) | {"plain"} & set(variants)
