@@ -10,7 +10,7 @@ Each backend provides these functions with this argument order (the same in the 
 Numba and the Cython backend)::
 
     cache = layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n,
-                          threads=None, recurrent_mask=None)
+                          threads=None, recurrent_mask=None, zoneout=None)
     layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None)
 
     concurrent_directions(T, B, train)                       (compiled backends only)
@@ -37,6 +37,10 @@ Arguments (H hidden size, G = cell.num_gates, I input size; every array has the 
                 Keras's): the product of gate block g is of h * recurrent_mask[g] instead of h
                 (GRU reset-before: rh = r * (h * recurrent_mask[2])); the carried state is not
                 masked. The cache keeps it for backward. Ignored without train.
+    zoneout     None, or a tuple, one entry per state (h, then c): a rate z (the expectation:
+                s = z s_old + (1 - z) s_new after each step) or a (T, B, width) 0/1 keep mask
+                (training: s = k s_old + (1 - k) s_new). y is the h so mixed. The compiled
+                kernels take it as one array (``zoneout_weights``).
 
     cache       what layer_forward returned with train=True; it refers to x, state0, params,
                 lengths and reverse of that call, which backward reads again: the caller keeps
@@ -77,7 +81,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Cell", "Param", "Product", "CELLS", "cell_for", "unprojected", "ACTIVATIONS",
+__all__ = ["Cell", "Param", "Product", "CELLS", "cell_for", "unprojected", "zoneout_weights",
+           "ACTIVATIONS",
            "activation_slots"]
 
 
@@ -299,6 +304,19 @@ ACTIVATION_SLOTS = 3                 # LSTM's f, g, h: the most a cell has
 # what each slot is applied to, per mode (ONNX's order)
 SLOT_NAMES = {"RNN": ("f",), "LSTM": ("f (gates i, f, o)", "g (cell input)", "h (cell output)"),
               "GRU": ("f (gates r, z)", "g (candidate n)")}
+
+
+def zoneout_weights(zoneout, dtype, T, B, H):
+    """A layer_forward call's ``zoneout`` as both compiled backends read it: the keep weights,
+    one H-wide part per state, (1, 1, states*H) for rates, (T, B, states*H) with masks; None
+    for no zoneout."""
+    if zoneout is None:
+        return None
+    rates = all(np.isscalar(z) for z in zoneout)
+    weights = np.empty(((1, 1) if rates else (T, B)) + (len(zoneout) * H,), dtype)
+    for k, z in enumerate(zoneout):
+        weights[:, :, k * H:(k + 1) * H] = z
+    return weights
 
 
 def _act(name):

@@ -63,7 +63,7 @@ import os
 import numpy as np
 
 from fastrnn import _scratch, projection
-from fastrnn.cells import CELLS
+from fastrnn.cells import CELLS, zoneout_weights
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
@@ -546,18 +546,6 @@ def _fill_specs_by_code():
 
 
 _fill_specs_by_code()
-
-
-def _zone(zoneout, dtype, T, B, H):
-    """Zoneout's keep weights as the kernels read them (call.zone): one H-wide part per state,
-    (1, 1, states*H) for rates, (T, B, states*H) with masks; None for no zoneout."""
-    if zoneout is None:
-        return None
-    rates = all(np.isscalar(z) for z in zoneout)
-    zone = np.empty(((1, 1) if rates else (T, B)) + (len(zoneout) * H,), dtype)
-    for k, z in enumerate(zoneout):
-        zone[:, :, k * H:(k + 1) * H] = z
-    return zone
 
 
 cdef Layout _layout(const CellSpec* cell, Sizes n, bint train, bint zoned) noexcept:
@@ -1671,7 +1659,7 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
         # into it)
         params = tuple(params[:4]) + (cell.norm_array(params),)
     call.p = _params(params, item, cell)
-    zone = _zone(zoneout, x.dtype, T, B, H)
+    zone = zoneout_weights(zoneout, x.dtype, T, B, H)
     call.zone = NULL if zone is None else _data(zone)
     call.zone_step = call.zone_row = 0
     if zone is not None and zone.shape[0] > 1:

@@ -269,18 +269,6 @@ def _cell_spec(cell):
     return cell.kernel_spec()
 
 
-def _zone(dtype, zoneout, T, B, H):
-    """The kernels' zone (see kernels, Zoneout): zoneout's keep weights, one H-wide part per
-    state, (1, 1, states*H) for rates, (T, B, states*H) with masks; (1, 1, 0) for none."""
-    if zoneout is None:
-        return _empty(dtype, (1, 1, 0))
-    rates = all(np.isscalar(z) for z in zoneout)
-    zone = np.empty(((1, 1) if rates else (T, B)) + (len(zoneout) * H,), dtype)
-    for k, z in enumerate(zoneout):
-        zone[:, :, k * H:(k + 1) * H] = z
-    return zone
-
-
 def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
                   recurrent_mask=None, zoneout=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
@@ -334,9 +322,10 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
     ws["h_slots"][first] = state0[0]
     if states == 2:
         ws["c_slots"][first] = state0[1]
+    zone = cells.zoneout_weights(zoneout, dtype, T, B, H)
     arrays = (ws["gates"], ws["h_slots"], ws["c_slots"], ws["saved"],
               np.require(recurrent_mask, dtype, "C") if masked else _empty(dtype, (0, 0, 0)),
-              _zone(dtype, zoneout, T, B, H), ws["raw_c"])
+              _empty(dtype, (1, 1, 0)) if zone is None else zone, ws["raw_c"])  # (1, 1, 0): none
     if T * B > 0:
         if "gates_own" in ws:
             own = (ws["gates_own"], ws["hh_own"])
