@@ -23,9 +23,10 @@ from . import cells, charlm, convert, functional, sequence, train  # noqa: E402
 from .dispatch import (BackendUnavailable, backends, get_backend,  # noqa: E402
                        limit_numpy_blas_threads, set_num_threads)
 from .layers import GRU, LSTM, RNN  # noqa: E402
+from .quantized import quantize  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "GRU", "backends", "get_backend", "set_num_threads",
-           "limit_numpy_blas_threads", "BackendUnavailable",
+           "limit_numpy_blas_threads", "BackendUnavailable", "quantize",
            "functional", "cells", "convert", "sequence", "__version__"]

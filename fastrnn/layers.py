@@ -14,6 +14,7 @@ import numpy as np
 from . import _scratch
 from . import dispatch as _backends
 from .cells import LAYER_NORM_EPS, activation_slots, cell_for
+from .quantized import QuantizedWeight
 
 __all__ = ["RNN", "LSTM", "GRU", "Cache"]
 
@@ -248,6 +249,7 @@ class Cache:
 
 class _RNNBase:
     mode = None  # "RNN", "LSTM" or "GRU"
+    quantized = None    # "bfloat16" or "int8": an inference-only copy (fastrnn.quantize)
 
     def __init__(self, input_size, hidden_size, num_layers=1, *, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, merge="concat", init="pytorch",
@@ -360,7 +362,7 @@ class _RNNBase:
         self.__dict__.update(state)
         for store in (self.params, self.grads):     # copies come 16-byte aligned
             for name, p in store.items():
-                if p.ctypes.data % _scratch.ALIGN:
+                if isinstance(p, np.ndarray) and p.ctypes.data % _scratch.ALIGN:
                     store[name] = _aligned_zeros(p.shape, p.dtype)
                     store[name][...] = p
         self._kernels = _backends.get_backend(self.backend)
@@ -408,7 +410,8 @@ class _RNNBase:
     def _backend_call_step(self):
         """The backend's one-step call, which knows only concatenated directions of cells
         without a projection."""
-        if self._merged or self.proj_size or self.cell.whole_rows or any(self._zoneout_rates):
+        if self._merged or self.proj_size or self.cell.whole_rows or any(self._zoneout_rates) \
+                or self.quantized:
             return None
         return getattr(self._kernels, "layer_call_step", None)
 
@@ -423,7 +426,7 @@ class _RNNBase:
                 "options": None if self.cell.plain else (   # ONNX's: a cell with options
                     self.cell.activations, self.cell.clip, self.cell.input_forget),
                 "layer_norm_eps": self.cell.layer_norm_eps,
-                "dtype": self.dtype.name, "backend": self.backend}
+                "dtype": self.dtype.name, "backend": self.backend, "quantized": self.quantized}
 
     # -- parameters ------------------------------------------------------------------------
     def _param_shapes(self):
@@ -475,6 +478,8 @@ class _RNNBase:
             value = params.get(name)
             if isinstance(value, np.ndarray) and value.dtype == dtype and value.shape == shape:
                 continue
+            if self.quantized and isinstance(value, QuantizedWeight) and value.shape == shape:
+                continue
             where = f"params[{name!r}]"
             if not isinstance(value, np.ndarray):
                 raise TypeError(f"{where}: expected a {dtype.name} array of shape {shape}, got "
@@ -504,6 +509,9 @@ class _RNNBase:
         """Copy parameters in from any mapping of array-likes (e.g. a PyTorch state_dict with
         each tensor converted by ``.numpy()``). Every key must be present and of the right
         shape; unknown keys are refused. The layer's arrays are updated in place."""
+        if self.quantized:
+            raise ValueError(f"load_state_dict: this layer is quantized ({self.quantized}); "
+                             f"load the float32 layer and quantize it again")
         expected = self._param_shapes()
         missing = [k for k in expected if k not in state_dict]
         unknown = [k for k in state_dict if k not in expected]
@@ -590,6 +598,9 @@ class _RNNBase:
         else:
             lengths_arr = _lengths(lengths, T, B)
         train = _flag("train", train)
+        if train and self.quantized:
+            raise ValueError(f"train: a quantized layer ({self.quantized}) is for inference "
+                             f"only; train the float32 layer and quantize it again")
         layer_input = np.ascontiguousarray(x_tbi, dtype=self.dtype)
         padded = (lengths_arr < T).any()
         if (train or padded) and np.may_share_memory(layer_input, x_tbi):
@@ -811,6 +822,8 @@ class _RNNBase:
                 options.append("input_forget=True")
         options.append(f"cell={self.cell.name!r}, dtype={self.dtype.name}, "
                        f"backend={self.backend!r}")
+        if self.quantized:
+            options.append(f"quantized={self.quantized!r}")
         return f"{type(self).__name__}({', '.join(options)})"
 
 

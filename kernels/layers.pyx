@@ -64,10 +64,11 @@ import numpy as np
 
 from fastrnn import _scratch, projection
 from fastrnn.cells import CELLS, zoneout_weights
+from fastrnn.quantized import QuantizedWeight
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -116,6 +117,25 @@ cdef extern from "amx.h" nogil:
     void fr_amx_product(const float* packed, Py_ssize_t rows, Py_ssize_t k, const float* x,
                         Py_ssize_t ldx, Py_ssize_t incx, Py_ssize_t nx, float* out,
                         Py_ssize_t ldo, int accumulate)
+
+cdef extern from "lowp.h" nogil:
+    # fastrnn.quantize's weights: bfloat16 or int8 (see lowp.h)
+    enum:
+        FR_Q_NONE, FR_Q_BF16, FR_Q_INT8
+    ctypedef struct fr_qweights:
+        int format
+        const void* data
+        Py_ssize_t ld
+        Py_ssize_t k
+        const float* scale
+        const int32_t* row_sum
+    size_t fr_q_scratch_bytes(int format, Py_ssize_t ld, Py_ssize_t nx)
+    void fr_q_prepare(int format, Py_ssize_t ld, Py_ssize_t k, const float* x, Py_ssize_t ldx,
+                      Py_ssize_t nx, void* scratch)
+    void fr_q_product(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows, const void* xq,
+                      Py_ssize_t nx, float* out, Py_ssize_t ldo)
+    int fr_q_isa(int format)
+    int fr_q_set_isa(int on)
 
 from blas cimport gemm, gemv
 from steps cimport (GRU, GRU_NORM, GRU_OPTIONS, GRU_RESET_BEFORE, LSTM, LSTM_NORM,
@@ -448,6 +468,8 @@ cdef struct Params:
                                 # G*H) (fastrnn.cells.Cell.norm_rows); NULL for other cells
     int ld_ih, ld_hh
     const double* options       # cells.Cell.option_values(); NULL for a plain cell
+    fr_qweights q_ih, q_hh      # fastrnn.quantize's weights (then w_ih, w_hh are NULL);
+                                # format FR_Q_NONE: none
 
 
 cdef struct Grads:
@@ -794,6 +816,10 @@ cdef void forward_loop(const Call* call, floating* ws, Plan plan) noexcept nogil
 cdef inline void _input_projection(const Call* call, floating* ws) noexcept nogil:
     # gates = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
     cdef Py_ssize_t GH = call.cell.G * call.sizes.H, I = call.sizes.I
+    if call.p.q_ih.format != FR_Q_NONE:
+        _q_multiply_mt(&call.p.q_ih, GH, <const floating*>call.x, I, call.sizes.T * call.sizes.B,
+                       ws + call.L.gates, GH, 1)
+        return
     gemm(False, True, <int>(call.sizes.T * call.sizes.B), <int>GH, <int>I, 1,
          <const floating*>call.x, <int>I, <const floating*>call.p.w_ih, call.p.ld_ih, 0,
          ws + call.L.gates, <int>GH)
@@ -822,12 +848,21 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
     if mask != NULL:
         # recurrent dropout: products block by block, of h * mask[g], on BLAS (never packed)
         h_masked = <floating*>malloc(B * H * sizeof(floating))
-    if _packs(T, B) and mask == NULL:
+    cdef bint quantized = call.p.q_hh.format != FR_Q_NONE
+    cdef void* qx = NULL
+    if quantized:
+        # fastrnn.quantize's weights: x, then each step's source, rounded once for all rows
+        threads = max(threads, pool, 1)
+        qx = malloc(fr_q_scratch_bytes(call.p.q_hh.format, call.p.q_hh.ld, B))
+    elif _packs(T, B) and mask == NULL:
         # one buffer: the input projection's packed w_ih first, then w_hh for the steps
         packed = <floating*>malloc(max(n_at + _packed_size(ws, GH - k0, H, amx_h),
                                        _packed_size(ws, GH, I, amx_in)) * sizeof(floating))
         pool_threads = pool if packed != NULL else 0
-    if pool_threads > 0:
+    if quantized:
+        _q_multiply_mt(&call.p.q_ih, GH, <const floating*>call.x, I, T * B, ws + call.L.gates,
+                       GH, threads)
+    elif pool_threads > 0:
         # gates = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
         _pack_and_multiply_mt(Strided(call.p.w_ih, call.p.ld_ih, 1), GH, I, Strided(call.x, I, 1),
                               T * B, ws + call.L.gates, GH, False, packed, pool_threads, amx_in)
@@ -855,6 +890,10 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
                 if mask != NULL and phase == 0:
                     _masked_products(source, mask, w_hh, call.p.ld_hh, g0, g1, B, H, h_masked,
                                      ws + call.L.hh, GH)
+                elif quantized:
+                    _q_prepare(&call.p.q_hh, source, ld, B, qx)
+                    _q_product_mt(&call.p.q_hh, g0 * H, (g1 - g0) * H, qx, B,
+                                  ws + call.L.hh + g0 * H, GH, threads)
                 elif packed != NULL:
                     _packed_product_mt(packed + phase * n_at, (g1 - g0) * H, H, source, ld, B,
                                        ws + call.L.hh + g0 * H, GH, False, threads, amx_h)
@@ -865,6 +904,56 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
             forward_pass(call, ws, phase, t, cur, nxt, threads)
     free(packed)
     free(h_masked)
+    free(qx)
+
+
+# fastrnn.quantize's products (lowp.h), float32 only: the rows of x rounded to the weights'
+# format (_q_prepare), then multiplied by rows of the weights
+
+cdef Py_ssize_t _Q_CHUNK = 256        # rows of x rounded at a time for a call's input product
+
+
+cdef inline void _q_prepare(const fr_qweights* q, const floating* x, Py_ssize_t ldx,
+                            Py_ssize_t nx, void* scratch) noexcept nogil:
+    if floating is float:
+        fr_q_prepare(q.format, q.ld, q.k, x, ldx, nx, scratch)
+
+
+cdef inline void _q_product(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows,
+                            const void* xq, Py_ssize_t nx, floating* out,
+                            Py_ssize_t ldo) noexcept nogil:
+    # out[b*ldo + r] = x[b] . W[r0 + r] for r < rows, b < nx, x prepared
+    if floating is float:
+        fr_q_product(q, r0, rows, xq, nx, out, ldo)
+
+
+cdef void _q_product_mt(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows, const void* xq,
+                        Py_ssize_t nx, floating* out, Py_ssize_t ldo, int threads) noexcept nogil:
+    # _q_product with the weight rows split over `threads` threads, in parts of 16 rows
+    cdef Py_ssize_t per, part, a, z
+    threads = _panel_parts(rows, 16, threads, &per)
+    if threads <= 1:
+        _q_product(q, r0, rows, xq, nx, out, ldo)
+        return
+    for part in prange(threads, num_threads=threads, schedule="static"):
+        a = part * per
+        z = min(rows, a + per)
+        if a < z:
+            _q_product(q, r0 + a, z - a, xq, nx, out + a, ldo)
+
+
+cdef void _q_multiply_mt(const fr_qweights* q, Py_ssize_t rows, const floating* x,
+                         Py_ssize_t ldx, Py_ssize_t nx, floating* out, Py_ssize_t ldo,
+                         int threads) noexcept nogil:
+    # out[b*ldo + r] = x[b] . W[r] for r < rows, b < nx: x rounded _Q_CHUNK rows at a time
+    cdef Py_ssize_t b0 = 0, nb
+    cdef void* xq = malloc(fr_q_scratch_bytes(q.format, q.ld, min(nx, _Q_CHUNK)))
+    while b0 < nx:
+        nb = min(_Q_CHUNK, nx - b0)
+        _q_prepare(q, x + b0 * ldx, ldx, nb, xq)
+        _q_product_mt(q, 0, rows, xq, nb, out + b0 * ldo, ldo, threads)
+        b0 += nb
+    free(xq)
 
 
 # Recurrent dropout (Call.mask, (G, B, H)): gate block g's product is of h * mask[g]. The loops
@@ -1159,9 +1248,16 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
     # thread (its units of each gate block), and each would split h and set up the tiles
     # again (measured: bilstm-infer 95 ms on the tile unit, 53 without)
     cdef bint amx_in = _amx(ws, T * B)
+    cdef bint quantized = call.p.q_hh.format != FR_Q_NONE
+    cdef void* qx = NULL                # quantized: this thread's rounded rows of x or h
+    cdef Py_ssize_t b0, nb
     _unit_range(H, tid, threads, &j0, &j1)
     n = j1 - j0
-    if n > 0 and T * B >= _PACK_MIN_ROWS \
+    if quantized:
+        qx = malloc(max(fr_q_scratch_bytes(call.p.q_hh.format, call.p.q_hh.ld, B),
+                        fr_q_scratch_bytes(call.p.q_ih.format, call.p.q_ih.ld,
+                                           min(T * B, _Q_CHUNK)) if input_dots else 0))
+    elif n > 0 and T * B >= _PACK_MIN_ROWS \
             and G * _packed_size(ws, n, H, False) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
         # allocated by the thread that uses it (its pages near its core); one buffer serves
         # w_ih's blocks one at a time first, then all of w_hh's
@@ -1169,7 +1265,15 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
         packed = <floating*>malloc(
             max(G * block_size, _packed_size(ws, n, I, amx_in) if input_dots else 0)
             * sizeof(floating))
-    if input_dots and n > 0:
+    if input_dots and n > 0 and quantized:
+        b0 = 0
+        while b0 < T * B:
+            nb = min(_Q_CHUNK, T * B - b0)
+            _q_prepare(&call.p.q_ih, <const floating*>call.x + b0 * I, I, nb, qx)
+            for g in range(G):
+                _q_product(&call.p.q_ih, g * H + j0, n, qx, nb, gates + b0 * GH + g * H + j0, GH)
+            b0 += nb
+    elif input_dots and n > 0:
         # gates[:, :, block g, units] = x @ w_ih[block g, units].T for all T*B rows: the thread's
         # own columns, so no barrier; no BLAS call in the region (BLAS threads spinning after a
         # GEMM take the cores these threads need: measured 1.7x slower per step)
@@ -1210,6 +1314,11 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
                 source = _source(call, ws, phase, t, cur, &ld)
                 zigzag = _zigzag and (s & 1) == 1 and phase == 0
                 _phase_blocks(&call.cell, phase, &g0, &g1)
+                if quantized:
+                    _q_prepare(&call.p.q_hh, source, ld, B, qx)
+                    for g in range(g0, g1):
+                        _q_product(&call.p.q_hh, g * H + j0, n, qx, B, hh + g * H + j0, GH)
+                    g0 = g1                     # no product left below
                 for g in range(g0, g1):
                     _units_product(call, packed, block_size, g1 - 1 - (g - g0) if zigzag else g,
                                    j0, n, source, ld, hh, zigzag)
@@ -1217,6 +1326,7 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
                 forward_row(call, ws, phase, t, cur, nxt, b, j0, n)
         fr_barrier()                            # the new state is complete
     free(packed)
+    free(qx)
 
 
 cdef inline void _units_product(const Call* call, const floating* packed, Py_ssize_t block_size,
@@ -1601,6 +1711,16 @@ cdef Params _params(tuple params, Py_ssize_t item, cell) except *:
             _options[cell] = np.array(cell.option_values(), np.float64)
         options = _options[cell]
         p.options = <const double*>cnp.PyArray_DATA(options)
+    p.q_ih.format = p.q_hh.format = FR_Q_NONE
+    if isinstance(params[1], QuantizedWeight):
+        if item != 4:
+            raise TypeError("params: quantized weights serve float32 calls only")
+        p.w_ih = p.w_hh = NULL
+        p.ld_ih = p.ld_hh = 0
+        p.q_ih, p.q_hh = _quantized(params[0]), _quantized(params[1])
+        p.b_ih, p.b_hh = _data(params[2]), _data(params[3])
+        p.peephole = _data(params[4]) if len(params) > 4 else NULL
+        return p
     cdef cnp.ndarray w_ih = params[0], w_hh = params[1]
     p.w_ih, p.w_hh = _data(w_ih), _data(w_hh)
     p.ld_ih = <int>_ld(w_ih.strides[0], w_ih.shape[1], item)
@@ -1608,6 +1728,28 @@ cdef Params _params(tuple params, Py_ssize_t item, cell) except *:
     p.b_ih, p.b_hh = _data(params[2]), _data(params[3])
     p.peephole = _data(params[4]) if len(params) > 4 else NULL
     return p
+
+
+cdef fr_qweights _quantized(w) except *:
+    # a fastrnn.quantize.QuantizedWeight as lowp.h reads it (w keeps the arrays alive)
+    cdef fr_qweights q
+    q.format = FR_Q_BF16 if w.format == "bfloat16" else FR_Q_INT8
+    q.data, q.ld, q.k = _data(w.data), w.data.shape[1], w.shape[1]
+    q.scale = <const float*>_data(w.scale)
+    q.row_sum = <const int32_t*>_data(w.row_sum)
+    return q
+
+
+def quantized_isa(format):
+    """Whether products with weights of `format` ("bfloat16", "int8") run on the CPU's own
+    instructions here (AVX-512 BF16, AVX-512 VNNI), rather than the plain loops."""
+    return fr_q_isa(FR_Q_BF16 if format == "bfloat16" else FR_Q_INT8) != 0
+
+
+def set_quantized_isa(on):
+    """True: quantized products on the CPU's instructions where it has them; False: the plain
+    loops everywhere (the same numbers for int8, to the bit; for tests). Returns the old value."""
+    return fr_q_set_isa(1 if on else 0) != 0
 
 
 cdef class _Cache:
@@ -1929,6 +2071,7 @@ def layer_call_step(spec, params, bint batch_first, x, state):
                 ptrs[k] = _data(a)
             row_params[r] = Params(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], <int>I_l, <int>H,
                                    NULL)
+            row_params[r].q_ih.format = row_params[r].q_hh.format = FR_Q_NONE
         # the results; y is a copy of the last layer's output (never a view of the state)
         h_n = _new_array(rows, B, H, typenum, False)
         c_n = _new_array(rows, B, H, typenum, False) if has_c else None
