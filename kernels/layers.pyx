@@ -69,6 +69,7 @@ from fastrnn.quantized import QuantizedWeight
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
+from libc.math cimport NAN
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -135,6 +136,11 @@ cdef extern from "lowp.h" nogil:
     void fr_q_product(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows, const void* xq,
                       Py_ssize_t nx, float* out, Py_ssize_t ldo)
     int fr_q_isa(int format)
+    void fr_q_widen_bf16(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows, float* out)
+    void fr_q_round_bf16(const float* x, Py_ssize_t ldx, Py_ssize_t nx, Py_ssize_t k,
+                         float* out, Py_ssize_t ldo)
+    Py_ssize_t FR_Q_BF16_DOT_ROWS, FR_Q_BF16_INPUT_DOT_ROWS
+    Py_ssize_t fr_q_bf16_dot_rows, fr_q_bf16_input_dot_rows
     int fr_q_set_isa(int on)
 
 from blas cimport gemm, gemv
@@ -470,6 +476,8 @@ cdef struct Params:
     const double* options       # cells.Cell.option_values(); NULL for a plain cell
     fr_qweights q_ih, q_hh      # fastrnn.quantize's weights (then w_ih, w_hh are NULL);
                                 # format FR_Q_NONE: none
+    bint round_source           # w_hh is bfloat16 weights widened: each step's source is
+                                # rounded to bfloat16 before its product (forward_loop)
 
 
 cdef struct Grads:
@@ -800,22 +808,64 @@ cdef inline const floating* _source(const Call* call, floating* ws, int phase, P
 
 cdef void forward_loop(const Call* call, floating* ws, Plan plan) noexcept nogil:
     # the whole forward call; the state before the first step is in its slot (_first_slot)
+    cdef Call widened
+    cdef float* wide = NULL
+    if floating is float:
+        if call.p.q_hh.format == FR_Q_BF16 and _widened_steps(call, plan):
+            # the weights widened once for the call, the source of each step rounded
+            # (Params.round_source), on the float32 loops
+            wide = <float*>malloc(call.cell.G * call.sizes.H * call.p.q_hh.ld * sizeof(float))
+            if wide != NULL:
+                fr_q_widen_bf16(&call.p.q_hh, 0, call.cell.G * call.sizes.H, wide)
+                widened = call[0]
+                widened.p.w_hh, widened.p.ld_hh = wide, <int>call.p.q_hh.ld
+                widened.p.q_hh.format = FR_Q_NONE
+                widened.p.round_source = True
+                call = &widened
     if plan.loop == ROWS:
         forward_rows_loop(call, ws, plan.threads, plan.pool)
-        return
-    if not plan.input_dots:
-        _input_projection(call, ws)
-    if plan.threads > 1:
-        with parallel(num_threads=plan.threads):
-            forward_units_loop(call, ws, plan.input_dots, openmp.omp_get_thread_num(),
-                               openmp.omp_get_num_threads())
     else:
-        forward_units_loop(call, ws, plan.input_dots, 0, 1)
+        if not plan.input_dots:
+            _input_projection(call, ws)
+        if plan.threads > 1:
+            with parallel(num_threads=plan.threads):
+                forward_units_loop(call, ws, plan.input_dots, openmp.omp_get_thread_num(),
+                                   openmp.omp_get_num_threads())
+        else:
+            forward_units_loop(call, ws, plan.input_dots, 0, 1)
+    free(wide)
+
+
+# bytes of one core's L2 (what the CPU reports; 1 MiB where it reports nothing)
+cdef Py_ssize_t _L2_BYTES = 1 << 20
+try:
+    _L2_BYTES = os.sysconf("SC_LEVEL2_CACHE_SIZE") or _L2_BYTES
+except (ValueError, OSError):
+    pass
+if _L2_BYTES <= 0:
+    _L2_BYTES = 1 << 20
+
+
+cdef inline bint _widened_steps(const Call* call, Plan plan) noexcept nogil:
+    # whether a bfloat16 layer's steps run on float32 kernels (widened weights): over more
+    # rows than vdpbf16ps pays for (lowp.h), or over 2-4 rows when a thread's float32 weights
+    # would fit in half its L2, where the products are compute-bound and vdpbf16ps runs at
+    # half the rate of FMA (Intel Xeon, 2 MB L2: LSTM H = 256, B = 4, 0.79x the float32 call
+    # on vdpbf16ps, 0.97x widened; H = 1024, B = 4: 1.17x against 0.86x). One row stays on
+    # vdpbf16ps (H = 256, B = 1: 1.12x)
+    cdef Py_ssize_t B = call.sizes.B, H = call.sizes.H
+    cdef Py_ssize_t threads = max(1, plan.threads) if plan.loop == UNITS else 1
+    if B > FR_Q_BF16_DOT_ROWS:
+        return True
+    return B > 1 and call.cell.G * H * H * <Py_ssize_t>sizeof(float) // threads <= _L2_BYTES // 2
 
 
 cdef inline void _input_projection(const Call* call, floating* ws) noexcept nogil:
     # gates = x @ w_ih.T for all steps:  (T*B, I) x (I, G*H)
     cdef Py_ssize_t GH = call.cell.G * call.sizes.H, I = call.sizes.I
+    if _widened_input(call):
+        _widened_input_dots(call, ws, 0, call.sizes.H, _amx(ws, call.sizes.T * call.sizes.B))
+        return
     if call.p.q_ih.format != FR_Q_NONE:
         _q_multiply_mt(&call.p.q_ih, GH, <const floating*>call.x, I, call.sizes.T * call.sizes.B,
                        ws + call.L.gates, GH, 1)
@@ -848,18 +898,30 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
     if mask != NULL:
         # recurrent dropout: products block by block, of h * mask[g], on BLAS (never packed)
         h_masked = <floating*>malloc(B * H * sizeof(floating))
+    # fastrnn.quantize's weights: products on lowp.h (each step's source rounded once for all
+    # rows, into qx), or bfloat16 ones widened (forward_loop), of a rounded source (rounded)
     cdef bint quantized = call.p.q_hh.format != FR_Q_NONE
+    cdef bint q_input = call.p.q_ih.format != FR_Q_NONE
     cdef void* qx = NULL
-    if quantized:
-        # fastrnn.quantize's weights: x, then each step's source, rounded once for all rows
+    cdef float* rounded = NULL
+    if quantized or q_input:
         threads = max(threads, pool, 1)
+    if quantized:
         qx = malloc(fr_q_scratch_bytes(call.p.q_hh.format, call.p.q_hh.ld, B))
     elif _packs(T, B) and mask == NULL:
         # one buffer: the input projection's packed w_ih first, then w_hh for the steps
         packed = <floating*>malloc(max(n_at + _packed_size(ws, GH - k0, H, amx_h),
                                        _packed_size(ws, GH, I, amx_in)) * sizeof(floating))
         pool_threads = pool if packed != NULL else 0
-    if quantized:
+    if call.p.round_source:
+        rounded = <float*>malloc(B * H * sizeof(float))
+    if q_input and _widened_input(call) and threads > 1:
+        with parallel(num_threads=threads):
+            _widened_input_part(call, ws, openmp.omp_get_thread_num(),
+                                openmp.omp_get_num_threads(), amx_in)
+    elif q_input and _widened_input(call):
+        _widened_input_dots(call, ws, 0, H, amx_in)
+    elif q_input:
         _q_multiply_mt(&call.p.q_ih, GH, <const floating*>call.x, I, T * B, ws + call.L.gates,
                        GH, threads)
     elif pool_threads > 0:
@@ -884,6 +946,8 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
                 # hh[:, blocks] = source @ w_hh[blocks].T:  (B, H) x (H, blocks*H)
                 _phase_blocks(&call.cell, phase, &g0, &g1)
                 source = _source(call, ws, phase, t, cur, &ld)
+                if rounded != NULL:
+                    source = _rounded_source(source, ld, B, H, rounded, &ld)
                 if mask != NULL and phase == 1:
                     # rh = r * (h * mask[n]): the phase made r * h
                     _scale_rows(<floating*>source, ld, mask + g0 * B * H, B, H)
@@ -905,6 +969,19 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
     free(packed)
     free(h_masked)
     free(qx)
+    free(rounded)
+
+
+cdef inline const floating* _rounded_source(const floating* source, Py_ssize_t ld,
+                                            Py_ssize_t B, Py_ssize_t H, float* rounded,
+                                            Py_ssize_t* ld_out) noexcept nogil:
+    # source (B rows of H, ld apart) rounded to bfloat16 into rounded (rows H apart)
+    if floating is float:
+        fr_q_round_bf16(source, ld, B, H, rounded, H)
+        ld_out[0] = H
+        return rounded
+    else:
+        return source
 
 
 # fastrnn.quantize's products (lowp.h), float32 only: the rows of x rounded to the weights'
@@ -940,6 +1017,67 @@ cdef void _q_product_mt(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows, co
         z = min(rows, a + per)
         if a < z:
             _q_product(q, r0 + a, z - a, xq, nx, out + a, ldo)
+
+
+cdef inline bint _widened_input(const Call* call) noexcept nogil:
+    # whether the input product is a bfloat16 one over more rows than vdpbf16ps pays for
+    return call.p.q_ih.format == FR_Q_BF16 \
+        and call.sizes.T * call.sizes.B > FR_Q_BF16_INPUT_DOT_ROWS
+
+
+cdef void _widened_input_part(const Call* call, floating* ws, int tid, int threads,
+                              bint amx) noexcept nogil:
+    # thread tid's units of _widened_input_dots
+    cdef Py_ssize_t j0, j1
+    _unit_range(call.sizes.H, tid, threads, &j0, &j1)
+    if j1 > j0:
+        _widened_input_dots(call, ws, j0, j1 - j0, amx)
+
+
+cdef void _widened_input_dots(const Call* call, floating* ws, Py_ssize_t j0, Py_ssize_t n,
+                              bint amx) noexcept nogil:
+    # gates[:, :, block g, units j0 .. j0+n] = x @ W_ih[block g, units].T, W_ih bfloat16:
+    # x rounded to bfloat16 (kept as float32), the weight rows widened to float32, then the
+    # float32 products (packed, on the tile unit where there is one), as a float32 layer's
+    # input product runs: the exact products fr_q_product makes, summed in another order
+    # (widened row by row inside fr_q_product they ran at a third of the speed: lowp.h)
+    cdef const fr_qweights* q = &call.p.q_ih
+    cdef Py_ssize_t TB = call.sizes.T * call.sizes.B, I = call.sizes.I, ld = q.ld
+    cdef Py_ssize_t GH = call.cell.G * call.sizes.H, H = call.sizes.H, g, b0, nb
+    cdef floating* gates = ws + call.L.gates
+    cdef float* rounded = NULL
+    cdef float* wide = NULL
+    cdef float* packed = NULL
+    if floating is float:
+        # chunks of _Q_CHUNK * 4 rows of x
+        nb = min(TB, _Q_CHUNK * 4)
+        rounded = <float*>malloc(nb * ld * sizeof(float))
+        wide = <float*>malloc(n * ld * sizeof(float))
+        if nb >= _PACK_MIN_ROWS:
+            packed = <float*>malloc(_packed_size(ws, n, I, amx) * sizeof(float))
+        if rounded == NULL or wide == NULL:
+            for b0 in range(TB):                # no memory: NaN, not garbage
+                for g in range(call.cell.G):
+                    for nb in range(n):
+                        gates[b0 * GH + g * H + j0 + nb] = NAN
+        else:
+            b0 = 0
+            while b0 < TB:
+                nb = min(_Q_CHUNK * 4, TB - b0)
+                fr_q_round_bf16(<const float*>call.x + b0 * I, I, nb, I, rounded, ld)
+                for g in range(call.cell.G):
+                    fr_q_widen_bf16(q, g * H + j0, n, wide)
+                    if packed != NULL and nb >= _PACK_MIN_ROWS:
+                        _pack(wide, ld, 1, n, I, packed, amx)
+                        _packed_product(<const float*>packed, n, I, rounded, ld, 1, nb,
+                                        gates + b0 * GH + g * H + j0, GH, False, amx)
+                    else:
+                        _rowdot(<const float*>wide, ld, n, I, rounded, ld, nb,
+                                gates + b0 * GH + g * H + j0, GH)
+                b0 += nb
+        free(rounded)
+        free(wide)
+        free(packed)
 
 
 cdef void _q_multiply_mt(const fr_qweights* q, Py_ssize_t rows, const floating* x,
@@ -1248,24 +1386,36 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
     # thread (its units of each gate block), and each would split h and set up the tiles
     # again (measured: bilstm-infer 95 ms on the tile unit, 53 without)
     cdef bint amx_in = _amx(ws, T * B)
+    # fastrnn.quantize's weights: the steps' products on lowp.h (quantized) or bfloat16 ones
+    # widened by forward_loop (a rounded source); the input product on lowp.h (q_input) or
+    # widened (_widened_input), independently of the steps
     cdef bint quantized = call.p.q_hh.format != FR_Q_NONE
-    cdef void* qx = NULL                # quantized: this thread's rounded rows of x or h
+    cdef bint widened_input = _widened_input(call)
+    cdef bint q_input = call.p.q_ih.format != FR_Q_NONE and not widened_input
+    cdef bint float_input = call.p.q_ih.format == FR_Q_NONE
+    cdef void* qx = NULL                # this thread's rows of x or h in the weights' format
+    cdef float* rounded = NULL          # round_source: this thread's rounded source
     cdef Py_ssize_t b0, nb
     _unit_range(H, tid, threads, &j0, &j1)
     n = j1 - j0
-    if quantized:
-        qx = malloc(max(fr_q_scratch_bytes(call.p.q_hh.format, call.p.q_hh.ld, B),
+    if call.p.round_source:
+        rounded = <float*>malloc(B * H * sizeof(float))
+    if quantized or (q_input and input_dots):
+        qx = malloc(max(fr_q_scratch_bytes(call.p.q_hh.format, call.p.q_hh.ld, B)
+                        if quantized else 0,
                         fr_q_scratch_bytes(call.p.q_ih.format, call.p.q_ih.ld,
-                                           min(T * B, _Q_CHUNK)) if input_dots else 0))
-    elif n > 0 and T * B >= _PACK_MIN_ROWS \
+                                           min(T * B, _Q_CHUNK)) if q_input and input_dots else 0))
+    if not quantized and n > 0 and T * B >= _PACK_MIN_ROWS \
             and G * _packed_size(ws, n, H, False) * <Py_ssize_t>sizeof(floating) <= _PACK_MAX_BYTES:
         # allocated by the thread that uses it (its pages near its core); one buffer serves
         # w_ih's blocks one at a time first, then all of w_hh's
         block_size = _packed_size(ws, n, H, False)
         packed = <floating*>malloc(
-            max(G * block_size, _packed_size(ws, n, I, amx_in) if input_dots else 0)
-            * sizeof(floating))
-    if input_dots and n > 0 and quantized:
+            max(G * block_size, _packed_size(ws, n, I, amx_in) if input_dots and float_input
+                else 0) * sizeof(floating))
+    if input_dots and n > 0 and widened_input:
+        _widened_input_dots(call, ws, j0, n, amx_in)
+    elif input_dots and n > 0 and q_input:
         b0 = 0
         while b0 < T * B:
             nb = min(_Q_CHUNK, T * B - b0)
@@ -1312,6 +1462,8 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
                 # L2 then, where the same order every step would evict each row just before it
                 # is read again
                 source = _source(call, ws, phase, t, cur, &ld)
+                if rounded != NULL:
+                    source = _rounded_source(source, ld, B, H, rounded, &ld)
                 zigzag = _zigzag and (s & 1) == 1 and phase == 0
                 _phase_blocks(&call.cell, phase, &g0, &g1)
                 if quantized:
@@ -1327,6 +1479,7 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
         fr_barrier()                            # the new state is complete
     free(packed)
     free(qx)
+    free(rounded)
 
 
 cdef inline void _units_product(const Call* call, const floating* packed, Py_ssize_t block_size,
@@ -1712,6 +1865,7 @@ cdef Params _params(tuple params, Py_ssize_t item, cell) except *:
         options = _options[cell]
         p.options = <const double*>cnp.PyArray_DATA(options)
     p.q_ih.format = p.q_hh.format = FR_Q_NONE
+    p.round_source = False
     if isinstance(params[1], QuantizedWeight):
         if item != 4:
             raise TypeError("params: quantized weights serve float32 calls only")
@@ -1744,6 +1898,15 @@ def quantized_isa(format):
     """Whether products with weights of `format` ("bfloat16", "int8") run on the CPU's own
     instructions here (AVX-512 BF16, AVX-512 VNNI), rather than the plain loops."""
     return fr_q_isa(FR_Q_BF16 if format == "bfloat16" else FR_Q_INT8) != 0
+
+
+def _set_bf16_dot_rows(steps, inputs):
+    """Rows of x up to which bfloat16 products run on vdpbf16ps (lowp.h), in each step and in
+    a call's input product; returns the old pair."""
+    global fr_q_bf16_dot_rows, fr_q_bf16_input_dot_rows
+    old = fr_q_bf16_dot_rows, fr_q_bf16_input_dot_rows
+    fr_q_bf16_dot_rows, fr_q_bf16_input_dot_rows = int(steps), int(inputs)
+    return old
 
 
 def set_quantized_isa(on):
@@ -2069,9 +2232,13 @@ def layer_call_step(spec, params, bint batch_first, x, state):
                         return None
                     held.append(a)
                 ptrs[k] = _data(a)
-            row_params[r] = Params(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], <int>I_l, <int>H,
-                                   NULL)
+            row_params[r].w_ih, row_params[r].w_hh = ptrs[0], ptrs[1]
+            row_params[r].b_ih, row_params[r].b_hh = ptrs[2], ptrs[3]
+            row_params[r].peephole = ptrs[4]
+            row_params[r].ld_ih, row_params[r].ld_hh = <int>I_l, <int>H
+            row_params[r].options = NULL
             row_params[r].q_ih.format = row_params[r].q_hh.format = FR_Q_NONE
+            row_params[r].round_source = False
         # the results; y is a copy of the last layer's output (never a view of the state)
         h_n = _new_array(rows, B, H, typenum, False)
         c_n = _new_array(rows, B, H, typenum, False) if has_c else None

@@ -6,9 +6,9 @@
  * buffer of fr_q_scratch_bytes), then fr_q_product multiplies any rows of W with them.
  *
  * bfloat16: the weights and x rounded to nearest even, NaN kept; every product of two bfloat16
- * numbers is exact in float32 and the sums are float32 (AVX-512 BF16's vdpbf16ps for up to
- * FR_Q_BF16_DOT_ROWS rows of x; else, and on other CPUs, float32 dot products of the same
- * numbers, summed in another order).
+ * numbers is exact in float32 and the sums are float32 (AVX-512 BF16's vdpbf16ps; on other
+ * CPUs a plain loop, summed in another order). layers.pyx uses these for up to
+ * FR_Q_BF16_DOT_ROWS rows of x only (see there).
  * int8: weights symmetric per row, W[r, i] ~= scale[r] * q[r, i], q in [-127, 127]; each row
  * of x symmetric on its own, x[b, i] ~= sx[b] * p[b, i], sx[b] = max|x[b]| / 127, p rounded
  * to nearest even. The sum of q * p is exact in int32 (AVX-512 VNNI's vpdpbusd, which takes
@@ -27,8 +27,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "rowdot.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) \
     && (__GNUC__ >= 8)
@@ -90,18 +88,24 @@ static inline int fr_q_set_isa(int on)
     return old;
 }
 
-/* bfloat16 products over more rows of x than this widen both operands to float32 (the same
- * numbers: the products are exact either way) and run on rowdot.h's float32 dot products:
- * vdpbf16ps does 32 products in about 2 cycles where two FMA ports do 32 in 1, so it wins
- * only where reading the weights is the limit (measured: 1024 x 512 weights, 4 rows of x,
- * 68 us on vdpbf16ps; 1 row 15 us, float32 49 us; Intel Xeon with AVX-512 BF16) */
-#define FR_Q_BF16_DOT_ROWS 4
+/* bfloat16 products over more rows of x than this run in layers.pyx on float32 kernels, with
+ * x rounded (fr_q_round_bf16) and the weights widened (fr_q_widen_bf16): the same exact
+ * products, summed in another order. vdpbf16ps does 32 products in about 2 cycles where two
+ * FMA ports do 32 in 1, so it wins only where reading the weights is the limit (measured:
+ * 1024 x 512 weights, 1 row of x: 15 us, float32 dot products 46-52 us; 4 rows: 68 us,
+ * float32 121 us but float32 packed panels faster still; Intel Xeon with AVX-512 BF16) */
+static ptrdiff_t fr_q_bf16_dot_rows = 4;     /* settable, for measuring (layers.pyx) */
+#define FR_Q_BF16_DOT_ROWS fr_q_bf16_dot_rows
+/* the same for a call's input product, whose x W_ih^T over T*B rows is one product: up to
+ * 64 rows it ran faster on vdpbf16ps than widened (lstm-infer-512-b1, 25 rows: 1.38x the
+ * float32 call against 1.15x; gru-infer-1024-b2, 50 rows: 1.22x against 1.10x; with 600
+ * rows, lstm-infer-256-b4, 0.66x against 0.75x; Intel Xeon) */
+static ptrdiff_t fr_q_bf16_input_dot_rows = 64;
+#define FR_Q_BF16_INPUT_DOT_ROWS fr_q_bf16_input_dot_rows
 #define FR_Q_WIDEN_ROWS 16          /* weight rows widened at a time */
 
 static inline size_t fr_q_scratch_bytes(int format, ptrdiff_t ld, ptrdiff_t nx)
 {
-    if (format == FR_Q_BF16 && nx > FR_Q_BF16_DOT_ROWS)
-        return (size_t)(nx * ld) * sizeof(float);
     if (format == FR_Q_BF16) return (size_t)(nx * ld) * 2;
     return (size_t)(nx * ld) + (size_t)nx * sizeof(float);     /* bytes, then the scales */
 }
@@ -127,16 +131,6 @@ static void fr_q_prepare(int format, ptrdiff_t ld, ptrdiff_t k, const float* x, 
                          ptrdiff_t nx, void* scratch)
 {
     ptrdiff_t b, i;
-    if (format == FR_Q_BF16 && nx > FR_Q_BF16_DOT_ROWS) {
-        float* out = (float*)scratch;           /* the rounded values, as float32 */
-        for (b = 0; b < nx; b++) {
-            const float* row = x + b * ldx;
-            float* dst = out + b * ld;
-            for (i = 0; i < k; i++) dst[i] = fr_float_from_bf16(fr_bf16_from_float(row[i]));
-            for (; i < ld; i++) dst[i] = 0.0f;
-        }
-        return;
-    }
     if (format == FR_Q_BF16) {
         uint16_t* out = (uint16_t*)scratch;
         for (b = 0; b < nx; b++) {
@@ -175,6 +169,25 @@ static void fr_q_prepare(int format, ptrdiff_t ld, ptrdiff_t k, const float* x, 
 static inline float fr_q_int8_value(int32_t s, ptrdiff_t r, ptrdiff_t b, const FR_Q_INT8_ARGS)
 {
     return (float)(s - 128 * row_sum[r]) * (sw[r] * sx[b]);
+}
+
+/* x (nx rows, ldx apart, k used) rounded to bfloat16, as float32, into out (rows ldo apart):
+ * the operand of a product over many rows, run on float32 kernels against widened weights */
+static void fr_q_round_bf16(const float* x, ptrdiff_t ldx, ptrdiff_t nx, ptrdiff_t k,
+                            float* out, ptrdiff_t ldo)
+{
+    ptrdiff_t b, i;
+    for (b = 0; b < nx; b++)
+        for (i = 0; i < k; i++)
+            out[b * ldo + i] = fr_float_from_bf16(fr_bf16_from_float(x[b * ldx + i]));
+}
+
+/* bfloat16 rows r0 .. r0+rows of q as float32 (the same numbers), rows ld apart */
+static void fr_q_widen_bf16(const fr_qweights* q, ptrdiff_t r0, ptrdiff_t rows, float* out)
+{
+    const uint16_t* w = (const uint16_t*)q->data + r0 * q->ld;
+    ptrdiff_t i;
+    for (i = 0; i < rows * q->ld; i++) out[i] = fr_float_from_bf16(w[i]);
 }
 
 /* The plain loops, the reference for the instruction paths below */
@@ -222,6 +235,44 @@ static void fr_q_dots_int8_plain(const int8_t* w, ptrdiff_t ld, ptrdiff_t rows,
     const T* w2 = base + ((r) + 2 < (n) ? (r) + 2 : (r)) * ld; \
     const T* w3 = base + ((r) + 3 < (n) ? (r) + 3 : (r)) * ld;
 
+/* the four sums of a, b, c, d (16 lanes each) as one vector: with short rows (k = 128-256)
+ * a reduction per sum cost more instructions than the products (perf: int8 bilstm-infer) */
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline __m128i fr_q_sum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d)
+{
+    __m256i a2 = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+    __m256i b2 = _mm256_add_epi32(_mm512_castsi512_si256(b), _mm512_extracti64x4_epi64(b, 1));
+    __m256i c2 = _mm256_add_epi32(_mm512_castsi512_si256(c), _mm512_extracti64x4_epi64(c, 1));
+    __m256i d2 = _mm256_add_epi32(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1));
+    __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a2, b2), _mm256_hadd_epi32(c2, d2));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline __m128 fr_q_sum4_ps(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+    __m256 a2 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    __m256 c2 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+    __m256 d2 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a2, b2), _mm256_hadd_ps(c2, d2));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* the 4 values of rows r .. r+3 (those below `rows`) of one row of out */
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline void fr_q_store4(float* out, ptrdiff_t r, ptrdiff_t rows, __m128 v)
+{
+    if (r + 4 <= rows) {
+        _mm_storeu_ps(out + r, v);
+    } else {
+        float tmp[4];
+        ptrdiff_t j;
+        _mm_storeu_ps(tmp, v);
+        for (j = 0; r + j < rows; j++) out[r + j] = tmp[j];
+    }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
 static inline void fr_q_group_bf16(const uint16_t* w, ptrdiff_t ld, ptrdiff_t r, ptrdiff_t rows,
                                    const uint16_t* x, const int NB, float* out, ptrdiff_t ldo)
@@ -250,7 +301,8 @@ static inline void fr_q_group_bf16(const uint16_t* w, ptrdiff_t ld, ptrdiff_t r,
             odd[3] = _mm512_dpbf16_ps(odd[3], (__m512bh)_mm512_loadu_si512(w3 + i + 32), u);
         }
         for (j = 0; j < 4 && r + j < rows; j++)
-            out[r + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], odd[j]));
+            acc[j][0] = _mm512_add_ps(acc[j][0], odd[j]);
+        fr_q_store4(out, r, rows, fr_q_sum4_ps(acc[0][0], acc[1][0], acc[2][0], acc[3][0]));
         return;
     }
     for (i = 0; i < ld; i += 32) {
@@ -265,8 +317,8 @@ static inline void fr_q_group_bf16(const uint16_t* w, ptrdiff_t ld, ptrdiff_t r,
         }
     }
     for (b = 0; b < NB; b++)
-        for (j = 0; j < 4 && r + j < rows; j++)
-            out[b * ldo + r + j] = _mm512_reduce_add_ps(acc[j][b]);
+        fr_q_store4(out + b * ldo, r, rows,
+                    fr_q_sum4_ps(acc[0][b], acc[1][b], acc[2][b], acc[3][b]));
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -306,10 +358,28 @@ static inline void fr_q_group_int8(const int8_t* w, ptrdiff_t ld, ptrdiff_t r, p
             acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], v, a3);
         }
     }
-    for (b = 0; b < NB; b++)
-        for (j = 0; j < 4 && r + j < rows; j++)
-            out[b * ldo + r + j] = fr_q_int8_value(_mm512_reduce_add_epi32(acc[j][b]), r + j, b,
-                                                   sw, row_sum, sx);
+    /* fr_q_int8_value four rows at a time: the same operations, so the same floats */
+    {
+        __m128i bias = _mm_setzero_si128(), rs = _mm_setzero_si128();
+        __m128 scale = _mm_setzero_ps();
+        if (r + 4 <= rows) {
+            rs = _mm_loadu_si128((const __m128i*)(row_sum + r));
+            scale = _mm_loadu_ps(sw + r);
+        } else {
+            int32_t rs_tail[4] = {0, 0, 0, 0};
+            float sw_tail[4] = {0, 0, 0, 0};
+            for (j = 0; r + j < rows; j++) { rs_tail[j] = row_sum[r + j]; sw_tail[j] = sw[r + j]; }
+            rs = _mm_loadu_si128((const __m128i*)rs_tail);
+            scale = _mm_loadu_ps(sw_tail);
+        }
+        bias = _mm_slli_epi32(rs, 7);                       /* 128 * row_sum */
+        for (b = 0; b < NB; b++) {
+            __m128i sums = fr_q_sum4_epi32(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
+            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sums, bias)),
+                                  _mm_mul_ps(scale, _mm_set1_ps(sx[b])));
+            fr_q_store4(out + b * ldo, r, rows, v);
+        }
+    }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -340,26 +410,6 @@ static void fr_q_product(const fr_qweights* q, ptrdiff_t r0, ptrdiff_t rows, con
     ptrdiff_t ld = q->ld, elem = q->format == FR_Q_BF16 ? 2 : 1, b0, nb;
     ptrdiff_t block = FR_Q_BLOCK_BYTES / (ld * elem) > 4 ? FR_Q_BLOCK_BYTES / (ld * elem) : 4;
     int isa = fr_q_isa(q->format);
-    if (q->format == FR_Q_BF16 && nx > FR_Q_BF16_DOT_ROWS) {
-        /* x rounded, as float32 (fr_q_prepare); W's rows widened a few at a time into a
-         * buffer of this call's own (threads share xq) */
-        const uint16_t* w = (const uint16_t*)q->data + r0 * ld;
-        const float* x = (const float*)xq;
-        float* wide = (float*)malloc((size_t)(FR_Q_WIDEN_ROWS * ld) * sizeof(float));
-        ptrdiff_t r, n, i;
-        if (wide == NULL) {                     /* no memory: every output NaN, not garbage */
-            for (r = 0; r < nx; r++)
-                for (i = 0; i < rows; i++) out[r * ldo + i] = NAN;
-            return;
-        }
-        for (r = 0; r < rows; r += FR_Q_WIDEN_ROWS) {
-            n = rows - r < FR_Q_WIDEN_ROWS ? rows - r : FR_Q_WIDEN_ROWS;
-            for (i = 0; i < n * ld; i++) wide[i] = fr_float_from_bf16(w[r * ld + i]);
-            fr_rowdot_f32(wide, ld, n, ld, x, ld, nx, out + r, ldo);
-        }
-        free(wide);
-        return;
-    }
     for (b0 = 0; b0 < nx; b0 += block) {
         nb = nx - b0 < block ? nx - b0 : block;
         if (q->format == FR_Q_BF16) {
