@@ -61,3 +61,62 @@ def test_cold_start_script_runs():
     for r in rows:
         assert all(r[part] > 0 for part in cold_start.PARTS)
     assert f"| {backend} | infer | warm |" in cold_start.markdown(rows, 1)
+
+
+def test_quantized_script_runs(monkeypatch):
+    """``python -m bench.quantized`` on small shapes, one round: the float32 layer of every
+    compiled backend under test, fastrnn's bf16 and int8 copies, and PyTorch's and ONNX
+    Runtime's float32 and int8 whenever they are installed (PyTorch runs in a process of its
+    own and the ONNX Runtime sessions are dropped after, so the benchmarks are not disturbed;
+    the checks on their quantized models, such as quantize_dynamic really swapping the
+    module, are exercised)."""
+    import dataclasses
+    import importlib.util
+
+    import numpy as np
+
+    from bench import quantized
+    from bench.cases import BY_NAME
+    from bench.runners import have_ort
+
+    small = {"layers": 1, "batch": 2, "input_size": 3, "hidden": 8, "steps": 5}
+    monkeypatch.setattr(quantized, "SHAPES", tuple(
+        dataclasses.replace(BY_NAME[name], name=name + "-8", **small)
+        for name in ("lstm-infer-512-b1", "gru-infer-1024-b2", "bilstm-infer")))
+    backends = [impl for impl in IMPLS if impl in ("numba", "cython")] or ["reference"]
+    with_torch = importlib.util.find_spec("torch") is not None
+    with_ort = have_ort()
+    rows = quantized.measure(backends, rounds=1, repeat=1, with_torch=with_torch,
+                             with_ort=with_ort, settle=0)
+    text = quantized.markdown(rows, 1, 1)
+    for name in ("lstm-infer-512-b1-8", "gru-infer-1024-b2-8", "bilstm-infer-8"):
+        assert f"| {name} |" in text
+        got = {r["impl"]: r for r in rows if r["case"] == name}
+        for backend in backends:
+            assert got[f"fastrnn f32 ({backend})"]["ms"] > 0
+        # the quantized copies run on the C kernels, or on NumPy's without the extension
+        got = {label.split(" (")[0]: row for label, row in got.items()}
+        # (label, bound on max abs err / max abs ref); about 0.3% (fastrnn), 1% (PyTorch
+        # int8, per-tensor scales), 0.6% (ONNX Runtime int8) and 3e-7 (float32) here
+        expected = [("fastrnn bf16", 0.02), ("fastrnn int8", 0.05)]
+        if with_torch:
+            expected += [("PyTorch f32", 1e-4), ("PyTorch int8", 0.05)]
+            if got["PyTorch bf16"]["ms"] is not None:
+                expected.append(("PyTorch bf16", 0.02))
+        if with_ort:
+            expected.append(("ORT f32", 1e-4))
+            if "gru" in name:       # ONNX Runtime has no quantized GRU: said, not timed
+                assert got["ORT int8"]["ms"] is None and "GRU" in got["ORT int8"]["note"]
+            else:
+                expected.append(("ORT int8", 0.05))
+        for label, bound in expected:
+            row = got[label]
+            assert row["ms"] > 0 and 0 <= row["others"][0] <= row["others"][1] <= 1
+            _, top, mean = row["error"]
+            assert np.isfinite(top) and np.isfinite(mean), (name, label, row["error"])
+            assert 0 <= top < bound and 0 <= mean < bound, (name, label, row["error"])
+        for label in ("fastrnn bf16", "fastrnn int8"):
+            speedup = got[label]["speedup"]
+            assert speedup[f"fastrnn f32 ({backends[0]})"] > 0
+            assert ("PyTorch int8" in speedup) == with_torch
+            assert ("ORT int8" in speedup) == (with_ort and "gru" not in name)
