@@ -112,6 +112,27 @@ def main(argv=None):
            args.markdown)
 
 
+class ChildTimer:
+    """A spawned process that times its runners whenever asked (PyTorch's, whose threads would
+    otherwise spin on the cores this process's kernels need): ``target(connection, *args)``
+    sends its results each time it receives True and stops on False."""
+
+    def __init__(self, target, *args):
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=target, args=(child,) + args, daemon=True)
+        self.process.start()
+
+    def time(self):
+        self.connection.send(True)
+        return self.connection.recv()
+
+    def close(self):
+        self.connection.send(False)
+        self.process.join()
+
+
 def report(text, path=None):
     """Print the table, and write it to ``path`` too when one is given."""
     print(text)

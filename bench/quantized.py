@@ -44,7 +44,7 @@ import numpy as np
 import fastrnn
 from bench import installed
 from bench.cases import BY_NAME
-from bench.options import _best, cpu_name, report
+from bench.options import ChildTimer, _best, cpu_name, report
 from bench.runners import ORT_INSTALL, TORCH_INSTALL, have_ort
 from bench.worker import OtherLoad
 
@@ -167,32 +167,19 @@ def _torch_process(connection, mode, input_size, hidden, bidirectional, params, 
         connection.send((best, _cpu_seconds() - start))
 
 
-class _TorchChild:
+class _TorchChild(ChildTimer):
     """PyTorch's modules in a spawned process; ``time()`` returns the best of ``repeat``
     calls of each, in the order of ``labels``, and the CPU seconds the process spent."""
 
     def __init__(self, case, params, x, repeat):
-        import multiprocessing
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.process = context.Process(
-            target=_torch_process, daemon=True,
-            args=(child, case.mode, case.input_size, case.hidden, case.bidirectional,
-                  {k: np.array(v) for k, v in params.items()}, x, repeat))
-        self.process.start()
+        super().__init__(_torch_process, case.mode, case.input_size, case.hidden,
+                         case.bidirectional, {k: np.array(v) for k, v in params.items()}, x,
+                         repeat)
         first = self.connection.recv()
         if isinstance(first, str):
             self.process.join()
             raise RuntimeError(f"the PyTorch process failed:\n{first}")
         self.labels, self.outputs, self.notes = first
-
-    def time(self):
-        self.connection.send(True)
-        return self.connection.recv()
-
-    def close(self):
-        self.connection.send(False)
-        self.process.join()
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 import fastrnn
 from bench import installed
-from bench.options import _best, cpu_name, report
+from bench.options import ChildTimer, _best, cpu_name, report
 
 # (name, layer class, B, I, H, T): bench/cases.py's lstm-train-256, and a GRU of that size
 SHAPES = (("lstm-train-256", "LSTM", 32, 256, 256, 150),
@@ -123,27 +123,6 @@ def _torch_process(connection, mode, B, I, H, T, repeat, variants):
         connection.send([_best(fn, repeat) for fn in fns])
 
 
-class _InChild:
-    """Runners whose best-of-``repeat`` times come from _torch_process."""
-
-    def __init__(self, mode, B, I, H, T, repeat, variants):
-        import multiprocessing
-        context = multiprocessing.get_context("spawn")
-        self.connection, child = context.Pipe()
-        self.process = context.Process(target=_torch_process,
-                                       args=(child, mode, B, I, H, T, repeat, variants),
-                                       daemon=True)
-        self.process.start()
-
-    def time(self):
-        self.connection.send(True)
-        return self.connection.recv()
-
-    def close(self):
-        self.connection.send(False)
-        self.process.join()
-
-
 def measure(backends, rounds, repeat, with_torch=True, variants=("layer_norm", "zoneout")):
     rows = []
     for name, mode, B, I, H, T in SHAPES:
@@ -152,7 +131,8 @@ def measure(backends, rounds, repeat, with_torch=True, variants=("layer_norm", "
             for variant in ("plain",) + tuple(variants):
                 labels.append((backend, variant))
                 runners.append(_fastrnn_runner(mode, B, I, H, T, backend, variant))
-        child = _InChild(mode, B, I, H, T, repeat, variants) if with_torch else None
+        child = ChildTimer(_torch_process, mode, B, I, H, T, repeat, variants) \
+            if with_torch else None
         torch_labels = [("torch", f"{variant}, Python loop") for variant in variants] \
             if with_torch else []
         for fn in runners:
