@@ -410,8 +410,7 @@ class _RNNBase:
     def _backend_call_step(self):
         """The backend's one-step call, which knows only concatenated directions of cells
         without a projection."""
-        if self._merged or self.proj_size or self.cell.whole_rows or any(self._zoneout_rates) \
-                or self.quantized:
+        if self._merged or self.proj_size or self.cell.whole_rows or any(self._zoneout_rates):
             return None
         return getattr(self._kernels, "layer_call_step", None)
 

@@ -203,6 +203,7 @@ def quantize(layer, weights="bfloat16", *, backend="auto"):
             q.params[name][...] = value
     q.grads = {}
     q.quantized = weights
-    q.backend, q._kernels, q._call_step = backend, kernels, None
+    q.backend, q._kernels = backend, kernels
+    q._call_step = q._backend_call_step()
     q._identity = q._describe()
     return q

@@ -2190,6 +2190,7 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     cdef list held = []
     cdef tuple row_names
     cdef object name, a
+    cdef list quantized
     cdef const void* ptrs[5]
     cdef Params* row_params = <Params*>malloc(rows * sizeof(Params))
     cdef Plan* plans = <Plan*>malloc(nlayers * sizeof(Plan))
@@ -2218,10 +2219,19 @@ def layer_call_step(spec, params, bint batch_first, x, state):
         for r in range(rows):
             row_names = <tuple>names[r]
             I_l = I if r < D else D * H
+            quantized = [None, None]            # fastrnn.quantize's w_ih, w_hh
             for k in range(5):
                 name = row_names[k]
                 if name is None:
                     a = zero_bias if k == 2 or k == 3 else None
+                elif k <= 1 and isinstance(params.get(name), QuantizedWeight):
+                    a = params[name]
+                    if typenum != cnp.NPY_FLOAT or a.shape != (GH, I_l if k == 0 else H):
+                        return None
+                    held.append(a)
+                    quantized[k] = a
+                    ptrs[k] = NULL
+                    continue
                 else:
                     a = params.get(name)
                     if a is None or not (
@@ -2239,6 +2249,11 @@ def layer_call_step(spec, params, bint batch_first, x, state):
             row_params[r].options = NULL
             row_params[r].q_ih.format = row_params[r].q_hh.format = FR_Q_NONE
             row_params[r].round_source = False
+            if quantized[0] is not None and quantized[1] is not None:
+                row_params[r].q_ih = _quantized(quantized[0])
+                row_params[r].q_hh = _quantized(quantized[1])
+            elif quantized[0] is not None or quantized[1] is not None:
+                return None                     # one of two: the general path refuses it
         # the results; y is a copy of the last layer's output (never a view of the state)
         h_n = _new_array(rows, B, H, typenum, False)
         c_n = _new_array(rows, B, H, typenum, False) if has_c else None

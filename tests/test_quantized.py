@@ -221,6 +221,24 @@ def test_batch_first_and_one_step_calls(fmt):
     np.testing.assert_allclose(s[0], state[0], rtol=0, atol=1e-6)
 
 
+@needs_cython
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_one_step_calls_take_the_compiled_path(cell, fmt, isa):
+    """A one-step call goes through the backend's whole-call step (layer_call_step), with the
+    quantized weights, and gives the general path's numbers (two layers, both directions)."""
+    m = _layer(cell, L=2, bidirectional=True)
+    q = fastrnn.quantize(m, fmt)
+    x, state = _inputs(m, 1, 3)
+    stepped = q._call_step(q._step_spec, q.params, q.batch_first, x, state)
+    assert stepped is not None
+    general = q.forward(x, state, train=False)[:2]
+    oracle = fastrnn.quantize(m, fmt, backend="reference")(x, state)
+    for a, g, e in zip(_flat(*stepped), _flat(*general), _flat(*oracle)):
+        np.testing.assert_allclose(a, g, rtol=0, atol=1e-6)
+        assert max_rel_error(a, e) <= LAYER_TOL[fmt]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_copies_and_pickles(fmt):
     q = fastrnn.quantize(_layer("gru"), fmt)
