@@ -281,3 +281,7 @@ def test_refusals():
         fastrnn.quantize({}, "int8")
     with pytest.raises(ValueError, match="x: expected input_size 11"):
         q(np.zeros((2, 2, 5), np.float32))
+    pytest.importorskip("onnx")
+    from fastrnn import onnx as fastrnn_onnx
+    with pytest.raises(ValueError, match="quantized='int8' .fastrnn.quantize. has no ONNX form"):
+        fastrnn_onnx.export(q, "unused.onnx")

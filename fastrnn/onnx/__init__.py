@@ -62,6 +62,10 @@ def export(layer, path_or_file=None, *, batch_first=None, lengths=True, initial_
     if layer.cell.name not in ONNX_CELLS:
         raise ValueError(f"layer: its cell {layer.cell.name!r} has no ONNX form here (export "
                          f"writes {', '.join(ONNX_CELLS)})")
+    if layer.quantized:
+        raise ValueError(f"layer: quantized={layer.quantized!r} (fastrnn.quantize) has no ONNX "
+                         f"form here; export the float32 layer (onnxruntime.quantization's "
+                         f"quantize_dynamic quantizes the model)")
     if layer.cell.layer_norm:
         raise ValueError("layer: layer_norm=True has no ONNX form (ONNX's LSTM and GRU "
                          "operators have no normalization)")
