@@ -21,7 +21,7 @@ import traceback
 
 import numpy as np
 
-from . import charlm, distributed
+from . import charlm, distributed, quantized
 from .dispatch import (BackendUnavailable, _openblas_threads_functions, get_backend,
                        limit_numpy_blas_threads, resolve)
 from .train import NonFiniteGradientError
@@ -198,6 +198,10 @@ def build_parser():
     sample.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
                         help="threads of the backend's compiled kernels (default: the "
                              "backend's default)")
+    sample.add_argument("--quantize", choices=quantized.FORMATS, default=None,
+                        help="run the recurrent layers with bfloat16 or int8 weights "
+                             "(fastrnn.quantize; on the Cython kernels, or NumPy's with "
+                             "--backend reference)")
     return parser
 
 
@@ -755,6 +759,13 @@ def _draw(model, vocab, length, temperature, prime="", seed=None):
 
 def _sample(args):
     model, vocab, _ = charlm.load_checkpoint(args.checkpoint, backend=args.backend)
+    if args.quantize:
+        try:
+            model.rnn = quantized.quantize(
+                model.rnn, args.quantize,
+                backend="reference" if args.backend == "reference" else "auto")
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--quantize {args.quantize}: {exc}") from None
     try:
         vocab.encode(args.prime, name="--prime")
     except ValueError as exc:

@@ -39,7 +39,7 @@ def text_file(tmp_path):
     return str(path)
 
 
-def test_cli_train_then_sample(tmp_path, text_file, capsys):
+def test_cli_train_then_sample(tmp_path, text_file, capsys, monkeypatch):
     out = str(tmp_path / "lm.npz")
     status = cli.main(["train", "--text", text_file, "--steps", "6", "--eval-every", "3",
                        "--out", out, "--seed", "3", *TINY])
@@ -65,6 +65,23 @@ def test_cli_train_then_sample(tmp_path, text_file, capsys):
     assert runs[0] == runs[1]
     assert runs[0].startswith("spam") and len(runs[0]) == 4 + 25 + 1
     assert runs[0][4:-1] == charlm.sample(model, vocab, 25, 0.5, prime="spam", seed=9)
+
+    # --quantize: the same draws as the model whose layers fastrnn.quantize made (and made
+    # they are: the tiny model draws the same characters either way)
+    made = []
+
+    def quantize(layer, weights, backend):
+        made.append((weights, backend))
+        return fastrnn.quantize(layer, weights, backend=backend)
+    monkeypatch.setattr(cli.quantized, "quantize", quantize)
+    for fmt in ("bfloat16", "int8"):
+        assert cli.main(["sample", out, "--length", "25", "--seed", "9", "--prime", "spam",
+                         "--backend", "reference", "--quantize", fmt]) == 0
+        model.rnn = fastrnn.quantize(charlm.load_checkpoint(out, backend="reference")[0].rnn,
+                                     fmt, backend="reference")
+        assert capsys.readouterr().out[4:-1] == charlm.sample(model, vocab, 25, 0.8,
+                                                              prime="spam", seed=9)
+    assert made == [("bfloat16", "reference"), ("int8", "reference")]
 
 
 @pytest.mark.parametrize("argv, message", [
