@@ -248,13 +248,20 @@ static inline __m128i fr_q_sum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d
     return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
+/* the upper 8 floats of v (AVX-512F alone: _mm512_extractf32x8_ps needs AVX-512DQ) */
+__attribute__((target("avx512f"), always_inline))
+static inline __m256 fr_q_high8(__m512 v)
+{
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
 __attribute__((target("avx512f,avx512bw"), always_inline))
 static inline __m128 fr_q_sum4_ps(__m512 a, __m512 b, __m512 c, __m512 d)
 {
-    __m256 a2 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    __m256 c2 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-    __m256 d2 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    __m256 a2 = _mm256_add_ps(_mm512_castps512_ps256(a), fr_q_high8(a));
+    __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(b), fr_q_high8(b));
+    __m256 c2 = _mm256_add_ps(_mm512_castps512_ps256(c), fr_q_high8(c));
+    __m256 d2 = _mm256_add_ps(_mm512_castps512_ps256(d), fr_q_high8(d));
     __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a2, b2), _mm256_hadd_ps(c2, d2));
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
