@@ -21,10 +21,12 @@ from conftest import BACKENDS, make_layer, max_rel_error
 FORMATS = ("bfloat16", "int8")
 HAVE_CYTHON = "cython" in BACKENDS
 needs_cython = pytest.mark.skipif(not HAVE_CYTHON, reason="the Cython extension is not built")
-# the cell variants: the six cells, layer norm, ONNX's activations and clip
+# the cell variants: the six cells, layer norm, ONNX's activations and clip, zoneout (its
+# inference rule)
 VARIANTS = [(cell, {}) for cell in sorted(CELLS)] + [
     ("lstm", {"layer_norm": True}), ("gru", {"layer_norm": True}),
-    ("lstm", {"activations": ("hardsigmoid", "tanh", "tanh"), "clip": 2.0})]
+    ("lstm", {"activations": ("hardsigmoid", "tanh", "tanh"), "clip": 2.0}),
+    ("lstm", {"zoneout": (0.1, 0.3)}), ("gru", {"zoneout": 0.2})]
 # one step of the C kernels against the NumPy arithmetic (float32 sums in another order)
 STEP_TOL = 2e-5
 # whole layers, compiled against reference: a state rounded to a neighbouring value
@@ -103,6 +105,19 @@ def test_layers_match_the_arithmetic(cell, options, B, fmt, isa):
     for a, e in zip(_flat(*compiled), _flat(*oracle)):
         assert max_rel_error(a, e) <= LAYER_TOL[fmt]
     assert (compiled[0][4:, min(2, B - 1)] == 0).all() if B > 2 else True
+
+
+@needs_cython
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("merge", ["sum", "ave"])
+def test_merged_directions(merge, fmt):
+    m = _layer("lstm", L=2, bidirectional=True, merge=merge)
+    x, state = _inputs(m, 6, 3)
+    compiled = fastrnn.quantize(m, fmt)(x, state)
+    oracle = fastrnn.quantize(m, fmt, backend="reference")(x, state)
+    assert compiled[0].shape == (6, 3, 32)
+    for a, e in zip(_flat(*compiled), _flat(*oracle)):
+        assert max_rel_error(a, e) <= LAYER_TOL[fmt]
 
 
 @needs_cython
