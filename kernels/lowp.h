@@ -7,8 +7,9 @@
  *
  * bfloat16: the weights and x rounded to nearest even, NaN kept; every product of two bfloat16
  * numbers is exact in float32 and the sums are float32 (AVX-512 BF16's vdpbf16ps; on other
- * CPUs a plain loop, summed in another order). layers.pyx uses these for up to
- * FR_Q_BF16_DOT_ROWS rows of x only (see there).
+ * CPUs a plain loop, summed in another order). layers.pyx uses these only where reading the
+ * weights is the limit (FR_Q_BF16_DOT_ROWS, FR_Q_BF16_INPUT_DOT_ROWS below; else widened
+ * weights on float32 kernels: fr_q_round_bf16, fr_q_widen_bf16).
  * int8: weights symmetric per row, W[r, i] ~= scale[r] * q[r, i], q in [-127, 127]; each row
  * of x symmetric on its own, x[b, i] ~= sx[b] * p[b, i], sx[b] = max|x[b]| / 127, p rounded
  * to nearest even. The sum of q * p is exact in int32 (AVX-512 VNNI's vpdpbusd, which takes
@@ -102,7 +103,6 @@ static ptrdiff_t fr_q_bf16_dot_rows = 4;     /* settable, for measuring (layers.
  * rows, lstm-infer-256-b4, 0.66x against 0.75x; Intel Xeon) */
 static ptrdiff_t fr_q_bf16_input_dot_rows = 64;
 #define FR_Q_BF16_INPUT_DOT_ROWS fr_q_bf16_input_dot_rows
-#define FR_Q_WIDEN_ROWS 16          /* weight rows widened at a time */
 
 static inline size_t fr_q_scratch_bytes(int format, ptrdiff_t ld, ptrdiff_t nx)
 {
