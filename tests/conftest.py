@@ -8,23 +8,10 @@ import contextlib
 import os
 import re
 
-# Under pytest-xdist (the README's `pytest` runs two workers, see pyproject.toml) each worker
-# compiles into a Numba cache of its own: Numba's cache is not safe for two processes writing
-# the same function's index at once (each numbers its new entry 1 and one overwrites the
-# other's machine code). The first worker keeps the usual cache, so a run without workers
-# (or the benchmarks after CI's run) finds its float32 kernels there. Set before fastrnn
-# imports Numba, which reads it when its dispatchers are made. A worker's spawned children
-# (test_fork) import this module again with the worker's directory already set: they keep it.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-if _WORKER != "gw0" and os.path.basename(os.environ.get("NUMBA_CACHE_DIR", "")) != _WORKER:
-    _base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".numba-cache")
-    os.environ["NUMBA_CACHE_DIR"] = os.path.join(_base, _WORKER)
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import fastrnn  # noqa: E402
+import fastrnn
 from fastrnn.cells import CELLS
 
 # relative to the largest magnitude of the reference array, with a floor for tiny arrays
@@ -229,11 +216,13 @@ def packing(backend_name, on):
 # Numba compiles each of its loops once per dtype, most of this suite's time when its cache is
 # cold (about 260 s a dtype on a 2-core machine). The Numba tests go to two groups by the dtype
 # they run, and pytest-xdist (`--dist loadgroup`) keeps each group on one worker, so the two
-# dtypes compile at the same time on two cores and neither is compiled twice. A test whose dtype
-# is not among its parameters goes with float64, make_layer's default, unless it is marked
-# ``float32_kernels``. A test in the wrong group still passes; the other worker then compiles
-# that dtype's loops as well (minutes, on a cold cache). A test runs one dtype's kernels only.
-_NUMBA_FILES = ("test_numba_panel.py", "test_numba_pool.py", "test_amx.py")
+# dtypes compile at the same time on two cores. A test whose dtype is not among its parameters
+# goes with float64, make_layer's default, unless it is marked ``float32_kernels``. The workers
+# share one Numba cache (fastrnn/_numba/cache.py makes that safe): a test in the wrong group
+# still passes, and waits for the other worker to compile the loop it wants, then loads it. A
+# test runs one dtype's kernels only.
+_NUMBA_FILES = ("test_numba_panel.py", "test_numba_pool.py", "test_amx.py",
+                "test_numba_cache.py")
 
 
 def _param_dtype(value):
@@ -280,12 +269,18 @@ def pytest_cmdline_main(config):
             and not config.option.collectonly and not config.option.usepdb):
         config.option.numprocesses = 2
         config.option.dist = "loadgroup"
+        # the workers parse the command line again and see no --dist: tell them (below)
+        os.environ["FASTRNN_TEST_LOADGROUP"] = "1"
         if hasattr(config.option, "benchmark_disable"):
             config.option.benchmark_disable = True     # no test times anything (bench/ does)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("FASTRNN_TEST_LOADGROUP") == "1" and "PYTEST_XDIST_WORKER" in os.environ:
+        # a worker of the plain run above: xdist's own hook, after this one, adds the groups
+        # to the test ids only when it believes the run is --dist loadgroup
+        config.option.loadgroup = True
     for item in items:
         group = numba_group(item)
         if group is not None:

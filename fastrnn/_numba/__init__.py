@@ -28,7 +28,7 @@ import numpy as np
 import numba
 from numba import njit, types
 
-from . import amx, config, kernels
+from . import amx, cache, config, kernels
 from .. import _scratch, cells, projection
 
 
@@ -86,16 +86,32 @@ _LOOPS = {"forward_rows": kernels.forward_rows, "forward_units": kernels.forward
           "backward": kernels.backward_loop, "step": kernels.step}
 
 
+_dispatchers = {}       # (dtype, name) -> the loop's dispatcher, compiled or not
+
+# every cache entry of the backend read and written under a lock (see cache.py)
+cache.install(kernels.column_sums)
+
+
+def _dispatcher(dtype, name):
+    key = (np.dtype(dtype), name)
+    if key not in _dispatchers:
+        _dispatchers[key] = njit(**config.KERNEL)(_LOOPS[name])
+    return _dispatchers[key]
+
+
 def _kernel(dtype, name):
     """The loop ``name`` ("forward_rows", "forward_units", "backward" or "step") for this
     dtype, compiled or loaded from Numba's cache when first used: each on its own, so that a
     call compiles only the loop it runs."""
     compiled = _compiled.get((dtype, name))
     if compiled is None:
+        dtype = np.dtype(dtype)
         with _compile_lock:
             compiled = _compiled.get((dtype, name))
             if compiled is None:
-                compiled = njit(_signatures(dtype)[name], **config.KERNEL)(_LOOPS[name])
+                # under a lock shared with other processes: one compiles, the others load
+                compiled = cache.compile_once(_dispatcher(dtype, name), _signatures(dtype)[name],
+                                              f"{name}-{dtype}")
                 _compiled[dtype, name] = compiled
     return compiled
 
