@@ -5,6 +5,11 @@ and ONNX Runtime (``python -m bench.report``, one process per implementation: ``
 Importing this package first makes ``import fastrnn`` take the installed package rather than the
 checkout's source tree (see ``bench.installed``), for every entry point alike.
 """
+import os
+
 from bench.installed import use_installed
 
 use_installed()
+# what is timed is the compiled loops: a first call waits for its loop to compile (cold_start
+# sets the mode it measures)
+os.environ.setdefault("FASTRNN_NUMBA_COMPILE", "wait")

@@ -8,11 +8,17 @@ import contextlib
 import os
 import re
 
-import numpy as np
-import pytest
+# The Numba tests test the compiled loops: a call waits for its loop to compile instead of
+# running on the reference while another process compiles it (fastrnn._numba's "background"
+# mode, which test_numba_cache.py tests). Set before fastrnn is imported, and inherited by the
+# tests' child processes.
+os.environ["FASTRNN_NUMBA_COMPILE"] = "wait"
 
-import fastrnn
-from fastrnn.cells import CELLS
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import fastrnn  # noqa: E402
+from fastrnn.cells import CELLS  # noqa: E402
 
 # relative to the largest magnitude of the reference array, with a floor for tiny arrays
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}

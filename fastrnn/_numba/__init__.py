@@ -20,21 +20,25 @@ same machine code instead of compiling a variant for each combination. Absent ar
 empty ones of the same type (a cell without c: c_slots (slots, 0, 0); no dy: (T, 0, 0); no
 peephole: (0, 0)).
 """
-import os
-import threading
 import ctypes
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import numba
 from numba import njit, types
 
 from . import amx, cache, config, kernels
-from .. import _scratch, cells, projection
+from .. import _scratch, cells, projection, reference
 
 
 __all__ = ["layer_forward", "layer_backward", "layer_call_step", "concurrent_directions",
            "set_num_threads", "get_num_threads",
-           "set_small_batch_max", "get_small_batch_max", "amx_available", "set_amx", "get_amx"]
+           "set_small_batch_max", "get_small_batch_max", "amx_available", "set_amx", "get_amx",
+           "set_compile_mode", "get_compile_mode", "compiling", "wait_compiled"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,8 +88,6 @@ def _signatures(dtype):
 
 _LOOPS = {"forward_rows": kernels.forward_rows, "forward_units": kernels.forward_units,
           "backward": kernels.backward_loop, "step": kernels.step}
-
-
 _dispatchers = {}       # (dtype, name) -> the loop's dispatcher, compiled or not
 
 # every cache entry of the backend read and written under a lock (see cache.py)
@@ -101,8 +103,8 @@ def _dispatcher(dtype, name):
 
 def _kernel(dtype, name):
     """The loop ``name`` ("forward_rows", "forward_units", "backward" or "step") for this
-    dtype, compiled or loaded from Numba's cache when first used: each on its own, so that a
-    call compiles only the loop it runs."""
+    dtype, compiled or loaded from Numba's cache when first used, waiting for it: each on its
+    own, so that a call compiles only the loop it runs."""
     compiled = _compiled.get((dtype, name))
     if compiled is None:
         dtype = np.dtype(dtype)
@@ -114,6 +116,134 @@ def _kernel(dtype, name):
                                               f"{name}-{dtype}")
                 _compiled[dtype, name] = compiled
     return compiled
+
+
+# ---------------------------------------------------------------------------------------------
+# The first calls, while a loop compiles
+#
+# A loop takes one to three minutes to compile (docs/kernels.md). In the "background" compile
+# mode (the default), a call whose loop is neither compiled in this process nor in Numba's cache
+# starts a process that compiles it (and the loops the call will need next: backward after a
+# training forward) into the cache, and runs on the NumPy reference meanwhile; the first call
+# after that process has ended loads the loop from the cache (0.1-0.4 s) and runs on it. The
+# compiling process goes on if this one ends first, so the next one finds the loops. In the
+# "wait" mode a call compiles its loop itself and waits for it. A cache that Numba cannot
+# write, or a process that ended without the loop, means the "wait" behaviour for that loop.
+
+COMPILE_MODES = ("background", "wait")
+_compile_mode = os.environ.get("FASTRNN_NUMBA_COMPILE", "background").strip() or "background"
+if _compile_mode not in COMPILE_MODES:
+    raise ValueError(f"FASTRNN_NUMBA_COMPILE: expected one of {COMPILE_MODES}, "
+                     f"got {_compile_mode!r}")
+_background = None     # the compiling process (subprocess.Popen), with .loops
+_queued = []            # (dtype, name) wanted while the process compiled others
+_tried = set()          # (dtype, name) that a process was started for
+
+
+def set_compile_mode(mode):
+    """"background" (the default; FASTRNN_NUMBA_COMPILE sets it at import): a loop that is not
+    in Numba's cache compiles in another process while calls run on the NumPy reference;
+    "wait": a call compiles the loop it needs and waits for it."""
+    global _compile_mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mode: expected one of {COMPILE_MODES}, got {mode!r}")
+    _compile_mode = mode
+
+
+def get_compile_mode():
+    return _compile_mode
+
+
+def compiling():
+    """The loops that another process is compiling for this one, or that wait their turn, as
+    ("float32", "backward") pairs."""
+    with _compile_lock:
+        running = _background is not None and _background.poll() is None
+        loops = (list(_background.loops) if running else []) + _queued
+        return [(d.name, n) for d, n in loops if (d, n) not in _compiled]
+
+
+def wait_compiled(timeout=None):
+    """Wait until the loops that ``compiling()`` lists are compiled (at most ``timeout``
+    seconds); True if none is left compiling. The next call that needs them loads them."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        with _compile_lock:
+            process = _background
+            if process is None or process.poll() is not None:
+                waiting = [loop for loop in _queued if loop not in _tried]
+                _queued.clear()
+                waiting = [loop for loop in waiting if _loaded(*loop) is None]
+                if not waiting or not _start_background(waiting):
+                    return True
+                process = _background
+        try:
+            process.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+
+
+def _loaded(dtype, name):
+    """The loop if this process has it or can load it from the cache, else None."""
+    compiled = _compiled.get((dtype, name))
+    if compiled is None and cache.load(_dispatcher(dtype, name), _signatures(dtype)[name]):
+        compiled = _compiled[dtype, name] = _dispatcher(dtype, name)
+    return compiled
+
+
+def _background_command(loops):
+    return [sys.executable, "-m", "fastrnn._numba.background"] + [
+        f"{dtype.name}:{name}" for dtype, name in loops]
+
+
+def _start_background(loops):
+    """Start a process compiling ``loops`` into the cache; False if it cannot be."""
+    global _background
+    if not sys.executable or cache.folder(_dispatcher(*loops[0])) is None:
+        return False
+    home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, FASTRNN_NUMBA_COMPILE="wait",
+               PYTHONPATH=os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p))
+    try:
+        process = subprocess.Popen(_background_command(loops), env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    except OSError:
+        return False
+    process.loops = loops
+    _background = process
+    _tried.update(loops)
+    return True
+
+
+def _ready_kernel(dtype, name, then=()):
+    """The loop ``name`` if it can run now: compiled, loaded from the cache, or (in the "wait"
+    mode, or where no process can compile it) compiled here; None while a process compiles it
+    (``then``: loops to compile after it, if a process is started)."""
+    compiled = _compiled.get((dtype, name))
+    if compiled is not None:
+        return compiled
+    dtype = np.dtype(dtype)
+    if _compile_mode == "background":
+        with _compile_lock:
+            compiled = _loaded(dtype, name)
+            if compiled is not None:
+                return compiled
+            key = (dtype, name)
+            running = _background is not None and _background.poll() is None
+            if running:
+                for loop in (key,) + tuple((dtype, n) for n in then):
+                    if loop not in _background.loops and loop not in _queued:
+                        _queued.append(loop)
+                return None
+            if key not in _tried:
+                loops = [key] + [(dtype, n) for n in then] + _queued
+                loops = [loop for i, loop in enumerate(loops) if loop not in loops[:i]
+                         and loop not in _compiled and loop not in _tried]
+                _queued.clear()
+                if _start_background(loops):
+                    return None
+    return _kernel(dtype, name)
 
 
 # Numba's workqueue threading layer aborts when two threads launch parallel regions at once;
@@ -332,6 +462,15 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
         pool = packed and _pool[0]
         threads = _pool_threads(B, GH, H, limit) if pool else 1
         launch_threads = threads if pool else _pass_threads(B * GH, limit)
+    kernel = None
+    if T * B > 0:
+        kernel = _ready_kernel(dtype, "forward_units" if loop == kernels.UNITS else
+                               "forward_rows", ("backward",) if train else ())
+        if kernel is not None and train and _ready_kernel(dtype, "backward") is None:
+            kernel = None       # backward must run on the forward's kind of cache
+        if kernel is None:      # a loop is compiling in another process: the reference
+            return reference.layer_forward(cell, x, state0, params, lengths, reverse, train,
+                                           y, state_n, threads, recurrent_mask, zoneout)
     buffer, ws = _workspace(dtype, shapes)
     first = T - 1 if train and reverse and T > 0 else 0     # the slot of the initial state
     final = T if train else T & 1
@@ -346,8 +485,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
         if "gates_own" in ws:
             own = (ws["gates_own"], ws["hh_own"])
         out = _Output(y, "write", contiguous=False)
-        _launch(_kernel(dtype, "forward_units" if loop == kernels.UNITS else "forward_rows"),
-                launch_threads, spec, x, _params(dtype, params, cell), lengths,
+        _launch(kernel, launch_threads, spec, x, _params(dtype, params, cell), lengths,
                 bool(reverse), bool(train), (loop, threads, packed, pool, _uses_amx(dtype)),
                 out.array, arrays[:4] + (ws["hh"],) + arrays[4:], own)
         out.finish()
@@ -364,6 +502,9 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     if cell.projected:
         return projection.backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx,
                                    dstate0, dparams, threads)
+    if isinstance(cache, reference.Cache):      # a forward that ran while its loop compiled
+        return reference.layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0,
+                                        dparams, threads)
     x = cache.x
     dtype = x.dtype
     T, B, I = x.shape
@@ -436,8 +577,11 @@ def layer_call_step(spec, params, batch_first, x, state):
     entry = _call_kernels[is_float64]
     if entry is None:
         dtype = _FLOAT64 if is_float64 else _FLOAT32
+        kernel = _ready_kernel(dtype, "step")
+        if kernel is None:      # compiling in another process: the general path meanwhile
+            return None
         # absent c0 / c_n: (1, 0, 0), so that the kernel's c[row if cell state else 0] is a row
-        entry = _call_kernels[is_float64] = (_kernel(dtype, "step"), np.empty((1, 0, 0), dtype),
+        entry = _call_kernels[is_float64] = (kernel, np.empty((1, 0, 0), dtype),
                                              _empty(dtype, (0, 0)))
     kernel, absent_c, absent_peephole = entry
     dtype = absent_c.dtype
@@ -654,8 +798,10 @@ def _before_fork():
 
 
 def _after_fork_in_child():
-    global _compile_lock, _launch_lock
+    global _compile_lock, _launch_lock, _background
     _compile_lock, _launch_lock = threading.Lock(), threading.Lock()
+    _background = None      # the parent's child: the parent waits for it, not this process
+    _queued.clear()
     layer = _gnu_openmp_layer()
     if layer is not None:
         from numba.np.ufunc import parallel

@@ -19,7 +19,8 @@ Numba does.
 import contextlib
 import os
 
-from numba.core import caching
+from numba.core import caching, sigutils
+from numba.core.compiler_lock import global_compiler_lock
 
 try:
     import fcntl
@@ -106,3 +107,26 @@ def compile_once(dispatcher, signature, name):
     dispatcher.disable_compile()
     return dispatcher
 
+
+def load(dispatcher, signature):
+    """Add ``dispatcher``'s machine code for ``signature`` from the cache, compiling nothing:
+    True if it was there (or is compiled already), False if not, or if this Numba's internals
+    are not the ones used here (the first half of ``Dispatcher.compile``, Numba 0.68)."""
+    if not hasattr(dispatcher, "compile"):     # NUMBA_DISABLE_JIT: the Python function
+        return True
+    install(dispatcher)
+    try:
+        with global_compiler_lock:
+            args, _ = sigutils.normalize_signature(signature)
+            if dispatcher.overloads.get(tuple(args)) is None:
+                cres = dispatcher._cache.load_overload(signature, dispatcher.targetctx)
+                if cres is None:
+                    return False
+                dispatcher._cache_hits[signature] += 1
+                dispatcher.targetctx.insert_user_function(cres.entry_point, cres.fndesc,
+                                                          [cres.library])
+                dispatcher.add_overload(cres)
+    except AttributeError:
+        return False
+    dispatcher.disable_compile()
+    return True
