@@ -220,9 +220,10 @@ def packing(backend_name, on):
 
 
 # Numba compiles each of its loops once per dtype, most of this suite's time when its cache is
-# cold (about 260 s a dtype on a 2-core machine). The Numba tests go to two groups by the dtype
-# they run, and pytest-xdist (`--dist loadgroup`) keeps each group on one worker, so the two
-# dtypes compile at the same time on two cores. A test whose dtype is not among its parameters
+# cold (about 350 s a dtype on a 2-core machine). The Numba tests go to two groups by the dtype
+# they run, and the plain run keeps each group on one worker (xdist_groups.py; the xdist_group
+# marks serve an explicit `--dist loadgroup`), so the two dtypes compile at the same time on
+# two cores. A test whose dtype is not among its parameters
 # goes with float64, make_layer's default, unless it is marked ``float32_kernels``. The workers
 # share one Numba cache (fastrnn/_numba/cache.py makes that safe): a test in the wrong group
 # still passes, and waits for the other worker to compile the loop it wants, then loads it. A
@@ -274,23 +275,21 @@ def pytest_cmdline_main(config):
             and config.args_source == pytest.Config.ArgsSource.TESTPATHS
             and not config.option.collectonly and not config.option.usepdb):
         config.option.numprocesses = 2
-        config.option.dist = "loadgroup"
-        # the workers parse the command line again and see no --dist: tell them (below)
-        os.environ["FASTRNN_TEST_LOADGROUP"] = "1"
+        import xdist_groups     # pytest-xdist's: only where it runs
+        xdist_groups.start(config)
         if hasattr(config.option, "benchmark_disable"):
             config.option.benchmark_disable = True     # no test times anything (bench/ does)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("FASTRNN_TEST_LOADGROUP") == "1" and "PYTEST_XDIST_WORKER" in os.environ:
-        # a worker of the plain run above: xdist's own hook, after this one, adds the groups
-        # to the test ids only when it believes the run is --dist loadgroup
-        config.option.loadgroup = True
     for item in items:
         group = numba_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        import xdist_groups
+        xdist_groups.write(items, numba_group)
 
 
 def check_caller_arrays_untouched(backend, cell, **options):

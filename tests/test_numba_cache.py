@@ -269,6 +269,86 @@ def test_calls_take_the_loop_once_it_is_compiled(monkeypatch):
     assert (np.dtype(np.float64), "forward_units") in nb._compiled
 
 
+
+# ---------------------------------------------------------------------------------------------
+# The "background" compile mode: calls run on the reference while a process compiles the loops
+
+FIRST_CALLS = """
+import json
+import numpy as np
+import fastrnn
+from fastrnn import _numba as nb
+nb.set_compile_mode("background")
+rng = np.random.default_rng(0)
+x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+out = {}
+for backend in ("numba", "reference"):
+    m = fastrnn.LSTM(4, 5, 2, bidirectional=True, backend=backend, dtype=np.float32, seed=1)
+    y, (h, c) = m(x)
+    y_t, _, cache = m.forward(x, train=True)
+    dx, _ = m.backward(np.ones_like(y_t), cache)
+    step, _ = m(x[:1])
+    out[backend] = [a.tolist() for a in (y, h, c, y_t, dx, m.grads["weight_hh_l1"], step)]
+    if backend == "numba":
+        out["compiling"] = nb.compiling()
+        out["loops"] = [name for _, name in nb._background.loops]
+        out["queued"] = [name for _, name in nb._queued]
+        nb._background.kill()       # the compile itself is not what this test is about
+print(json.dumps(out))
+"""
+
+
+def test_first_calls_run_on_the_reference_while_their_loops_compile(tmp_path):
+    """With an empty cache, a first inference call, a training call and a one-step call give
+    the reference's numbers exactly (they ran on it), while one process compiles the inference
+    call's loop and the others wait their turn: training's forward loop (the batch-row one)
+    and backward, and the step kernel."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    report = json.loads(_run(FIRST_CALLS, env).splitlines()[-1])
+    assert report["numba"] == report["reference"]
+    assert report["loops"] == ["forward_units"]
+    assert report["queued"] == ["forward_rows", "backward", "step"]
+    assert report["compiling"] == [["float32", name] for name in
+                                   ("forward_units", "forward_rows", "backward", "step")]
+
+
+def test_calls_take_the_loop_once_it_is_compiled(monkeypatch):
+    """The process started for a loop ends; the next call loads the loop and runs on it. The
+    process here compiles nothing (it sleeps), and the cache says it has nothing until then,
+    so the loop this test ends up running is the one compiled (or loaded) after it."""
+    import numpy as np
+
+    import fastrnn
+    from fastrnn import _numba as nb
+    from conftest import TOLERANCE
+
+    real_load = nb.cache.load
+    monkeypatch.setattr(nb, "_compiled", {})
+    monkeypatch.setattr(nb, "_dispatchers", {})
+    monkeypatch.setattr(nb, "_tried", set())
+    monkeypatch.setattr(nb, "_queued", [])
+    monkeypatch.setattr(nb, "_background", None)
+    monkeypatch.setattr(nb, "_call_kernels", [None, None])
+    monkeypatch.setattr(nb, "_background_command",
+                        lambda loops: [sys.executable, "-c", "import time; time.sleep(1)"])
+    monkeypatch.setattr(nb.cache, "load", lambda d, s: nb._background is not None
+                        and nb._background.poll() is not None and real_load(d, s))
+    monkeypatch.setattr(nb, "_compile_mode", "background")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 2, 3))
+    m = fastrnn.LSTM(3, 4, backend="numba", dtype=np.float64, seed=0)
+    ref = fastrnn.LSTM(3, 4, backend="reference", dtype=np.float64, seed=0)
+    expected = ref(x)[0]
+    np.testing.assert_array_equal(m(x)[0], expected)     # the reference itself ran
+    assert nb.compiling() == [("float64", "forward_units")]
+    assert nb.wait_compiled(TIMEOUT)
+    assert nb.compiling() == []
+    got = m(x)[0]
+    assert np.max(np.abs(got - expected)) <= TOLERANCE[np.dtype(np.float64)] * np.max(
+        np.abs(expected))
+    assert (np.dtype(np.float64), "forward_units") in nb._compiled
+
+
 def test_the_plain_run_keeps_each_dtype_on_one_worker(request):
     """The README's plain `pytest` runs the Numba tests of each dtype on one worker (conftest's
     groups): a worker of that run sees this test under its group's id, or the groups were lost
