@@ -64,6 +64,22 @@ def test_cold_start_script_runs():
     assert f"| {backend} | infer | - | warm |" in cold_start.markdown(rows, 1)
 
 
+def test_bandwidth_script_runs():
+    """``python -m bench.bandwidth`` once on one case: the bytes it counts are the weights'
+    (w_ih once, w_hh once a step), and every figure is a positive number."""
+    from bench import bandwidth
+    from bench.cases import select
+    case = select(["lstm-infer-512-b1"])[0]
+    hh, ih, total = bandwidth.weight_bytes(case)
+    assert (hh, ih) == (4 * 512 * 512 * 4, 4 * 512 * 512 * 4)
+    assert total == case.steps * hh + ih
+    impl = "cython" if "cython" in IMPLS else "reference"
+    rows = bandwidth.measure([case.name], [impl], threads=1, rounds=1, min_time=0.01)
+    assert [r["impl"] for r in rows] == ["read", impl]
+    assert all(r["ms"] > 0 and r["GB/s"] > 0 for r in rows) and rows[1]["of read"] > 0
+    assert "| lstm-infer-512-b1 | 104 | read |" in bandwidth.markdown(rows, 1, 1)
+
+
 def test_quantized_script_runs(monkeypatch):
     """``python -m bench.quantized`` on small shapes, one round: the float32 layer of every
     compiled backend under test, fastrnn's bf16 and int8 copies, and PyTorch's and ONNX
