@@ -35,15 +35,12 @@ DEFAULT_CASES = ("lstm-infer-512-b1", "gru-infer-1024-b2")
 
 
 def weight_bytes(case, itemsize=4):
-    """(bytes of one w_hh read, bytes of one w_ih read, total bytes a call reads)."""
+    """[(bytes of w_hh, bytes of w_ih) per layer], and the total bytes a call reads."""
     G, H, T, D = case.num_gates, case.hidden, case.steps, case.directions
-    total = hh = ih = 0
-    for layer in range(case.layers):
-        I = case.input_size if layer == 0 else D * H
-        hh = G * H * H * itemsize
-        ih = G * H * I * itemsize
-        total += D * (T * hh + ih)
-    return hh, ih, total
+    layers = [(G * H * H * itemsize,
+               G * H * (case.input_size if layer == 0 else D * H) * itemsize)
+              for layer in range(case.layers)]
+    return layers, sum(D * (T * hh + ih) for hh, ih in layers)
 
 
 @njit(fastmath=True, cache=True)
@@ -75,16 +72,17 @@ def measure(names, impls, threads, rounds, min_time):
         runners.set_threads(impl, threads)
     rows = []
     for case in case_table.select(names):
-        hh, ih, total = weight_bytes(case)
-        # arrays of w_hh's and w_ih's sizes, read the way the call reads the weights
-        a_hh = np.random.default_rng(0).standard_normal(hh // 4).astype(np.float32)
-        a_ih = np.random.default_rng(1).standard_normal(ih // 4).astype(np.float32)
-        layers_dirs = case.layers * case.directions
+        layers, total = weight_bytes(case)
+        # per layer, arrays of w_hh's and w_ih's sizes, read the way the call reads the weights
+        rng = np.random.default_rng(0)
+        arrays = [tuple(rng.standard_normal(n // 4).astype(np.float32) for n in sizes)
+                  for sizes in layers]
 
         def read_call():
-            for _ in range(layers_dirs):
-                read(a_hh, threads, case.steps)
-                read(a_ih, threads, 1)
+            for a_hh, a_ih in arrays:
+                for _ in range(case.directions):
+                    read(a_hh, threads, case.steps)
+                    read(a_ih, threads, 1)
 
         read_call()                                   # compile (or load) before timing
         calls = {impl: runners.prepare(case, impl)[0] for impl in impls}
@@ -95,15 +93,12 @@ def measure(names, impls, threads, rounds, min_time):
             samples["read"].append(_median_time(read_call, 1, min_time))
             for impl, call in calls.items():
                 samples[impl].append(_median_time(call, 1, min_time))
-        read_ms = 1e3 * statistics.median(samples["read"])
-        rows.append({"case": case.name, "impl": "read", "ms": read_ms,
-                     "GB/s": total / statistics.median(samples["read"]) / 1e9,
-                     "of read": None, "MiB": total / 2**20})
-        for impl in impls:
-            seconds = statistics.median(samples[impl])
-            fractions = [r / s for r, s in zip(samples["read"], samples[impl])]
-            rows.append({"case": case.name, "impl": impl, "ms": 1e3 * seconds,
-                         "GB/s": total / seconds / 1e9, "of read": statistics.median(fractions),
+        for name, got in samples.items():
+            seconds = statistics.median(got)
+            fraction = None if name == "read" else statistics.median(
+                r / s for r, s in zip(samples["read"], got))
+            rows.append({"case": case.name, "impl": name, "ms": 1e3 * seconds,
+                         "GB/s": total / seconds / 1e9, "of read": fraction,
                          "MiB": total / 2**20})
     return rows
 

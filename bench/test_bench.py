@@ -70,9 +70,9 @@ def test_bandwidth_script_runs():
     from bench import bandwidth
     from bench.cases import select
     case = select(["lstm-infer-512-b1"])[0]
-    hh, ih, total = bandwidth.weight_bytes(case)
-    assert (hh, ih) == (4 * 512 * 512 * 4, 4 * 512 * 512 * 4)
-    assert total == case.steps * hh + ih
+    layers, total = bandwidth.weight_bytes(case)
+    assert layers == [(4 * 512 * 512 * 4, 4 * 512 * 512 * 4)]
+    assert total == case.steps * layers[0][0] + layers[0][1]
     impl = "cython" if "cython" in IMPLS else "reference"
     rows = bandwidth.measure([case.name], [impl], threads=1, rounds=1, min_time=0.01)
     assert [r["impl"] for r in rows] == ["read", impl]

@@ -169,14 +169,10 @@ def wait_compiled(timeout=None):
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         with _compile_lock:
-            process = _background
-            if process is None or process.poll() is not None:
-                waiting = [loop for loop in _queued if loop not in _tried]
-                _queued.clear()
-                waiting = [loop for loop in waiting if _loaded(*loop) is None]
-                if not waiting or not _start_background(waiting):
+            if _background is None or _background.poll() is not None:
+                if not _start_next([]):
                     return True
-                process = _background
+            process = _background
         try:
             process.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -194,6 +190,16 @@ def _loaded(dtype, name):
 def _background_command(loops):
     return [sys.executable, "-m", "fastrnn._numba.background"] + [
         f"{dtype.name}:{name}" for dtype, name in loops]
+
+
+def _start_next(loops):
+    """Start a process compiling ``loops`` and the queued ones, but those this process has,
+    can load, or already started a process for; False if there is none or it cannot start."""
+    wanted = loops + _queued
+    _queued.clear()
+    wanted = [loop for i, loop in enumerate(wanted) if loop not in wanted[:i]
+              and loop not in _tried and _loaded(*loop) is None]
+    return bool(wanted) and _start_background(wanted)
 
 
 def _start_background(loops):
@@ -236,13 +242,8 @@ def _ready_kernel(dtype, name, then=()):
                     if loop not in _background.loops and loop not in _queued:
                         _queued.append(loop)
                 return None
-            if key not in _tried:
-                loops = [key] + [(dtype, n) for n in then] + _queued
-                loops = [loop for i, loop in enumerate(loops) if loop not in loops[:i]
-                         and loop not in _compiled and loop not in _tried]
-                _queued.clear()
-                if _start_background(loops):
-                    return None
+            if key not in _tried and _start_next([key] + [(dtype, n) for n in then]):
+                return None
     return _kernel(dtype, name)
 
 

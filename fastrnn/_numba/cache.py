@@ -59,7 +59,7 @@ def folder(dispatcher):
 
 
 def _locked(index_file):
-    return os.path.dirname(index_file._index_path) in _folders
+    return os.path.normpath(os.path.dirname(index_file._index_path)) in _folders
 
 
 def _install_once():
