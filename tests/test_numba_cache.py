@@ -267,3 +267,21 @@ def test_calls_take_the_loop_once_it_is_compiled(monkeypatch):
     assert np.max(np.abs(got - expected)) <= TOLERANCE[np.dtype(np.float64)] * np.max(
         np.abs(expected))
     assert (np.dtype(np.float64), "forward_units") in nb._compiled
+
+
+def test_bad_compile_modes_are_refused_by_name(tmp_path):
+    """set_compile_mode and FASTRNN_NUMBA_COMPILE name what they expected and what came; the
+    mode in force is left as it was."""
+    from fastrnn import _numba as nb
+
+    before = nb.get_compile_mode()
+    with pytest.raises(ValueError, match=r"mode: expected one of \('background', 'wait'\), "
+                                         r"got 'later'"):
+        nb.set_compile_mode("later")
+    assert nb.get_compile_mode() == before
+    env = dict(os.environ, FASTRNN_NUMBA_COMPILE="soon")
+    done = subprocess.run([sys.executable, "-c", "import fastrnn._numba"], capture_output=True,
+                          text=True, timeout=TIMEOUT, **child_python(env))
+    assert done.returncode != 0
+    assert "FASTRNN_NUMBA_COMPILE: expected one of ('background', 'wait'), got 'soon'" \
+        in done.stderr
