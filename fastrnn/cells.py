@@ -11,7 +11,8 @@ Numba and the Cython backend)::
 
     cache = layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n,
                           threads=None, recurrent_mask=None, zoneout=None)
-    layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None)
+    hidden = layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams,
+                            threads=None)
 
     concurrent_directions(T, B, train)                       (compiled backends only)
     layer_call_step(spec, params, batch_first, x, state)     (compiled backends only)
@@ -54,6 +55,11 @@ Arguments (H hidden size, G = cell.num_gates, I input size; every array has the 
     dx, dstate0, dparams
                 gradients, shaped like x, state0 and params; backward ADDS into them (the caller
                 zeroes)
+    hidden      compiled backends: (T, B, len(cell.hidden_side)*H), the gradients of the
+                hidden-side blocks' recurrent products, step by step (zeros at padding; of a
+                layer-normalized cell, every block's raw product h W_hh^T), a workspace read
+                only until the backend's next backward call on this thread; None when the
+                cell has no hidden-side block or nothing ran. The reference returns None.
     threads     None: the backend's thread count (set_num_threads); n >= 1: at most n threads
                 for this call. The layers run the two directions of a bidirectional layer at
                 once, one thread each, with threads=1, when the backend's

@@ -309,17 +309,6 @@ class _RNNBase:
                                  recurrent_activation, clip, _input_forget)
         self.backend = _backends.resolve(backend)
         self._kernels = _backends.get_backend(self.backend)
-        if self.layer_norm and self.proj_size and self.backend != "reference":
-            # the compiled backends run a projection as an unprojected cell whose first
-            # recurrent product is part of the input product (fastrnn.projection), which a
-            # normalization of each product apart does not allow
-            raise ValueError(f"proj_size: with layer_norm=True on the reference backend only "
-                             f"so far, not {self.backend}")
-        if any(self._zoneout_rates) and self.proj_size and self.backend != "reference":
-            # the compiled backends run a projection on the unprojected cell's kernels, which
-            # never form the projected h that zoneout mixes (fastrnn.projection)
-            raise ValueError(f"zoneout: with proj_size on the reference backend only so far, "
-                             f"not {self.backend}")
         seed_seq = _seed_sequence(seed)
         init_seed, dropout_seed = seed_seq.spawn(2)
         # the dropout masks come from this generator; set it to replay the same masks

@@ -1,21 +1,37 @@
 """A projected LSTM (PyTorch's ``proj_size``) on a backend's unprojected layer kernels.
 
 The cell is ``m = o * tanh(c')``, ``h' = w_hr m``: h is P wide, c and the gates H. h enters the
-next step only through ``w_hh h = (w_hh w_hr) m``, so after its first step a projected layer is
-the unprojected one run on m, H wide, with the recurrent weight ``w_eff = w_hh w_hr`` (G*H, H),
-and its output is ``y = m w_hr^T``, one product after the loop. What the first step reads of h0
-(``w_hh h0``) enters as P more input columns: ``x_aug = [x, e]``, e is h0 at each row's first
-step (t = 0 forward, lengths[b] - 1 reverse) and zero elsewhere, ``w_ih_aug = [w_ih, w_hh]``;
-the kernel starts from m0 = 0. Their gradients give dh0 (dx_aug's last P columns at the first
-steps) and dw_hh (the last P columns of dw_ih_aug, plus dw_eff w_hr^T); dw_hr = w_hh^T dw_eff
-plus the outputs' and the final state's share.
+next step only through ``w_hh h = (w_hh w_hr) m``, so a projected layer is the unprojected one
+run on m, H wide, with the recurrent weight ``w_eff = w_hh w_hr`` (G*H, H), and its output is
+``y = m w_hr^T``, one product after the loop. The kernels run this with the unprojected cell's
+record, unchanged: each step multiplies by a (G*H, H) matrix rather than (G*H, P), the cost of an
+LSTM without projection (docs/kernels.md, "Projection"). The reference runs the cell as written.
 
-So the compiled backends run a projected LSTM with the kernels of the unprojected cell,
-unchanged: each step multiplies by a (G*H, H) matrix rather than (G*H, P), the cost of an LSTM
-without projection (docs/kernels.md, "Projection"). The reference runs the cell as written.
-Rows of length 0 have no first step: their final h is h0 and its gradient goes to dh0. With
-truncation, dh0 is cut where the kernels cut dc0: at the boundaries between h0 and a row's
-first step (the reverse direction's padding).
+The first step reads ``w_hh h0``, which this module gives the kernels in one of two forms:
+
+- "input": as P more input columns, ``x_aug = [x, e]``, e is h0 at each row's first step
+  (t = 0 forward, lengths[b] - 1 reverse) and zero elsewhere, ``w_ih_aug = [w_ih, w_hh]``; the
+  kernels start from m0 = 0. Exact whatever w_hr is; the plain cell's form.
+- "state": as the kernels' initial state, an m0 with ``w_hr m0 = h0`` (the least-norm one,
+  from w_hr's Gram matrix, checked). A layer-normalized cell normalizes its input and recurrent
+  products apart, and zoneout mixes h with the state before the step, so these need the first
+  recurrent product to come from the state. When h0 is not ``w_hr m0`` for any m0 within
+  rounding (w_hr of low rank), the call runs on the reference.
+
+Backward: dh0 is w_hh^T times the gradient of the first recurrent product ("input": dx_aug's
+last P columns at the first steps; "state": the kernels' hidden-side gate gradients there);
+dw_hh = dw_eff w_hr^T (plus, "input", dw_ih_aug's last P columns); dw_hr = w_hh^T dw_eff plus the
+outputs' and the final state's share, less what dw_eff took at the steps whose h_prev is not
+w_hr times a state of this call's graph: "state", each row's first step (m0 is not a function
+of w_hr); with truncation, each window's first step (the window starts from h_prev as a
+constant). Rows of length 0 have no first step: their final h is h0 and its gradient goes to
+dh0. With truncation, dh0 is cut where the kernels cut dc0: at the boundaries between h0 and a
+row's first step (the reverse direction's padding).
+
+Zoneout with per-unit keep masks on h (training, z_h > 0) mixes h, P wide, which neither form
+has: such calls run on the reference. Zoneout's expectation (inference) is linear, so with
+``h_prev = w_hr m_prev`` the kernels' mix of m at rate z_h gives ``w_hr`` times the mixed h
+("state" form); zoneout of c, H wide, is the kernels' own.
 
 ``forward`` and ``backward`` have the contract of ``fastrnn.cells`` (``layer_forward`` /
 ``layer_backward``), with the backend's own two functions as their first argument.
@@ -27,6 +43,7 @@ import threading
 import numpy as np
 from scipy.linalg import blas as _blas
 
+from . import reference
 from .cells import unprojected
 from .dispatch import _openblas_threads_functions
 
@@ -34,12 +51,13 @@ __all__ = ["forward", "backward"]
 
 
 class Cache:
-    """What ``forward`` keeps for ``backward``."""
+    """What ``forward`` keeps for ``backward``; m0 is the "state" form's initial state (None:
+    the "input" form)."""
 
-    def __init__(self, kernel_cache, m, m_n, params, first, lengths, reverse, input_size):
+    def __init__(self, kernel_cache, m, m_n, params, first, lengths, reverse, input_size, m0):
         self.kernel_cache, self.m, self.m_n, self.params = kernel_cache, m, m_n, params
         self.first, self.lengths, self.reverse = first, lengths, reverse
-        self.input_size = input_size
+        self.input_size, self.m0 = input_size, m0
 
 
 def _fortran(a):
@@ -120,32 +138,79 @@ def _cut(low, T, truncate):
     return -(-low // truncate) * truncate <= T - 1
 
 
+# the largest |w_hr m0 - h0| a "state" form's m0 may leave, relative to the largest |h0|
+STATE_RESIDUAL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+
+def initial_m(h0, w_hr):
+    """The least-norm m0 with ``w_hr m0 = h0`` for each row (B, H), in h0's dtype, or None
+    when none leaves at most ``STATE_RESIDUAL`` (h0 outside the range of a w_hr of low rank,
+    h0 not finite). From w_hr's Gram matrix (P^2 H multiply-adds), or where that is singular
+    or leaves too much, from its SVD (lstsq)."""
+    dtype = h0.dtype
+    if not h0.any():
+        return np.zeros((h0.shape[0], w_hr.shape[1]), dtype)
+    w, h = w_hr.astype(np.float64), h0.astype(np.float64)
+    limit = STATE_RESIDUAL[dtype] * np.abs(h).max()
+    if not np.isfinite(limit):
+        return None
+    solvers = (lambda: np.linalg.solve(w @ w.T, h.T).T @ w,
+               lambda: np.linalg.lstsq(w, h.T, rcond=None)[0].T)
+    with np.errstate(all="ignore"):
+        for solve in solvers:
+            try:
+                m0 = solve().astype(dtype)
+            except np.linalg.LinAlgError:
+                continue
+            if np.abs(m0.astype(np.float64) @ w.T - h).max() <= limit:
+                return m0
+    return None
+
+
 def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, state_n,
             threads=None, recurrent_mask=None, zoneout=None):
     if recurrent_mask is not None and train:
         # the masks act on h, P wide, which this form never forms before the product
         raise ValueError("recurrent_mask: a projected LSTM takes no recurrent dropout")
-    if zoneout is not None:
-        # zoneout mixes h, P wide, with the one before: neither is formed here
-        raise ValueError("zoneout: a projected LSTM takes no zoneout on the compiled backends")
+    on_reference = lambda: reference.layer_forward(cell, x, state0, params, lengths, reverse,
+                                                   train, y, state_n, zoneout=zoneout)
+    mixes_h = zoneout is not None and (not np.isscalar(zoneout[0]) or zoneout[0] != 0)
+    if mixes_h and train and not cell.layer_norm:
+        # keep masks per unit of h, P wide (see the docstring); and the plain cell's backward
+        # keeps no gradients of the recurrent product apart, which the "state" form reads
+        return on_reference()
+    if mixes_h and not np.isscalar(zoneout[0]):
+        return on_reference()
     w_ih, w_hh = params[0], params[1]
     w_hr = params[-1]
     T, B, I = x.shape
     H, P = w_hr.shape[1], w_hr.shape[0]
     h0, c0 = state0
     first = _first_steps(T, lengths, reverse)
-    x_aug = np.zeros((T, B, I + P), x.dtype)
-    x_aug[:, :, :I] = x
-    x_aug[first[1], first[0], I:] = h0[first[0]]
-    w_aug = np.ascontiguousarray(np.concatenate([w_ih, w_hh], axis=1))
+    m0 = None
+    if cell.layer_norm or mixes_h:
+        m0 = initial_m(h0, w_hr)
+        if m0 is None:
+            return on_reference()
+        x_in, w_in, m_start = x, w_ih, m0
+    else:
+        x_in = np.zeros((T, B, I + P), x.dtype)
+        x_in[:, :, :I] = x
+        x_in[first[1], first[0], I:] = h0[first[0]]
+        w_in = np.ascontiguousarray(np.concatenate([w_ih, w_hh], axis=1))
+        m_start = np.zeros((B, H), x.dtype)
     with _one_blas_thread():
         w_eff = _product(w_hh, w_hr)
-    kernel_params = (w_aug, w_eff) + tuple(params[2:-1])
+    kernel_params = (w_in, w_eff) + tuple(params[2:-1])
     m = np.empty((T, B, H), x.dtype)
     m_n = np.empty((B, H), x.dtype)
-    kernel_cache = layer_forward(unprojected(cell), x_aug, (np.zeros((B, H), x.dtype), c0),
-                                 kernel_params, lengths, reverse, train, m, (m_n, state_n[1]),
-                                 threads=threads)
+    kernel_cache = layer_forward(unprojected(cell), x_in, (m_start, c0), kernel_params, lengths,
+                                 reverse, train, m, (m_n, state_n[1]), threads=threads,
+                                 zoneout=zoneout)
+    if m0 is not None and isinstance(kernel_cache, reference.Cache):
+        # the backend ran its reference (a loop compiling): its backward would not give the
+        # hidden-side gate gradients that the "state" form's backward reads
+        return on_reference()
     with _one_blas_thread():
         y[...] = _product(m.reshape(T * B, H), w_hr.T).reshape(T, B, P)
         h_n = _product(m_n, w_hr.T)
@@ -154,17 +219,21 @@ def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, 
     state_n[0][...] = h_n
     if not train:
         return None
-    return Cache(kernel_cache, m, m_n, (w_hh, w_hr), first, lengths, bool(reverse), I)
+    return Cache(kernel_cache, m, m_n, (w_hh, w_hr), first, lengths, bool(reverse), I, m0)
 
 
 def backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams,
              threads=None):
+    if isinstance(cache, reference.Cache):      # a call forward ran on the reference
+        return reference.layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0,
+                                        dparams)
     w_hh, w_hr = cache.params
     m, m_n, I = cache.m, cache.m_n, cache.input_size
     T, B, H = m.shape
     P = w_hr.shape[0]
     dtype = m.dtype
     lengths = cache.lengths
+    stepped = lengths > 0
     dh_n, dc_n = dstate_n
     dw_ih, dw_hh, dw_hr = dparams[0], dparams[1], dparams[-1]
     dm = dm_n = None
@@ -175,32 +244,45 @@ def backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx, dstate0, d
             _product(dy2.T, m.reshape(T * B, H), out=dw_hr)
         if dh_n is not None:
             dm_n = _product(dh_n, w_hr)    # the kernel cuts it on the way as it must
+            dm_n[~stepped] = 0             # h_n is h0 there, no function of m_n
             # h_n = w_hr m_n, made at each row's last step: forward, the padding lies between
-            reaches = ~_cut(np.where(cache.reverse, T, np.maximum(lengths, 1)), T, truncate)
+            reaches = stepped & ~_cut(np.where(cache.reverse, T, lengths), T, truncate)
             _product(dh_n[reaches].T, m_n[reaches], out=dw_hr)
-            stayed = (lengths == 0) & ~_cut(np.ones_like(lengths), T, truncate)
+            stayed = ~stepped & ~_cut(np.ones_like(lengths), T, truncate)
             dstate0[0][stayed] += dh_n[stayed]
-    dx_aug = np.zeros((T, B, I + P), dtype)
-    dw_aug = np.zeros((w_hh.shape[0], I + P), dtype)
+    state_form = cache.m0 is not None
+    dx_in = dx if state_form else np.zeros((T, B, I + P), dtype)
+    dw_in = dw_ih if state_form else np.zeros((w_hh.shape[0], I + P), dtype)
     dw_eff = np.zeros((w_hh.shape[0], H), dtype)
-    layer_backward(unprojected(cell), cache.kernel_cache, dm, (dm_n, dc_n), truncate, dx_aug,
-                   (np.zeros((B, H), dtype), dstate0[1]),
-                   (dw_aug, dw_eff) + tuple(dparams[2:-1]), threads=threads)
-    dx += dx_aug[:, :, :I]
+    hidden = layer_backward(unprojected(cell), cache.kernel_cache, dm, (dm_n, dc_n), truncate,
+                            dx_in, (np.zeros((B, H), dtype), dstate0[1]),
+                            (dw_in, dw_eff) + tuple(dparams[2:-1]), threads=threads)
     rows, t = cache.first
     # h0 enters at each row's first step: reverse, the padding lies between
     kept = ~_cut(lengths[rows] if cache.reverse else np.full(rows.size, T), T, truncate)
-    dstate0[0][rows[kept]] += dx_aug[t[kept], rows[kept], I:]
-    dw_ih += dw_aug[:, :I]
-    dw_hh += dw_aug[:, I:]
     with _one_blas_thread():
+        if state_form:
+            # w_hh^T times the first recurrent products' gradients (the hidden-side blocks
+            # are every block of a layer-normalized cell): dh0, and dw_eff's share at the
+            # first steps, (w_hh^T da) m0^T, whose w_hr part is not there (m0 is no w_hr m)
+            first_grads = _product(np.ascontiguousarray(hidden[t, rows]), w_hh)
+            dstate0[0][rows[kept]] += first_grads[kept]
+            dw_hr -= _product(first_grads.T, cache.m0[rows])
+            step_grads = lambda step: _product(np.ascontiguousarray(hidden[step]), w_hh)
+        else:
+            dx += dx_in[:, :, :I]
+            dstate0[0][rows[kept]] += dx_in[t[kept], rows[kept], I:]
+            dw_ih += dw_in[:, :I]
+            dw_hh += dw_in[:, I:]
+            step_grads = lambda step: dx_in[step, :, I:]
         _product(dw_eff, w_hr.T, out=dw_hh)
         _product(w_hh.T, dw_eff, out=dw_hr)
         if truncate is not None:
             # a window's first step: the kernels still give dw_eff its share of da m_prev^T,
             # whose w_hr part, (w_hh^T da) m_prev^T, crosses the cut (h_prev = w_hr m_prev is
-            # the state the window starts from); w_hh^T da is dx_aug's last P columns there
+            # the state the window starts from); a row's first step is left to the above (its
+            # m_prev there is padding, m = 0)
             for boundary in range(truncate, T, truncate):
                 step, prev = ((boundary - 1, boundary) if cache.reverse
                               else (boundary, boundary - 1))
-                dw_hr -= _product(dx_aug[step, :, I:].T, m[prev])
+                dw_hr -= _product(np.asarray(step_grads(step)).T, m[prev])

@@ -2019,8 +2019,8 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
 
 def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0, tuple dparams,
                    threads=None):
-    """Gradients of one layer_forward call, ADDED into dx, dstate0 and dparams; see
-    fastrnn.cells."""
+    """Gradients of one layer_forward call, ADDED into dx, dstate0 and dparams; returns the
+    hidden-side gate gradients; see fastrnn.cells."""
     if cell.projected:
         return projection.backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx,
                                    dstate0, dparams, threads)
@@ -2088,6 +2088,10 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
     for k in range(call.cell.states):
         d0 = dstate0[k]
         d0 += bws[slots[k]: slots[k] + BH].reshape(B, H)
+    if not (T and B and H) or call.K.dgates_hh < 0:
+        return None
+    HB = call.cell.hidden_blocks * BH
+    return bws[call.K.dgates_hh: call.K.dgates_hh + T * HB].reshape(T, B, -1)
 
 
 # ---------------------------------------------------------------------------------------------

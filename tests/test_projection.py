@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fastrnn
+from fastrnn import projection
 from conftest import (COMPILED_BACKENDS, TOLERANCE, assert_all_close, central_difference,
                       max_rel_error, run_layer)
 
@@ -190,6 +191,90 @@ def test_keeps_callers_arrays_and_nan(backend):
     assert np.isnan(y2[1:, 0]).all() and not np.isnan(y2[:1, 0]).any()
     np.testing.assert_allclose(y2[:, 1:], y[:, 1:], rtol=1e-12, atol=1e-14)
     assert np.isnan(final2[0][0, 0]).all() and not np.isnan(final2[0][0, 1:]).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_initial_m_solves_w_hr_m0_equals_h0(dtype):
+    """The "state" form's m0: w_hr m0 = h0 to rounding, the least-norm solution (in w_hr's
+    row space); zeros for a zero h0; None for an h0 no m0 gives (w_hr of rank 1) or not
+    finite."""
+    rng = np.random.default_rng(1)
+    w_hr = rng.uniform(-0.4, 0.4, (3, 6)).astype(dtype)
+    h0 = (0.5 * rng.standard_normal((4, 3))).astype(dtype)
+    m0 = projection.initial_m(h0, w_hr)
+    assert m0.dtype == dtype and m0.shape == (4, 6)
+    assert max_rel_error(m0.astype(np.float64) @ w_hr.T.astype(np.float64), h0) \
+        < TOLERANCE[np.dtype(dtype)]
+    _, _, vt = np.linalg.svd(w_hr.astype(np.float64))
+    assert np.abs(m0 @ vt[3:].T).max() < 1e3 * np.finfo(dtype).eps    # no null-space part
+    np.testing.assert_array_equal(projection.initial_m(np.zeros_like(h0), w_hr), 0)
+    low_rank = np.outer([1.0, 2.0, -1.0], rng.standard_normal(6)).astype(dtype)
+    assert projection.initial_m(h0, low_rank) is None
+    inside = np.outer(rng.standard_normal(4), [1.0, 2.0, -1.0]).astype(dtype)
+    assert projection.initial_m(inside, low_rank) is not None
+    h0[1, 2] = np.nan
+    assert projection.initial_m(h0, w_hr) is None
+
+
+@pytest.mark.parametrize("compiled", COMPILED_BACKENDS)
+def test_state_form_runs_the_reference_without_an_m0(compiled, monkeypatch):
+    """A projected layer-normalized LSTM whose h0 no m0 gives (w_hr of rank 1) runs the call
+    on the reference, the same numbers; with h0 in w_hr's range it runs the kernels; NaN in
+    h0 gives NaN in the rows it reaches, not an error."""
+    results = {}
+    calls = []
+    original = projection.reference.layer_forward
+    monkeypatch.setattr(projection.reference, "layer_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    for name in ("reference", compiled):
+        m = fastrnn.LSTM(3, 6, proj_size=3, layer_norm=True, backend=name, dtype=np.float64,
+                         seed=2)
+        rng = np.random.default_rng(0)
+        m.params["weight_hr_l0"][...] = np.outer([1.0, 2.0, -1.0], rng.standard_normal(6))
+        x = rng.standard_normal((5, 3, 3))
+        state = _state(m, 3, rng)
+        dy, dstate = _loss_grads(m, 5, 3, rng)
+        calls.clear()
+        results[name] = run_layer(m, x, state, [5, 2, 0], dy, dstate)
+    assert calls == [1]
+    assert_all_close(results[compiled], results["reference"], np.float64, "low rank")
+    calls.clear()
+    inside = (state[0][:, :, :1] * np.array([1.0, 2.0, -1.0]), state[1])
+    m(x, inside)
+    assert calls == []
+    nan_state = (state[0].copy(), state[1])
+    nan_state[0][0, 1, 0] = np.nan
+    y, (h_n, _) = m(x, nan_state)
+    assert np.isnan(y[:, 1]).all() and not np.isnan(y[:, [0, 2]]).any()
+
+
+def test_state_form_while_the_kernels_run_their_reference():
+    """A backend whose layer_forward runs its reference (Numba while a loop compiles) gives a
+    reference cache, whose backward has no hidden-side gradients: the "state" form then runs
+    the projected call on the reference itself, and backward takes it from there."""
+    cell = fastrnn.LSTM(3, 6, proj_size=3, layer_norm=True, backend="reference").cell
+    rng = np.random.default_rng(4)
+    shapes = cell.param_shapes(3, 6, 3)
+    params = tuple(0.3 * rng.standard_normal(shapes[n]) for n in cell.param_names)
+    x = rng.standard_normal((4, 2, 3))
+    state0 = (0.5 * rng.standard_normal((2, 3)), 0.5 * rng.standard_normal((2, 6)))
+    lengths = np.array([4, 2])
+    dy = rng.standard_normal((4, 2, 3))
+    results = []
+    for run in (projection.forward, fastrnn.reference.layer_forward):
+        y, state_n = np.zeros((4, 2, 3)), (np.zeros((2, 3)), np.zeros((2, 6)))
+        args = (cell, x, state0, params, lengths, False, True, y, state_n)
+        if run is projection.forward:
+            cache = run(fastrnn.reference.layer_forward, *args)
+            assert isinstance(cache, fastrnn.reference.Cache)
+        else:
+            cache = run(*args)
+        dx, dstate0 = np.zeros_like(x), tuple(np.zeros_like(s) for s in state0)
+        dparams = tuple(np.zeros_like(p) for p in params)
+        projection.backward(None, cell, cache, dy, (None, None), 2, dx, dstate0, dparams)
+        results.append((y, *state_n, dx, *dstate0, *dparams))
+    for ours, theirs in zip(*results):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("value", [6, 7, -1, 2.0, True, "2"])

@@ -316,11 +316,32 @@ def test_refusals(cls, value, match):
         cls(3, 4, zoneout=value, backend="reference")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+@pytest.mark.parametrize("rates", [(0.3, 0.0), (0.0, 0.3), (0.2, 0.4)],
+                         ids=["c_only", "h_only", "both"])
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
-def test_projection_with_zoneout_on_the_reference_only(backend):
-    with pytest.raises(ValueError, match=f"zoneout: with proj_size on the reference backend "
-                                         f"only so far, not {backend}"):
-        fastrnn.LSTM(3, 4, proj_size=2, zoneout=0.1, backend=backend)
+def test_projection_matches_reference(backend, rates, layer_norm, dtype):
+    """A projected LSTM with zoneout (z_c, z_h) on a compiled backend against the reference:
+    training (the same masks; with z_h > 0 the call runs on the reference, the masks being per
+    unit of the P-wide h), with lengths, truncation, both directions and two layers; and
+    inference, whose expectation the kernels take as a mix of m at z_h (fastrnn.projection)."""
+    T, B, lengths = 9, 4, [9, 3, 0, 6]
+    results, inferred = {}, {}
+    for name in ("reference", backend):
+        m = fastrnn.LSTM(4, 6, 2, bidirectional=True, proj_size=3, zoneout=rates,
+                         layer_norm=layer_norm, dtype=dtype, backend=name, seed=9)
+        x, state, dy, dstate = layer_arrays(m, T, B, np.random.default_rng(3))
+        m.rng = np.random.default_rng(5)
+        results[name] = run_layer(m, x, state_arg(state), lengths, dy, state_arg(dstate),
+                                  truncate=2)
+        y, (h_n, c_n) = m(x, state_arg(state), lengths)
+        inferred[name] = {"y": y, "h_n": h_n, "c_n": c_n}
+    assert_all_close(results[backend], results["reference"], dtype, f"{backend} training")
+    assert_all_close(inferred[backend], inferred["reference"], dtype, f"{backend} inference")
+    # the rates are used: zoneout's expectation differs from no zoneout
+    m.zoneout = (0.0, 0.0)
+    assert max_rel_error(m(x, state_arg(state), lengths)[0], inferred[backend]["y"]) > 1e-3
 
 
 def test_onnx_export_refuses(tmp_path):

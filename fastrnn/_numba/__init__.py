@@ -499,7 +499,7 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
 
 def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None):
     """Backward of ``layer_forward``; ADDS into dx, dstate0 and dparams (see
-    ``fastrnn.cells``)."""
+    ``fastrnn.cells``). Returns the hidden-side gate gradients (see ``fastrnn.cells``)."""
     if cell.projected:
         return projection.backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx,
                                    dstate0, dparams, threads)
@@ -551,6 +551,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
             cell.add_norm_gradients(dnorm, dparams)
     for d0, d in zip(dstate0, (ws["dh"], ws["dc"])):
         d0 += d
+    return ws["dgates_hh"] if T * B > 0 else None
 
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
