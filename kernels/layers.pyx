@@ -2150,12 +2150,16 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     params: the layer's dict of parameter arrays, read on every call (it may have changed).
     x (1, B, I) or with batch_first (B, 1, I); state None, h0, or (h0, c0) of (L*D, B, H).
     """
-    cdef int code = spec[0]
-    cdef int typenum = cnp.NPY_DOUBLE if spec[1] else cnp.NPY_FLOAT
-    cdef Py_ssize_t I = spec[2], H = spec[3]
-    cdef int nlayers = spec[4], D = spec[5]
-    cdef tuple names = spec[6]
-    cdef object zero_bias = spec[7]
+    if type(spec) is not tuple or type(params) is not dict:
+        return None
+    cdef tuple sp = <tuple>spec
+    cdef dict pdict = <dict>params     # typed: its look-ups are C calls, not method calls
+    cdef int code = sp[0]
+    cdef int typenum = cnp.NPY_DOUBLE if sp[1] else cnp.NPY_FLOAT
+    cdef Py_ssize_t I = sp[2], H = sp[3]
+    cdef int nlayers = sp[4], D = sp[5]
+    cdef tuple names = sp[6]
+    cdef object zero_bias = sp[7]
     if not 0 <= code < NUM_CODES or _specs_by_code[code].G == 0:
         return None                     # the general path says why
     cdef Call call
@@ -2189,12 +2193,9 @@ def layer_call_step(spec, params, bint batch_first, x, state):
             return None
     # the parameters: looked up by name and checked (a dict's array may have been replaced);
     # their references are held in `held` while the GIL is released
-    if type(params) is not dict:
-        return None
     cdef list held = []
     cdef tuple row_names
-    cdef object name, a
-    cdef list quantized
+    cdef object name, a, q_ih, q_hh
     cdef const void* ptrs[5]
     cdef Params* row_params = <Params*>malloc(rows * sizeof(Params))
     cdef Plan* plans = <Plan*>malloc(nlayers * sizeof(Plan))
@@ -2223,21 +2224,25 @@ def layer_call_step(spec, params, bint batch_first, x, state):
         for r in range(rows):
             row_names = <tuple>names[r]
             I_l = I if r < D else D * H
-            quantized = [None, None]            # fastrnn.quantize's w_ih, w_hh
+            q_ih = q_hh = None                  # fastrnn.quantize's w_ih, w_hh
             for k in range(5):
                 name = row_names[k]
                 if name is None:
                     a = zero_bias if k == 2 or k == 3 else None
-                elif k <= 1 and isinstance(params.get(name), QuantizedWeight):
-                    a = params[name]
+                    ptrs[k] = _data(a)
+                    continue
+                a = pdict.get(name)
+                if k <= 1 and not cnp.PyArray_CheckExact(a) and isinstance(a, QuantizedWeight):
                     if typenum != cnp.NPY_FLOAT or a.shape != (GH, I_l if k == 0 else H):
                         return None
                     held.append(a)
-                    quantized[k] = a
+                    if k == 0:
+                        q_ih = a
+                    else:
+                        q_hh = a
                     ptrs[k] = NULL
                     continue
                 else:
-                    a = params.get(name)
                     if a is None or not (
                             _fits(a, typenum, 2, GH, I_l, 0) if k == 0 else
                             _fits(a, typenum, 2, GH, H, 0) if k == 1 else
@@ -2253,10 +2258,10 @@ def layer_call_step(spec, params, bint batch_first, x, state):
             row_params[r].options = NULL
             row_params[r].q_ih.format = row_params[r].q_hh.format = FR_Q_NONE
             row_params[r].round_source = False
-            if quantized[0] is not None and quantized[1] is not None:
-                row_params[r].q_ih = _quantized(quantized[0])
-                row_params[r].q_hh = _quantized(quantized[1])
-            elif quantized[0] is not None or quantized[1] is not None:
+            if q_ih is not None and q_hh is not None:
+                row_params[r].q_ih = _quantized(q_ih)
+                row_params[r].q_hh = _quantized(q_hh)
+            elif q_ih is not None or q_hh is not None:
                 return None                     # one of two: the general path refuses it
         # the results; y is a copy of the last layer's output (never a view of the state)
         h_n = _new_array(rows, B, H, typenum, False)
