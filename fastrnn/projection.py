@@ -41,6 +41,7 @@ import os
 import threading
 
 import numpy as np
+from scipy import linalg
 from scipy.linalg import blas as _blas
 
 from . import reference
@@ -154,15 +155,17 @@ def initial_m(h0, w_hr):
     limit = STATE_RESIDUAL[dtype] * np.abs(h).max()
     if not np.isfinite(limit):
         return None
-    solvers = (lambda: np.linalg.solve(w @ w.T, h.T).T @ w,
-               lambda: np.linalg.lstsq(w, h.T, rcond=None)[0].T)
-    with np.errstate(all="ignore"):
+    # SciPy's LAPACK and BLAS on one thread: NumPy's would leave two threads spinning on the
+    # cores the kernels run on next (see _one_blas_thread; a training call 2.1x, not 1.3x)
+    solvers = (lambda: _product(linalg.solve(_product(w, w.T), h.T, assume_a="pos").T, w),
+               lambda: linalg.lstsq(w, h.T)[0].T)
+    with np.errstate(all="ignore"), _one_blas_thread():
         for solve in solvers:
             try:
                 m0 = solve().astype(dtype)
-            except np.linalg.LinAlgError:
+            except (linalg.LinAlgError, ValueError):
                 continue
-            if np.abs(m0.astype(np.float64) @ w.T - h).max() <= limit:
+            if np.abs(_product(m0.astype(np.float64), w.T) - h).max() <= limit:
                 return m0
     return None
 
