@@ -7,6 +7,7 @@ the suite per backend); by default every backend available here is tested.
 import contextlib
 import os
 import re
+import zlib
 
 # The Numba tests test the compiled loops: a call waits for its loop to compile instead of
 # running on the reference while another process compiles it (fastrnn._numba's "background"
@@ -164,6 +165,13 @@ def central_difference(f, arr, h=1e-6):
         flat[i] = old
         gflat[i] = (f_plus - f_minus) / (2 * h)
     return grad
+
+
+def stable_seed(*parts):
+    """A seed made of ``parts`` (strings, numbers, tuples of them) that is the same in every
+    process: hash() of a str is not (PYTHONHASHSEED), which made the data of a test differ from
+    run to run."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def max_rel_error(actual, expected):
