@@ -260,6 +260,8 @@ def backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx, dstate0, d
     hidden = layer_backward(unprojected(cell), cache.kernel_cache, dm, (dm_n, dc_n), truncate,
                             dx_in, (np.zeros((B, H), dtype), dstate0[1]),
                             (dw_in, dw_eff) + tuple(dparams[2:-1]), threads=threads)
+    if state_form and hidden is None:           # nothing ran (T * B == 0): no gradients there
+        hidden = np.zeros((T, B, w_hh.shape[0]), dtype)
     rows, t = cache.first
     # h0 enters at each row's first step: reverse, the padding lies between
     kept = ~_cut(lengths[rows] if cache.reverse else np.full(rows.size, T), T, truncate)

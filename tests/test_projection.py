@@ -248,6 +248,32 @@ def test_state_form_runs_the_reference_without_an_m0(compiled, monkeypatch):
     assert np.isnan(y[:, 1]).all() and not np.isnan(y[:, [0, 2]]).any()
 
 
+@pytest.mark.float32_kernels
+@pytest.mark.parametrize("compiled", COMPILED_BACKENDS)
+def test_state_form_with_no_steps(compiled):
+    """The "state" form's kernel contract with T = 0: the final state is the initial one and
+    its gradient goes to dh0, dc0 (nothing ran, so there are no hidden-side gradients)."""
+    kernels = fastrnn.get_backend(compiled)
+    cell = fastrnn.LSTM(3, 6, proj_size=2, layer_norm=True, backend="reference").cell
+    rng = np.random.default_rng(0)
+    shapes = cell.param_shapes(3, 6, 2)
+    params = tuple(rng.standard_normal(shapes[n]).astype(np.float32) for n in cell.param_names)
+    x = np.zeros((0, 3, 3), np.float32)
+    state0 = (rng.standard_normal((3, 2)).astype(np.float32), np.zeros((3, 6), np.float32))
+    y = np.zeros((0, 3, 2), np.float32)
+    state_n = tuple(np.zeros_like(s) for s in state0)
+    cache = kernels.layer_forward(cell, x, state0, params, np.zeros(3, np.int64), False, True,
+                                  y, state_n)
+    np.testing.assert_array_equal(state_n[0], state0[0])
+    dstate_n = tuple(rng.standard_normal(s.shape).astype(np.float32) for s in state0)
+    dstate0 = tuple(np.zeros_like(s) for s in state0)
+    dparams = tuple(np.zeros_like(p) for p in params)
+    kernels.layer_backward(cell, cache, y, dstate_n, 2, np.zeros_like(x), dstate0, dparams)
+    for d0, d_n in zip(dstate0, dstate_n):
+        np.testing.assert_array_equal(d0, d_n)
+    assert not any(d.any() for d in dparams)
+
+
 def test_state_form_while_the_kernels_run_their_reference():
     """A backend whose layer_forward runs its reference (Numba while a loop compiles) gives a
     reference cache, whose backward has no hidden-side gradients: the "state" form then runs
