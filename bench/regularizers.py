@@ -3,8 +3,11 @@
 layer without them, per compiled backend, and against the same model in PyTorch written as its
 users must (a loop over time: of torch products and ``nn.LayerNorm``, or of ``nn.LSTMCell`` /
 ``nn.GRUCell`` mixing the states with zoneout's masks; autograd; PyTorch fuses neither).
+``--variants layer_norm_proj`` adds the layer-normalized LSTM with ``proj_size = H/2`` (its
+loop projects h with a Linear layer), against the plain layer without projection.
 
-    python -m bench.regularizers [--backends cython,numba] [--rounds 7] [--markdown FILE]
+    python -m bench.regularizers [--backends cython,numba] [--variants layer_norm,zoneout]
+                                 [--rounds 7] [--markdown FILE]
 
 Each round times every variant once, in turn (alternating; the PyTorch loop in a process of
 its own); a variant's figure is the median over rounds of its best of ``--repeat`` calls, a
@@ -25,16 +28,28 @@ SHAPES = (("lstm-train-256", "LSTM", 32, 256, 256, 150),
           ("gru-train-256", "GRU", 32, 256, 256, 150))
 
 
-# variant: the layer's options
-VARIANTS = {"plain": {}, "layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": 0.1}}
+# variant: the layer's options; "layer_norm_proj" (LSTM only) with proj_size = H // 2
+VARIANTS = {"plain": {}, "layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": 0.1},
+            "layer_norm_proj": {"layer_norm": True, "proj_size": "H/2"}}
+
+
+def _variants(mode, variants):
+    """Those of ``variants`` a layer of this mode takes (a projection: LSTM only)."""
+    return tuple(v for v in variants if mode == "LSTM" or "proj_size" not in VARIANTS[v])
+
+
+def _proj_size(variant, H):
+    return H // 2 if "proj_size" in VARIANTS[variant] else 0
 
 
 def _fastrnn_runner(mode, B, I, H, T, backend, variant):
-    layer = getattr(fastrnn, mode)(I, H, dtype=np.float32, backend=backend, seed=0,
-                                   **VARIANTS[variant])
+    options = dict(VARIANTS[variant])
+    if "proj_size" in options:
+        options["proj_size"] = _proj_size(variant, H)
+    layer = getattr(fastrnn, mode)(I, H, dtype=np.float32, backend=backend, seed=0, **options)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
-    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    dy = rng.standard_normal((T, B, layer.output_size)).astype(np.float32)
 
     def train():
         _, _, cache = layer.forward(x, train=True)
@@ -42,10 +57,11 @@ def _fastrnn_runner(mode, B, I, H, T, backend, variant):
     return train
 
 
-def torch_loop(torch, mode, I, H):
+def torch_loop(torch, mode, I, H, P=0):
     """The layer-normalized cell as a PyTorch user writes it (as PyTorch's own
     benchmarks/fastrnns/custom_lstms.py does, with the carried c not normalized, the
-    equations of fastrnn's cells), run over time in Python."""
+    equations of fastrnn's cells), run over time in Python; P > 0: an LSTM whose h is
+    projected to P units (h = W_hr (o * tanh(LN(c))), as nn.LSTM's proj_size)."""
     nn = torch.nn
     G = 4 if mode == "LSTM" else 3
 
@@ -53,9 +69,10 @@ def torch_loop(torch, mode, I, H):
         def __init__(self):
             super().__init__()
             self.ih = nn.Linear(I, G * H)
-            self.hh = nn.Linear(H, G * H)
+            self.hh = nn.Linear(P or H, G * H)
             self.ln_ih, self.ln_hh = nn.LayerNorm(G * H), nn.LayerNorm(G * H)
             self.ln_cell = nn.LayerNorm(H)
+            self.hr = nn.Linear(H, P, bias=False) if P else None
 
         def forward(self, x, state):
             # the Linear layers' biases stand for b_ih and b_hh, added after the norms in
@@ -66,7 +83,8 @@ def torch_loop(torch, mode, I, H):
                     + self.ih.bias + self.hh.bias
                 i, f, g, o = a.chunk(4, 1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                return torch.sigmoid(o) * torch.tanh(self.ln_cell(c)), c
+                h = torch.sigmoid(o) * torch.tanh(self.ln_cell(c))
+                return (self.hr(h) if self.hr is not None else h), c
             (h,) = state
             nx = self.ln_ih(x @ self.ih.weight.T) + self.ih.bias
             nh = self.ln_hh(h @ self.hh.weight.T) + self.hh.bias
@@ -96,14 +114,15 @@ def torch_zoneout_loop(torch, mode, I, H, z):
 def _torch_runner(mode, B, I, H, T, variant):
     import torch
     torch.set_num_threads(2)
-    cell = torch_loop(torch, mode, I, H) if variant == "layer_norm" else \
+    P = _proj_size(variant, H)
+    cell = torch_loop(torch, mode, I, H, P) if "layer_norm" in VARIANTS[variant] else \
         torch_zoneout_loop(torch, mode, I, H, VARIANTS[variant]["zoneout"])
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.standard_normal((T, B, I)).astype(np.float32), requires_grad=True)
-    dy = torch.tensor(rng.standard_normal((T, B, H)).astype(np.float32))
+    dy = torch.tensor(rng.standard_normal((T, B, P or H)).astype(np.float32))
 
     def train():
-        state = tuple(torch.zeros(B, H) for _ in range(2 if mode == "LSTM" else 1))
+        state = (torch.zeros(B, P or H),) + ((torch.zeros(B, H),) if mode == "LSTM" else ())
         ys = []
         for t in range(T):
             state = cell(x[t], state)
@@ -125,7 +144,9 @@ def _torch_process(connection, mode, B, I, H, T, repeat, variants):
 
 def measure(backends, rounds, repeat, with_torch=True, variants=("layer_norm", "zoneout")):
     rows = []
+    all_variants = variants
     for name, mode, B, I, H, T in SHAPES:
+        variants = _variants(mode, all_variants)
         labels, runners = [], []
         for backend in backends:
             for variant in ("plain",) + tuple(variants):

@@ -40,13 +40,17 @@ def test_regularizers_script_runs(monkeypatch):
     monkeypatch.setattr(regularizers, "SHAPES", (("lstm-train-8", "LSTM", 2, 3, 8, 5),
                                                  ("gru-train-8", "GRU", 2, 3, 8, 5)))
     backends = [impl for impl in IMPLS if impl in ("numba", "cython")]
-    rows = regularizers.measure(backends, rounds=1, repeat=1, with_torch="torch" in IMPLS)
+    rows = regularizers.measure(backends, rounds=1, repeat=1, with_torch="torch" in IMPLS,
+                                variants=("layer_norm", "zoneout", "layer_norm_proj"))
     for backend in backends:
-        for variant in ("layer_norm", "zoneout"):
+        for case, variant in (("gru-train-8", "layer_norm"), ("gru-train-8", "zoneout"),
+                              ("lstm-train-8", "layer_norm_proj")):
             row = next(r for r in rows if r["impl"] == backend and r["variant"] == variant
-                       and r["case"] == "gru-train-8")
+                       and r["case"] == case)
             assert row["x plain"] > 0 and row["ms"] > 0
             assert ("speedup over torch" in row) == ("torch" in IMPLS)
+    # a projection is an LSTM's only
+    assert not any(r["case"] == "gru-train-8" and "proj" in r["variant"] for r in rows)
     assert "| gru-train-8 |" in regularizers.markdown(rows, 1, 1)
 
 
