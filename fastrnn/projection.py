@@ -178,11 +178,9 @@ def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, 
     on_reference = lambda: reference.layer_forward(cell, x, state0, params, lengths, reverse,
                                                    train, y, state_n, zoneout=zoneout)
     mixes_h = zoneout is not None and (not np.isscalar(zoneout[0]) or zoneout[0] != 0)
-    if mixes_h and train and not cell.layer_norm:
+    if mixes_h and (not np.isscalar(zoneout[0]) or (train and not cell.layer_norm)):
         # keep masks per unit of h, P wide (see the docstring); and the plain cell's backward
         # keeps no gradients of the recurrent product apart, which the "state" form reads
-        return on_reference()
-    if mixes_h and not np.isscalar(zoneout[0]):
         return on_reference()
     w_ih, w_hh = params[0], params[1]
     w_hr = params[-1]
@@ -290,4 +288,4 @@ def backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx, dstate0, d
             for boundary in range(truncate, T, truncate):
                 step, prev = ((boundary - 1, boundary) if cache.reverse
                               else (boundary, boundary - 1))
-                dw_hr -= _product(np.asarray(step_grads(step)).T, m[prev])
+                dw_hr -= _product(step_grads(step).T, m[prev])

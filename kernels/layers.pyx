@@ -2242,14 +2242,13 @@ def layer_call_step(spec, params, bint batch_first, x, state):
                         q_hh = a
                     ptrs[k] = NULL
                     continue
-                else:
-                    if a is None or not (
-                            _fits(a, typenum, 2, GH, I_l, 0) if k == 0 else
-                            _fits(a, typenum, 2, GH, H, 0) if k == 1 else
-                            _fits(a, typenum, 1, GH, 0, 0) if k <= 3 else
-                            _fits(a, typenum, 2, 3, H, 0)):
-                        return None
-                    held.append(a)
+                if a is None or not (
+                        _fits(a, typenum, 2, GH, I_l, 0) if k == 0 else
+                        _fits(a, typenum, 2, GH, H, 0) if k == 1 else
+                        _fits(a, typenum, 1, GH, 0, 0) if k <= 3 else
+                        _fits(a, typenum, 2, 3, H, 0)):
+                    return None
+                held.append(a)
                 ptrs[k] = _data(a)
             row_params[r].w_ih, row_params[r].w_hh = ptrs[0], ptrs[1]
             row_params[r].b_ih, row_params[r].b_hh = ptrs[2], ptrs[3]

@@ -320,6 +320,42 @@ def test_backend_matches_reference(backend, case, kernel_case, dtype):
     assert_all_close(results[backend], results["reference"], dtype, f"{backend} {case}")
 
 
+@pytest.mark.float32_kernels
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_backward_returns_the_hidden_side_gradients(backend):
+    """The compiled layer_backward's return (fastrnn.cells): a layer-normalized LSTM's raw
+    recurrent-product gradients step by step, (T, B, G*H), zeros at padding, whose product
+    with h_prev^T summed over the steps is dW_hh; None for the plain LSTM (no hidden-side
+    block)."""
+    kernels = fastrnn.get_backend(backend)
+    rng = np.random.default_rng(5)
+    T, B, I, H = 4, 3, 3, 5
+    lengths = np.array([4, 2, 0])
+    for layer_norm in (True, False):
+        cell = cells.cell_for("LSTM", layer_norm_eps=1e-5 if layer_norm else None)
+        shapes = cell.param_shapes(I, H)
+        params = tuple((0.5 * rng.standard_normal(shapes[n])).astype(np.float32)
+                       for n in cell.param_names)
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        state0 = tuple((0.5 * rng.standard_normal((B, H))).astype(np.float32) for _ in range(2))
+        y = np.zeros((T, B, H), np.float32)
+        state_n = tuple(np.zeros((B, H), np.float32) for _ in range(2))
+        cache = kernels.layer_forward(cell, x, state0, params, lengths, False, True, y, state_n)
+        dparams = tuple(np.zeros_like(p) for p in params)
+        hidden = kernels.layer_backward(cell, cache, rng.standard_normal(y.shape).astype(
+            np.float32), (None, None), None, np.zeros_like(x), tuple(np.zeros_like(s)
+                                                                      for s in state0), dparams)
+        if not layer_norm:
+            assert hidden is None
+            continue
+        assert hidden.shape == (T, B, 4 * H)
+        assert not hidden[2:, 1].any() and not hidden[:, 2].any() and hidden[:2, 1].any()
+        h_prev = np.concatenate([state0[0][None], y[:-1]])
+        h_prev[2:, 1] = 0
+        dw_hh = np.einsum("tbg,tbh->gh", hidden.astype(np.float64), h_prev)
+        assert max_rel_error(dparams[1], dw_hh) < 1e-4
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_caller_arrays_are_never_written(backend, case):
     check_caller_arrays_untouched(backend, case, layer_norm=True)

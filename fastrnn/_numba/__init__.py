@@ -551,7 +551,7 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
             cell.add_norm_gradients(dnorm, dparams)
     for d0, d in zip(dstate0, (ws["dh"], ws["dc"])):
         d0 += d
-    return ws["dgates_hh"] if T * B > 0 else None
+    return ws["dgates_hh"] if T * B > 0 and hidden_blocks else None
 
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
