@@ -174,14 +174,20 @@ def test_state_and_output_shapes(backend):
     assert pickle.loads(pickle.dumps(m)).proj_size == 5
 
 
-def test_keeps_callers_arrays_and_nan(backend):
-    m = fastrnn.LSTM(3, 6, proj_size=2, backend=backend, dtype=np.float64)
+@pytest.mark.parametrize("options", [{}, {"layer_norm": True}, {"zoneout": (0.2, 0.3)}],
+                         ids=["plain", "layer_norm", "zoneout"])
+def test_keeps_callers_arrays_and_nan(backend, options):
+    """Training and inference leave the caller's x and state as they were, in each of
+    fastrnn.projection's forms ("input"; "state" with layer norm; zoneout on h, whose training
+    runs on the reference); NaN in x reaches only its row's later steps."""
+    m = fastrnn.LSTM(3, 6, proj_size=2, backend=backend, dtype=np.float64, **options)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 3, 3))
     state = _state(m, 3, rng)
     copies = [a.copy() for a in (x, *state)]
     y, final, cache = m.forward(x, state, [5, 2, 0])
     m.backward(np.ones_like(y), cache, tuple(np.ones_like(s) for s in final))
+    y_inferred, _ = m(x, state, [5, 2, 0])
     for a, b in zip((x, *state), copies):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(final[0][0, 2], state[0][0, 2])    # length 0: h0 kept
@@ -189,7 +195,7 @@ def test_keeps_callers_arrays_and_nan(backend):
     x[1, 0, 0] = np.nan                           # row 0 from step 1 on: NaN
     y2, final2 = m(x, state, [5, 2, 0])
     assert np.isnan(y2[1:, 0]).all() and not np.isnan(y2[:1, 0]).any()
-    np.testing.assert_allclose(y2[:, 1:], y[:, 1:], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(y2[:, 1:], y_inferred[:, 1:], rtol=1e-12, atol=1e-14)
     assert np.isnan(final2[0][0, 0]).all() and not np.isnan(final2[0][0, 1:]).any()
 
 
