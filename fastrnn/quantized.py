@@ -7,11 +7,11 @@ and refuses training. What a product computes (kernels/lowp.h has the same words
 
 - ``"bfloat16"``: the weights and each product's other operand (x, or the state) rounded to
   bfloat16, to nearest even; products of two bfloat16 numbers are exact in float32, and they
-  are summed in float32 (AVX-512 BF16's ``vdpbf16ps`` where the CPU has it).
+  are summed in float32 (AVX-512 BF16's ``vdpbf16ps`` where the CPU has it, else AVX2's FMA).
 - ``"int8"``: each weight row symmetric, ``W[r] ~= scale[r] * q[r]`` with ``q`` in [-127, 127];
   each row of the other operand the same way at every product (dynamic quantization, as
   PyTorch's ``quantize_dynamic``, but symmetric); the integer sums are exact (int32, AVX-512
-  VNNI's ``vpdpbusd`` where the CPU has it) and scaled back to float32.
+  VNNI's ``vpdpbusd`` where the CPU has it, else AVX2's ``vpmaddwd``) and scaled back to float32.
 
 The products run in C (the Cython extension); ``backend="reference"`` runs the same arithmetic
 in NumPy, the oracle of the tests.
@@ -167,7 +167,7 @@ def quantize(layer, weights="bfloat16", *, backend="auto"):
 
     ``y, state = q(x, state=None, lengths=None)`` as with the layer; ``q.forward(...,
     train=True)`` is refused. backend: "cython" (the C kernels, AVX-512 BF16 / VNNI where the
-    CPU has them, plain loops elsewhere), "reference" (the same arithmetic in NumPy) or "auto"
+    CPU has them, AVX2 elsewhere), "reference" (the same arithmetic in NumPy) or "auto"
     (cython when it is built)."""
     from . import dispatch
     from .layers import _RNNBase, _aligned_zeros

@@ -123,6 +123,8 @@ cdef extern from "lowp.h" nogil:
     # fastrnn.quantize's weights: bfloat16 or int8 (see lowp.h)
     enum:
         FR_Q_NONE, FR_Q_BF16, FR_Q_INT8
+    enum:
+        FR_Q_PLAIN, FR_Q_AVX2, FR_Q_AVX512
     ctypedef struct fr_qweights:
         int format
         const void* data
@@ -135,13 +137,13 @@ cdef extern from "lowp.h" nogil:
                       Py_ssize_t nx, void* scratch)
     void fr_q_product(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows, const void* xq,
                       Py_ssize_t nx, float* out, Py_ssize_t ldo)
-    int fr_q_isa(int format)
+    int fr_q_path(int format)
     void fr_q_widen_bf16(const fr_qweights* q, Py_ssize_t r0, Py_ssize_t rows, float* out)
     void fr_q_round_bf16(const float* x, Py_ssize_t ldx, Py_ssize_t nx, Py_ssize_t k,
                          float* out, Py_ssize_t ldo)
     Py_ssize_t FR_Q_BF16_DOT_ROWS, FR_Q_BF16_INPUT_DOT_ROWS
     Py_ssize_t fr_q_bf16_dot_rows, fr_q_bf16_input_dot_rows
-    int fr_q_set_isa(int on)
+    int fr_q_set_max_path(int path)
 
 from blas cimport gemm, gemv
 from steps cimport (GRU, GRU_NORM, GRU_OPTIONS, GRU_RESET_BEFORE, LSTM, LSTM_NORM,
@@ -1894,10 +1896,18 @@ cdef fr_qweights _quantized(w) except *:
     return q
 
 
-def quantized_isa(format):
-    """Whether products with weights of `format` ("bfloat16", "int8") run on the CPU's own
-    instructions here (AVX-512 BF16, AVX-512 VNNI), rather than the plain loops."""
-    return fr_q_isa(FR_Q_BF16 if format == "bfloat16" else FR_Q_INT8) != 0
+# fastrnn.quantize's instruction paths (lowp.h), by name
+_Q_PATHS = {"plain": FR_Q_PLAIN, "avx2": FR_Q_AVX2, "avx512": FR_Q_AVX512}
+_Q_PATH_NAMES = {v: k for k, v in _Q_PATHS.items()}
+
+
+def quantized_path(format):
+    """The instructions products with weights of `format` ("bfloat16", "int8") run on here:
+    "avx512" (AVX-512 BF16's vdpbf16ps, AVX-512 VNNI's vpdpbusd), "avx2" (AVX2 and FMA) or
+    "plain" (loops the compiler vectorises), the best the CPU has up to set_quantized_path's."""
+    if format not in ("bfloat16", "int8"):
+        raise ValueError(f"format: expected 'bfloat16' or 'int8', got {format!r}")
+    return _Q_PATH_NAMES[fr_q_path(FR_Q_BF16 if format == "bfloat16" else FR_Q_INT8)]
 
 
 def _set_bf16_dot_rows(steps, inputs):
@@ -1909,10 +1919,13 @@ def _set_bf16_dot_rows(steps, inputs):
     return old
 
 
-def set_quantized_isa(on):
-    """True: quantized products on the CPU's instructions where it has them; False: the plain
-    loops everywhere (the same numbers for int8, to the bit; for tests). Returns the old value."""
-    return fr_q_set_isa(1 if on else 0) != 0
+def set_quantized_path(path):
+    """The most quantized products may use from now on: "avx512" (the default: the best the
+    CPU has), "avx2" or "plain" (for tests and measurements; int8 gives the same numbers on
+    every path, to the bit). Returns the old setting's name."""
+    if path not in _Q_PATHS:
+        raise ValueError(f"path: expected one of {sorted(_Q_PATHS)}, got {path!r}")
+    return _Q_PATH_NAMES[fr_q_set_max_path(_Q_PATHS[path])]
 
 
 cdef class _Cache:

@@ -6,15 +6,16 @@
  * buffer of fr_q_scratch_bytes), then fr_q_product multiplies any rows of W with them.
  *
  * bfloat16: the weights and x rounded to nearest even, NaN kept; every product of two bfloat16
- * numbers is exact in float32 and the sums are float32 (AVX-512 BF16's vdpbf16ps; on other
- * CPUs a plain loop, summed in another order). layers.pyx uses these only where reading the
+ * numbers is exact in float32 and the sums are float32 (AVX-512 BF16's vdpbf16ps; AVX2's FMA
+ * on the numbers widened in registers; a plain loop: each sums in its own order). layers.pyx uses these only where reading the
  * weights is the limit (FR_Q_BF16_DOT_ROWS, FR_Q_BF16_INPUT_DOT_ROWS below; else widened
  * weights on float32 kernels: fr_q_round_bf16, fr_q_widen_bf16).
  * int8: weights symmetric per row, W[r, i] ~= scale[r] * q[r, i], q in [-127, 127]; each row
  * of x symmetric on its own, x[b, i] ~= sx[b] * p[b, i], sx[b] = max|x[b]| / 127, p rounded
  * to nearest even. The sum of q * p is exact in int32 (AVX-512 VNNI's vpdpbusd, which takes
- * unsigned bytes: p + 128, and 128 * sum_i q[r, i] taken off after), and
- * out = float(sum) * (scale[r] * sx[b]), so the VNNI path and the plain one agree to the bit.
+ * unsigned bytes: p + 128, and 128 * sum_i q[r, i] taken off after; AVX2's vpmaddwd on both
+ * widened to int16), and out = float(sum) * (scale[r] * sx[b]), so the VNNI path, the AVX2
+ * one and the plain one agree to the bit.
  * A row of x with NaN or infinity gets sx = NaN or inf, so its outputs are NaN, not garbage.
  *
  * Rows of W and of the prepared x are ld elements apart, ld a multiple of FR_Q_PAD with zeros
@@ -53,9 +54,13 @@ typedef struct {
     const int32_t* row_sum;         /* int8: per row, sum of q */
 } fr_qweights;
 
-/* Which instructions the products use: 1 the CPU's (when it has them), 0 the plain loops */
-static int fr_q_use_isa = 1;
-static int fr_q_cpu = -1;           /* bit 0: AVX-512 BF16, bit 1: AVX-512 VNNI; -1 unknown */
+/* The products' instruction paths. Each format takes the best the CPU has, at most
+ * fr_q_max_path (lowered for tests and measurements): AVX-512 BF16's vdpbf16ps for bfloat16 and
+ * AVX-512 VNNI's vpdpbusd for int8; else AVX2 with FMA (bfloat16 widened in registers, int8
+ * through int16 pairs); else the plain loops. */
+enum { FR_Q_PLAIN = 0, FR_Q_AVX2 = 1, FR_Q_AVX512 = 2 };
+static int fr_q_max_path = FR_Q_AVX512;
+static int fr_q_cpu = -1;   /* bit 0: AVX-512 BF16, 1: AVX-512 VNNI, 2: AVX2 and FMA; -1 unknown */
 
 static inline int fr_q_cpu_features(void)
 {
@@ -67,25 +72,29 @@ static inline int fr_q_cpu_features(void)
             if (__builtin_cpu_supports("avx512bf16")) f |= 1;
             if (__builtin_cpu_supports("avx512vnni")) f |= 2;
         }
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) f |= 4;
 #endif
         fr_q_cpu = f;
     }
     return fr_q_cpu;
 }
 
-/* 1 when products of `format` run on the CPU's instructions (and are allowed to) */
-static inline int fr_q_isa(int format)
+/* the path products of `format` take here */
+static inline int fr_q_path(int format)
 {
     int f = fr_q_cpu_features();
-    if (!fr_q_use_isa) return 0;
-    return format == FR_Q_BF16 ? (f & 1) != 0 : format == FR_Q_INT8 ? (f & 2) != 0 : 0;
+    int avx512 = format == FR_Q_BF16 ? (f & 1) != 0 : format == FR_Q_INT8 ? (f & 2) != 0 : 0;
+    if (format == FR_Q_NONE) return FR_Q_PLAIN;
+    if (avx512 && fr_q_max_path >= FR_Q_AVX512) return FR_Q_AVX512;
+    if ((f & 4) && fr_q_max_path >= FR_Q_AVX2) return FR_Q_AVX2;
+    return FR_Q_PLAIN;
 }
 
-/* on: 1 the CPU's instructions where it has them, 0 the plain loops; returns the old value */
-static inline int fr_q_set_isa(int on)
+/* the most the products may use from now on; returns the old value */
+static inline int fr_q_set_max_path(int path)
 {
-    int old = fr_q_use_isa;
-    fr_q_use_isa = on != 0;
+    int old = fr_q_max_path;
+    fr_q_max_path = path < FR_Q_PLAIN ? FR_Q_PLAIN : path > FR_Q_AVX512 ? FR_Q_AVX512 : path;
     return old;
 }
 
@@ -235,6 +244,44 @@ static void fr_q_dots_int8_plain(const int8_t* w, ptrdiff_t ld, ptrdiff_t rows,
     const T* w2 = base + ((r) + 2 < (n) ? (r) + 2 : (r)) * ld; \
     const T* w3 = base + ((r) + 3 < (n) ? (r) + 3 : (r)) * ld;
 
+/* the 4 values of rows r .. r+3 (those below `rows`) of one row of out */
+__attribute__((always_inline))
+static inline void fr_q_store4(float* out, ptrdiff_t r, ptrdiff_t rows, __m128 v)
+{
+    if (r + 4 <= rows) {
+        _mm_storeu_ps(out + r, v);
+    } else {
+        float tmp[4];
+        ptrdiff_t j;
+        _mm_storeu_ps(tmp, v);
+        for (j = 0; r + j < rows; j++) out[r + j] = tmp[j];
+    }
+}
+
+/* fr_q_int8_value of the int32 sums of rows r .. r+3 against one row of x, four at a time:
+ * the same operations, so the same floats */
+__attribute__((always_inline))
+static inline void fr_q_int8_store4(float* out, ptrdiff_t r, ptrdiff_t rows, __m128i sums,
+                                    const float* sw, const int32_t* row_sum, float sx)
+{
+    __m128i rs;
+    __m128 scale;
+    if (r + 4 <= rows) {
+        rs = _mm_loadu_si128((const __m128i*)(row_sum + r));
+        scale = _mm_loadu_ps(sw + r);
+    } else {
+        int32_t rs_tail[4] = {0, 0, 0, 0};
+        float sw_tail[4] = {0, 0, 0, 0};
+        ptrdiff_t j;
+        for (j = 0; r + j < rows; j++) { rs_tail[j] = row_sum[r + j]; sw_tail[j] = sw[r + j]; }
+        rs = _mm_loadu_si128((const __m128i*)rs_tail);
+        scale = _mm_loadu_ps(sw_tail);
+    }
+    fr_q_store4(out, r, rows,
+                _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sums, _mm_slli_epi32(rs, 7))),
+                           _mm_mul_ps(scale, _mm_set1_ps(sx))));
+}
+
 /* the four sums of a, b, c, d (16 lanes each) as one vector: with short rows (k = 128-256)
  * a reduction per sum cost more instructions than the products (perf: int8 bilstm-infer) */
 __attribute__((target("avx512f,avx512bw"), always_inline))
@@ -264,20 +311,6 @@ static inline __m128 fr_q_sum4_ps(__m512 a, __m512 b, __m512 c, __m512 d)
     __m256 d2 = _mm256_add_ps(_mm512_castps512_ps256(d), fr_q_high8(d));
     __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a2, b2), _mm256_hadd_ps(c2, d2));
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-/* the 4 values of rows r .. r+3 (those below `rows`) of one row of out */
-__attribute__((target("avx512f,avx512bw"), always_inline))
-static inline void fr_q_store4(float* out, ptrdiff_t r, ptrdiff_t rows, __m128 v)
-{
-    if (r + 4 <= rows) {
-        _mm_storeu_ps(out + r, v);
-    } else {
-        float tmp[4];
-        ptrdiff_t j;
-        _mm_storeu_ps(tmp, v);
-        for (j = 0; r + j < rows; j++) out[r + j] = tmp[j];
-    }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
@@ -329,7 +362,7 @@ static inline void fr_q_group_bf16(const uint16_t* w, ptrdiff_t ld, ptrdiff_t r,
 }
 
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-static void fr_q_dots_bf16_isa(const uint16_t* w, ptrdiff_t ld, ptrdiff_t rows,
+static void fr_q_dots_bf16_avx512(const uint16_t* w, ptrdiff_t ld, ptrdiff_t rows,
                                const uint16_t* x, ptrdiff_t nx, float* out, ptrdiff_t ldo)
 {
     ptrdiff_t r, b;
@@ -365,32 +398,14 @@ static inline void fr_q_group_int8(const int8_t* w, ptrdiff_t ld, ptrdiff_t r, p
             acc[3][b] = _mm512_dpbusd_epi32(acc[3][b], v, a3);
         }
     }
-    /* fr_q_int8_value four rows at a time: the same operations, so the same floats */
-    {
-        __m128i bias = _mm_setzero_si128(), rs = _mm_setzero_si128();
-        __m128 scale = _mm_setzero_ps();
-        if (r + 4 <= rows) {
-            rs = _mm_loadu_si128((const __m128i*)(row_sum + r));
-            scale = _mm_loadu_ps(sw + r);
-        } else {
-            int32_t rs_tail[4] = {0, 0, 0, 0};
-            float sw_tail[4] = {0, 0, 0, 0};
-            for (j = 0; r + j < rows; j++) { rs_tail[j] = row_sum[r + j]; sw_tail[j] = sw[r + j]; }
-            rs = _mm_loadu_si128((const __m128i*)rs_tail);
-            scale = _mm_loadu_ps(sw_tail);
-        }
-        bias = _mm_slli_epi32(rs, 7);                       /* 128 * row_sum */
-        for (b = 0; b < NB; b++) {
-            __m128i sums = fr_q_sum4_epi32(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
-            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sums, bias)),
-                                  _mm_mul_ps(scale, _mm_set1_ps(sx[b])));
-            fr_q_store4(out + b * ldo, r, rows, v);
-        }
-    }
+    for (b = 0; b < NB; b++)
+        fr_q_int8_store4(out + b * ldo, r, rows,
+                         fr_q_sum4_epi32(acc[0][b], acc[1][b], acc[2][b], acc[3][b]),
+                         sw, row_sum, sx[b]);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void fr_q_dots_int8_isa(const int8_t* w, ptrdiff_t ld, ptrdiff_t rows,
+static void fr_q_dots_int8_avx512(const int8_t* w, ptrdiff_t ld, ptrdiff_t rows,
                                const uint8_t* x, ptrdiff_t nx, const FR_Q_INT8_ARGS,
                                float* out, ptrdiff_t ldo)
 {
@@ -407,6 +422,150 @@ static void fr_q_dots_int8_isa(const int8_t* w, ptrdiff_t ld, ptrdiff_t rows,
                             out + b * ldo, ldo);
     }
 }
+
+/* AVX2 with FMA: 16 registers of 8 lanes, so groups of 4 rows of W by 1 or 2 rows of x */
+
+/* the four sums of a, b, c, d (8 lanes each) as one vector */
+__attribute__((target("avx2,fma"), always_inline))
+static inline __m128 fr_q_sum4_ps_avx2(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline __m128i fr_q_sum4_epi32_avx2(__m256i a, __m256i b, __m256i c, __m256i d)
+{
+    __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+/* 16 bfloat16 numbers as two vectors of float32: the even ones (each 32-bit lane's low half,
+ * shifted up) and the odd ones (its high half, the low bits cleared). w and x split alike, so
+ * the products pair up: two ALU operations widen 16 numbers, where a load-and-convert per 8
+ * would cost twice the instructions of the multiply-adds */
+#define FR_Q_BF16_EVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32((v), 16))
+#define FR_Q_BF16_ODD(v) _mm256_castsi256_ps(_mm256_and_si256((v), high))
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void fr_q_group_bf16_avx2(const uint16_t* w, ptrdiff_t ld, ptrdiff_t r,
+                                        ptrdiff_t rows, const uint16_t* x, const int NB,
+                                        float* out, ptrdiff_t ldo)
+{
+    FR_Q_ROWS(uint16_t, w, ld, r, rows)
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[4][2], odd[4];
+    ptrdiff_t i;
+    int b, j;
+    for (j = 0; j < 4; j++) {
+        acc[j][0] = acc[j][1] = odd[j] = _mm256_setzero_ps();
+    }
+    if (NB == 1) {
+        /* the odd terms in sums of their own: 8 chains of FMA to hide its latency */
+        for (i = 0; i < ld; i += 16) {
+            __m256i u = _mm256_loadu_si256((const __m256i*)(x + i));
+            __m256 xe = FR_Q_BF16_EVEN(u), xo = FR_Q_BF16_ODD(u);
+            __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + i));
+            __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + i));
+            __m256i v2 = _mm256_loadu_si256((const __m256i*)(w2 + i));
+            __m256i v3 = _mm256_loadu_si256((const __m256i*)(w3 + i));
+            acc[0][0] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v0), xe, acc[0][0]);
+            acc[1][0] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v1), xe, acc[1][0]);
+            acc[2][0] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v2), xe, acc[2][0]);
+            acc[3][0] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v3), xe, acc[3][0]);
+            odd[0] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v0), xo, odd[0]);
+            odd[1] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v1), xo, odd[1]);
+            odd[2] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v2), xo, odd[2]);
+            odd[3] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v3), xo, odd[3]);
+        }
+        for (j = 0; j < 4; j++) acc[j][0] = _mm256_add_ps(acc[j][0], odd[j]);
+    } else {
+        for (i = 0; i < ld; i += 16) {
+            __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + i));
+            __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + i));
+            __m256i v2 = _mm256_loadu_si256((const __m256i*)(w2 + i));
+            __m256i v3 = _mm256_loadu_si256((const __m256i*)(w3 + i));
+            for (b = 0; b < NB; b++) {
+                __m256i u = _mm256_loadu_si256((const __m256i*)(x + b * ld + i));
+                __m256 xe = FR_Q_BF16_EVEN(u), xo = FR_Q_BF16_ODD(u);
+                acc[0][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v0), xe, acc[0][b]);
+                acc[1][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v1), xe, acc[1][b]);
+                acc[2][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v2), xe, acc[2][b]);
+                acc[3][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v3), xe, acc[3][b]);
+                acc[0][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v0), xo, acc[0][b]);
+                acc[1][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v1), xo, acc[1][b]);
+                acc[2][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v2), xo, acc[2][b]);
+                acc[3][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v3), xo, acc[3][b]);
+            }
+        }
+    }
+    for (b = 0; b < NB; b++)
+        fr_q_store4(out + b * ldo, r, rows,
+                    fr_q_sum4_ps_avx2(acc[0][b], acc[1][b], acc[2][b], acc[3][b]));
+}
+#undef FR_Q_BF16_EVEN
+#undef FR_Q_BF16_ODD
+
+__attribute__((target("avx2,fma")))
+static void fr_q_dots_bf16_avx2(const uint16_t* w, ptrdiff_t ld, ptrdiff_t rows,
+                                const uint16_t* x, ptrdiff_t nx, float* out, ptrdiff_t ldo)
+{
+    ptrdiff_t r, b;
+    for (r = 0; r < rows; r += 4) {
+        for (b = 0; b + 2 <= nx; b += 2)
+            fr_q_group_bf16_avx2(w, ld, r, rows, x + b * ld, 2, out + b * ldo, ldo);
+        for (; b < nx; b++)
+            fr_q_group_bf16_avx2(w, ld, r, rows, x + b * ld, 1, out + b * ldo, ldo);
+    }
+}
+
+/* int8: 16 bytes of each widened to int16 (x unsigned, W signed), vpmaddwd's pairs summed in
+ * int32: exact (2 * 255 * 127 a pair), so the same sums as VNNI's and the plain loop's.
+ * vpmaddubsw would take 32 bytes at once but saturates its int16 pairs (up to 64770) */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void fr_q_group_int8_avx2(const int8_t* w, ptrdiff_t ld, ptrdiff_t r,
+                                        ptrdiff_t rows, const uint8_t* x, const int NB,
+                                        const FR_Q_INT8_ARGS, float* out, ptrdiff_t ldo)
+{
+    FR_Q_ROWS(int8_t, w, ld, r, rows)
+    __m256i acc[4][2];
+    ptrdiff_t i;
+    int b, j;
+    for (j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm256_setzero_si256();
+    for (i = 0; i < ld; i += 16) {
+        __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w0 + i)));
+        __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w1 + i)));
+        __m256i a2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w2 + i)));
+        __m256i a3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w3 + i)));
+        for (b = 0; b < NB; b++) {
+            __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + b * ld + i)));
+            acc[0][b] = _mm256_add_epi32(acc[0][b], _mm256_madd_epi16(v, a0));
+            acc[1][b] = _mm256_add_epi32(acc[1][b], _mm256_madd_epi16(v, a1));
+            acc[2][b] = _mm256_add_epi32(acc[2][b], _mm256_madd_epi16(v, a2));
+            acc[3][b] = _mm256_add_epi32(acc[3][b], _mm256_madd_epi16(v, a3));
+        }
+    }
+    for (b = 0; b < NB; b++)
+        fr_q_int8_store4(out + b * ldo, r, rows,
+                         fr_q_sum4_epi32_avx2(acc[0][b], acc[1][b], acc[2][b], acc[3][b]),
+                         sw, row_sum, sx[b]);
+}
+
+__attribute__((target("avx2,fma")))
+static void fr_q_dots_int8_avx2(const int8_t* w, ptrdiff_t ld, ptrdiff_t rows,
+                                const uint8_t* x, ptrdiff_t nx, const FR_Q_INT8_ARGS,
+                                float* out, ptrdiff_t ldo)
+{
+    ptrdiff_t r, b;
+    for (r = 0; r < rows; r += 4) {
+        for (b = 0; b + 2 <= nx; b += 2)
+            fr_q_group_int8_avx2(w, ld, r, rows, x + b * ld, 2, sw, row_sum, sx + b,
+                                 out + b * ldo, ldo);
+        for (; b < nx; b++)
+            fr_q_group_int8_avx2(w, ld, r, rows, x + b * ld, 1, sw, row_sum, sx + b,
+                                 out + b * ldo, ldo);
+    }
+}
 #endif
 
 /* out[b*ldo + r] = sum_i W[r0 + r, i] * x[b, i] for r < rows, b < nx; x prepared by
@@ -416,15 +575,19 @@ static void fr_q_product(const fr_qweights* q, ptrdiff_t r0, ptrdiff_t rows, con
 {
     ptrdiff_t ld = q->ld, elem = q->format == FR_Q_BF16 ? 2 : 1, b0, nb;
     ptrdiff_t block = FR_Q_BLOCK_BYTES / (ld * elem) > 4 ? FR_Q_BLOCK_BYTES / (ld * elem) : 4;
-    int isa = fr_q_isa(q->format);
+    int path = fr_q_path(q->format);
     for (b0 = 0; b0 < nx; b0 += block) {
         nb = nx - b0 < block ? nx - b0 : block;
         if (q->format == FR_Q_BF16) {
             const uint16_t* w = (const uint16_t*)q->data + r0 * ld;
             const uint16_t* x = (const uint16_t*)xq + b0 * ld;
 #ifdef FR_Q_X86
-            if (isa) {
-                fr_q_dots_bf16_isa(w, ld, rows, x, nb, out + b0 * ldo, ldo);
+            if (path == FR_Q_AVX512) {
+                fr_q_dots_bf16_avx512(w, ld, rows, x, nb, out + b0 * ldo, ldo);
+                continue;
+            }
+            if (path == FR_Q_AVX2) {
+                fr_q_dots_bf16_avx2(w, ld, rows, x, nb, out + b0 * ldo, ldo);
                 continue;
             }
 #endif
@@ -434,9 +597,14 @@ static void fr_q_product(const fr_qweights* q, ptrdiff_t r0, ptrdiff_t rows, con
             const uint8_t* x = (const uint8_t*)xq + b0 * ld;
             const float* sx = (const float*)((const uint8_t*)xq + nx * ld) + b0;
 #ifdef FR_Q_X86
-            if (isa) {
-                fr_q_dots_int8_isa(w, ld, rows, x, nb, q->scale + r0, q->row_sum + r0, sx,
+            if (path == FR_Q_AVX512) {
+                fr_q_dots_int8_avx512(w, ld, rows, x, nb, q->scale + r0, q->row_sum + r0, sx,
                                    out + b0 * ldo, ldo);
+                continue;
+            }
+            if (path == FR_Q_AVX2) {
+                fr_q_dots_int8_avx2(w, ld, rows, x, nb, q->scale + r0, q->row_sum + r0, sx,
+                                    out + b0 * ldo, ldo);
                 continue;
             }
 #endif

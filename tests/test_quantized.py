@@ -38,23 +38,22 @@ FLOAT32_TOL_NORM = {"bfloat16": 0.1, "int8": 0.15}
 
 
 def _isa_paths():
-    """(name, on) of the instruction paths to test: the plain loops always, the CPU's own
-    where it has them."""
+    """The instruction paths to test: the plain loops always, and every faster one the CPU
+    has for either format (AVX2 on every x86-64 CPU of the project, AVX-512 on some)."""
     if not HAVE_CYTHON:
         return []
     from fastrnn import _cy
-    paths = [("plain", False)]
-    if _cy.quantized_isa("bfloat16") or _cy.quantized_isa("int8"):
-        paths.append(("cpu", True))
-    return paths
+    best = {_cy.quantized_path("bfloat16"), _cy.quantized_path("int8")}
+    return [p for p in ("plain", "avx2", "avx512") if p == "plain" or p in best
+            or (p == "avx2" and "avx512" in best)]
 
 
-@pytest.fixture(params=_isa_paths(), ids=lambda p: p[0])
+@pytest.fixture(params=_isa_paths())
 def isa(request):
     from fastrnn import _cy
-    old = _cy.set_quantized_isa(request.param[1])
-    yield request.param[0]
-    _cy.set_quantized_isa(old)
+    old = _cy.set_quantized_path(request.param)
+    yield request.param
+    _cy.set_quantized_path(old)
 
 
 def _layer(cell, I=11, H=32, L=1, seed=0, **options):
@@ -121,24 +120,47 @@ def test_merged_directions(merge, fmt):
 
 
 @needs_cython
+@pytest.mark.parametrize("path", [p for p in _isa_paths() if p != "plain"])
 @pytest.mark.parametrize("B", [1, 3, 20])
 @pytest.mark.parametrize("cell,options", VARIANTS, ids=lambda v: str(v))
-def test_int8_paths_agree_to_the_bit(cell, options, B):
-    """The integer sums are exact: AVX-512 VNNI and the plain loops give the same layer."""
+def test_int8_paths_agree_to_the_bit(cell, options, B, path):
+    """The integer sums are exact: AVX-512 VNNI, AVX2 and the plain loops give the same layer."""
     from fastrnn import _cy
-    if not _cy.quantized_isa("int8"):
-        pytest.skip("this CPU has no AVX-512 VNNI")
+    if path == "avx512" and _cy.quantized_path("int8") != "avx512":
+        pytest.skip("this CPU has AVX-512 BF16 but not VNNI")
     m = _layer(cell, L=2, bidirectional=True, **options)
     q = fastrnn.quantize(m, "int8")
     x, state = _inputs(m, 7, B)
-    on = q(x, state)
-    old = _cy.set_quantized_isa(False)
-    try:
-        off = q(x, state)
-    finally:
-        _cy.set_quantized_isa(old)
-    for a, b in zip(_flat(*on), _flat(*off)):
+    outputs = {}
+    for p in (path, "plain"):
+        old = _cy.set_quantized_path(p)
+        try:
+            assert _cy.quantized_path("int8") == p
+            outputs[p] = q(x, state)
+        finally:
+            _cy.set_quantized_path(old)
+    for a, b in zip(_flat(*outputs[path]), _flat(*outputs["plain"])):
         np.testing.assert_array_equal(a, b)
+
+
+@needs_cython
+def test_instruction_paths():
+    """Each format takes the best path the CPU has, at most the one set; names are checked."""
+    from fastrnn import _cy
+    order = ("plain", "avx2", "avx512")
+    best = {fmt: _cy.quantized_path(fmt) for fmt in FORMATS}
+    for cap in order:
+        old = _cy.set_quantized_path(cap)
+        try:
+            for fmt in FORMATS:
+                expected = min(order.index(best[fmt]), order.index(cap))
+                assert _cy.quantized_path(fmt) == order[expected]
+        finally:
+            assert _cy.set_quantized_path(old) == cap
+    with pytest.raises(ValueError, match="path: expected one of"):
+        _cy.set_quantized_path("avx9")
+    with pytest.raises(ValueError, match="format: expected 'bfloat16' or 'int8'"):
+        _cy.quantized_path("float16")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
