@@ -89,7 +89,9 @@ cdef extern from "rowdot.h" nogil:
                        const double* x, Py_ssize_t ldx, Py_ssize_t nx, double* out,
                        Py_ssize_t ldo)
     int fr_rowdot_limit_isa(int isa)
-    void fr_barrier()
+    ctypedef struct fr_team:
+        pass
+    void fr_team_wait(fr_team* team, int threads)
 
 cdef extern from "panel.h" nogil:
     void fr_prefetch(const void* p, Py_ssize_t nbytes)
@@ -812,6 +814,8 @@ cdef void forward_loop(const Call* call, floating* ws, Plan plan) noexcept nogil
     # the whole forward call; the state before the first step is in its slot (_first_slot)
     cdef Call widened
     cdef float* wide = NULL
+    cdef fr_team team                   # the unit-split loop's barrier (fr_team_wait)
+    memset(&team, 0, sizeof(team))
     if floating is float:
         if call.p.q_hh.format == FR_Q_BF16 and _widened_steps(call, plan):
             # the weights widened once for the call, the source of each step rounded
@@ -832,9 +836,9 @@ cdef void forward_loop(const Call* call, floating* ws, Plan plan) noexcept nogil
         if plan.threads > 1:
             with parallel(num_threads=plan.threads):
                 forward_units_loop(call, ws, plan.input_dots, openmp.omp_get_thread_num(),
-                                   openmp.omp_get_num_threads())
+                                   openmp.omp_get_num_threads(), &team)
         else:
-            forward_units_loop(call, ws, plan.input_dots, 0, 1)
+            forward_units_loop(call, ws, plan.input_dots, 0, 1, &team)
     free(wide)
 
 
@@ -1369,8 +1373,9 @@ cdef inline void _unit_range(Py_ssize_t H, int tid, int threads, Py_ssize_t* j0,
 
 
 cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, int tid,
-                             int threads) noexcept nogil:
-    # thread tid of `threads` (every thread of the region runs this, with the same barriers);
+                             int threads, fr_team* team) noexcept nogil:
+    # thread tid of `threads` (every thread of the region runs this, meeting at the same
+    # barriers of `team`);
     # the same slots and buffers as the batch-row loop, so the cache is the same. input_dots:
     # x W_ih^T by this thread for its units too
     cdef Py_ssize_t T = call.sizes.T, B = call.sizes.B, I = call.sizes.I, H = call.sizes.H
@@ -1457,7 +1462,7 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
                     fr_prefetch(gates + (t_next * B + b) * GH + g * H + j0, n * sizeof(floating))
         for phase in range(call.cell.phases):
             if phase > 0:
-                fr_barrier()                    # all of product 1's source is written
+                fr_team_wait(team, threads)     # all of product 1's source is written
             if active and n > 0:
                 # hh[:, block g, units] = source @ w_hh[block g, units].T. Every other step
                 # reads product 0's weight rows last to first: the rows read last are still in
@@ -1478,7 +1483,7 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
                                    j0, n, source, ld, hh, zigzag)
             for b in range(B):
                 forward_row(call, ws, phase, t, cur, nxt, b, j0, n)
-        fr_barrier()                            # the new state is complete
+        fr_team_wait(team, threads)             # the new state is complete
     free(packed)
     free(qx)
     free(rounded)

@@ -16,7 +16,8 @@
  * assumption about NaN or infinity is made), and GCC's function multi-versioning compiles the
  * kernel for AVX-512, AVX2+FMA and baseline and picks one at load time from the CPU (ifunc).
  *
- *   fr_barrier(): an orphaned `omp barrier`, called by every thread of a parallel region.
+ *   fr_team_wait(team, threads): a barrier for the `threads` threads of a parallel region that
+ *       share `team` (zeroed before the region), which yields the CPU when a partner is late.
  */
 #ifndef FASTRNN_ROWDOT_H
 #define FASTRNN_ROWDOT_H
@@ -36,9 +37,44 @@
 /* rows of x taken together against each group of weight rows: about half of a 1 MiB L2 */
 #define FR_X_BLOCK_BYTES (512 * 1024)
 
-static inline void fr_barrier(void)
+/* A barrier that spins briefly, then yields the CPU while it waits. GOMP's `omp barrier` spins
+ * for up to ~300,000 pauses before it sleeps; when the scheduler has put two threads of a
+ * region on one CPU (seen on a 2-CPU VM after the process had been idle for 0.3 s: it lasts for
+ * whole calls), each barrier then costs a time slice, and a call 5-6x its time (AMD EPYC,
+ * lstm-infer-512-b1: 13 ms against 2.3). Yielding hands the CPU to the partner at once. The
+ * counter and the generation are on their own cache lines; the last thread to arrive resets the
+ * counter, then moves the generation on (release), which the others wait for (acquire), so
+ * every thread's writes before the barrier are seen by every thread after it. */
+#include <sched.h>
+#define FR_TEAM_SPINS 200       /* pauses before yielding: a few us, a normal arrival skew */
+typedef struct {
+    long count;
+    char pad0[64 - sizeof(long)];
+    long generation;
+    char pad1[64 - sizeof(long)];
+} fr_team;
+
+static inline void fr_team_wait(fr_team* team, int threads)
 {
-#pragma omp barrier
+    long gen;
+    int spins = 0;
+    if (threads <= 1) return;
+    gen = __atomic_load_n(&team->generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&team->count, 1, __ATOMIC_ACQ_REL) == threads) {
+        __atomic_store_n(&team->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&team->generation, gen + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    while (__atomic_load_n(&team->generation, __ATOMIC_ACQUIRE) == gen) {
+        if (spins < FR_TEAM_SPINS) {
+            spins++;
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
 }
 
 /* One group of R weight rows (R = 4 or 1) times NB rows of x (NB = 1..4).  The sums are
