@@ -95,6 +95,7 @@ cdef extern from "rowdot.h" nogil:
 
 cdef extern from "panel.h" nogil:
     void fr_prefetch(const void* p, Py_ssize_t nbytes)
+    void* fr_panel_alloc(size_t nbytes)
     Py_ssize_t fr_panel_width_f32()
     Py_ssize_t fr_panel_width_f64()
     Py_ssize_t fr_packed_size_f32(Py_ssize_t rows, Py_ssize_t k)
@@ -916,7 +917,7 @@ cdef void forward_rows_loop(const Call* call, floating* ws, int threads, int poo
         qx = malloc(fr_q_scratch_bytes(call.p.q_hh.format, call.p.q_hh.ld, B))
     elif _packs(T, B) and mask == NULL:
         # one buffer: the input projection's packed w_ih first, then w_hh for the steps
-        packed = <floating*>malloc(max(n_at + _packed_size(ws, GH - k0, H, amx_h),
+        packed = <floating*>fr_panel_alloc(max(n_at + _packed_size(ws, GH - k0, H, amx_h),
                                        _packed_size(ws, GH, I, amx_in)) * sizeof(floating))
         pool_threads = pool if packed != NULL else 0
     if call.p.round_source:
@@ -1060,7 +1061,7 @@ cdef void _widened_input_dots(const Call* call, floating* ws, Py_ssize_t j0, Py_
         rounded = <float*>malloc(nb * ld * sizeof(float))
         wide = <float*>malloc(n * ld * sizeof(float))
         if nb >= _PACK_MIN_ROWS:
-            packed = <float*>malloc(_packed_size(ws, n, I, amx) * sizeof(float))
+            packed = <float*>fr_panel_alloc(_packed_size(ws, n, I, amx) * sizeof(float))
         if rounded == NULL or wide == NULL:
             for b0 in range(TB):                # no memory: NaN, not garbage
                 for g in range(call.cell.G):
@@ -1417,7 +1418,7 @@ cdef void forward_units_loop(const Call* call, floating* ws, bint input_dots, in
         # allocated by the thread that uses it (its pages near its core); one buffer serves
         # w_ih's blocks one at a time first, then all of w_hh's
         block_size = _packed_size(ws, n, H, False)
-        packed = <floating*>malloc(
+        packed = <floating*>fr_panel_alloc(
             max(G * block_size, _packed_size(ws, n, I, amx_in) if input_dots and float_input
                 else 0) * sizeof(floating))
     if input_dots and n > 0 and widened_input:
@@ -1634,7 +1635,7 @@ cdef void backward_loop(const Call* call, const floating* ws, floating* bws, int
     if _packs(T, B) and mask == NULL:
         # one buffer: w_hh's columns for the steps, then the operands of the products after
         # the loop (_parameter_gradients)
-        packed = <floating*>malloc(max(n_at + _packed_size(bws, H, GH - k0, amx_h),
+        packed = <floating*>fr_panel_alloc(max(n_at + _packed_size(bws, H, GH - k0, amx_h),
                                        _packed_size_any(bws, I, GH),
                                        _packed_size_any(bws, max(I, H), grad_rows))
                                    * sizeof(floating))

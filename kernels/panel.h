@@ -47,6 +47,15 @@
 #define FR_PANEL_X_BLOCK_BYTES (256 * 1024)
 #endif
 
+/* memory for packed panels, freed with free(): on a 64-byte boundary, so that a panel row
+ * (FR_NR elements, one or two cache lines) never straddles a line. malloc's large blocks start
+ * 16 bytes past a page (glibc's mmap header), where every other 32-byte load, or every 64-byte
+ * one, touched two lines */
+static inline void* fr_panel_alloc(size_t bytes)
+{
+    return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+
 /* a hint to bring [p, p + bytes) into the cache before it is read */
 static inline void fr_prefetch(const void* p, ptrdiff_t bytes)
 {

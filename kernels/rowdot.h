@@ -38,10 +38,11 @@
 #define FR_X_BLOCK_BYTES (512 * 1024)
 
 /* A barrier that spins briefly, then yields the CPU while it waits. GOMP's `omp barrier` spins
- * for up to ~300,000 pauses before it sleeps; when the scheduler has put two threads of a
- * region on one CPU (seen on a 2-CPU VM after the process had been idle for 0.3 s: it lasts for
- * whole calls), each barrier then costs a time slice, and a call 5-6x its time (AMD EPYC,
- * lstm-infer-512-b1: 13 ms against 2.3). Yielding hands the CPU to the partner at once. The
+ * GOMP_SPINCOUNT pauses before it sleeps (10,000 as fastrnn sets it, about 0.2 ms); when the
+ * scheduler has put two threads of a region on one CPU (seen on a 2-CPU VM after the process
+ * had been idle for 0.3 s: it lasts for whole calls), the waiting thread spins that long on its
+ * partner's CPU at every barrier, and a call took 5-6x its time (AMD EPYC, lstm-infer-512-b1:
+ * 13 ms against 2.3). Yielding hands the CPU to the partner at once. The
  * counter and the generation are on their own cache lines; the last thread to arrive resets the
  * counter, then moves the generation on (release), which the others wait for (acquire), so
  * every thread's writes before the barrier are seen by every thread after it. */
