@@ -7,9 +7,10 @@
  *
  * bfloat16: the weights and x rounded to nearest even, NaN kept; every product of two bfloat16
  * numbers is exact in float32 and the sums are float32 (AVX-512 BF16's vdpbf16ps; AVX2's FMA
- * on the numbers widened in registers; a plain loop: each sums in its own order). layers.pyx uses these only where reading the
- * weights is the limit (FR_Q_BF16_DOT_ROWS, FR_Q_BF16_INPUT_DOT_ROWS below; else widened
- * weights on float32 kernels: fr_q_round_bf16, fr_q_widen_bf16).
+ * on the numbers widened in registers; a plain loop: each sums in its own order). layers.pyx
+ * uses these only where reading the weights is the limit (FR_Q_BF16_DOT_ROWS,
+ * FR_Q_BF16_INPUT_DOT_ROWS below; else widened weights on float32 kernels: fr_q_round_bf16,
+ * fr_q_widen_bf16).
  * int8: weights symmetric per row, W[r, i] ~= scale[r] * q[r, i], q in [-127, 127]; each row
  * of x symmetric on its own, x[b, i] ~= sx[b] * p[b, i], sx[b] = max|x[b]| / 127, p rounded
  * to nearest even. The sum of q * p is exact in int32 (AVX-512 VNNI's vpdpbusd, which takes
@@ -83,7 +84,7 @@ static inline int fr_q_cpu_features(void)
 static inline int fr_q_path(int format)
 {
     int f = fr_q_cpu_features();
-    int avx512 = format == FR_Q_BF16 ? (f & 1) != 0 : format == FR_Q_INT8 ? (f & 2) != 0 : 0;
+    int avx512 = format == FR_Q_BF16 ? (f & 1) != 0 : (f & 2) != 0;
     if (format == FR_Q_NONE) return FR_Q_PLAIN;
     if (avx512 && fr_q_max_path >= FR_Q_AVX512) return FR_Q_AVX512;
     if ((f & 4) && fr_q_max_path >= FR_Q_AVX2) return FR_Q_AVX2;
