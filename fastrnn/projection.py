@@ -29,9 +29,11 @@ dh0. With truncation, dh0 is cut where the kernels cut dc0: at the boundaries be
 row's first step (the reverse direction's padding).
 
 Zoneout with per-unit keep masks on h (training, z_h > 0) mixes h, P wide, which neither form
-has: such calls run on the reference. Zoneout's expectation (inference) is linear, so with
-``h_prev = w_hr m_prev`` the kernels' mix of m at rate z_h gives ``w_hr`` times the mixed h
-("state" form); zoneout of c, H wide, is the kernels' own.
+has (``zones_h``): the compiled backends run such calls on a loop of their own that carries h
+beside m and projects each step (``forward_projected`` in both), this module's ``forward`` on
+the reference. Zoneout's expectation (inference) is linear, so with ``h_prev = w_hr m_prev``
+the kernels' mix of m at rate z_h gives ``w_hr`` times the mixed h ("state" form); zoneout of
+c, H wide, is the kernels' own.
 
 ``forward`` and ``backward`` have the contract of ``fastrnn.cells`` (``layer_forward`` /
 ``layer_backward``), with the backend's own two functions as their first argument.
@@ -48,7 +50,7 @@ from . import reference
 from .cells import unprojected
 from .dispatch import _openblas_threads_functions
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "zones_h"]
 
 
 class Cache:
@@ -170,6 +172,18 @@ def initial_m(h0, w_hr):
     return None
 
 
+def zones_h(zoneout, train):
+    """Whether a call's zoneout mixes h per unit in a way neither form has (see the module's
+    docstring): keep masks on h, or zoneout of h in training. The compiled backends run such
+    calls on a loop of their own that carries h (P wide) beside the cell's m."""
+    if zoneout is None:
+        return False
+    z_h = zoneout[0]
+    if np.isscalar(z_h):
+        return bool(train) and z_h != 0
+    return True
+
+
 def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, state_n,
             threads=None, recurrent_mask=None, zoneout=None):
     if recurrent_mask is not None and train:
@@ -177,11 +191,10 @@ def forward(layer_forward, cell, x, state0, params, lengths, reverse, train, y, 
         raise ValueError("recurrent_mask: a projected LSTM takes no recurrent dropout")
     on_reference = lambda: reference.layer_forward(cell, x, state0, params, lengths, reverse,
                                                    train, y, state_n, zoneout=zoneout)
-    mixes_h = zoneout is not None and (not np.isscalar(zoneout[0]) or zoneout[0] != 0)
-    if mixes_h and (not np.isscalar(zoneout[0]) or (train and not cell.layer_norm)):
-        # keep masks per unit of h, P wide (see the docstring); and the plain cell's backward
-        # keeps no gradients of the recurrent product apart, which the "state" form reads
+    if zones_h(zoneout, train):
+        # not these forms' (the compiled backends' own loop runs it)
         return on_reference()
+    mixes_h = zoneout is not None and zoneout[0] != 0
     w_ih, w_hh = params[0], params[1]
     w_hr = params[-1]
     T, B, I = x.shape

@@ -63,7 +63,7 @@ import os
 import numpy as np
 
 from fastrnn import _scratch, projection
-from fastrnn.cells import CELLS, zoneout_weights
+from fastrnn.cells import CELLS, unprojected, zoneout_weights
 from fastrnn.quantized import QuantizedWeight
 
 from cython cimport floating
@@ -546,6 +546,26 @@ cdef struct Call:
     const void* dy              # like y; NULL: no dy
     Py_ssize_t dy_step, dy_row
     Py_ssize_t truncate         # 0: none
+    const Projection* proj      # forward_projected_loop's h; NULL for every other call
+
+
+cdef struct Projection:
+    # a projected LSTM whose h is zoned out per unit (forward_projected_loop): h, P wide,
+    # carried beside the cell's m (the Layout's h_slots)
+    Py_ssize_t P
+    const void* w_hr            # (P, H), rows ld_hr apart
+    int ld_hr
+    void* slots                 # (slots, B, P) like h_slots: h before each step
+    void* h_raw                 # (B, P) scratch: w_hr m of the step
+    const void* keep            # h's keep weights, P per step and row, keep_step and keep_row
+    Py_ssize_t keep_step, keep_row  # apart (0: the same for all)
+    void* y                     # (T, B, P), steps y_step and rows y_row apart
+    Py_ssize_t y_step, y_row
+    const void* dy              # backward: like y; NULL: no dy
+    Py_ssize_t dy_step, dy_row
+    void* dh                    # backward: (B, P) the gradient of h at the state reached
+    void* dw_hr                 # backward: (P, H), rows ld_dw_hr apart, ADDED into
+    int ld_dw_hr
 
 
 cdef struct Plan:
@@ -804,6 +824,9 @@ cdef inline const floating* _source(const Call* call, floating* ws, int phase, P
     # the source of product `phase` of step t, (B, *ld): h (in slot cur), or the step's saved
     # buffer
     cdef Py_ssize_t B = call.sizes.B, H = call.sizes.H
+    if phase == 0 and call.proj != NULL:           # h, P wide (forward_projected_loop)
+        ld[0] = call.proj.P
+        return <floating*>call.proj.slots + cur * B * ld[0]
     if phase == 0:
         ld[0] = H
         return ws + call.L.h_slots + cur * B * H
@@ -1758,7 +1781,8 @@ cdef void _parameter_gradients(const Call* call, const floating* ws, floating* b
                                   dw_hh + g * H * call.d.ld_dw_hh, call.d.ld_dw_hh, NULL,
                                   threads)
             else:
-                _gradient_product(d, ld_d, (i - g) * H, source, ld_source, H, TB,
+                _gradient_product(d, ld_d, (i - g) * H, source, ld_source,
+                                  ld_source if phase == 0 else H, TB,
                                   dw_hh + g * H * call.d.ld_dw_hh, call.d.ld_dw_hh, packed,
                                   threads)
             _gradient_sums(d, ld_d, (i - g) * H, TB, db_hh + g * H * call.d.inc_db_hh,
@@ -1832,6 +1856,123 @@ cdef void _column_sums(const floating* d, Py_ssize_t ldd, Py_ssize_t M, Py_ssize
                 for m in range(m1 - m0):
                     out[(m0 + m) * inc] += acc[m]
                 free(acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# A projected LSTM whose h is zoned out per unit (fastrnn.projection.zones_h): h is P wide, h' =
+# k h + (1 - k) w_hr m with m = o * tanh(c') the cell's own output, H wide. Such an h is no
+# product of the m the cell makes, so these loops carry it beside the cell's state: the cell's
+# slots (h_slots) hold m, the Projection's slots hold h, each step's product is of h with w_hh
+# (G*H, P) (_source), and after the pass m is projected and mixed. The cell's own zoneout sees
+# only c (its h weights are 0). The batch-row loop on BLAS, never packed (as recurrent
+# dropout's masks). Numba's kernels.forward_projected is the same loop.
+
+cdef inline void _projected_zoneout_row(const Call* call, Py_ssize_t t, Py_ssize_t b,
+                                        const floating* h, const floating* h_raw,
+                                        floating* h_new) noexcept nogil:
+    # row b of step t: h_new = k h + (1 - k) h_raw, y the same; a padding row keeps h, y zero
+    cdef const Projection* pj = call.proj
+    cdef floating* y = <floating*>pj.y + t * pj.y_step + b * pj.y_row
+    cdef const floating* k = <const floating*>pj.keep + t * pj.keep_step + b * pj.keep_row
+    cdef Py_ssize_t j, P = pj.P
+    cdef floating one = 1, v
+    if t >= call.lengths[b]:
+        memcpy(h_new, h, P * sizeof(floating))
+        memset(y, 0, P * sizeof(floating))
+        return
+    for j in range(P):
+        v = k[j] * h[j] + (one - k[j]) * h_raw[j]
+        h_new[j] = v
+        y[j] = v
+
+
+cdef inline void _projected_zoneout_backward_row(const Call* call, Py_ssize_t t, Py_ssize_t b,
+                                                 floating* dh, floating* dh_raw) noexcept nogil:
+    # undoes _projected_zoneout_row: dh (the gradient of h after step t) with dy[t] splits into
+    # dh_raw = (1 - k) of it, for w_hr m, and k of it, kept in dh for h before the step; a
+    # padding row keeps dh, dh_raw zero
+    cdef const Projection* pj = call.proj
+    cdef const floating* k = <const floating*>pj.keep + t * pj.keep_step + b * pj.keep_row
+    cdef const floating* dy = NULL
+    cdef Py_ssize_t j, P = pj.P
+    cdef floating one = 1, d
+    if t >= call.lengths[b]:
+        memset(dh_raw, 0, P * sizeof(floating))
+        return
+    if pj.dy != NULL:
+        dy = <const floating*>pj.dy + t * pj.dy_step + b * pj.dy_row
+    for j in range(P):
+        d = dh[j] + dy[j] if dy != NULL else dh[j]
+        dh_raw[j] = (one - k[j]) * d
+        dh[j] = k[j] * d
+
+
+cdef void forward_projected_loop(const Call* call, floating* ws, int threads) noexcept nogil:
+    # the state before the first step in its slots (m's: zero, any value); call.y a (B, H)
+    # scratch (y_step 0) for the cell's m
+    cdef const Projection* pj = call.proj
+    cdef Py_ssize_t T = call.sizes.T, B = call.sizes.B, H = call.sizes.H, P = pj.P
+    cdef Py_ssize_t GH = call.cell.G * H, s, t, cur, nxt, b
+    cdef floating* h_slots = <floating*>pj.slots
+    cdef floating* h_raw = <floating*>pj.h_raw
+    cdef bint active
+    _input_projection(call, ws)
+    for s in range(T):
+        t = T - 1 - s if call.reverse else s
+        cur = _state_slot(s, t, T, call.reverse, call.train, False)
+        nxt = _state_slot(s, t, T, call.reverse, call.train, True)
+        active = _any_active(call.lengths, t, B)
+        if active:
+            # hh = h @ w_hh.T:  (B, P) x (P, G*H)
+            gemm(False, True, <int>B, <int>GH, <int>P, 1, h_slots + cur * B * P, <int>P,
+                 <const floating*>call.p.w_hh, call.p.ld_hh, 0, ws + call.L.hh, <int>GH)
+        forward_pass(call, ws, 0, t, cur, nxt, threads)
+        if active:
+            # h_raw = m @ w_hr.T:  (B, H) x (H, P)
+            gemm(False, True, <int>B, <int>P, <int>H, 1, ws + call.L.h_slots + nxt * B * H,
+                 <int>H, <const floating*>pj.w_hr, pj.ld_hr, 0, h_raw, <int>P)
+        for b in range(B):
+            _projected_zoneout_row(call, t, b, h_slots + (cur * B + b) * P, h_raw + b * P,
+                                   h_slots + (nxt * B + b) * P)
+
+
+cdef void backward_projected_loop(const Call* call, const floating* ws, floating* bws,
+                                  floating* dh_raw, int threads) noexcept nogil:
+    # backward of forward_projected_loop: the Projection's dh holds dL/dh_n on entry, dL/dh0 on
+    # exit, the BackLayout's dh the gradient of m; dh_raw (B, P) scratch; call.dy NULL (the
+    # Projection's dy is the output's)
+    cdef const Projection* pj = call.proj
+    cdef Py_ssize_t T = call.sizes.T, B = call.sizes.B, H = call.sizes.H, P = pj.P
+    cdef Py_ssize_t GH = call.cell.G * H, s, t, b, boundary, after
+    cdef floating* dh = <floating*>pj.dh
+    cdef floating* dm = bws + call.K.dh
+    cdef const floating* d_hidden
+    cdef bint active, cut
+    for s in range(T):
+        t = s if call.reverse else T - 1 - s
+        active = _any_active(call.lengths, t, B)
+        boundary = t + 1 if call.reverse else t      # as in backward_loop
+        cut = call.truncate > 0 and 0 < boundary < T and boundary % call.truncate == 0
+        after = _state_slot(0, t, T, call.reverse, True, True)
+        for b in range(B):
+            _projected_zoneout_backward_row(call, t, b, dh + b * P, dh_raw + b * P)
+        if active:
+            # dm = dh_raw @ w_hr:  (B, P) x (P, H);  dw_hr += dh_raw.T @ m:  (P, B) x (B, H)
+            gemm(False, False, <int>B, <int>H, <int>P, 1, dh_raw, <int>P,
+                 <const floating*>pj.w_hr, pj.ld_hr, 0, dm, <int>H)
+            gemm(True, False, <int>P, <int>H, <int>B, 1, dh_raw, <int>P,
+                 ws + call.L.h_slots + after * B * H, <int>H, 1, <floating*>pj.dw_hr,
+                 pj.ld_dw_hr)
+        backward_pass(call, ws, bws, 0, t, threads)
+        if active and not cut:
+            # dh += d_hidden @ w_hh:  (B, G*H) x (G*H, P)
+            d_hidden = bws + (call.K.dhh if call.K.dhh >= 0 else call.K.dgates + t * B * GH)
+            gemm(False, False, <int>B, <int>P, <int>GH, 1, d_hidden, <int>GH,
+                 <const floating*>call.p.w_hh, call.p.ld_hh, 1, dh, <int>P)
+        if cut:
+            memset(dh, 0, B * P * sizeof(floating))
+            memset(bws + call.K.dc, 0, B * H * sizeof(floating))
+    _parameter_gradients(call, ws, bws, NULL, threads)    # w_hh's of h (_source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1964,6 +2105,9 @@ def _blas_ready(a):
 def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bint train, y,
                   tuple state_n, threads=None, recurrent_mask=None, zoneout=None):
     """One layer, one direction, all T steps; see fastrnn.cells for the contract."""
+    if cell.projected and projection.zones_h(zoneout, train):
+        return _zoned_projection_forward(cell, x, state0, params, lengths, reverse, train, y,
+                                         state_n, threads, recurrent_mask, zoneout)
     if cell.projected:          # run on the unprojected cell's kernels (fastrnn.projection)
         return projection.forward(layer_forward, cell, x, state0, params, lengths, reverse,
                                   train, y, state_n, threads, recurrent_mask, zoneout)
@@ -1993,6 +2137,7 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
     call.reverse, call.train = reverse, train
     call.x = _data(x)
     call.mask = NULL
+    call.proj = NULL
     if recurrent_mask is not None and train:
         recurrent_mask = np.require(recurrent_mask, x.dtype, "C")
         call.mask = _data(recurrent_mask)
@@ -2036,10 +2181,34 @@ def layer_forward(cell, x, tuple state0, tuple params, lengths, bint reverse, bi
     return cache
 
 
+cdef list _gradient_arrays(Call* call, list grads, bint whole_rows, Py_ssize_t h_width, dtype,
+                          Py_ssize_t item):
+    # call.d for grads = [dx, dw_ih, dw_hh, db_ih, db_hh, ...] (dw_hh (G*H, h_width)): the
+    # arrays the loop adds into, returned: each itself where BLAS can add into it in place, else
+    # zeros, summed first and added after the loop (grads' entry None: added nowhere)
+    work = [g if _blas_ready(g) else np.zeros(g.shape, dtype) for g in grads]
+    if whole_rows:
+        # the loop's bias sums are of the gate gradients, not the biases': to scratch
+        work[3], work[4] = (np.zeros(call.cell.G * call.sizes.H, dtype) for _ in range(2))
+        grads[3] = grads[4] = None
+    call.d.dx, call.d.dw_ih, call.d.dw_hh = _data(work[0]), _data(work[1]), _data(work[2])
+    call.d.db_ih, call.d.db_hh = _data(work[3]), _data(work[4])
+    call.d.dx_step = work[0].strides[0] // item
+    call.d.dx_row = _ld(work[0].strides[1], call.sizes.I, item)
+    call.d.ld_dw_ih = <int>_ld(work[1].strides[0], call.sizes.I, item)
+    call.d.ld_dw_hh = <int>_ld(work[2].strides[0], h_width, item)
+    call.d.inc_db_ih = <int>(work[3].strides[0] // item)
+    call.d.inc_db_hh = <int>(work[4].strides[0] // item)
+    return work
+
+
 def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0, tuple dparams,
                    threads=None):
     """Gradients of one layer_forward call, ADDED into dx, dstate0 and dparams; returns the
     hidden-side gate gradients; see fastrnn.cells."""
+    if isinstance(cache, _ProjectionCache):
+        return _zoned_projection_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0,
+                                          dparams, threads)
     if cell.projected:
         return projection.backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx,
                                    dstate0, dparams, threads)
@@ -2072,21 +2241,8 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
                 dy = np.ascontiguousarray(dy)          # rows must be unit-stride runs
             call.dy = _data(dy)
             call.dy_step, call.dy_row = dy.strides[0] // item, dy.strides[1] // item
-        # gradients BLAS cannot add into in place are summed into zeros first, then added
         grads = [dx, *dparams[:4]]
-        work = [g if _blas_ready(g) else np.zeros(g.shape, dtype) for g in grads]
-        if cell.whole_rows:
-            # the loop's bias sums are of the gate gradients, not the biases': to scratch
-            work[3], work[4] = (np.zeros(call.cell.G * H, dtype) for _ in range(2))
-            grads[3] = grads[4] = None
-        call.d.dx, call.d.dw_ih, call.d.dw_hh = _data(work[0]), _data(work[1]), _data(work[2])
-        call.d.db_ih, call.d.db_hh = _data(work[3]), _data(work[4])
-        call.d.dx_step = work[0].strides[0] // item
-        call.d.dx_row = _ld(work[0].strides[1], call.sizes.I, item)
-        call.d.ld_dw_ih = <int>_ld(work[1].strides[0], call.sizes.I, item)
-        call.d.ld_dw_hh = <int>_ld(work[2].strides[0], H, item)
-        call.d.inc_db_ih = <int>(work[3].strides[0] // item)
-        call.d.inc_db_hh = <int>(work[4].strides[0] // item)
+        work = _gradient_arrays(&call, grads, cell.whole_rows, H, dtype, item)
         limit = _thread_limit(threads)
         passes, pool = min(_pass_threads, limit), _pool_threads(limit, threads is not None)
         with nogil:
@@ -2111,6 +2267,162 @@ def layer_backward(cell, cache, dy, tuple dstate_n, truncate, dx, tuple dstate0,
         return None
     HB = call.cell.hidden_blocks * BH
     return bws[call.K.dgates_hh: call.K.dgates_hh + T * HB].reshape(T, B, -1)
+
+
+cdef class _ProjectionCache(_Cache):
+    """_Cache of _zoned_projection_forward: the Projection (call.proj points at it) and the
+    arrays it points into."""
+    cdef Projection proj
+    cdef readonly tuple projection_arrays
+    cdef readonly object kernel_cell
+
+
+def _zoned_projection_forward(cell, x, tuple state0, tuple params, lengths, bint reverse,
+                              bint train, y, tuple state_n, threads, recurrent_mask, zoneout):
+    """layer_forward of a projected LSTM whose zoneout mixes h per unit
+    (fastrnn.projection.zones_h), on forward_projected_loop."""
+    if recurrent_mask is not None and train:
+        raise ValueError("recurrent_mask: a projected LSTM takes no recurrent dropout")
+    cdef Call call
+    cdef Projection pj
+    cdef bint f32 = _is_float32(x)
+    cdef Py_ssize_t item = 4 if f32 else 8, T, B, I, H, P, G, first, final
+    kernel_cell = unprojected(cell)
+    call.cell = _cell_spec(kernel_cell)
+    T, B, I = x.shape
+    w_hr = np.ascontiguousarray(params[len(params) - 1])     # (wraparound is off)
+    P, H = w_hr.shape
+    G = call.cell.G
+    if T * B >= 2**31 or G * H * max(I, H) >= 2**31:
+        raise ValueError(f"x: T*B = {T * B} rows or G*H = {G * H} columns are too many for BLAS")
+    call.sizes = Sizes(T=T, B=B, I=I, H=H)
+    params = params[:len(params) - 1]
+    if kernel_cell.layer_norm:
+        params = tuple(params[:4]) + (kernel_cell.norm_array(params),)
+    call.p = _params(params, item, kernel_cell)
+    z_h, z_c = zoneout
+    # the cell's own zoneout: c's weights, none for its h (m)
+    zone = zoneout_weights((0.0, z_c), x.dtype, T, B, H)
+    call.zone = _data(zone)
+    call.zone_step = call.zone_row = 0
+    if zone.shape[0] > 1:
+        call.zone_step, call.zone_row = zone.shape[1] * zone.shape[2], zone.shape[2]
+    keep = np.full((1, 1, P), z_h, x.dtype) if np.isscalar(z_h) else \
+        np.require(z_h, x.dtype, "C")
+    pj.keep = _data(keep)
+    pj.keep_step = pj.keep_row = 0
+    if keep.shape[0] > 1:
+        pj.keep_step, pj.keep_row = B * P, P
+    call.L = _layout(&call.cell, call.sizes, train, True)
+    call.lengths = <const int64_t*>_data(lengths)
+    call.reverse, call.train = reverse, train
+    call.x = _data(x)
+    call.mask = NULL
+    call.proj = &pj
+    slots = T + 1 if train else 2
+    ws = _scratch.empty(max(1, call.L.size), x.dtype)   # kept by the cache
+    h_slots = np.empty((slots, B, P), x.dtype)
+    scratch = np.empty((B, P + H), x.dtype)            # h_raw, then the cell's y (m)
+    pj.P, pj.w_hr, pj.ld_hr = P, _data(w_hr), <int>H
+    pj.slots, pj.h_raw = _data(h_slots), _data(scratch)
+    first, final = _first_slot(T, reverse, train), _final_slot(T, train)
+    ws[call.L.h_slots + first * B * H: call.L.h_slots + (first + 1) * B * H] = 0
+    ws[call.L.c_slots + first * B * H: call.L.c_slots + (first + 1) * B * H] = \
+        state0[1].reshape(-1)
+    h_slots[first] = state0[0]
+    cdef void* ws_data = cnp.PyArray_DATA(<cnp.ndarray>ws)
+    cdef int passes
+    if T and B and H:
+        y_work = y if _blas_ready(y) else np.empty((T, B, P), x.dtype)
+        pj.y = _data(y_work)
+        pj.y_step, pj.y_row = y_work.strides[0] // item, y_work.strides[1] // item
+        call.y = <char*>_data(scratch) + P * item
+        call.y_step, call.y_row = 0, P + H
+        passes = min(_pass_threads, _thread_limit(threads))
+        with nogil:
+            if f32:
+                forward_projected_loop[float](&call, <float*>ws_data, passes)
+            else:
+                forward_projected_loop[double](&call, <double*>ws_data, passes)
+        if y_work is not y:
+            y[...] = y_work
+    else:
+        final = first
+        y[...] = 0
+    state_n[0][...] = h_slots[final]
+    state_n[1][...] = ws[call.L.c_slots + final * B * H: call.L.c_slots + (final + 1) * B * H] \
+        .reshape(B, H)
+    if not train:
+        return None
+    cdef _ProjectionCache cache = _ProjectionCache()
+    cache.workspace, cache.call, cache.proj = ws, call, pj
+    cache.call.proj = &cache.proj
+    cache.arrays = (x, state0, params, lengths, None, zone)
+    cache.projection_arrays = (w_hr, keep, h_slots)
+    cache.kernel_cell = kernel_cell
+    return cache
+
+
+def _zoned_projection_backward(cell, _ProjectionCache cache, dy, tuple dstate_n, truncate, dx,
+                               tuple dstate0, tuple dparams, threads):
+    """layer_backward of _zoned_projection_forward (backward_projected_loop)."""
+    cdef Call call = cache.call
+    cdef Projection pj = cache.proj
+    kernel_cell = cache.kernel_cell
+    ws = cache.workspace
+    dtype = ws.dtype
+    cdef bint f32 = dtype == np.float32
+    cdef Py_ssize_t item = 4 if f32 else 8, T = call.sizes.T, B = call.sizes.B, H = call.sizes.H
+    cdef Py_ssize_t P = pj.P, BH = B * H
+    call.proj = &pj
+    call.K = _back_layout(&call.cell, call.sizes, True)
+    bws = _scratch.empty(max(1, call.K.size), dtype)
+    bws[call.K.dh: call.K.dh + BH] = 0
+    bws[call.K.dc: call.K.dc + BH] = 0 if dstate_n[1] is None else dstate_n[1].reshape(-1)
+    dh = np.zeros((B, P), dtype) if dstate_n[0] is None else np.array(dstate_n[0], dtype)
+    dh_raw = np.empty((B, P), dtype)
+    pj.dh = _data(dh)
+    cdef Py_ssize_t sums = call.cell.row_sums * BH
+    if call.K.dpeep >= 0:
+        bws[call.K.dpeep: call.K.dpeep + sums] = 0
+    call.truncate = 0 if truncate is None else truncate
+    call.dy = NULL
+    cdef void* ws_data = cnp.PyArray_DATA(<cnp.ndarray>ws)
+    cdef void* bws_data = cnp.PyArray_DATA(<cnp.ndarray>bws)
+    cdef void* dh_raw_data = _data(dh_raw)
+    cdef int passes
+    if T and B and H:
+        pj.dy = NULL
+        if dy is not None:
+            if P > 1 and dy.strides[2] != item or any(st % item for st in dy.strides):
+                dy = np.ascontiguousarray(dy)
+            pj.dy = _data(dy)
+            pj.dy_step, pj.dy_row = dy.strides[0] // item, dy.strides[1] // item
+        grads = [dx, *dparams[:4], dparams[len(dparams) - 1]]
+        work = _gradient_arrays(&call, grads, kernel_cell.whole_rows, P, dtype, item)
+        pj.dw_hr = _data(work[5])
+        pj.ld_dw_hr = <int>_ld(work[5].strides[0], H, item)
+        passes = min(_pass_threads, _thread_limit(threads))
+        with nogil:
+            if f32:
+                backward_projected_loop[float](&call, <float*>ws_data, <float*>bws_data,
+                                               <float*>dh_raw_data, passes)
+            else:
+                backward_projected_loop[double](&call, <double*>ws_data, <double*>bws_data,
+                                                <double*>dh_raw_data, passes)
+        for g, w in zip(grads, work):
+            if w is not g and g is not None:
+                g += w
+        if kernel_cell.layer_norm:
+            kernel_cell.add_norm_gradients(bws[call.K.dpeep: call.K.dpeep + sums]
+                                           .reshape(B, kernel_cell.norm_rows, call.cell.G * H)
+                                           .sum(axis=0), dparams)
+        elif call.K.dpeep >= 0:
+            dpeephole = dparams[4]
+            dpeephole += bws[call.K.dpeep: call.K.dpeep + sums].reshape(B, 3, H).sum(axis=0)
+    dstate0[0][...] += dh
+    dstate0[1][...] += bws[call.K.dc: call.K.dc + BH].reshape(B, H)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2224,6 +2536,7 @@ def layer_call_step(spec, params, bint batch_first, x, state):
     call.lengths = NULL
     call.mask = NULL                    # inference: no recurrent dropout
     call.zone = NULL                    # the layers take no zoneout here
+    call.proj = NULL
     call.reverse = call.train = False
     cdef size_t item = 4 if typenum == cnp.NPY_FLOAT else 8
     cdef Py_ssize_t ws_bytes = max(1, call.L.size) * item

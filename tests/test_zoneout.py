@@ -323,9 +323,10 @@ def test_refusals(cls, value, match):
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_projection_matches_reference(backend, rates, layer_norm, dtype):
     """A projected LSTM with zoneout (z_c, z_h) on a compiled backend against the reference:
-    training (the same masks; with z_h > 0 the call runs on the reference, the masks being per
-    unit of the P-wide h), with lengths, truncation, both directions and two layers; and
-    inference, whose expectation the kernels take as a mix of m at z_h (fastrnn.projection)."""
+    training (the same masks; with z_h > 0 on the backend's loop that carries the P-wide h,
+    test_projected_zoneout_loop), with lengths, truncation, both directions and two layers;
+    and inference, whose expectation the kernels take as a mix of m at z_h
+    (fastrnn.projection)."""
     T, B, lengths = 9, 4, [9, 3, 0, 6]
     results, inferred = {}, {}
     for name in ("reference", backend):
@@ -342,6 +343,58 @@ def test_projection_matches_reference(backend, rates, layer_norm, dtype):
     # the rates are used: zoneout's expectation differs from no zoneout
     m.zoneout = (0.0, 0.0)
     assert max_rel_error(m(x, state_arg(state), lengths)[0], inferred[backend]["y"]) > 1e-3
+
+
+PROJECTED_CELLS = {"plain": {}, "peephole": {"peephole": True},
+                   "options": {"clip": 1.5, "input_forget": True},
+                   "layer_norm": {"layer_norm_eps": 1e-5}}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell_options", sorted(PROJECTED_CELLS))
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_projected_zoneout_loop(backend, cell_options, reverse, dtype):
+    """The compiled backends' own loop for a projected LSTM whose zoneout mixes h per unit
+    (fastrnn.projection.zones_h: h, P wide, carried beside the cell's m): keep masks on h and
+    c, lengths with a 0, truncation, the final state's gradient, against the reference's
+    layer_forward / layer_backward, for every LSTM variant; and a rate in training, which mixes
+    h per unit too. The call runs compiled, not on the reference."""
+    kernels = fastrnn.get_backend(backend)
+    cell = cells.cell_for("LSTM", projected=True, **PROJECTED_CELLS[cell_options])
+    T, B, I, H, P = 7, 4, 3, 6, 4
+    rng = np.random.default_rng(stable_seed(cell_options, reverse))
+    shapes = cell.param_shapes(I, H, P)
+    params = tuple((0.5 * rng.standard_normal(shapes[n])).astype(dtype)
+                   for n in cell.param_names)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    state0 = ((0.5 * rng.standard_normal((B, P))).astype(dtype),
+              (0.5 * rng.standard_normal((B, H))).astype(dtype))
+    lengths = np.array([7, 3, 0, 5])
+    masks = ((rng.random((T, B, P)) < 0.4).astype(dtype),
+             (rng.random((T, B, H)) < 0.3).astype(dtype))
+    dy = rng.standard_normal((T, B, P)).astype(dtype)
+    dstate_n = (rng.standard_normal((B, P)).astype(dtype),
+                rng.standard_normal((B, H)).astype(dtype))
+    for zoneout in (masks, (0.4, masks[1])):
+        results = {}
+        for name, module in (("reference", reference), (backend, kernels)):
+            y = np.zeros((T, B, P), dtype)
+            state_n = (np.zeros((B, P), dtype), np.zeros((B, H), dtype))
+            cache = module.layer_forward(cell, x, state0, params, lengths, reverse, True, y,
+                                         state_n, zoneout=zoneout)
+            assert isinstance(cache, reference.Cache) == (name == "reference")
+            dx = np.zeros_like(x)
+            dstate0 = tuple(np.zeros_like(s) for s in state0)
+            dparams = tuple(np.zeros_like(p) for p in params)
+            module.layer_backward(cell, cache, dy, dstate_n, 3, dx, dstate0, dparams)
+            results[name] = {"y": y, "h_n": state_n[0], "c_n": state_n[1], "dx": dx,
+                             "dh0": dstate0[0], "dc0": dstate0[1],
+                             **{f"d{n}": d for n, d in zip(cell.param_names, dparams)}}
+        assert_all_close(results[backend], results["reference"], dtype,
+                         f"{backend} {cell_options}")
+        # the masks are used: h of the rows past their length stays, and y is zero there
+        np.testing.assert_array_equal(results[backend]["y"][3:, 1], 0)
 
 
 def test_onnx_export_refuses(tmp_path):

@@ -77,17 +77,30 @@ def _signatures(dtype):
                      const(1), array(2))),  # dgates dgates_hh dhh dh dc dsaved dpeep ones carry
         types.Tuple((array(2), array(2), array(1), array(1), array(2))),  # dparams
         array(3))                                              # dx
+    # a projected LSTM with zoneout of h (kernels.forward_projected): w_hr, and the
+    # projection's (proj_slots, h_raw, keep) / (proj_slots, keep, dh, dh_raw)
+    w_hr = const(2)
+    forward_projected = types.none(
+        spec, const(3), params, w_hr, lengths, flag, flag, array(3, "A"), forward.args[8],
+        types.Tuple((array(3), array(2), const(3))))
+    backward_projected = types.none(
+        spec, const(3), params, w_hr, lengths, flag, i64, backward.args[7],
+        types.Tuple((const(3), const(3), array(2), array(2))), const(3, "A"),
+        *backward.args[9:], array(2))
     # the one-step kernel takes plain cells only: options None, no options step pairs compiled
     step_params = types.Tuple(params.types[:5] + (types.none,))
     step = types.int64(
         spec, i64, flag, const(3), types.UniTuple(const(3), 2),  # threads batch_first x state0
         i64, step_params, types.UniTuple(array(3), 2), array(3), i64)  # row params state_n out col
     return {"forward_rows": forward, "forward_units": forward, "backward": backward,
-            "step": step}
+            "step": step, "forward_projected": forward_projected,
+            "backward_projected": backward_projected}
 
 
 _LOOPS = {"forward_rows": kernels.forward_rows, "forward_units": kernels.forward_units,
-          "backward": kernels.backward_loop, "step": kernels.step}
+          "backward": kernels.backward_loop, "step": kernels.step,
+          "forward_projected": kernels.forward_projected,
+          "backward_projected": kernels.backward_projected}
 _dispatchers = {}       # (dtype, name) -> the loop's dispatcher, compiled or not
 
 # every cache entry of the backend read and written under a lock (see cache.py)
@@ -419,6 +432,9 @@ def _cell_spec(cell):
 def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, threads=None,
                   recurrent_mask=None, zoneout=None):
     """One layer, one direction, all T steps; see ``fastrnn.cells`` for the arguments."""
+    if cell.projected and projection.zones_h(zoneout, train):
+        return _zoned_projection_forward(cell, x, state0, params, lengths, reverse, train, y,
+                                         state_n, threads, recurrent_mask, zoneout)
     if cell.projected:          # run on the unprojected cell's kernels (fastrnn.projection)
         return projection.forward(layer_forward, cell, x, state0, params, lengths, reverse,
                                   train, y, state_n, threads, recurrent_mask, zoneout)
@@ -500,6 +516,9 @@ def layer_forward(cell, x, state0, params, lengths, reverse, train, y, state_n, 
 def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, threads=None):
     """Backward of ``layer_forward``; ADDS into dx, dstate0 and dparams (see
     ``fastrnn.cells``). Returns the hidden-side gate gradients (see ``fastrnn.cells``)."""
+    if isinstance(cache, ZonedProjectionCache):
+        return _zoned_projection_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0,
+                                          dparams, threads)
     if cell.projected:
         return projection.backward(layer_backward, cell, cache, dy, dstate_n, truncate, dx,
                                    dstate0, dparams, threads)
@@ -552,6 +571,117 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     for d0, d in zip(dstate0, (ws["dh"], ws["dc"])):
         d0 += d
     return ws["dgates_hh"] if T * B > 0 and hidden_blocks else None
+
+
+class ZonedProjectionCache(ForwardCache):
+    """ForwardCache of a projected LSTM with zoneout of h: ``arrays`` the unprojected cell's
+    (h_slots: m), ``projection`` = (proj_slots, keep), ``cell`` the unprojected record."""
+
+    __slots__ = ("projection", "cell")
+
+
+def _zoned_projection_forward(cell, x, state0, params, lengths, reverse, train, y, state_n,
+                              threads, recurrent_mask, zoneout):
+    """layer_forward of a projected LSTM whose h zoneout mixes per unit (projection.zones_h),
+    on kernels.forward_projected; the reference while that loop compiles."""
+    if recurrent_mask is not None and train:
+        raise ValueError("recurrent_mask: a projected LSTM takes no recurrent dropout")
+    dtype = x.dtype
+    T, B, _ = x.shape
+    kernel_cell = cells.unprojected(cell)
+    spec = _cell_spec(kernel_cell)
+    _, G, _, saved_width, _, _, _ = spec
+    w_hr = params[-1]
+    P, H = w_hr.shape
+    kernel = None
+    if T * B > 0:
+        kernel = _ready_kernel(dtype, "forward_projected", ("backward_projected",) if train else ())
+        if kernel is not None and train and _ready_kernel(dtype, "backward_projected") is None:
+            kernel = None
+        if kernel is None:
+            return reference.layer_forward(cell, x, state0, params, lengths, reverse, train, y,
+                                           state_n, threads, recurrent_mask, zoneout)
+    slots = T + 1 if train else 2
+    z_h, z_c = zoneout
+    buffer, ws = _workspace(dtype, {
+        "gates": (T, B, G * H), "h_slots": (slots, B, H), "c_slots": (slots, B, H),
+        "saved": (T, B, saved_width * H) if train else (1, 0, 0), "hh": (B, G * H),
+        "raw_c": (T, B, H) if train else (1, 0, 0),
+        "proj_slots": (slots, B, P), "h_raw": (B, P)})
+    first = T - 1 if train and reverse and T > 0 else 0
+    final = T if train else T & 1
+    ws["h_slots"][first] = 0            # m before the first step: no LSTM step reads it
+    ws["c_slots"][first] = state0[1]
+    ws["proj_slots"][first] = state0[0]
+    keep = np.full((1, 1, P), z_h, dtype) if np.isscalar(z_h) else np.require(z_h, dtype, "C")
+    # the cell's own zoneout: c's weights, none for its h (m)
+    zone = cells.zoneout_weights((0.0, z_c), dtype, T, B, H)
+    arrays = (ws["gates"], ws["h_slots"], ws["c_slots"], ws["saved"], _empty(dtype, (0, 0, 0)),
+              zone, ws["raw_c"])
+    if T * B > 0:
+        out = _Output(y, "write", contiguous=False)
+        _launch(kernel, _pass_threads(B * G * H, _thread_limit(threads)), spec, x,
+                _params(dtype, params[:-1], kernel_cell), w_hr, lengths, bool(reverse),
+                bool(train), out.array, arrays[:4] + (ws["hh"],) + arrays[4:],
+                (ws["proj_slots"], ws["h_raw"], keep))
+        out.finish()
+    else:
+        y[...] = 0
+        final = first
+    state_n[0][...] = ws["proj_slots"][final]
+    state_n[1][...] = ws["c_slots"][final]
+    if not train:
+        return None
+    cache = ZonedProjectionCache(x, params, lengths, bool(reverse), buffer, arrays)
+    cache.projection, cache.cell = (ws["proj_slots"], keep), kernel_cell
+    return cache
+
+
+def _zoned_projection_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams,
+                               threads):
+    """layer_backward of _zoned_projection_forward (kernels.backward_projected)."""
+    x = cache.x
+    dtype = x.dtype
+    T, B, _ = x.shape
+    kernel_cell = cache.cell
+    spec = _cell_spec(kernel_cell)
+    _, G, _, _, _, hidden_blocks, _ = spec
+    params = _params(dtype, cache.params[:-1], kernel_cell)
+    w_hr = cache.params[-1]
+    P, H = w_hr.shape
+    _, ws = _workspace(dtype, {
+        "dgates": (T, B, G * H), "dgates_hh": (T, B, hidden_blocks * H),
+        "dhh": (B, G * H) if hidden_blocks else (0, 0), "dm": (B, H), "dc": (B, H),
+        "dsaved": (0, 0), "dpeep": (B, params[4].size) if params[4].size else (0, 0),
+        "ones": (T * B,), "carry": (B, 2 * H), "dh": (B, P), "dh_raw": (B, P)})
+    ws["ones"][...] = 1
+    ws["dpeep"][...] = 0
+    for d, d_n in zip((ws["dh"], ws["dc"]), dstate_n):
+        d[...] = 0 if d_n is None else d_n
+    if T * B > 0:
+        dnorm = np.zeros(params[4].shape, dtype) if kernel_cell.layer_norm else None
+        grads = [_Output(g, "add") for g in (dx, *dparams[:4])]
+        if kernel_cell.whole_rows:
+            # the loop's bias sums are of the gate gradients, not the biases': to scratch
+            grads[3:5] = [_Output(np.zeros(G * H, dtype), "add") for _ in range(2)]
+        grads.append(_Output(dnorm if kernel_cell.layer_norm else
+                             dparams[4] if len(dparams) > 5 else _empty(dtype, (0, 0)), "add"))
+        grads.append(_Output(dparams[-1], "add"))
+        _launch(_kernel(dtype, "backward_projected"),
+                _pass_threads(B * G * H, _thread_limit(threads)), spec, x, params, w_hr,
+                cache.lengths, cache.reverse, 0 if truncate is None else int(truncate),
+                cache.arrays, cache.projection + (ws["dh"], ws["dh_raw"]),
+                _empty(dtype, (T, 0, 0)) if dy is None else np.require(dy, requirements="A"),
+                tuple(ws[name] for name in ("dgates", "dgates_hh", "dhh", "dm", "dc", "dsaved",
+                                            "dpeep", "ones", "carry")),
+                tuple(g.array for g in grads[1:6]), grads[0].array, grads[6].array)
+        for g in grads:
+            g.finish()
+        if kernel_cell.layer_norm:
+            kernel_cell.add_norm_gradients(dnorm, dparams)
+    for d0, d in zip(dstate0, (ws["dh"], ws["dc"])):
+        d0 += d
+    return None
 
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)

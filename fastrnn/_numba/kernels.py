@@ -2153,8 +2153,9 @@ def any_weight_gradient(P, use_amx, d, v, out, flat, amx_flat):
 
 
 # =============================================================================================
-# Loops. forward_units, forward_rows and backward_loop are not decorated: fastrnn._numba compiles each with
-# one explicit signature per dtype (see _signatures there).
+# Loops. forward_units, forward_rows and backward_loop (and forward_projected and
+# backward_projected, further down) are not decorated: fastrnn._numba compiles each with one
+# explicit signature per dtype (see _signatures there).
 #
 # The unit-split loop (small batches): the hidden units are split over P threads; thread p
 # owns units [j0, j1) and per step computes the gate rows {g*H + j} of the product for its
@@ -2717,6 +2718,129 @@ def parameter_gradients(pool, spec, x, params, cache, grads, dparams, dx):
     if dpeep.shape[1] > 0:
         # dpeephole += dpeep.sum(0)
         column_sums(1, dpeep, dpeephole.reshape((dpeep.shape[1],)))
+
+
+# ---------------------------------------------------------------------------------------------
+# A projected LSTM whose h is zoned out per unit (fastrnn.projection): h is P wide, h' = k h +
+# (1 - k) w_hr m with m = o * tanh(c') the cell's own output, H wide. Such an h is no product of
+# the m the cell makes, so these loops carry it beside the cell's state: the cell's slots
+# (h_slots) hold m, the projection's slots (proj_slots, (slots, B, P)) hold h, each step's
+# product is of h with w_hh (G*H, P), and after the pass m is projected and mixed. The cell's
+# own zoneout sees only c (its h weights are 0). The batch-row loop on BLAS, never packed
+# (as recurrent dropout's masks).
+
+@njit(**config.EXACT_MIX)
+def projected_zoneout_row(b, t, padding, keep, h, h_raw, h_new, y):
+    """Row b of step t: h_new = k h + (1 - k) h_raw (y the same), keep (T, B, P) masks or
+    (1, 1, P) rates; a padding row keeps h, y zero."""
+    P = h.shape[1]
+    if padding:
+        for j in range(P):
+            h_new[b, j] = h[b, j]
+            y[b, j] = 0
+        return
+    one = h.dtype.type(1)
+    k = keep[t if keep.shape[0] > 1 else 0, b if keep.shape[1] > 1 else 0]
+    for j in range(P):
+        v = k[j] * h[b, j] + (one - k[j]) * h_raw[b, j]
+        h_new[b, j] = v
+        y[b, j] = v
+
+
+@njit(**config.KERNEL)
+def projected_zoneout_backward_row(b, t, padding, keep, dy, dh, dh_raw):
+    """Undoes projected_zoneout_row: dh (the gradient of h after step t) with dy[t] splits into
+    dh_raw = (1 - k) of it, for w_hr m, and k of it, kept in dh for h before the step; a padding
+    row keeps dh, dh_raw zero."""
+    P = dh.shape[1]
+    if padding:
+        for j in range(P):
+            dh_raw[b, j] = 0
+        return
+    one = dh.dtype.type(1)
+    k = keep[t if keep.shape[0] > 1 else 0, b if keep.shape[1] > 1 else 0]
+    with_dy = dy.shape[0] > 0
+    for j in range(P):
+        d = dh[b, j] + dy[b, j] if with_dy else dh[b, j]
+        dh_raw[b, j] = (one - k[j]) * d
+        dh[b, j] = k[j] * d
+
+
+def forward_projected(spec, x, params, w_hr, lengths, reverse, train, y, ws, proj):
+    """The loop of a projected LSTM with zoneout of h (see above; not decorated: fastrnn._numba
+    compiles it with a signature per dtype). ws as forward_rows_loop's (h_slots: m; zone with
+    h weights 0, c's own); proj = (proj_slots, h_raw (B, P) scratch, keep): h before the first
+    step is in its slot of proj_slots, the final one ends in its slot."""
+    gates, m_slots, c_slots, saved, hh, _, zone, raw_c = ws
+    proj_slots, h_raw, keep = proj
+    w_ih, w_hh = params[0], params[1]
+    T, B, I = x.shape
+    GH = gates.shape[2]
+    # gates = x @ w_ih.T                                                   (T*B, G*H)
+    gemm(x.reshape((T * B, I)), NO_TRANS, w_ih, TRANS, gates.reshape((T * B, GH)), 0.0)
+    phase = np.int64(0)
+    for s in range(T):
+        t, cur, nxt, ts = step_slots(s, T, reverse, train)
+        m_new = m_slots[nxt]
+        # the cell writes m as its h and as its y (a strided view: the type forward_rows_loop
+        # gives forward_pass, whose compiled code this loop then shares)
+        step = (gates[t], hh, m_slots[cur], m_new, c_slots[cur], c_slots[nxt], saved[ts],
+                m_new[:, ::1])
+        active = any_active(t, lengths)
+        if active:
+            # hh = h @ w_hh.T                                                  (B, G*H)
+            gemm(proj_slots[cur], NO_TRANS, w_hh, TRANS, hh, 0.0)
+        forward_pass(spec, phase, t, lengths, params, step, step_zone(zone, raw_c, t))
+        if active:
+            # h_raw = m @ w_hr.T                                               (B, P)
+            gemm(m_new, NO_TRANS, w_hr, TRANS, h_raw, 0.0)
+        for b in range(B):
+            projected_zoneout_row(b, t, t >= lengths[b], keep, proj_slots[cur], h_raw,
+                                  proj_slots[nxt], y[t])
+
+
+def backward_projected(spec, x, params, w_hr, lengths, reverse, truncate, cache, proj, dy,
+                       grads, dparams, dx, dw_hr):
+    """Backward of forward_projected; ADDS into dparams, dx and dw_hr. cache as
+    backward_loop's (h_slots: m), grads too (dh: the gradient of m, (B, H)); proj =
+    (proj_slots, keep, dh_proj (B, P): the gradient of h after the last step on entry, of h0
+    on exit, dh_raw (B, P) scratch)."""
+    _, _, _, _, _, hidden_blocks, _ = spec
+    gates, m_slots, c_slots, saved, mask, zone, raw_c = cache
+    proj_slots, keep, dh, dh_raw = proj
+    dgates, dgates_hh, dhh, dm, dc, dsaved, dpeep, _, carry = grads
+    w_hh = params[1]
+    T, B, _ = x.shape
+    no_dy = dy[0, :0]
+    phase = np.int64(0)
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        active = any_active(t, lengths)
+        boundary = t + 1 if reverse else t          # as in backward_loop
+        cut = truncate > 0 and 0 < boundary < T and boundary % truncate == 0
+        after = slot_after(t, T, reverse)
+        for b in range(B):
+            projected_zoneout_backward_row(b, t, t >= lengths[b], keep,
+                                           dy[t] if dy.shape[1] > 0 else no_dy, dh, dh_raw)
+        if active:
+            # dm = dh_raw @ w_hr  (B, H);  dw_hr += dh_raw.T @ m  (P, H)
+            gemm(dh_raw, NO_TRANS, w_hr, NO_TRANS, dm, 0.0)
+            gemm(dh_raw, TRANS, m_slots[after], NO_TRANS, dw_hr, 1.0)
+        cache_t = (gates[t], m_slots[t], c_slots[t],
+                   raw_c[t] if raw_c.shape[1] > 0 else c_slots[after], saved[t])
+        zone_t = (zone[t if zone.shape[0] > 1 else 0], carry)
+        grads_t = (dgates[t], dgates_hh[t], dhh, dm, dc, dsaved, dpeep, no_dy)
+        backward_pass(spec, phase, t, lengths, params, cache_t, grads_t, zone_t)
+        if active and not cut:
+            # dh += d @ w_hh, d the step's hidden side                         (B, P)
+            gemm(dhh if hidden_blocks > 0 else dgates[t], NO_TRANS, w_hh, NO_TRANS, dh, 1.0)
+        if cut:
+            dh[:] = 0
+            dc[:] = 0
+    # w_hh's gradient is of h, the projection's slots
+    parameter_gradients((np.int64(0), truncate < 0, amx.buffer(0)), spec, x, params,
+                        (gates, proj_slots, c_slots, saved, mask, zone, raw_c), grads, dparams,
+                        dx)
 
 
 # ---------------------------------------------------------------------------------------------
