@@ -4,7 +4,8 @@ layer without them, per compiled backend, and against the same model in PyTorch 
 users must (a loop over time: of torch products and ``nn.LayerNorm``, or of ``nn.LSTMCell`` /
 ``nn.GRUCell`` mixing the states with zoneout's masks; autograd; PyTorch fuses neither).
 ``--variants layer_norm_proj`` adds the layer-normalized LSTM with ``proj_size = H/2`` (its
-loop projects h with a Linear layer), against the plain layer without projection.
+loop projects h with a Linear layer), ``zoneout_proj`` the zoned-out one, both against the
+plain layer without projection.
 
     python -m bench.regularizers [--backends cython,numba] [--variants layer_norm,zoneout]
                                  [--rounds 7] [--markdown FILE]
@@ -30,7 +31,8 @@ SHAPES = (("lstm-train-256", "LSTM", 32, 256, 256, 150),
 
 # variant: the layer's options; "layer_norm_proj" (LSTM only) with proj_size = H // 2
 VARIANTS = {"plain": {}, "layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": 0.1},
-            "layer_norm_proj": {"layer_norm": True, "proj_size": "H/2"}}
+            "layer_norm_proj": {"layer_norm": True, "proj_size": "H/2"},
+            "zoneout_proj": {"zoneout": 0.1, "proj_size": "H/2"}}
 
 
 def _variants(mode, variants):
@@ -97,11 +99,22 @@ def torch_loop(torch, mode, I, H, P=0):
     return Cell()
 
 
-def torch_zoneout_loop(torch, mode, I, H, z):
+def torch_zoneout_loop(torch, mode, I, H, z, P=0):
     """Zoneout as a PyTorch user writes it: PyTorch's own cell, its new state mixed with the
-    one before by masks drawn per step (as fastrnn's layer draws them)."""
+    one before by masks drawn per step (as fastrnn's layer draws them); P > 0: an LSTM whose h
+    is projected to P units (nn.LSTMCell has no projection: the cell written out, h = W_hr (o *
+    tanh(c)), as nn.LSTM's proj_size)."""
     nn = torch.nn
-    cell = nn.LSTMCell(I, H) if mode == "LSTM" else nn.GRUCell(I, H)
+    if P:
+        ih, hh, hr = nn.Linear(I, 4 * H), nn.Linear(P, 4 * H), nn.Linear(H, P, bias=False)
+
+        def cell(x, state):
+            h, c = state
+            i, f, g, o = (ih(x) + hh(h)).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return hr(torch.sigmoid(o) * torch.tanh(c)), c
+    else:
+        cell = nn.LSTMCell(I, H) if mode == "LSTM" else nn.GRUCell(I, H)
 
     def step(x, state):
         new = cell(x, state if mode == "LSTM" else state[0])
@@ -116,7 +129,7 @@ def _torch_runner(mode, B, I, H, T, variant):
     torch.set_num_threads(2)
     P = _proj_size(variant, H)
     cell = torch_loop(torch, mode, I, H, P) if "layer_norm" in VARIANTS[variant] else \
-        torch_zoneout_loop(torch, mode, I, H, VARIANTS[variant]["zoneout"])
+        torch_zoneout_loop(torch, mode, I, H, VARIANTS[variant]["zoneout"], P)
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.standard_normal((T, B, I)).astype(np.float32), requires_grad=True)
     dy = torch.tensor(rng.standard_normal((T, B, P or H)).astype(np.float32))

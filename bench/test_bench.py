@@ -41,10 +41,12 @@ def test_regularizers_script_runs(monkeypatch):
                                                  ("gru-train-8", "GRU", 2, 3, 8, 5)))
     backends = [impl for impl in IMPLS if impl in ("numba", "cython")]
     rows = regularizers.measure(backends, rounds=1, repeat=1, with_torch="torch" in IMPLS,
-                                variants=("layer_norm", "zoneout", "layer_norm_proj"))
+                                variants=("layer_norm", "zoneout", "layer_norm_proj",
+                                          "zoneout_proj"))
     for backend in backends:
         for case, variant in (("gru-train-8", "layer_norm"), ("gru-train-8", "zoneout"),
-                              ("lstm-train-8", "layer_norm_proj")):
+                              ("lstm-train-8", "layer_norm_proj"),
+                              ("lstm-train-8", "zoneout_proj")):
             row = next(r for r in rows if r["impl"] == backend and r["variant"] == variant
                        and r["case"] == case)
             assert row["x plain"] > 0 and row["ms"] > 0
