@@ -33,12 +33,15 @@
    must fit in the register file with the two weight vectors and a broadcast */
 #if defined(__AVX512F__)
 #define FR_VBYTES 64
+#define FR_VREGS 32
 #define FR_MR_MAX 8     /* 16 accumulators of 32 zmm */
 #elif defined(__AVX__)
 #define FR_VBYTES 32
+#define FR_VREGS 16
 #define FR_MR_MAX 6     /* 12 accumulators of 16 ymm */
 #else
 #define FR_VBYTES 16
+#define FR_VREGS 16
 #define FR_MR_MAX 6
 #endif
 
@@ -55,6 +58,18 @@ static inline void* fr_panel_alloc(size_t bytes)
 {
     return aligned_alloc(64, (bytes + 63) / 64 * 64);
 }
+
+/* keep a loaded vector in a register: GCC 12 folds a load into every multiply-add that uses
+ * it as a memory operand, so each panel vector was loaded once per row of x, mr + 2*mr loads
+ * for 2*mr multiply-adds where mr + 2 do (C microbenchmark, one core of an AMD EPYC Zen 3,
+ * panels in L1, best of repeated runs: 4 rows of x 65 -> 99 GFLOP/s, its peak; 2 rows 75 ->
+ * 87). Only where the accumulators and the kept vectors fit in the registers (fr_panels_rows):
+ * 3 rows of two panels at once spilled and fell from 77 to 44. */
+#if defined(__GNUC__)
+#define FR_KEEP(v) __asm__("" : "+x"(v))
+#else
+#define FR_KEEP(v) ((void)0)
+#endif
 
 /* a hint to bring [p, p + bytes) into the cache before it is read */
 static inline void fr_prefetch(const void* p, ptrdiff_t bytes)

@@ -79,6 +79,10 @@ FR_FN(fr_panels_rows)(const FR_T* panel, ptrdiff_t k, const int np, const FR_T* 
         for (q = 0; q < np; q++) {
             FR_VEC w0 = FR_FN(fr_vload)(panel + q * stride + i * FR_NR);
             FR_VEC w1 = FR_FN(fr_vload)(panel + q * stride + i * FR_NR + FR_LANES);
+            if (2 * np * mr + 2 * np + 1 <= FR_VREGS) {     /* else they would spill */
+                FR_KEEP(w0);
+                FR_KEEP(w1);
+            }
 #pragma GCC unroll 8
             for (b = 0; b < mr; b++) {
                 FR_T s = x[b * ldx + i * incx];
