@@ -445,6 +445,7 @@ static inline __m128i fr_q_sum4_epi32_avx2(__m256i a, __m256i b, __m256i c, __m2
  * shifted up) and the odd ones (its high half, the low bits cleared). w and x split alike, so
  * the products pair up: two ALU operations widen 16 numbers, where a load-and-convert per 8
  * would cost twice the instructions of the multiply-adds */
+#define FR_Q_KEEP(v) __asm__("" : "+x"(v))      /* a loaded vector kept in a register */
 #define FR_Q_BF16_EVEN(v) _mm256_castsi256_ps(_mm256_slli_epi32((v), 16))
 #define FR_Q_BF16_ODD(v) _mm256_castsi256_ps(_mm256_and_si256((v), high))
 
@@ -481,22 +482,31 @@ static inline void fr_q_group_bf16_avx2(const uint16_t* w, ptrdiff_t ld, ptrdiff
         }
         for (j = 0; j < 4; j++) acc[j][0] = _mm256_add_ps(acc[j][0], odd[j]);
     } else {
+        /* two rows of x: one weight row at a time, each loaded once and kept in a register
+         * (GCC 12 otherwise loaded each twice, as an operand of the shift and of the and, and
+         * spilled accumulators: 23 GB/s of bfloat16 a core from L2, 37 so, AMD EPYC Zen 3); the
+         * same multiply-adds in the same order */
+        const uint16_t* wr[4] = {w0, w1, w2, w3};
         for (i = 0; i < ld; i += 16) {
-            __m256i v0 = _mm256_loadu_si256((const __m256i*)(w0 + i));
-            __m256i v1 = _mm256_loadu_si256((const __m256i*)(w1 + i));
-            __m256i v2 = _mm256_loadu_si256((const __m256i*)(w2 + i));
-            __m256i v3 = _mm256_loadu_si256((const __m256i*)(w3 + i));
-            for (b = 0; b < NB; b++) {
-                __m256i u = _mm256_loadu_si256((const __m256i*)(x + b * ld + i));
-                __m256 xe = FR_Q_BF16_EVEN(u), xo = FR_Q_BF16_ODD(u);
-                acc[0][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v0), xe, acc[0][b]);
-                acc[1][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v1), xe, acc[1][b]);
-                acc[2][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v2), xe, acc[2][b]);
-                acc[3][b] = _mm256_fmadd_ps(FR_Q_BF16_EVEN(v3), xe, acc[3][b]);
-                acc[0][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v0), xo, acc[0][b]);
-                acc[1][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v1), xo, acc[1][b]);
-                acc[2][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v2), xo, acc[2][b]);
-                acc[3][b] = _mm256_fmadd_ps(FR_Q_BF16_ODD(v3), xo, acc[3][b]);
+            __m256i u = _mm256_loadu_si256((const __m256i*)(x + i));
+            __m256i t = _mm256_loadu_si256((const __m256i*)(x + ld + i));
+            __m256 ue, uo, te, to;
+            FR_Q_KEEP(u);
+            FR_Q_KEEP(t);
+            ue = FR_Q_BF16_EVEN(u);
+            uo = FR_Q_BF16_ODD(u);
+            te = FR_Q_BF16_EVEN(t);
+            to = FR_Q_BF16_ODD(t);
+            for (j = 0; j < 4; j++) {
+                __m256i v = _mm256_loadu_si256((const __m256i*)(wr[j] + i));
+                __m256 e, o;
+                FR_Q_KEEP(v);
+                e = FR_Q_BF16_EVEN(v);
+                o = FR_Q_BF16_ODD(v);
+                acc[j][0] = _mm256_fmadd_ps(e, ue, acc[j][0]);
+                acc[j][1] = _mm256_fmadd_ps(e, te, acc[j][1]);
+                acc[j][0] = _mm256_fmadd_ps(o, uo, acc[j][0]);
+                acc[j][1] = _mm256_fmadd_ps(o, to, acc[j][1]);
             }
         }
     }
@@ -506,6 +516,7 @@ static inline void fr_q_group_bf16_avx2(const uint16_t* w, ptrdiff_t ld, ptrdiff
 }
 #undef FR_Q_BF16_EVEN
 #undef FR_Q_BF16_ODD
+#undef FR_Q_KEEP
 
 __attribute__((target("avx2,fma")))
 static void fr_q_dots_bf16_avx2(const uint16_t* w, ptrdiff_t ld, ptrdiff_t rows,
