@@ -544,6 +544,31 @@ static inline void fr_q_group_int8_avx2(const int8_t* w, ptrdiff_t ld, ptrdiff_t
     ptrdiff_t i;
     int b, j;
     for (j = 0; j < 4; j++) acc[j][0] = acc[j][1] = _mm256_setzero_si256();
+    if (NB == 2) {
+        /* named sums: with the array GCC 12 kept one in memory, a store and a load on the
+         * loop's critical path every step (one core of an AMD EPYC Zen 3, rows in L1: 18 ->
+         * 33 GB/s of int8) */
+        __m256i s00 = acc[0][0], s10 = s00, s20 = s00, s30 = s00, s01 = s00, s11 = s00,
+                s21 = s00, s31 = s00;
+        for (i = 0; i < ld; i += 16) {
+            __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w0 + i)));
+            __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w1 + i)));
+            __m256i a2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w2 + i)));
+            __m256i a3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w3 + i)));
+            __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + i)));
+            __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + ld + i)));
+            s00 = _mm256_add_epi32(s00, _mm256_madd_epi16(u, a0));
+            s10 = _mm256_add_epi32(s10, _mm256_madd_epi16(u, a1));
+            s20 = _mm256_add_epi32(s20, _mm256_madd_epi16(u, a2));
+            s30 = _mm256_add_epi32(s30, _mm256_madd_epi16(u, a3));
+            s01 = _mm256_add_epi32(s01, _mm256_madd_epi16(v, a0));
+            s11 = _mm256_add_epi32(s11, _mm256_madd_epi16(v, a1));
+            s21 = _mm256_add_epi32(s21, _mm256_madd_epi16(v, a2));
+            s31 = _mm256_add_epi32(s31, _mm256_madd_epi16(v, a3));
+        }
+        acc[0][0] = s00; acc[1][0] = s10; acc[2][0] = s20; acc[3][0] = s30;
+        acc[0][1] = s01; acc[1][1] = s11; acc[2][1] = s21; acc[3][1] = s31;
+    } else
     for (i = 0; i < ld; i += 16) {
         __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w0 + i)));
         __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w1 + i)));
