@@ -544,14 +544,9 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     ws["dpeep"][...] = 0
     for d, d_n in zip((ws["dh"], ws["dc"]), dstate_n):
         d[...] = 0 if d_n is None else d_n
-    dnorm = np.zeros(params[4].shape, dtype) if cell.layer_norm else None
     if T * B > 0:
-        grads = [_Output(g, "add") for g in (dx, *dparams[:4])]
-        if cell.whole_rows:
-            # the loop's bias sums are of the gate gradients, not the biases': to scratch
-            grads[3:5] = [_Output(np.zeros(GH, dtype), "add") for _ in range(2)]
-        grads.append(_Output(dnorm if cell.layer_norm else
-                             dparams[4] if len(dparams) > 4 else _empty(dtype, (0, 0)), "add"))
+        grads, dnorm = _gradient_outputs(cell, dtype, dx, dparams, params[4].shape,
+                                         dparams[4] if len(dparams) > 4 else None)
         packed = _gemm_packs(T, B) and cache.arrays[4].shape[0] == 0   # masks: BLAS only
         limit = _thread_limit(threads)
         pool = packed and _pool[0]
@@ -571,6 +566,20 @@ def layer_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0, dparams, th
     for d0, d in zip(dstate0, (ws["dh"], ws["dc"])):
         d0 += d
     return ws["dgates_hh"] if T * B > 0 and hidden_blocks else None
+
+
+def _gradient_outputs(cell, dtype, dx, dparams, extra_shape, dpeephole):
+    """The backward loops' outputs, ``[dx, dw_ih, dw_hh, db_ih, db_hh, extra]`` as _Output (add
+    mode), and dnorm: extra is a layer-normalized cell's gains and shifts' gradient (dnorm,
+    zeros of extra_shape, for cell.add_norm_gradients), else dpeephole (None: none)."""
+    dnorm = np.zeros(extra_shape, dtype) if cell.layer_norm else None
+    grads = [_Output(g, "add") for g in (dx, *dparams[:4])]
+    if cell.whole_rows:
+        # the loop's bias sums are of the gate gradients, not the biases': to scratch
+        grads[3:5] = [_Output(np.zeros(dparams[2].shape, dtype), "add") for _ in range(2)]
+    grads.append(_Output(dnorm if cell.layer_norm else
+                         dpeephole if dpeephole is not None else _empty(dtype, (0, 0)), "add"))
+    return grads, dnorm
 
 
 class ZonedProjectionCache(ForwardCache):
@@ -659,13 +668,8 @@ def _zoned_projection_backward(cell, cache, dy, dstate_n, truncate, dx, dstate0,
     for d, d_n in zip((ws["dh"], ws["dc"]), dstate_n):
         d[...] = 0 if d_n is None else d_n
     if T * B > 0:
-        dnorm = np.zeros(params[4].shape, dtype) if kernel_cell.layer_norm else None
-        grads = [_Output(g, "add") for g in (dx, *dparams[:4])]
-        if kernel_cell.whole_rows:
-            # the loop's bias sums are of the gate gradients, not the biases': to scratch
-            grads[3:5] = [_Output(np.zeros(G * H, dtype), "add") for _ in range(2)]
-        grads.append(_Output(dnorm if kernel_cell.layer_norm else
-                             dparams[4] if len(dparams) > 5 else _empty(dtype, (0, 0)), "add"))
+        grads, dnorm = _gradient_outputs(kernel_cell, dtype, dx, dparams, params[4].shape,
+                                         dparams[4] if len(dparams) > 5 else None)
         grads.append(_Output(dparams[-1], "add"))
         _launch(_kernel(dtype, "backward_projected"),
                 _pass_threads(B * G * H, _thread_limit(threads)), spec, x, params, w_hr,

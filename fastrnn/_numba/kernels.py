@@ -2837,7 +2837,9 @@ def backward_projected(spec, x, params, w_hr, lengths, reverse, truncate, cache,
         if cut:
             dh[:] = 0
             dc[:] = 0
-    # w_hh's gradient is of h, the projection's slots
+    # w_hh's gradient is of h, the projection's slots. BLAS (pool size 0), no tile unit: the
+    # flag a boolean expression, not the literal False, so the call has backward_loop's types
+    # and shares its compiled parameter_gradients
     parameter_gradients((np.int64(0), truncate < 0, amx.buffer(0)), spec, x, params,
                         (gates, proj_slots, c_slots, saved, mask, zone, raw_c), grads, dparams,
                         dx)
